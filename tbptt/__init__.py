@@ -1,0 +1,15 @@
+"""tbptt: exact and truncated back-propagation through time over chunks of long sequences."""
+
+from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.recurrent import StatefulGRUChain
+from tbptt._src.recurrent import unroll
+from tbptt._src.types import ChainResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChainResult",
+    "RecurrentChain",
+    "StatefulGRUChain",
+    "unroll",
+]

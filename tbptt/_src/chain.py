@@ -1,0 +1,147 @@
+"""Forward and backward over a chain of segments, carrying a value across each cut.
+
+```
+forward:   s_0 -> [seg_1] -> s_1 -> ... -> [seg_n] -> s_n          (keep only the s_k)
+backward:  g_n = final_carry_grad (or 0)
+           for k = n .. 1:  (dW_k, g_{k-1}) = VJP of seg_k at s_{k-1}, cotangents (dL_k = 1, ds_k = g_k)
+           grads = sum_k dW_k ;  initial_carry_grad = g_0
+```
+
+Segments are given as two functions of the segment index `k` (0-based, a scalar tensor) and the
+flat list of carried tensors: `advance(k, carry) -> carry` (the forward, no loss) and
+`segment(k, carry) -> (loss_k, carry)` (what is differentiated). Only one segment's activations
+are alive at a time; the price is one extra forward pass.
+
+Truncation (`backprop_segments=m`): the cotangent that L_j sends back is dropped once it has
+crossed m segments. The carried cotangent is then kept per age (how many segments it has
+crossed): ages 1 .. m-1 travel on, and the oldest one is dropped at the next cut. With m = 1
+nothing is carried at all, so each segment's backward runs right after its forward, in one sweep.
+
+The loops are `tf.while_loop`s over segments with the boundary values in `TensorArray`s, so in a
+`tf.function` one trace serves any number of segments; executing eagerly they run as Python loops.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import tensorflow as tf
+
+Advance = Callable[[tf.Tensor, list], list]
+Segment = Callable[[tf.Tensor, list], tuple]
+
+
+class Segments(NamedTuple):
+    """A chain of `count` segments over a flat list of carried tensors."""
+
+    count: tf.Tensor
+    advance: Advance
+    segment: Segment
+
+
+class ChainGradients(NamedTuple):
+    loss: tf.Tensor
+    grads: list
+    final_carry: list
+    initial_carry_grad: list
+
+
+def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *,
+                        loss_dtype: tf.DType, backprop_segments: Optional[int] = None,
+                        final_carry_grad: Optional[list] = None) -> ChainGradients:
+    """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
+
+    Args:
+      segments: the chain, see `Segments`.
+      carry: flat list of tensors, the value entering the first segment.
+      variables: the variables to differentiate.
+      vjp: the backend's VJP primitive (see `vjp.py`).
+      loss_dtype: dtype of the loss accumulator.
+      backprop_segments: None for the exact gradient, m >= 1 for truncation after m segments.
+      final_carry_grad: flat list, dLoss/d(final carry) from outside the chain (or None).
+
+    Returns:
+      `ChainGradients(loss, grads, final_carry, initial_carry_grad)`, grads aligned with
+      `variables`, the carries as flat lists.
+    """
+    if backprop_segments == 1:
+        return _truncated_one_sweep(segments, carry, variables, vjp, loss_dtype)
+    final_carry, boundaries = _forward(segments, carry)
+    if final_carry_grad is None:
+        final_carry_grad = [tf.zeros_like(c) for c in final_carry]
+    ages = 1 if backprop_segments is None else backprop_segments - 1
+    carried = [list(final_carry_grad)] + [[tf.zeros_like(c) for c in carry] for _ in range(ages - 1)]
+    loss, grads, carried = _backward(segments, boundaries, variables, vjp, loss_dtype, carried,
+                                     exact=backprop_segments is None)
+    initial_carry_grad = [tf.add_n(list(leaves)) for leaves in zip(*carried)]
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad)
+
+
+def _forward(segments: Segments, carry: list):
+    """Runs `advance` over all segments; returns s_n and the TensorArrays of s_0 .. s_{n-1}."""
+    boundaries = [tf.TensorArray(c.dtype, size=segments.count, element_shape=c.shape)
+                  for c in carry]
+
+    def body(k, carry, boundaries):
+        boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
+        return k + 1, list(segments.advance(k, carry)), boundaries
+
+    _, carry, boundaries = tf.while_loop(
+        lambda k, *_: k < segments.count, body, (tf.constant(0), list(carry), boundaries))
+    return carry, boundaries
+
+
+def _cotangent_sets(carried: list, num_leaves: int, exact: bool):
+    """The VJP seeds of one segment, and whether each needs d(carry_in).
+
+    Exact: one seed, (dL = 1, ds = g). Truncated: the own loss (age 0) and each carried age
+    separately, because their input cotangents must stay apart to be aged; the oldest age only
+    contributes to dW, its input cotangent is the one being dropped.
+    """
+    if exact:
+        return [[1.0] + carried[0]], [True]
+    seeds = [[1.0] + [None] * num_leaves] + [[None] + ages for ages in carried]
+    return seeds, [True] * (len(seeds) - 1) + [False]
+
+
+def _backward(segments: Segments, boundaries: list, variables: list, vjp, loss_dtype,
+              carried: list, exact: bool):
+    """Segments n-1 .. 0 in reverse: recompute each, pull the carried cotangents through it."""
+    num_leaves = len(boundaries)
+
+    def body(i, carried, grads, loss):
+        k = segments.count - 1 - i  # segments in reverse
+        carry_in = [ta.read(k) for ta in boundaries]
+        seeds, want = _cotangent_sets(carried, num_leaves, exact)
+        outputs, results = vjp(lambda c: _flat(segments.segment(k, c)), carry_in, variables,
+                               seeds, want)
+        grads = [tf.add_n([g] + [dw[i] for dw, _ in results]) for i, g in enumerate(grads)]
+        carried = [d_carry for _, d_carry in results if d_carry is not None]
+        return i + 1, carried, grads, loss + tf.cast(outputs[0], loss_dtype)
+
+    grads = [tf.zeros_like(v) for v in variables]
+    _, carried, grads, loss = tf.while_loop(
+        lambda k, *_: k < segments.count, body,
+        (tf.constant(0), carried, grads, tf.zeros([], loss_dtype)))
+    return loss, grads, carried
+
+
+def _truncated_one_sweep(segments: Segments, carry: list, variables: list, vjp, loss_dtype):
+    """m = 1: no cotangent crosses a cut, so forward and backward of a segment run together."""
+    seeds = [[1.0] + [None] * len(carry)]
+
+    def body(k, carry, grads, loss):
+        outputs, [(d_vars, _)] = vjp(lambda c: _flat(segments.segment(k, c)), carry, variables,
+                                     seeds, [False])
+        grads = [g + d for g, d in zip(grads, d_vars)]
+        return k + 1, outputs[1:], grads, loss + tf.cast(outputs[0], loss_dtype)
+
+    grads = [tf.zeros_like(v) for v in variables]
+    _, final_carry, grads, loss = tf.while_loop(
+        lambda k, *_: k < segments.count, body,
+        (tf.constant(0), list(carry), grads, tf.zeros([], loss_dtype)))
+    initial_carry_grad = [tf.zeros_like(c) for c in carry]
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad)
+
+
+def _flat(loss_and_carry) -> list:
+    loss, carry = loss_and_carry
+    return [loss] + list(carry)

@@ -1,0 +1,145 @@
+"""Input checks run in Python before anything is traced, with messages that say
+what was expected, what arrived and how to fix it."""
+
+import numbers
+
+import tensorflow as tf
+
+MODES = ("exact", "truncated")
+REDUCTIONS = ("sum", "mean")
+
+CHOICE_MSG = "{name} must be one of {choices}, got {value!r}."
+POSITIVE_INT_MSG = "{name} must be a positive int, got {value!r}{hint}."
+INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
+                   "Add a time axis with x[:, None, :] or a feature axis with x[..., None].")
+EMPTY_TIME_MSG = "inputs must have at least one time step, got shape {shape}."
+LEADING_DIMS_MSG = ("{name} must share [batch, time] = {expected} with inputs, got shape {shape}.")
+FEATURES_MSG = ("inputs must have {expected} features (the chain was built for that), got shape "
+                "{shape}. Make a new chain for a different feature size.")
+STATE_LEAVES_MSG = ("{name} must be a nest of {expected} tensors (one entry per layer, a tuple "
+                    "for multi-part states such as LSTM's (h, c)), got {got} tensors. Use "
+                    "chain.initial_state(batch_size) for the structure.")
+STATE_SHAPE_MSG = ("{name}: entry {index} must have shape {expected} (batch size of the inputs, "
+                   "state width of its cell), got {shape}.")
+LOSS_FN_MSG = ("loss_fn must be callable as loss_fn(y_true_chunk, y_pred_chunk[, "
+               "sample_weight_chunk]) -> scalar, got {value!r}.")
+LOSS_SCALAR_MSG = ("loss_fn must return a scalar per chunk, got shape {shape}. Reduce it, e.g. "
+                   "with tf.reduce_sum or a Keras loss with its default reduction.")
+BACKPROP_CHUNKS_EXACT_MSG = ("backprop_chunks={value} only applies to mode='truncated'; "
+                             "mode='exact' back-propagates through every chunk. Pass "
+                             "mode='truncated' or leave backprop_chunks at 1.")
+FINAL_GRAD_DROPPED_MSG = ("final_state_grad would be dropped at the first cut with "
+                          "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to carry "
+                          "it back, mode='exact', or pass None.")
+DROPOUT_MSG = ("cell {index} ({cell}) has dropout={dropout} / recurrent_dropout={recurrent}: "
+               "the backward pass recomputes each chunk, and Keras would draw new dropout masks "
+               "there, so the gradient would belong to a different function. Use cells without "
+               "dropout and put dropout in the head, which runs once per chunk.")
+DTYPE_BUILT_MSG = ("{what} is already built in {got}, but the chain computes in {expected}. "
+                   "Pass an unbuilt layer, or leave dtype=None to use the layer's dtype.")
+UNITS_MSG = "units must be a positive int or a non-empty sequence of them, got {value!r}."
+CELLS_MSG = ("cells must be a non-empty sequence of RNN cells (each with `state_size` and "
+             "call(inputs, states) -> (output, new_states)), got {value!r}.")
+CELL_MSG = ("cells[{index}] must be an RNN cell with `state_size` that is callable as "
+            "cell(inputs, states) -> (output, new_states), got {value!r}.")
+HEAD_MSG = "head must be a Keras layer or a callable, got {value!r}."
+COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
+                      "compiled=True, or use backend='eager' with compiled=False to debug.")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value, hint: str = "") -> int:
+    if not is_int(value) or value < 1:
+        raise (TypeError if not is_int(value) else ValueError)(
+            POSITIVE_INT_MSG.format(name=name, value=value, hint=hint))
+    return int(value)
+
+
+def choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(CHOICE_MSG.format(name=name, choices=choices, value=value))
+    return value
+
+
+def as_tensor(name: str, value, dtype=None) -> tf.Tensor:
+    """`value` as a tensor; floating values are cast to `dtype` (when given)."""
+    try:
+        tensor = tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__}: "
+                        f"{error}") from None
+    if dtype is not None and tensor.dtype.is_floating and tensor.dtype != dtype:
+        tensor = tf.cast(tensor, dtype)
+    return tensor
+
+
+def sequence_inputs(inputs, dtype) -> tf.Tensor:
+    """inputs as a [B, T, F] tensor of `dtype`."""
+    inputs = as_tensor("inputs", inputs)
+    if inputs.shape.rank != 3:
+        raise ValueError(INPUTS_RANK_MSG.format(shape=inputs.shape.as_list()
+                                                if inputs.shape.rank is not None else None))
+    if inputs.shape[1] == 0:
+        raise ValueError(EMPTY_TIME_MSG.format(shape=inputs.shape.as_list()))
+    return tf.cast(inputs, dtype) if inputs.dtype != dtype else inputs
+
+
+def per_step(name: str, value, inputs: tf.Tensor, dtype) -> tf.Tensor:
+    """targets or sample_weight: a tensor whose leading dims are inputs' [B, T]."""
+    value = as_tensor(name, value, dtype)
+    expected = inputs.shape[:2].as_list()
+    if value.shape.rank is None or value.shape.rank < 2 or any(
+            e is not None and g is not None and e != g
+            for e, g in zip(expected, value.shape[:2].as_list())):
+        raise ValueError(LEADING_DIMS_MSG.format(name=name, expected=expected,
+                                                 shape=value.shape.as_list()))
+    return value
+
+
+def state_leaves(name: str, state, leaf_shapes, batch) -> list:
+    """The flat tensors of a state nest, checked against the chain's state shapes."""
+    leaves = tf.nest.flatten(state)
+    if len(leaves) != len(leaf_shapes):
+        raise ValueError(STATE_LEAVES_MSG.format(name=name, expected=len(leaf_shapes),
+                                                 got=len(leaves)))
+    checked = []
+    for index, (leaf, shape) in enumerate(zip(leaves, leaf_shapes)):
+        leaf = as_tensor(f"{name}[{index}]", leaf)
+        expected = [batch] + list(shape)
+        got = leaf.shape.as_list() if leaf.shape.rank is not None else None
+        if got is None or len(got) != len(expected) or any(
+                e is not None and g is not None and e != g for e, g in zip(expected, got)):
+            raise ValueError(STATE_SHAPE_MSG.format(name=name, index=index, expected=expected,
+                                                    shape=got))
+        checked.append(leaf)
+    return checked
+
+
+def loss_function(loss_fn):
+    if not callable(loss_fn):
+        raise TypeError(LOSS_FN_MSG.format(value=loss_fn))
+    return loss_fn
+
+
+def scalar_loss(loss: tf.Tensor) -> tf.Tensor:
+    loss = tf.convert_to_tensor(loss)
+    if loss.shape.rank != 0:
+        raise ValueError(LOSS_SCALAR_MSG.format(shape=loss.shape.as_list()
+                                                if loss.shape.rank is not None else None))
+    return loss
+
+
+def units_tuple(units) -> tuple:
+    values = (units,) if is_int(units) else units
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise TypeError(UNITS_MSG.format(value=units)) from None
+    if not values or not all(is_int(u) and u > 0 for u in values):
+        raise ValueError(UNITS_MSG.format(value=units))
+    return tuple(int(u) for u in values)
+
+

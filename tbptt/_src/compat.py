@@ -1,0 +1,67 @@
+"""Version switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), kept in one place."""
+
+import inspect
+
+import tensorflow as tf
+
+try:  # Keras 3, or Keras 2 as the standalone package that TF 2.15 ships.
+    import keras
+except ImportError:  # pragma: no cover - every supported TF install has one.
+    keras = tf.keras
+
+KERAS_MAJOR = int(keras.__version__.split(".")[0])
+
+
+def is_keras_layer(obj) -> bool:
+    """True for a Keras layer of either Keras version (tf.keras included)."""
+    return isinstance(obj, keras.layers.Layer) or isinstance(obj, tf.keras.layers.Layer)
+
+
+def tf_variable(variable):
+    """The `tf.Variable` behind a Keras 3 variable; any other variable as it is.
+
+    `tf.gradients` differentiates with respect to `tf.Variable` handles only, while Keras 3
+    wraps each one in its own `keras.Variable`.
+    """
+    inner = getattr(variable, "value", None)
+    return inner if isinstance(inner, tf.Variable) else variable
+
+
+def trainable_variables_of(obj) -> list:
+    """The trainable variables of a Keras layer, a `tf.Module` or a plain callable."""
+    variables = getattr(obj, "trainable_variables", None)
+    if variables is None:
+        variables = getattr(obj, "trainable_weights", None)
+    return list(variables or [])
+
+
+def compute_dtype(layer):
+    """The dtype a Keras layer computes in, or None where it does not say."""
+    dtype = getattr(layer, "compute_dtype", None) or getattr(layer, "dtype", None)
+    return tf.as_dtype(dtype) if dtype is not None else None
+
+
+def set_compute_dtype(layer, dtype: tf.DType) -> None:
+    """Makes an unbuilt Keras layer compute and keep its variables in `dtype`."""
+    if KERAS_MAJOR >= 3:
+        layer.dtype_policy = dtype.name
+    else:  # pragma: no cover - Keras 2 only.
+        layer._set_dtype_policy(dtype.name)
+
+
+def call_layer(layer, *args, training: bool):
+    """Calls a Keras layer with `training`, any other callable without it."""
+    if is_keras_layer(layer):
+        return layer(*args, training=training)
+    return layer(*args)
+
+
+def accepts_positional(fn, count: int) -> bool:
+    """Whether `fn` can be called with `count` positional arguments."""
+    try:
+        inspect.signature(fn).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # Builtins without a signature: assume yes.
+        return True
+    return True

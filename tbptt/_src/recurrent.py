@@ -1,0 +1,463 @@
+"""RecurrentChain and StatefulGRUChain: stacked RNN cells run over time chunks.
+
+The time axis `[B, T, F]` is cut into chunks of `chunk_size` steps (the last one shorter when T
+does not divide). Each chunk is a segment of the chain in `chain.py`; the carried value is the
+flat list of state tensors of all layers.
+"""
+
+from typing import Optional, Sequence, Union
+
+import tensorflow as tf
+
+from tbptt._src import chain as chain_lib
+from tbptt._src import checks
+from tbptt._src import compat
+from tbptt._src import vjp as vjp_lib
+from tbptt._src.types import ChainResult, LossFn, State
+
+keras = compat.keras
+
+
+def unroll(step, inputs: tf.Tensor, state: list, *, with_outputs: bool = True):
+    """Runs `step(x_t, state) -> (y_t, state)` over the time axis of `inputs`.
+
+    Args:
+      step: one time step over a flat list of state tensors.
+      inputs: ``[B, T, F]``.
+      state: flat list of ``[B, ...]`` tensors.
+      with_outputs: whether to stack the outputs; a forward that only needs the final state
+        skips writing them.
+
+    Returns:
+      ``(outputs [B, T, U] or None, final state)``.
+    """
+    steps = tf.shape(inputs)[1]
+    # Time-major so that each step reads one contiguous [B, F] slice.
+    xs = tf.TensorArray(inputs.dtype, size=steps).unstack(tf.transpose(inputs, [1, 0, 2]))
+    ys = tf.TensorArray(inputs.dtype, size=steps) if with_outputs else None
+
+    def body(t, state, *ys):
+        y, state = step(xs.read(t), state)
+        return (t + 1, state) + ((ys[0].write(t, y),) if with_outputs else ())
+
+    loop_vars = (tf.constant(0), list(state)) + ((ys,) if with_outputs else ())
+    _, state, *ys = tf.while_loop(lambda t, *_: t < steps, body, loop_vars)
+    if not with_outputs:
+        return None, state
+    return tf.transpose(ys[0].stack(), [1, 0, 2]), state
+
+
+def _leaf_shapes(state_size) -> list:
+    """Per-tensor shapes (without batch) of one cell's state_size."""
+    if checks.is_int(state_size) or isinstance(state_size, tf.TensorShape):
+        return [tuple(tf.TensorShape(state_size).as_list())]
+    return [shape for size in state_size for shape in _leaf_shapes(size)]
+
+
+def _is_single_tensor(state_size) -> bool:
+    return checks.is_int(state_size) or isinstance(state_size, tf.TensorShape)
+
+
+class RecurrentChain(tf.Module):
+    """Stacked RNN cells and a head, trained over time chunks with carried state and gradient.
+
+    ```
+    outputs, final_state = chain(inputs, initial_state)          # plain forward, differentiable
+    result = chain.value_and_gradients(inputs, targets, loss_fn)   # chunked: memory of one chunk
+    opt.apply_gradients(zip(result.grads, chain.trainable_variables))
+    ```
+
+    The state is a tuple with one entry per layer: a tensor ``[B, units]``, or a tuple for cells
+    with several state tensors (LSTM: ``(h, c)``).
+
+    Example:
+
+    >>> import keras, numpy as np, tbptt
+    >>> chain = tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)
+    >>> x = np.ones([2, 7, 5], "float32")
+    >>> outputs, state = chain(x)
+    >>> outputs.shape, [tuple(s.shape) for s in state[0]]
+    (TensorShape([2, 7, 4]), [(2, 4), (2, 4)])
+    >>> result = chain.value_and_gradients(x, np.zeros([2, 7, 4]), keras.losses.MeanSquaredError())
+    >>> len(result.grads) == len(chain.trainable_variables)
+    True
+    """
+
+    def __init__(self, cells: Sequence, *, chunk_size: int, head=None, mode: str = "exact",
+                 backprop_chunks: int = 1, backend: str = "eager", reduction: str = "sum",
+                 dtype=None, compiled: bool = True, name: Optional[str] = None):
+        """Creates the chain.
+
+        Args:
+          cells: Keras-style RNN cells, bottom layer first (GRUCell, LSTMCell, custom cells
+            with `state_size` and `call(inputs, states) -> (output, new_states)`).
+          chunk_size: time steps per chunk; the memory of the backward pass is that of one chunk.
+          head: Keras layer or callable mapping the top layer's ``[B, T, U]`` outputs to
+            predictions; None uses the top layer's outputs.
+          mode: "exact" (full-BPTT gradient) or "truncated" (see `backprop_chunks`).
+          backprop_chunks: with mode="truncated", how many chunks a loss term back-propagates
+            through: 1 is Keras `stateful=True`, m is TBPTT(k1=chunk_size, k2=m*chunk_size).
+          backend: "eager" (`GradientTape`) or "graph" (`tf.gradients` in a graph).
+          reduction: "sum" (total = sum of chunk losses) or "mean" (each chunk's loss weighted
+            by its share of the T steps: a per-element mean loss gives the whole-sequence mean).
+          dtype: dtype of the state and computation; None takes the first cell's.
+          compiled: run the chunk loops in a `tf.function` (default); False runs them eagerly
+            step by step, for debugging (eager backend only).
+          name: module name.
+        """
+        super().__init__(name=name)
+        self._mode = checks.choice("mode", mode, checks.MODES)
+        self._backend = checks.choice("backend", backend, vjp_lib.BACKENDS)
+        self._reduction = checks.choice("reduction", reduction, checks.REDUCTIONS)
+        self._chunk_size = checks.positive_int("chunk_size", chunk_size,
+                                               " (time steps per chunk)")
+        self._backprop_chunks = checks.positive_int("backprop_chunks", backprop_chunks)
+        if mode == "exact" and backprop_chunks != 1:
+            raise ValueError(checks.BACKPROP_CHUNKS_EXACT_MSG.format(value=backprop_chunks))
+        if backend == "graph" and not compiled:
+            raise ValueError(checks.COMPILED_GRAPH_MSG)
+        self._compiled = bool(compiled)
+        self._cells = self._checked_cells(cells)
+        if head is not None and not callable(head):
+            raise TypeError(checks.HEAD_MSG.format(value=head))
+        self._head = head
+        self._dtype = self._resolve_dtype(dtype)
+        self._state_sizes = [cell.state_size for cell in self._cells]
+        self._leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
+        self._features = None
+        self._functions = {}
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def cells(self) -> list:
+        return list(self._cells)
+
+    @property
+    def head(self):
+        return self._head
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def backprop_chunks(self) -> int:
+        return self._backprop_chunks
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @property
+    def reduction(self) -> str:
+        return self._reduction
+
+    @property
+    def dtype(self) -> tf.DType:
+        return self._dtype
+
+    @property
+    def built(self) -> bool:
+        return self._features is not None
+
+    @property
+    def trainable_variables(self) -> list:
+        """Cells' variables bottom to top, then the head's; available once built."""
+        variables, seen = [], set()
+        for layer in list(self._cells) + ([self._head] if self._head is not None else []):
+            for v in compat.trainable_variables_of(layer):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    variables.append(v)
+        return variables
+
+    def _checked_cells(self, cells) -> list:
+        if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence) or not cells:
+            raise TypeError(checks.CELLS_MSG.format(value=cells))
+        for index, cell in enumerate(cells):
+            if not hasattr(cell, "state_size") or not callable(cell):
+                raise TypeError(checks.CELL_MSG.format(index=index, value=cell))
+            for inner in [cell] + list(getattr(cell, "cells", [])):
+                dropout = getattr(inner, "dropout", 0) or 0
+                recurrent = getattr(inner, "recurrent_dropout", 0) or 0
+                if dropout > 0 or recurrent > 0:
+                    raise ValueError(checks.DROPOUT_MSG.format(
+                        index=index, cell=type(inner).__name__, dropout=dropout,
+                        recurrent=recurrent))
+        return list(cells)
+
+    def _resolve_dtype(self, dtype) -> tf.DType:
+        if dtype is None:
+            dtype = compat.compute_dtype(self._cells[0]) or keras.backend.floatx()
+        dtype = tf.as_dtype(dtype)
+        for what, layer in [(f"cells[{i}]", c) for i, c in enumerate(self._cells)] + [
+                ("head", self._head)]:
+            if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype:
+                continue
+            if layer.built:
+                raise ValueError(checks.DTYPE_BUILT_MSG.format(
+                    what=what, got=compat.compute_dtype(layer).name, expected=dtype.name))
+            compat.set_compute_dtype(layer, dtype)
+        return dtype
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def initial_state(self, batch_size: int) -> State:
+        """Zero state: a tuple with one entry per layer (a tensor, or a tuple of tensors)."""
+        batch_size = checks.positive_int("batch_size", batch_size)
+        return self._pack([tf.zeros((batch_size,) + shape, self._dtype)
+                           for shape in self._leaf_shapes])
+
+    def _pack(self, leaves: list) -> State:
+        layers, start = [], 0
+        for size in self._state_sizes:
+            count = len(_leaf_shapes(size))
+            part = leaves[start:start + count]
+            layers.append(part[0] if _is_single_tensor(size) else tuple(part))
+            start += count
+        return tuple(layers)
+
+    def _state_leaves(self, name: str, state, batch) -> list:
+        if state is None:
+            return [tf.zeros((batch,) + shape, self._dtype) for shape in self._leaf_shapes]
+        leaves = checks.state_leaves(name, state, self._leaf_shapes, batch)
+        return [tf.cast(leaf, self._dtype) for leaf in leaves]
+
+    # -- building ------------------------------------------------------------------------------
+
+    def build(self, input_shape) -> None:
+        """Creates the variables for inputs of shape ``[B, T, F]`` (only F matters)."""
+        features = tf.TensorShape(input_shape)[-1]
+        if self._features is not None:
+            if features != self._features:
+                raise ValueError(checks.FEATURES_MSG.format(expected=self._features,
+                                                            shape=list(input_shape)))
+            return
+        with tf.init_scope():  # Variables are made eagerly, even from inside a tf.function.
+            x = tf.zeros([1, 1, features], self._dtype)
+            state = [tf.zeros((1,) + shape, self._dtype) for shape in self._leaf_shapes]
+            top, _ = self._step(x[:, 0], state, training=False)
+            self._apply_head(top[:, None], training=False)
+        self._features = features
+
+    # -- one time step -------------------------------------------------------------------------
+
+    def _step(self, x: tf.Tensor, leaves: list, *, training: bool):
+        """One time step of all layers: ``x [B, F]`` -> ``(top output [B, U], new leaves)``."""
+        new_leaves = []
+        for cell, layer_state in zip(self._cells, self._pack(list(leaves))):
+            states = list(layer_state) if isinstance(layer_state, tuple) else [layer_state]
+            x, new_states = compat.call_layer(cell, x, states, training=training)
+            new_leaves.extend(tf.nest.flatten(new_states))
+        return x, new_leaves
+
+    def _apply_head(self, top: tf.Tensor, *, training: bool) -> tf.Tensor:
+        if self._head is None:
+            return top
+        return compat.call_layer(self._head, top, training=training)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def __call__(self, inputs, initial_state: State = None, *,
+                 training: bool = False) -> tuple:
+        """Plain forward pass over the whole sequence, differentiable by an outer tape.
+
+        Args:
+          inputs: ``[B, T, F]``.
+          initial_state: a state nest (see `initial_state`); None for zeros.
+          training: passed to Keras cells and head.
+
+        Returns:
+          ``(outputs [B, T, O], final_state)``: the head's predictions and the last state.
+        """
+        inputs = checks.sequence_inputs(inputs, self._dtype)
+        self.build(inputs.shape)
+        leaves = self._state_leaves("initial_state", initial_state, inputs.shape[0])
+        fn = self._function("call", self._forward_impl, training)
+        outputs, leaves = fn({"inputs": inputs, "state": leaves})
+        return outputs, self._pack(list(leaves))
+
+    def _forward_impl(self, args: dict, training: bool):
+        step = lambda x, s: self._step(x, s, training=training)  # noqa: E731
+        top, leaves = unroll(step, args["inputs"], args["state"])
+        return self._apply_head(top, training=training), leaves
+
+    # -- chunked value and gradients -----------------------------------------------------------
+
+    def value_and_gradients(self, inputs, targets, loss_fn: LossFn, initial_state: State = None,
+                            final_state_grad: State = None, sample_weight=None) -> ChainResult:
+        """Loss and gradients over the whole sequence, computed one chunk at a time.
+
+        ```
+        forward:  s_k = chunk_k(s_{k-1})                               (keep only the s_k)
+        backward: for k = n .. 1:  (dW_k, g_{k-1}) = VJP of (L_k, s_k) at s_{k-1} with (1, g_k)
+        grads = sum_k dW_k;  initial_state_grad = g_0;  g_n = final_state_grad (or 0)
+        ```
+
+        Args:
+          inputs: ``[B, T, F]``; T need not divide by `chunk_size`.
+          targets: ``[B, T, ...]``, sliced along time like the inputs.
+          loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``,
+            e.g. a Keras loss.
+          initial_state: state nest entering the first step; None for zeros.
+          final_state_grad: dLoss/d(final state) from outside (the next batch's
+            `initial_state_grad`), same structure as the state; None for zero.
+          sample_weight: ``[B, T]`` or ``[B, T, ...]``, passed to `loss_fn` per chunk.
+
+        Returns:
+          `ChainResult(loss, grads, final_state, initial_state_grad)`.
+
+        Raises:
+          ValueError, TypeError: on inputs of the wrong rank, dtype or shape, before tracing.
+        """
+        loss_fn = checks.loss_function(loss_fn)
+        inputs = checks.sequence_inputs(inputs, self._dtype)
+        args = {"inputs": inputs, "targets": checks.per_step("targets", targets, inputs,
+                                                              self._dtype)}
+        if sample_weight is not None:
+            args["sample_weight"] = checks.per_step("sample_weight", sample_weight, inputs,
+                                                    self._dtype)
+        self.build(inputs.shape)
+        batch = inputs.shape[0]
+        args["state"] = self._state_leaves("initial_state", initial_state, batch)
+        if final_state_grad is not None:
+            if self._mode == "truncated" and self._backprop_chunks == 1:
+                raise ValueError(checks.FINAL_GRAD_DROPPED_MSG)
+            args["final_state_grad"] = self._state_leaves("final_state_grad", final_state_grad,
+                                                          batch)
+        fn = self._function("value_and_gradients", self._gradients_impl, loss_fn)
+        loss, grads, final_leaves, initial_grads = fn(args)
+        return ChainResult(loss, list(grads), self._pack(list(final_leaves)),
+                           self._pack(list(initial_grads)))
+
+    def _gradients_impl(self, args: dict, loss_fn: LossFn):
+        segments = self._segments(args, loss_fn)
+        result = chain_lib.value_and_gradients(
+            segments, args["state"], self.trainable_variables, vjp_lib.get_vjp(self._backend),
+            loss_dtype=self._loss_dtype(),
+            backprop_segments=None if self._mode == "exact" else self._backprop_chunks,
+            final_carry_grad=args.get("final_state_grad"))
+        return tuple(result)
+
+    def _loss_dtype(self) -> tf.DType:
+        return tf.float64 if self._dtype == tf.float64 else tf.float32
+
+    def _segments(self, args: dict, loss_fn: LossFn) -> chain_lib.Segments:
+        """The chunks of one sequence as chain segments over the flat state."""
+        inputs = args["inputs"]
+        steps = tf.shape(inputs)[1]
+        size = self._chunk_size
+        count = (steps + size - 1) // size
+
+        def window(tensor, k):
+            return tensor[:, k * size:tf.minimum((k + 1) * size, steps)]
+
+        def step(x, state):
+            return self._step(x, state, training=True)
+
+        def advance(k, state):
+            return unroll(step, window(inputs, k), state, with_outputs=False)[1]
+
+        def segment(k, state):
+            top, state = unroll(step, window(inputs, k), state)
+            predictions = self._apply_head(top, training=True)
+            loss_args = [window(args["targets"], k), predictions]
+            if "sample_weight" in args:
+                loss_args.append(window(args["sample_weight"], k))
+            loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), self._loss_dtype())
+            return loss * self._chunk_weight(k, steps), state
+
+        return chain_lib.Segments(count, advance, segment)
+
+    def _chunk_weight(self, k, steps) -> tf.Tensor:
+        """1 for reduction="sum"; the chunk's share of the T steps for "mean"."""
+        if self._reduction == "sum":
+            return tf.ones([], self._loss_dtype())
+        length = tf.minimum((k + 1) * self._chunk_size, steps) - k * self._chunk_size
+        return tf.cast(length, self._loss_dtype()) / tf.cast(steps, self._loss_dtype())
+
+    # -- compiled functions --------------------------------------------------------------------
+
+    def _function(self, kind: str, impl, static):
+        """`impl(args, static)`, compiled once per argument structure and dtypes.
+
+        Batch and time dims are unknown in the signature, so one trace serves every batch size
+        and sequence length.
+        """
+        if not self._compiled:
+            return lambda args: impl(args, static)
+
+        def call(args):
+            signature = _signature(args)
+            key = (kind, static, tuple((name, tuple(tf.nest.flatten(specs)))
+                                       for name, specs in sorted(signature.items())))
+            function = self._functions.get(key)
+            if function is None:
+                function = tf.function(lambda a: impl(a, static), input_signature=[signature])
+                self._functions[key] = function
+            return function(args)
+
+        return call
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the compiled functions were traced (for tests of retracing)."""
+        return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+
+
+_PER_STEP_ARGS = ("inputs", "targets", "sample_weight")
+
+
+def _signature(args: dict) -> dict:
+    """TensorSpecs of `args` with batch (and, for per-step arguments, time) left unknown."""
+    def spec(tensor, unknown):
+        dims = tensor.shape.as_list()
+        return tf.TensorSpec([None] * unknown + dims[unknown:], tensor.dtype)
+
+    return {name: tf.nest.map_structure(
+                lambda t, u=2 if name in _PER_STEP_ARGS else 1: spec(t, u), value)
+            for name, value in args.items()}
+
+
+class StatefulGRUChain(RecurrentChain):
+    """Stacked Keras `GRUCell`s and a head, trained over time chunks.
+
+    Example:
+
+    >>> import keras, numpy as np, tbptt
+    >>> chain = tbptt.StatefulGRUChain((8, 4), head=keras.layers.Dense(3), chunk_size=5)
+    >>> state = chain.initial_state(2)
+    >>> [tuple(s.shape) for s in state]
+    [(2, 8), (2, 4)]
+    >>> x, y = np.ones([2, 12, 6], "float32"), np.zeros([2, 12, 3], "float32")
+    >>> result = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError(), state)
+    >>> [tuple(s.shape) for s in result.initial_state_grad]
+    [(2, 8), (2, 4)]
+    """
+
+    def __init__(self, units: Union[int, Sequence[int]], *, chunk_size: int, head=None,
+                 mode: str = "exact", backprop_chunks: int = 1, backend: str = "eager",
+                 reduction: str = "sum", dtype=None, compiled: bool = True,
+                 name: Optional[str] = None):
+        """Creates one `keras.layers.GRUCell(u)` per entry of `units` (bottom first).
+
+        Args:
+          units: an int, or a sequence of ints for stacked layers (seed 001: ``(64, 32)``).
+          chunk_size, head, mode, backprop_chunks, backend, reduction, dtype, compiled, name:
+            as in `RecurrentChain`.
+        """
+        self._units = checks.units_tuple(units)
+        cells = [keras.layers.GRUCell(u, dtype=None if dtype is None else tf.as_dtype(dtype).name)
+                 for u in self._units]
+        super().__init__(cells, chunk_size=chunk_size, head=head, mode=mode,
+                         backprop_chunks=backprop_chunks, backend=backend, reduction=reduction,
+                         dtype=dtype, compiled=compiled, name=name)
+
+    @property
+    def units(self) -> tuple:
+        return self._units

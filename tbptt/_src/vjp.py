@@ -1,0 +1,84 @@
+"""The one thing a backend supplies: a vector-Jacobian product of a segment.
+
+A segment is `fn(primals) -> outputs` over flat lists of tensors that also reads `variables`.
+`vjp(fn, primals, variables, cotangent_sets)` runs `fn` once and, for each set of output
+cotangents, returns `(d_variables, d_primals)` = (dOut/dW)^T c, (dOut/dprimals)^T c. No Jacobian
+is ever formed: each product is one ordinary backward pass, seeded with `c` as
+`output_gradients` (eager) or `grad_ys` (graph).
+
+A cotangent entry of None means "this output is not differentiated" (cheaper than a zero seed).
+Gradients that do not reach a source come back as zeros, filled in here rather than with
+`unconnected_gradients`, whose behaviour has changed between TensorFlow releases.
+"""
+
+from typing import Callable, Sequence
+
+import tensorflow as tf
+
+from tbptt._src import compat
+
+BACKENDS = ("eager", "graph")
+
+SegmentFn = Callable[[list], list]
+
+
+def _targets(outputs: list, cotangents: Sequence) -> tuple[list, list]:
+    """The (output, cotangent) pairs that take part: those whose cotangent is not None."""
+    pairs = [(y, c) for y, c in zip(outputs, cotangents) if c is not None]
+    return [y for y, _ in pairs], [tf.cast(c, y.dtype) for y, c in pairs]
+
+
+def _zeros_for_none(grads: Sequence, sources: Sequence) -> list:
+    """Dense gradients: None (unconnected) becomes zeros, IndexedSlices become tensors."""
+    return [
+        tf.zeros_like(s) if g is None else tf.convert_to_tensor(g)
+        for g, s in zip(grads, sources)
+    ]
+
+
+def _split(grads: list, num_variables: int, want_primals: bool):
+    return grads[:num_variables], (grads[num_variables:] if want_primals else None)
+
+
+def tape_vjp(fn: SegmentFn, primals: list, variables: list, cotangent_sets: Sequence,
+             want_primal_grads: Sequence[bool]):
+    """Eager backend: `tf.GradientTape.gradient(..., output_gradients=...)`.
+
+    Works executing eagerly and inside a `tf.function`.
+    """
+    with tf.GradientTape(persistent=len(cotangent_sets) > 1) as tape:
+        # A fresh identity per primal: two equal entries (say zeros for h and c) get separate
+        # gradients.
+        primals = [tf.identity(p) for p in primals]
+        tape.watch(primals)
+        outputs = fn(primals)
+    results = []
+    for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
+        ys, seeds = _targets(outputs, cotangents)
+        sources = list(variables) + (primals if want_primals else [])
+        grads = tape.gradient(ys, sources, output_gradients=seeds)
+        results.append(_split(_zeros_for_none(grads, sources), len(variables), want_primals))
+    del tape
+    return outputs, results
+
+
+def gradients_vjp(fn: SegmentFn, primals: list, variables: list, cotangent_sets: Sequence,
+                  want_primal_grads: Sequence[bool]):
+    """Graph backend: `tf.gradients(ys, xs, grad_ys=...)`; must run while building a graph."""
+    if tf.executing_eagerly():
+        raise RuntimeError("backend='graph' needs graph mode: run it inside a tf.function.")
+    primals = [tf.identity(p) for p in primals]
+    outputs = fn(primals)
+    handles = [compat.tf_variable(v) for v in variables]
+    results = []
+    for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
+        ys, seeds = _targets(outputs, cotangents)
+        sources = handles + (primals if want_primals else [])
+        grads = tf.gradients(ys, sources, grad_ys=seeds)
+        results.append(_split(_zeros_for_none(grads, sources), len(variables), want_primals))
+    return outputs, results
+
+
+def get_vjp(backend: str):
+    """The VJP primitive for `backend` ("eager" or "graph")."""
+    return {"eager": tape_vjp, "graph": gradients_vjp}[backend]
