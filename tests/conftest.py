@@ -1,0 +1,82 @@
+"""Shared helpers: meaningful test data, weight copying and independent references."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def make_sequence(batch, steps, features, dtype="float32", offset=0.0):
+    """Deterministic, non-zero, not-constant inputs: no dropped state can pass unnoticed."""
+    t = np.arange(steps, dtype="float64")[None, :, None]
+    b = np.arange(batch, dtype="float64")[:, None, None]
+    f = np.arange(features, dtype="float64")[None, None, :]
+    values = np.sin(0.3 * t + 0.7 * b + 1.1 * f + offset) + 0.1 * (f + 1) / features
+    return values.astype(dtype)
+
+
+def l1_loss(y_true, y_pred):
+    """Seed 001's reduce_sum(sqrt(square(.))) loss, written smoothly enough for float64 FD."""
+    return tf.reduce_sum(tf.sqrt(tf.square(y_true - y_pred) + 1e-3))
+
+
+def sum_squares(y_true, y_pred):
+    return tf.reduce_sum(tf.square(y_true - y_pred))
+
+
+def max_rel_error(actual, expected):
+    """max |a - e| / max(|e|), over a list of tensors (0 for an all-zero reference)."""
+    errors = []
+    for a, e in zip(actual, expected):
+        a, e = np.asarray(a, "float64"), np.asarray(e, "float64")
+        scale = max(np.max(np.abs(e)), 1e-30)
+        errors.append(np.max(np.abs(a - e)) / scale)
+    return max(errors)
+
+
+def assert_all_close(actual, expected, rtol, what=""):
+    actual, expected = tf.nest.flatten(actual), tf.nest.flatten(expected)
+    assert len(actual) == len(expected), what
+    error = max_rel_error(actual, expected)
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.1g}"
+
+
+def full_bptt(chain, inputs, targets, loss_fn, initial_state=None, final_state_grad=None,
+              sample_weight=None):
+    """Reference: one outer tape over the plain forward `chain(...)`, whole-sequence loss.
+
+    Only valid for reduction="sum" with a loss that is a sum over steps. Returns
+    (loss, grads, final_state, initial_state_grad).
+    """
+    if initial_state is None:
+        initial_state = chain.initial_state(inputs.shape[0])
+    initial_state = tf.nest.map_structure(tf.convert_to_tensor, initial_state)
+    with tf.GradientTape() as tape:
+        tape.watch(initial_state)
+        outputs, final_state = chain(inputs, initial_state)
+        args = [targets, outputs] + ([sample_weight] if sample_weight is not None else [])
+        loss = loss_fn(*args)
+        total = loss
+        if final_state_grad is not None:
+            total = total + tf.add_n([tf.reduce_sum(g * s) for g, s in zip(
+                tf.nest.flatten(final_state_grad), tf.nest.flatten(final_state))])
+    grads = tape.gradient(total, [chain.trainable_variables, initial_state])
+    return loss, grads[0], final_state, grads[1]
+
+
+def copy_weights(source, target, input_shape):
+    source.build(input_shape)
+    target.build(input_shape)
+    assert len(source.trainable_variables) == len(target.trainable_variables) > 0
+    for s, t in zip(source.trainable_variables, target.trainable_variables):
+        t.assign(s)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    yield

@@ -1,0 +1,374 @@
+"""RecurrentChain / StatefulGRUChain against independent references."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tbptt
+from cells import CELL_KINDS, make_cells
+from conftest import (assert_all_close, copy_weights, full_bptt, l1_loss, make_sequence,
+                      sum_squares)
+
+F64 = 1e-10  # float64: only summation order differs from the reference.
+# float32: the chunked and the one-tape backward add the same terms in a different order;
+# over ~100 steps of GRU products that costs a few ulps per step, ~1e-6 relative at worst.
+F32 = 2e-5
+
+# (backend, compiled) pairs: the graph backend always runs compiled.
+EXECUTIONS = [("eager", True), ("eager", False), ("graph", True)]
+
+
+def chain_for(kind, features, dtype="float64", head=True, **kwargs):
+    cells = make_cells(kind, features, dtype)
+    head_layer = keras.layers.Dense(2, dtype=dtype) if head else None
+    return tbptt.RecurrentChain(cells, head=head_layer, dtype=dtype, **kwargs)
+
+
+def data(batch=3, steps=13, features=4, outputs=2, dtype="float64"):
+    x = make_sequence(batch, steps, features, dtype)
+    y = make_sequence(batch, steps, outputs, dtype, offset=0.5)
+    return x, y
+
+
+# -- the forward pass is the right function -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "stacked"])
+def test_forward_matches_keras_rnn(kind):
+    x, _ = data(dtype="float32")
+    chain = chain_for(kind, 4, dtype="float32", head=False, chunk_size=5)
+    outputs, state = chain(x)
+    rnn = keras.layers.RNN(chain.cells, return_sequences=True, return_state=True)
+    expected, *expected_state = rnn(x)
+    assert_all_close(outputs, expected, 1e-6, "outputs")
+    assert_all_close(state, expected_state, 1e-6, "final state")
+
+
+def test_gru_step_matches_numpy():
+    x, _ = data(batch=2, steps=6, features=3)
+    chain = tbptt.StatefulGRUChain(4, chunk_size=4, dtype="float64")
+    outputs, (h_last,) = chain(x)
+    kernel, recurrent, bias = [v.numpy() for v in chain.trainable_variables]
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    h, u = np.zeros([2, 4]), 4
+    for t in range(6):
+        xw, hu = x[:, t] @ kernel + bias[0], h @ recurrent + bias[1]
+        z = sigmoid(xw[:, :u] + hu[:, :u])
+        r = sigmoid(xw[:, u:2 * u] + hu[:, u:2 * u])
+        candidate = np.tanh(xw[:, 2 * u:] + r * hu[:, 2 * u:])
+        h = z * h + (1 - z) * candidate
+        np.testing.assert_allclose(outputs[:, t], h, rtol=1e-12)
+    np.testing.assert_allclose(h_last, h, rtol=1e-12)
+
+
+# -- exact mode == full BPTT -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,execution", list(itertools.product(CELL_KINDS, EXECUTIONS)))
+def test_exact_matches_full_bptt_float64(kind, execution):
+    backend, compiled = execution
+    x, y = data()
+    chain = chain_for(kind, 4, chunk_size=4, backend=backend, compiled=compiled)
+    state = tf.nest.map_structure(lambda s: s + 0.3, chain.initial_state(3))
+    result = chain.value_and_gradients(x, y, l1_loss, initial_state=state)
+    loss, grads, final_state, state_grad = full_bptt(chain, x, y, l1_loss, state)
+    assert len(result.grads) == len(chain.trainable_variables) > 0
+    assert_all_close(result.loss, loss, F64, "loss")
+    assert_all_close(result.grads, grads, F64, "grads")
+    assert_all_close(result.final_state, final_state, F64, "final_state")
+    assert_all_close(result.initial_state_grad, state_grad, F64, "initial_state_grad")
+    assert tf.nest.map_structure(lambda s: s.shape, result.initial_state_grad) == \
+        tf.nest.map_structure(lambda s: s.shape, state)
+
+
+@pytest.mark.parametrize("steps,chunk_size", [(13, 1), (13, 5), (7, 20), (12, 4), (1, 3)])
+def test_exact_any_chunking(steps, chunk_size):
+    x, y = data(steps=steps)
+    chain = chain_for("stacked", 4, chunk_size=chunk_size)
+    result = chain.value_and_gradients(x, y, sum_squares)
+    loss, grads, _, state_grad = full_bptt(chain, x, y, sum_squares)
+    assert_all_close([result.loss] + result.grads, [loss] + grads, F64)
+    assert_all_close(result.initial_state_grad, state_grad, F64)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_exact_matches_finite_differences(kind):
+    """Independent of every tape: central differences of the float64 loss."""
+    x, y = data(batch=2, steps=5, features=2)
+    chain = chain_for(kind, 2, chunk_size=2)
+    state = tf.nest.map_structure(lambda s: s + 0.2, chain.initial_state(2))
+    result = chain.value_and_gradients(x, y, l1_loss, initial_state=state)
+
+    def loss_at(initial=state):
+        outputs, _ = chain(x, initial)
+        return float(l1_loss(y, outputs))
+
+    eps = 1e-6
+    for variable, grad in zip(chain.trainable_variables, result.grads):
+        value = variable.numpy()
+        numeric = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            for sign in (1, -1):
+                shifted = value.copy()
+                shifted[index] += sign * eps
+                variable.assign(shifted)
+                numeric[index] += sign * loss_at() / (2 * eps)
+        variable.assign(value)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
+    leaves = tf.nest.flatten(state)
+    for leaf_index, grad in enumerate(tf.nest.flatten(result.initial_state_grad)):
+        numeric = np.zeros(leaves[leaf_index].shape)
+        for index in np.ndindex(numeric.shape):
+            for sign in (1, -1):
+                shifted = [leaf.numpy() for leaf in leaves]
+                shifted[leaf_index][index] += sign * eps
+                numeric[index] += sign * loss_at(
+                    tf.nest.pack_sequence_as(state, shifted)) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
+
+
+# -- truncated mode == per-chunk tapes with stop_gradient at the cut ------------------------------
+
+
+def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad=None):
+    """Loss L_j back-propagates through chunks j-m+1 .. j only: each term gets its own tape
+    run from the boundary state, which is stop_gradient-ed where the cotangent is dropped."""
+    size, steps = chain.chunk_size, x.shape[1]
+    count = -(-steps // size)
+    boundaries, state = [initial_state], initial_state
+    for j in range(count):
+        _, state = chain(x[:, j * size:(j + 1) * size], state)
+        boundaries.append(state)
+
+    def run_from(start, stop, s0):
+        """Chunks start..stop-1 from the boundary state, cut where the cotangent drops."""
+        if start >= 0:
+            return chain(x[:, start * size:stop * size], tf.nest.map_structure(
+                tf.stop_gradient, boundaries[start]))
+        return chain(x[:, :stop * size], s0)
+
+    s0 = tf.nest.map_structure(tf.convert_to_tensor, initial_state)
+    with tf.GradientTape() as tape:
+        tape.watch(s0)
+        total = 0.0
+        for j in range(count):
+            start = j - m + 1
+            outputs, _ = run_from(start, j + 1, s0)
+            total += loss_fn(y[:, j * size:(j + 1) * size], outputs[:, -(x[:, j * size:(j + 1) *
+                                                                           size].shape[1]):])
+        if final_state_grad is not None and m > 1:
+            _, last = run_from(count - m + 1, count, s0)
+            total += tf.add_n([tf.reduce_sum(g * s) for g, s in zip(
+                tf.nest.flatten(final_state_grad), tf.nest.flatten(last))])
+    grads, state_grad = tape.gradient(total, [chain.trainable_variables, s0],
+                                      unconnected_gradients="zero")
+    return total, grads, state_grad
+
+
+@pytest.mark.parametrize("m,backend,kind", [(1, "eager", "gru"), (1, "graph", "lstm"),
+                                            (2, "eager", "stacked"), (2, "graph", "gru"),
+                                            (3, "eager", "lstm"), (3, "graph", "custom")])
+def test_truncated_matches_stop_gradient_reference(m, backend, kind):
+    x, y = data(steps=14)
+    chain = chain_for(kind, 4, chunk_size=4, mode="truncated", backprop_chunks=m,
+                      backend=backend)
+    state = tf.nest.map_structure(lambda s: s + 0.3, chain.initial_state(3))
+    final_grad = None
+    if m > 1:
+        final_grad = tf.nest.map_structure(lambda s: tf.ones_like(s) * 0.7, state)
+    result = chain.value_and_gradients(x, y, l1_loss, state, final_state_grad=final_grad)
+    _, grads, state_grad = truncated_reference(chain, x, y, l1_loss, m, state, final_grad)
+    loss, _, final_state, _ = full_bptt(chain, x, y, l1_loss, state)
+    assert_all_close(result.loss, loss, F64, "loss")
+    assert_all_close(result.grads, grads, F64, "grads")
+    assert_all_close(result.final_state, final_state, F64, "final_state")
+    assert_all_close(result.initial_state_grad, state_grad, F64, "initial_state_grad")
+
+
+def test_truncated_differs_from_exact():
+    """The reference above could pass vacuously if truncation changed nothing."""
+    x, y = data(steps=14)
+    exact = chain_for("gru", 4, chunk_size=4)
+    truncated = chain_for("gru", 4, chunk_size=4, mode="truncated", backprop_chunks=2)
+    copy_weights(exact, truncated, x.shape)
+    a = exact.value_and_gradients(x, y, l1_loss).grads
+    b = truncated.value_and_gradients(x, y, l1_loss).grads
+    assert max(float(tf.reduce_max(tf.abs(p - q))) for p, q in zip(a, b)) > 1e-3
+
+
+def test_truncated_with_many_chunks_back_equals_exact():
+    x, y = data(steps=14)
+    exact = chain_for("lstm", 4, chunk_size=4)
+    truncated = chain_for("lstm", 4, chunk_size=4, mode="truncated", backprop_chunks=5)
+    copy_weights(exact, truncated, x.shape)
+    a = exact.value_and_gradients(x, y, l1_loss)
+    b = truncated.value_and_gradients(x, y, l1_loss)
+    assert_all_close(b.grads, a.grads, F64)
+    assert_all_close(b.initial_state_grad, a.initial_state_grad, F64)
+
+
+# -- carrying across mini-batches ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["eager", "graph"])
+@pytest.mark.parametrize("cut", [8, 6])  # on a chunk boundary, and inside a chunk
+def test_two_calls_chained_by_hand_equal_one_call(backend, cut):
+    """Seed 001: state forward into the next mini-batch, dL/dstate back from it."""
+    x, y = data(steps=14)
+    chain = chain_for("stacked", 4, chunk_size=4, backend=backend)
+    whole = chain.value_and_gradients(x, y, l1_loss)
+    first = chain.value_and_gradients(x[:, :cut], y[:, :cut], l1_loss)
+    second = chain.value_and_gradients(x[:, cut:], y[:, cut:], l1_loss,
+                                       initial_state=first.final_state)
+    first = chain.value_and_gradients(x[:, :cut], y[:, :cut], l1_loss,
+                                      final_state_grad=second.initial_state_grad)
+    assert_all_close(first.loss + second.loss, whole.loss, F64, "loss")
+    assert_all_close([a + b for a, b in zip(first.grads, second.grads)], whole.grads, F64)
+    assert_all_close(first.initial_state_grad, whole.initial_state_grad, F64)
+    assert_all_close(second.final_state, whole.final_state, F64)
+
+
+def test_final_state_grad_matches_tape():
+    x, y = data()
+    chain = chain_for("lstm", 4, chunk_size=5)
+    final_grad = tf.nest.map_structure(lambda s: tf.fill(s.shape, tf.constant(0.5, s.dtype)),
+                                       chain.initial_state(3))
+    result = chain.value_and_gradients(x, y, l1_loss, final_state_grad=final_grad)
+    _, grads, _, state_grad = full_bptt(chain, x, y, l1_loss, final_state_grad=final_grad)
+    assert_all_close(result.grads, grads, F64)
+    assert_all_close(result.initial_state_grad, state_grad, F64)
+
+
+# -- reductions and sample weights ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("loss", [keras.losses.MeanSquaredError(dtype="float64"),
+                                  keras.losses.MeanAbsoluteError(dtype="float64")])
+def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
+    x, y = data(steps=13)  # chunks of 5, 5 and a ragged 3
+    weights = np.linspace(0.5, 2.0, 3 * 13).reshape(3, 13) if weighted else None
+    chain = chain_for("gru", 4, chunk_size=5, reduction="mean")
+    result = chain.value_and_gradients(x, y, loss, sample_weight=weights)
+    expected_loss, grads, _, state_grad = full_bptt(chain, x, y, loss, sample_weight=weights)
+    assert_all_close(result.loss, expected_loss, F64, "loss")
+    assert_all_close(result.grads, grads, F64, "grads")
+    assert_all_close(result.initial_state_grad, state_grad, F64)
+
+
+def test_sum_reduction_with_sample_weight():
+    x, y = data(steps=11)
+    weights = np.linspace(0.0, 1.0, 33).reshape(3, 11)
+
+    def weighted_l1(y_true, y_pred, sample_weight):
+        return tf.reduce_sum(tf.reduce_sum(tf.abs(y_true - y_pred), -1) * sample_weight)
+
+    chain = chain_for("lstm", 4, chunk_size=3)
+    result = chain.value_and_gradients(x, y, weighted_l1, sample_weight=weights)
+    loss, grads, _, _ = full_bptt(chain, x, y, weighted_l1, sample_weight=weights)
+    assert_all_close([result.loss] + result.grads, [loss] + grads, F64)
+
+
+# -- float32 at seed 001's shapes ------------------------------------------------------------------
+
+
+def test_seed_001_shapes_float32():
+    """B=34, F=200, GRU 64+32, Dense 3, L1 loss: exact chunked == one tape, in float32."""
+    x = make_sequence(34, 300, 200)
+    y = make_sequence(34, 300, 3, offset=1.0)
+    chain = tbptt.StatefulGRUChain((64, 32), head=keras.layers.Dense(3), chunk_size=100)
+    result = chain.value_and_gradients(x, y, l1_loss)
+    loss, grads, _, state_grad = full_bptt(chain, x, y, l1_loss)
+    assert [tuple(g.shape) for g in result.grads[:2]] == [(200, 192), (64, 192)]
+    assert_all_close(result.loss, loss, 1e-6, "loss")
+    assert_all_close(result.grads, grads, F32, "grads")
+    assert_all_close(result.initial_state_grad, state_grad, F32, "initial_state_grad")
+
+
+# -- compiled execution ------------------------------------------------------------------------------
+
+
+def test_one_trace_serves_every_length_and_batch():
+    chain = chain_for("gru", 4, chunk_size=4)
+    for batch, steps in [(3, 13), (3, 20), (2, 7), (5, 4), (1, 30)]:
+        x, y = data(batch=batch, steps=steps)
+        chain.value_and_gradients(x, y, l1_loss)
+    assert chain.trace_count == 1
+
+
+def test_inside_a_users_tf_function_equals_eager_call():
+    x, y = data(steps=13)
+    chain = chain_for("stacked", 4, chunk_size=4)
+    reference = chain.value_and_gradients(x, y, l1_loss)
+
+    @tf.function
+    def step(x, y):
+        return chain.value_and_gradients(x, y, l1_loss)
+
+    compiled = step(tf.constant(x), tf.constant(y))
+    assert_all_close([compiled.loss] + compiled.grads, [reference.loss] + reference.grads, F64)
+    assert_all_close(compiled.initial_state_grad, reference.initial_state_grad, F64)
+
+
+def test_training_step_with_optimizer_reduces_loss():
+    x, y = data(steps=20, dtype="float32")
+    chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(2), chunk_size=6)
+    opt = keras.optimizers.Adam(0.05)
+    losses = []
+    for _ in range(15):
+        result = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError())
+        opt.apply_gradients(zip(result.grads, chain.trainable_variables))
+        losses.append(float(result.loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# -- dtypes and configuration ------------------------------------------------------------------------
+
+
+def test_stateful_gru_chain_float64():
+    chain = tbptt.StatefulGRUChain((3, 2), chunk_size=4, dtype="float64")
+    x, y = data(steps=9, outputs=2)
+    result = chain.value_and_gradients(x, y, sum_squares)
+    assert all(v.dtype == "float64" for v in chain.trainable_variables)
+    assert result.loss.dtype == tf.float64 and all(g.dtype == tf.float64 for g in result.grads)
+    assert [s.dtype for s in result.final_state] == [tf.float64, tf.float64]
+
+
+def test_dtype_is_applied_to_unbuilt_cells_and_head():
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(3)], head=keras.layers.Dense(1),
+                                 chunk_size=2, dtype="float64")
+    outputs, _ = chain(make_sequence(2, 5, 3))
+    assert outputs.dtype == tf.float64
+    assert all(v.dtype == "float64" for v in chain.trainable_variables)
+
+
+def test_initial_state_structure():
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(3), keras.layers.LSTMCell(2)],
+                                 chunk_size=2)
+    state = chain.initial_state(4)
+    assert isinstance(state, tuple) and len(state) == 2
+    assert state[0].shape == (4, 3)
+    assert [s.shape for s in state[1]] == [(4, 2), (4, 2)]
+    _, final_state = chain(make_sequence(4, 3, 5), [state[0], list(state[1])])  # lists accepted
+    assert tf.nest.map_structure(lambda s: s.shape, final_state) == \
+        tf.nest.map_structure(lambda s: s.shape, state)
+
+
+@pytest.mark.parametrize("option", ["dropout", "recurrent_dropout"])
+def test_cells_with_dropout_are_refused(option):
+    with pytest.raises(ValueError, match="dropout"):
+        tbptt.RecurrentChain([keras.layers.GRUCell(3, **{option: 0.2})], chunk_size=2)
+
+
+def test_head_dropout_is_consistent_within_a_step():
+    """The head runs once per chunk, in the backward pass, so its dropout mask is the one the
+    gradient belongs to: the loss returned is that of the masks used."""
+    x, y = data(steps=9, dtype="float32")
+    chain = tbptt.StatefulGRUChain(4, chunk_size=3, head=keras.Sequential(
+        [keras.layers.Dropout(0.5), keras.layers.Dense(2)]))
+    result = chain.value_and_gradients(x, y, sum_squares)
+    assert np.isfinite(result.loss.numpy())
+    assert all(np.all(np.isfinite(g)) for g in result.grads)
