@@ -1,0 +1,1 @@
+"""Implementation of tbptt; import the public names from `tbptt` instead."""
