@@ -313,6 +313,20 @@ def test_inside_a_users_tf_function_equals_eager_call():
     assert_all_close(compiled.initial_state_grad, reference.initial_state_grad, F64)
 
 
+def test_inside_a_tf_function_with_unknown_batch_and_time():
+    x, y = data(steps=11)
+    chain = chain_for("lstm", 4, chunk_size=4)
+    reference = chain.value_and_gradients(x, y, l1_loss)
+    spec = tf.TensorSpec([None, None, None], tf.float64)
+
+    @tf.function(input_signature=[spec, spec])
+    def step(x, y):
+        return chain.value_and_gradients(tf.ensure_shape(x, [None, None, 4]), y, l1_loss)
+
+    compiled = step(tf.constant(x), tf.constant(y))
+    assert_all_close([compiled.loss] + compiled.grads, [reference.loss] + reference.grads, F64)
+
+
 def test_training_step_with_optimizer_reduces_loss():
     x, y = data(steps=20, dtype="float32")
     chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(2), chunk_size=6)

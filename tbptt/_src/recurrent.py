@@ -30,6 +30,14 @@ def unroll(step, inputs: tf.Tensor, state: list, *, with_outputs: bool = True):
 
     Returns:
       ``(outputs [B, T, U] or None, final state)``.
+
+    Example, a counter core with a closed form:
+
+    >>> import tensorflow as tf
+    >>> outputs, (count,) = unroll(lambda x, s: (x + s[0], [s[0] + 1]), tf.ones([1, 4, 1]),
+    ...                            [tf.zeros([1, 1])])
+    >>> outputs[0, :, 0].numpy().tolist(), float(count[0, 0])
+    ([1.0, 2.0, 3.0, 4.0], 4.0)
     """
     steps = tf.shape(inputs)[1]
     # Time-major so that each step reads one contiguous [B, F] slice.
@@ -224,8 +232,9 @@ class RecurrentChain(tf.Module):
 
     def _state_leaves(self, name: str, state, batch) -> list:
         if state is None:
-            return [tf.zeros((batch,) + shape, self._dtype) for shape in self._leaf_shapes]
-        leaves = checks.state_leaves(name, state, self._leaf_shapes, batch)
+            return [tf.zeros([batch, *shape], self._dtype) for shape in self._leaf_shapes]
+        static_batch = batch if isinstance(batch, int) else None
+        leaves = checks.state_leaves(name, state, self._leaf_shapes, static_batch)
         return [tf.cast(leaf, self._dtype) for leaf in leaves]
 
     # -- building ------------------------------------------------------------------------------
@@ -263,6 +272,9 @@ class RecurrentChain(tf.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
+    # The chunk and time loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
+    # converting the Keras calls inside would only get in the way inside a user's tf.function.
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, inputs, initial_state: State = None, *,
                  training: bool = False) -> tuple:
         """Plain forward pass over the whole sequence, differentiable by an outer tape.
@@ -277,7 +289,7 @@ class RecurrentChain(tf.Module):
         """
         inputs = checks.sequence_inputs(inputs, self._dtype)
         self.build(inputs.shape)
-        leaves = self._state_leaves("initial_state", initial_state, inputs.shape[0])
+        leaves = self._state_leaves("initial_state", initial_state, _batch_size(inputs))
         fn = self._function("call", self._forward_impl, training)
         outputs, leaves = fn({"inputs": inputs, "state": leaves})
         return outputs, self._pack(list(leaves))
@@ -289,6 +301,7 @@ class RecurrentChain(tf.Module):
 
     # -- chunked value and gradients -----------------------------------------------------------
 
+    @tf.autograph.experimental.do_not_convert
     def value_and_gradients(self, inputs, targets, loss_fn: LossFn, initial_state: State = None,
                             final_state_grad: State = None, sample_weight=None) -> ChainResult:
         """Loss and gradients over the whole sequence, computed one chunk at a time.
@@ -323,7 +336,7 @@ class RecurrentChain(tf.Module):
             args["sample_weight"] = checks.per_step("sample_weight", sample_weight, inputs,
                                                     self._dtype)
         self.build(inputs.shape)
-        batch = inputs.shape[0]
+        batch = _batch_size(inputs)
         args["state"] = self._state_leaves("initial_state", initial_state, batch)
         if final_state_grad is not None:
             if self._mode == "truncated" and self._backprop_chunks == 1:
@@ -411,6 +424,11 @@ class RecurrentChain(tf.Module):
 
 
 _PER_STEP_ARGS = ("inputs", "targets", "sample_weight")
+
+
+def _batch_size(inputs: tf.Tensor):
+    """The static batch size, or a scalar tensor where it is unknown (inside a tf.function)."""
+    return inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
 
 
 def _signature(args: dict) -> dict:

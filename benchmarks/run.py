@@ -1,0 +1,146 @@
+"""Step time and peak memory of exact/truncated chunked BPTT against one-tape full BPTT.
+
+Reference set-up (DESIGN §6, seed 001): B=34, F=200, GRU 64+32, Dense 3, L1 loss.
+Each (method, T) runs in its own process, so peak RSS is that method's alone; times are medians
+of several steps after a warm-up step (which includes tracing). Compare ratios from one run: the
+machines are shared and noisy.
+
+    python benchmarks/run.py --quick          # T = 1000, 2000
+    python benchmarks/run.py --lengths 1000 4000 16000
+
+Writes benchmarks/results.md (a markdown table) and benchmarks/results.png.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = ("full_bptt", "exact_eager", "exact_graph", "truncated")
+BATCH, FEATURES, UNITS, LABELS, CHUNK = 34, 200, (64, 32), 3, 100
+
+
+def l1(y_true, y_pred):
+    import tensorflow as tf
+    return tf.reduce_sum(tf.abs(y_true - y_pred))
+
+
+def make_step(method: str):
+    """A training-gradient function for `method`: (x, y) -> (loss, grads)."""
+    import keras
+    import tensorflow as tf
+
+    import tbptt
+    if method == "full_bptt":
+        model = keras.Sequential([keras.layers.GRU(UNITS[0], return_sequences=True),
+                                  keras.layers.GRU(UNITS[1], return_sequences=True),
+                                  keras.layers.Dense(LABELS)])
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = l1(y, model(x, training=True))
+            return loss, tape.gradient(loss, model.trainable_variables)
+        return step
+    mode = "truncated" if method == "truncated" else "exact"
+    backend = "graph" if method == "exact_graph" else "eager"
+    chain = tbptt.StatefulGRUChain(UNITS, head=keras.layers.Dense(LABELS), chunk_size=CHUNK,
+                                   mode=mode, backend=backend)
+    return lambda x, y: chain.value_and_gradients(x, y, l1)[:2]
+
+
+def worker(method: str, steps: int, repeats: int) -> dict:
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.RandomState(0)
+    x = tf.constant(rng.randn(BATCH, steps, FEATURES).astype("float32"))
+    y = tf.constant(rng.randn(BATCH, steps, LABELS).astype("float32"))
+    step = make_step(method)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    loss, _ = step(x, y)
+    float(loss)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss, grads = step(x, y)
+        float(loss), [g.numpy() for g in grads]
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "T": steps, "first_s": first, "step_s": float(np.median(times)),
+            "peak_mb": peak / 1024, "growth_mb": (peak - base_rss) / 1024}
+
+
+def run_worker(method: str, steps: int, repeats: int) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, __file__, "--worker", method, str(steps),
+                          str(repeats)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"method": method, "T": steps, "error": out.stderr.strip().splitlines()[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list) -> str:
+    lines = ["| T | method | step time (s) | x full BPTT | peak RSS (MB) | RSS growth in step (MB) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    full = {r["T"]: r for r in rows if r["method"] == "full_bptt" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['T']} | {r['method']} | failed: {r['error'][:60]} | | | |")
+            continue
+        ratio = r["step_s"] / full[r["T"]]["step_s"] if r["T"] in full else float("nan")
+        lines.append(f"| {r['T']} | {r['method']} | {r['step_s']:.3f} | {ratio:.2f} | "
+                     f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        ok = [r for r in rows if r["method"] == method and "error" not in r]
+        axes[0].plot([r["T"] for r in ok], [r["step_s"] for r in ok], "o-", label=method)
+        axes[1].plot([r["T"] for r in ok], [r["growth_mb"] for r in ok], "o-", label=method)
+    axes[0].set(xlabel="T", ylabel="step time (s)", xscale="log", yscale="log")
+    axes[1].set(xlabel="T", ylabel="RSS growth during a step (MB)", xscale="log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T = 1000, 2000 only")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1000, 2000, 4000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, steps, repeats = args.worker
+        print(json.dumps(worker(method, int(steps), int(repeats))))
+        return
+    lengths = [1000, 2000] if args.quick else args.lengths
+    rows = []
+    for steps in lengths:
+        for method in METHODS:
+            rows.append(run_worker(method, steps, args.repeats))
+            print(json.dumps(rows[-1]), flush=True)
+    text = table(rows)
+    print(text)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "results.md"), "w") as f:
+        f.write(text + "\n")
+    plot(rows, os.path.join(here, "results.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Property tests: random configurations, exact == full BPTT and truncated == its reference."""
+
+import hypothesis.strategies as st
+import keras
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+
+import tbptt
+from cells import make_cells
+from conftest import assert_all_close, full_bptt, l1_loss, make_sequence
+from test_recurrent import truncated_reference
+
+configs = st.fixed_dictionaries({
+    "steps": st.integers(1, 12),
+    "chunk_size": st.integers(1, 6),
+    "batch": st.integers(1, 3),
+    "features": st.integers(1, 3),
+    "layers": st.lists(st.sampled_from(["gru", "lstm", "simple", "custom"]), min_size=1,
+                       max_size=2),
+    "head": st.booleans(),
+    "mode": st.sampled_from(["exact", 1, 2, 3]),
+    "backend": st.sampled_from(["eager", "graph"]),
+    "reduction": st.sampled_from(["sum", "mean"]),
+})
+
+
+def check(config):
+    features = config["features"]
+    cells = [cell for kind in config["layers"] for cell in make_cells(kind, features, "float64")]
+    truncated = config["mode"] != "exact"
+    chain = tbptt.RecurrentChain(
+        cells, chunk_size=config["chunk_size"], backend=config["backend"],
+        head=keras.layers.Dense(2, dtype="float64") if config["head"] else None,
+        mode="truncated" if truncated else "exact",
+        backprop_chunks=config["mode"] if truncated else 1,
+        reduction=config["reduction"], dtype="float64")
+    x = make_sequence(config["batch"], config["steps"], features, "float64")
+    chain.build(x.shape)
+    outputs = 2 if config["head"] else cells[-1].state_size
+    outputs = outputs if isinstance(outputs, int) else outputs[0]
+    y = make_sequence(config["batch"], config["steps"], outputs, "float64", offset=0.3)
+    mean = config["reduction"] == "mean"
+
+    def mean_l1(y_true, y_pred):
+        return tf.reduce_mean(tf.sqrt(tf.square(y_true - y_pred) + 1e-3))
+
+    result = chain.value_and_gradients(x, y, mean_l1 if mean else l1_loss)
+    if truncated:
+        _, grads, state_grad = truncated_reference(chain, x, y, l1_loss, config["mode"],
+                                                   chain.initial_state(config["batch"]))
+    else:
+        _, grads, _, state_grad = full_bptt(chain, x, y, l1_loss)
+    if mean:  # chunk means weighted by length/T = the whole-sequence mean = l1_loss / y.size
+        grads, state_grad = tf.nest.map_structure(lambda g: g / y.size, (grads, state_grad))
+    assert_all_close(result.grads, grads, 1e-9, str(config))
+    assert_all_close(result.initial_state_grad, state_grad, 1e-9, str(config))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(configs)
+def test_random_configurations(config):
+    check(config)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(configs)
+def test_random_configurations_many(config):
+    check(config)
