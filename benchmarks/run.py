@@ -85,7 +85,7 @@ def run_worker(method: str, steps: int, repeats: int) -> dict:
 
 
 def table(rows: list) -> str:
-    lines = ["| T | method | step time (s) | x full BPTT | peak RSS (MB) | RSS growth in step (MB) |",
+    lines = ["| T | method | step time (s) | x full BPTT | peak RSS (MB) | RSS growth (MB) |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
     full = {r["T"]: r for r in rows if r["method"] == "full_bptt" and "error" not in r}
     for r in rows:
