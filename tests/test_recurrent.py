@@ -33,7 +33,7 @@ def data(batch=3, steps=13, features=4, outputs=2, dtype="float64"):
     return x, y
 
 
-# -- the forward pass is the right function -------------------------------------------------------
+# -- the forward pass is the right function -----
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "stacked"])
@@ -64,7 +64,7 @@ def test_gru_step_matches_numpy():
     np.testing.assert_allclose(h_last, h, rtol=1e-12)
 
 
-# -- exact mode == full BPTT -------------------------------------------------------------------------
+# -- exact mode == full BPTT -----
 
 
 @pytest.mark.parametrize("kind,execution", list(itertools.product(CELL_KINDS, EXECUTIONS)))
@@ -210,7 +210,7 @@ def test_truncated_with_many_chunks_back_equals_exact():
     assert_all_close(b.initial_state_grad, a.initial_state_grad, F64)
 
 
-# -- carrying across mini-batches ------------------------------------------------------------------
+# -- carrying across mini-batches -----
 
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
@@ -242,7 +242,7 @@ def test_final_state_grad_matches_tape():
     assert_all_close(result.initial_state_grad, state_grad, F64)
 
 
-# -- reductions and sample weights ------------------------------------------------------------------
+# -- reductions and sample weights -----
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -288,7 +288,7 @@ def test_seed_001_shapes_float32():
     assert_all_close(result.initial_state_grad, state_grad, F32, "initial_state_grad")
 
 
-# -- compiled execution ------------------------------------------------------------------------------
+# -- compiled execution -----
 
 
 def test_one_trace_serves_every_length_and_batch():
@@ -339,7 +339,7 @@ def test_training_step_with_optimizer_reduces_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-# -- dtypes and configuration ------------------------------------------------------------------------
+# -- dtypes and configuration -----
 
 
 def test_stateful_gru_chain_float64():

@@ -3,7 +3,7 @@
 ```
 forward:   s_0 -> [seg_1] -> s_1 -> ... -> [seg_n] -> s_n          (keep only the s_k)
 backward:  g_n = final_carry_grad (or 0)
-           for k = n .. 1:  (dW_k, g_{k-1}) = VJP of seg_k at s_{k-1}, cotangents (dL_k = 1, ds_k = g_k)
+           for k = n .. 1:  (dW_k, g_{k-1}) = VJP of seg_k at s_{k-1}, seeds (dL_k=1, ds_k=g_k)
            grads = sum_k dW_k ;  initial_carry_grad = g_0
 ```
 
@@ -68,7 +68,8 @@ def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *
     if final_carry_grad is None:
         final_carry_grad = [tf.zeros_like(c) for c in final_carry]
     ages = 1 if backprop_segments is None else backprop_segments - 1
-    carried = [list(final_carry_grad)] + [[tf.zeros_like(c) for c in carry] for _ in range(ages - 1)]
+    zeros = [[tf.zeros_like(c) for c in carry] for _ in range(ages - 1)]
+    carried = [list(final_carry_grad)] + zeros  # one cotangent per age, youngest first
     loss, grads, carried = _backward(segments, boundaries, variables, vjp, loss_dtype, carried,
                                      exact=backprop_segments is None)
     initial_carry_grad = [tf.add_n(list(leaves)) for leaves in zip(*carried)]

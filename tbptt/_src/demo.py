@@ -106,7 +106,8 @@ def plot(exact: Curve, truncated: Curve, path: str, delay: int, chunk_size: int)
 
 
 def run(*, steps: int = 400, delay: int = 8, chunk_size: int = 4, length: int = 48,
-        batch: int = 32, units: int = 32, seed: int = 0, plot_path: Optional[str] = "tbptt-demo.png",
+        batch: int = 32, units: int = 32, seed: int = 0,
+        plot_path: Optional[str] = "tbptt-demo.png",
         quiet: bool = False) -> dict:
     """Trains exact and truncated side by side, prints both curves, writes the plot."""
     settings = dict(steps=steps, delay=delay, chunk_size=chunk_size, length=length, batch=batch,
