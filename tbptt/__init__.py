@@ -1,5 +1,6 @@
 """tbptt: exact and truncated back-propagation through time over chunks of long sequences."""
 
+from tbptt import compat
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StatefulGRUChain
 from tbptt._src.recurrent import unroll
@@ -11,5 +12,6 @@ __all__ = [
     "ChainResult",
     "RecurrentChain",
     "StatefulGRUChain",
+    "compat",
     "unroll",
 ]

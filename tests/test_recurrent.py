@@ -299,6 +299,14 @@ def test_one_trace_serves_every_length_and_batch():
     assert chain.trace_count == 1
 
 
+def test_a_new_loss_fn_every_call_warns_about_retracing():
+    x, y = data(steps=5)
+    chain = chain_for("gru", 4, chunk_size=4)
+    with pytest.warns(UserWarning, match="pass the same object every call"):
+        for _ in range(16):
+            chain.value_and_gradients(x, y, lambda a, b: sum_squares(a, b))
+
+
 def test_inside_a_users_tf_function_equals_eager_call():
     x, y = data(steps=13)
     chain = chain_for("stacked", 4, chunk_size=4)

@@ -2,7 +2,9 @@
 
 import argparse
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -18,7 +20,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--plot", default="tbptt-demo.png", help="PNG path ('' for none)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce = commands.add_parser("reproduce", help="re-run a seed experiment from examples/")
+    reproduce.add_argument("experiment", choices=sorted(EXPERIMENTS))
     return parser
+
+
+# Experiment name -> script in the source tree's examples/ folder. Each runs in a fresh process:
+# the TF1 ones must set TF_USE_LEGACY_KERAS before TensorFlow is imported.
+EXPERIMENTS = {
+    "gru-500-500": "gru_500_500.py",
+    "gru-minibatch": "gru_minibatch.py",
+}
+
+
+def _reproduce(experiment: str) -> int:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    script = examples / EXPERIMENTS[experiment]
+    if not script.is_file():
+        print(f"tbptt reproduce: {script} not found. The experiments are scripts in the source "
+              "tree's examples/ folder: install from a checkout (pip install -e .).",
+              file=sys.stderr)
+        return 2
+    return subprocess.run([sys.executable, str(script)], cwd=str(examples)).returncode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -32,6 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         demo.run(steps=args.steps, delay=args.delay, chunk_size=args.chunk_size,
                  length=args.length, seed=args.seed, plot_path=args.plot or None,
                  quiet=args.quiet)
+    elif args.command == "reproduce":
+        return _reproduce(args.experiment)
     return 0
 
 

@@ -5,6 +5,7 @@ does not divide). Each chunk is a segment of the chain in `chain.py`; the carrie
 flat list of state tensors of all layers.
 """
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import tensorflow as tf
@@ -413,6 +414,9 @@ class RecurrentChain(tf.Module):
             if function is None:
                 function = tf.function(lambda a: impl(a, static), input_signature=[signature])
                 self._functions[key] = function
+                if len(self._functions) == _MANY_COMPILES:
+                    warnings.warn(checks.MANY_COMPILES_MSG.format(count=_MANY_COMPILES),
+                                  stacklevel=3)
             return function(args)
 
         return call
@@ -424,6 +428,7 @@ class RecurrentChain(tf.Module):
 
 
 _PER_STEP_ARGS = ("inputs", "targets", "sample_weight")
+_MANY_COMPILES = 16
 
 
 def _batch_size(inputs: tf.Tensor):

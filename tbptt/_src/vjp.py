@@ -62,6 +62,26 @@ def tape_vjp(fn: SegmentFn, primals: list, variables: list, cotangent_sets: Sequ
     return outputs, results
 
 
+def graph_vjp(ys: list, cotangents: Sequence, variables: list, primals: list,
+              stop_at_primals: bool = False):
+    """One product on tensors already in a graph: `tf.gradients(..., grad_ys=...)`.
+
+    Args:
+      ys: output tensors; cotangents: one seed each, or None to leave that output out.
+      variables: variables to differentiate (Keras 3 variables are unwrapped).
+      primals: tensors to differentiate; `stop_at_primals` also stops back-propagation there
+        (`stop_gradients`), so the product covers only the graph between primals and outputs.
+
+    Returns:
+      ``(d_variables, d_primals)``, zeros where an output does not reach a source.
+    """
+    ys, seeds = _targets(ys, cotangents)
+    sources = [compat.tf_variable(v) for v in variables] + list(primals)
+    grads = tf.gradients(ys, sources, grad_ys=seeds,
+                         stop_gradients=list(primals) if stop_at_primals else None)
+    return _split(_zeros_for_none(grads, sources), len(variables), True)
+
+
 def gradients_vjp(fn: SegmentFn, primals: list, variables: list, cotangent_sets: Sequence,
                   want_primal_grads: Sequence[bool]):
     """Graph backend: `tf.gradients(ys, xs, grad_ys=...)`; must run while building a graph."""
@@ -69,13 +89,11 @@ def gradients_vjp(fn: SegmentFn, primals: list, variables: list, cotangent_sets:
         raise RuntimeError("backend='graph' needs graph mode: run it inside a tf.function.")
     primals = [tf.identity(p) for p in primals]
     outputs = fn(primals)
-    handles = [compat.tf_variable(v) for v in variables]
     results = []
     for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
-        ys, seeds = _targets(outputs, cotangents)
-        sources = handles + (primals if want_primals else [])
-        grads = tf.gradients(ys, sources, grad_ys=seeds)
-        results.append(_split(_zeros_for_none(grads, sources), len(variables), want_primals))
+        d_vars, d_primals = graph_vjp(outputs, cotangents, variables,
+                                      primals if want_primals else [])
+        results.append((d_vars, d_primals if want_primals else None))
     return outputs, results
 
 

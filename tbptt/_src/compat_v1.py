@@ -1,0 +1,145 @@
+"""Chunked back-propagation inside a user's own TF1-style graph, and TF1 GRU weights for TF2.
+
+For code written with placeholders, `tf.compat.v1.nn.dynamic_rnn` and a `Session`: the graph
+already holds every chunk; `backprop_chunks` adds, for each chunk in reverse, one
+`tf.gradients(..., grad_ys=...)` call that stops at the chunk's own input state, so the carried
+dLoss/dstate crosses each cut as the `grad_ys` of the chunk before it (seed 001).
+"""
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tbptt._src import vjp as vjp_lib
+from tbptt._src.types import State
+
+GRAPH_ONLY_MSG = ("backprop_chunks builds graph tensors with tf.gradients: call it while building "
+                  "a graph (TF1-style code under tf.Graph().as_default(), or in a tf.function). "
+                  "In eager code use tbptt.RecurrentChain.value_and_gradients.")
+BOUNDARIES_MSG = ("boundary_states must hold one state per cut, len(chunk_losses) + 1 = {expected} "
+                  "(the initial state, then the state after each chunk), got {got}.")
+STRUCTURE_MSG = ("{name} must have the structure of boundary_states[0] ({expected} tensors), "
+                 "got {got} tensors.")
+TF1_GRU_SHAPES_MSG = ("TF1 GRUCell weights must be gates kernel [in+units, 2*units], gates bias "
+                      "[2*units], candidate kernel [in+units, units], candidate bias [units]; got "
+                      "{shapes}.")
+
+
+class BackpropChunksResult(NamedTuple):
+    """Graph tensors to `sess.run`.
+
+    Attributes:
+      variable_grads: dLoss/dW, aligned with `variables`.
+      state_grads: dLoss/ds_k for every boundary state, aligned with `boundary_states`.
+      initial_state_grad: dLoss/ds_0 (= state_grads[0]): the previous mini-batch's
+        `final_state_grad`.
+    """
+
+    variable_grads: list
+    state_grads: list
+    initial_state_grad: State
+
+
+def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence[State],
+                    variables: Optional[Sequence] = None,
+                    final_state_grad: Optional[State] = None) -> BackpropChunksResult:
+    """The exact gradient of sum_k chunk_losses[k], one chunk's backward pass at a time.
+
+    ```
+    g_n = final_state_grad (or 0)
+    for k = n .. 1:   dW_k, g_{k-1} = tf.gradients([L_k, s_k], W + [s_{k-1}], grad_ys=[1, g_k],
+                                                   stop_gradients=[s_{k-1}])
+    variable_grads = sum_k dW_k ;  state_grads = [g_0 .. g_n]
+    ```
+
+    Chunk k must reach earlier chunks only through its input state s_{k-1}: that is where its
+    backward pass stops. States may be nests (LSTMStateTuple, MultiRNNCell tuples); a chunk whose
+    state does not reach any loss gets zeros, not None.
+
+    Args:
+      chunk_losses: n scalar tensors L_1 .. L_n.
+      boundary_states: n + 1 states s_0 .. s_n: s_0 enters chunk 1, s_k leaves chunk k.
+      variables: variables to differentiate; default the graph's trainable variables.
+      final_state_grad: dLoss/ds_n from outside (the next mini-batch), a nest like s_n.
+
+    Returns:
+      `BackpropChunksResult(variable_grads, state_grads, initial_state_grad)`.
+
+    Raises:
+      RuntimeError: when executing eagerly. ValueError: on mismatched lengths or structures.
+    """
+    if tf.executing_eagerly():
+        raise RuntimeError(GRAPH_ONLY_MSG)
+    chunk_losses, boundary_states = list(chunk_losses), list(boundary_states)
+    if len(boundary_states) != len(chunk_losses) + 1:
+        raise ValueError(BOUNDARIES_MSG.format(expected=len(chunk_losses) + 1,
+                                               got=len(boundary_states)))
+    if variables is None:
+        variables = tf.compat.v1.trainable_variables()
+    variables = list(variables)
+    flat_states = [_flat("boundary_states[%d]" % k, s, boundary_states[0])
+                   for k, s in enumerate(boundary_states)]
+    if final_state_grad is None:
+        carried = [tf.zeros_like(s) for s in flat_states[-1]]
+    else:
+        carried = _flat("final_state_grad", final_state_grad, boundary_states[0])
+    state_grads = [carried]
+    totals = [None] * len(variables)
+    for k in reversed(range(len(chunk_losses))):
+        d_vars, carried = vjp_lib.graph_vjp(
+            [chunk_losses[k]] + flat_states[k + 1], [1.0] + carried, variables, flat_states[k],
+            stop_at_primals=True)
+        totals = [d if t is None else t + d for t, d in zip(totals, d_vars)]
+        state_grads.insert(0, carried)
+    packed = [tf.nest.pack_sequence_as(boundary_states[0], g) for g in state_grads]
+    return BackpropChunksResult(totals, packed, packed[0])
+
+
+def _flat(name: str, state, reference) -> list:
+    leaves, expected = tf.nest.flatten(state), tf.nest.flatten(reference)
+    if len(leaves) != len(expected):
+        raise ValueError(STRUCTURE_MSG.format(name=name, expected=len(expected), got=len(leaves)))
+    return [tf.convert_to_tensor(leaf) for leaf in leaves]
+
+
+def gru_weights_from_tf1(gates_kernel, gates_bias, candidate_kernel, candidate_bias) -> list:
+    """TF1 `GRUCell` weights as `[kernel, recurrent_kernel, bias]` of a Keras
+    `GRUCell(units, reset_after=False)`, which computes the same function.
+
+    TF1 (`tf.compat.v1.nn.rnn_cell.GRUCell`):
+    ```
+    r, u = split(sigmoid([x, h] @ gates_kernel + gates_bias), 2)
+    c = tanh([x, r * h] @ candidate_kernel + candidate_bias);   h' = u * h + (1 - u) * c
+    ```
+    Keras: kernel ``[in, 3*units]`` and recurrent kernel ``[units, 3*units]`` in gate order
+    (z, r, h), with z = TF1's u; one bias ``[3*units]``.
+
+    Args:
+      gates_kernel: ``[in + units, 2 * units]`` (TF1 `gates/kernel`, columns r then u).
+      gates_bias: ``[2 * units]``.
+      candidate_kernel: ``[in + units, units]``.
+      candidate_bias: ``[units]``.
+
+    Returns:
+      NumPy arrays for `cell.set_weights(...)`. The same permutation maps TF1 gradients.
+
+    Example:
+
+    >>> import numpy as np
+    >>> kernel, recurrent, bias = gru_weights_from_tf1(np.ones([5, 4]), np.ones([4]),
+    ...                                                np.ones([5, 2]), np.ones([2]))
+    >>> kernel.shape, recurrent.shape, bias.shape
+    ((3, 6), (2, 6), (6,))
+    """
+    arrays = [np.asarray(a) for a in (gates_kernel, gates_bias, candidate_kernel, candidate_bias)]
+    gates_kernel, gates_bias, candidate_kernel, candidate_bias = arrays
+    units = candidate_bias.shape[0] if candidate_bias.ndim == 1 else -1
+    inputs = gates_kernel.shape[0] - units if gates_kernel.ndim == 2 else -1
+    expected = [(inputs + units, 2 * units), (2 * units,), (inputs + units, units), (units,)]
+    if inputs < 1 or [a.shape for a in arrays] != expected:
+        raise ValueError(TF1_GRU_SHAPES_MSG.format(shapes=[a.shape for a in arrays]))
+    reset, update = gates_kernel[:, :units], gates_kernel[:, units:]
+    zrh = np.concatenate([update, reset, candidate_kernel], axis=1)  # [in + units, 3 units]
+    bias = np.concatenate([gates_bias[units:], gates_bias[:units], candidate_bias])
+    return [zrh[:inputs], zrh[inputs:], bias]

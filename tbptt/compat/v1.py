@@ -1,0 +1,11 @@
+"""Chunked back-propagation for TF1-style graphs (placeholders, dynamic_rnn, Session)."""
+
+from tbptt._src.compat_v1 import BackpropChunksResult
+from tbptt._src.compat_v1 import backprop_chunks
+from tbptt._src.compat_v1 import gru_weights_from_tf1
+
+__all__ = [
+    "BackpropChunksResult",
+    "backprop_chunks",
+    "gru_weights_from_tf1",
+]
