@@ -4,10 +4,14 @@ On TensorFlow >= 2.16, `tf.compat.v1.nn.rnn_cell` and `tf.compat.v1.layers` live
 `tf-keras` package and need TF_USE_LEGACY_KERAS=1 before TensorFlow is first imported.
 """
 
+import importlib.util
 import os
 import sys
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# Only where tf-keras is installed: on TF 2.15 the TF1 cells are native and the variable would
+# point tf.keras at a package that is not there.
+if importlib.util.find_spec("tf_keras") is not None:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(args, legacy=True):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if legacy:
+    if legacy and not LEGACY_CELLS_HERE:
         env["TF_USE_LEGACY_KERAS"] = "1"
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     return out.returncode, out.stdout + out.stderr

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 import tbptt
 from cells import CELL_KINDS, make_cells
-from conftest import (assert_all_close, copy_weights, full_bptt, l1_loss, make_sequence,
-                      sum_squares)
+from conftest import (assert_all_close, copy_weights, float64_loss, full_bptt, l1_loss,
+                      make_sequence, sum_squares)
 
 F64 = 1e-10  # float64: only summation order differs from the reference.
 # float32: the chunked and the one-tape backward add the same terms in a different order;
@@ -246,8 +246,8 @@ def test_final_state_grad_matches_tape():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("loss", [keras.losses.MeanSquaredError(dtype="float64"),
-                                  keras.losses.MeanAbsoluteError(dtype="float64")])
+@pytest.mark.parametrize("loss", [float64_loss(keras.losses.MeanSquaredError),
+                                  float64_loss(keras.losses.MeanAbsoluteError)])
 def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
     x, y = data(steps=13)  # chunks of 5, 5 and a ragged 3
     weights = np.linspace(0.5, 2.0, 3 * 13).reshape(3, 13) if weighted else None

@@ -124,7 +124,7 @@ def test_tf1_gru_weights_convert_to_keras():
             expected, weights = sess.run([out, cell.variables])
     keras_cell = keras.layers.GRUCell(6, reset_after=False)
     rnn = keras.layers.RNN(keras_cell, return_sequences=True)
-    state = [np.full([B, 6], 0.3, "float32")]
+    state = [tf.constant(np.full([B, 6], 0.3, "float32"))]
     rnn(x[:, :1], initial_state=state)
     keras_cell.set_weights(tbptt.compat.v1.gru_weights_from_tf1(*weights))
     np.testing.assert_allclose(rnn(x, initial_state=state), expected, rtol=1e-5, atol=1e-5)
