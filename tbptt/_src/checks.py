@@ -45,11 +45,6 @@ CELL_MSG = ("cells[{index}] must be an RNN cell with `state_size` that is callab
 HEAD_MSG = "head must be a Keras layer or a callable, got {value!r}."
 COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
                       "compiled=True, or use backend='eager' with compiled=False to debug.")
-MANY_COMPILES_MSG = ("this chain has compiled {count} functions: each new loss_fn object (a "
-                     "lambda made inside a loop, say), new dtype or new feature size costs a "
-                     "trace. Create loss_fn once and pass the same object every call.")
-
-
 def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -5,7 +5,6 @@ does not divide). Each chunk is a segment of the chain in `chain.py`; the carrie
 flat list of state tensors of all layers.
 """
 
-import warnings
 from typing import Optional, Sequence, Union
 
 import tensorflow as tf
@@ -13,6 +12,7 @@ import tensorflow as tf
 from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
+from tbptt._src import compiling
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import ChainResult, LossFn, State
 
@@ -134,7 +134,7 @@ class RecurrentChain(tf.Module):
         self._state_sizes = [cell.state_size for cell in self._cells]
         self._leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self._features = None
-        self._functions = {}
+        self._functions = compiling.FunctionCache(_unknown_dims)
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class RecurrentChain(tf.Module):
         inputs = checks.sequence_inputs(inputs, self._dtype)
         self.build(inputs.shape)
         leaves = self._state_leaves("initial_state", initial_state, _batch_size(inputs))
-        fn = self._function("call", self._forward_impl, training)
+        fn = self._functions.get("call", self._forward_impl, training, self._compiled)
         outputs, leaves = fn({"inputs": inputs, "state": leaves})
         return outputs, self._pack(list(leaves))
 
@@ -344,7 +344,8 @@ class RecurrentChain(tf.Module):
                 raise ValueError(checks.FINAL_GRAD_DROPPED_MSG)
             args["final_state_grad"] = self._state_leaves("final_state_grad", final_state_grad,
                                                           batch)
-        fn = self._function("value_and_gradients", self._gradients_impl, loss_fn)
+        fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
+                                 self._compiled)
         loss, grads, final_leaves, initial_grads = fn(args)
         return ChainResult(loss, list(grads), self._pack(list(final_leaves)),
                            self._pack(list(initial_grads)))
@@ -397,54 +398,23 @@ class RecurrentChain(tf.Module):
 
     # -- compiled functions --------------------------------------------------------------------
 
-    def _function(self, kind: str, impl, static):
-        """`impl(args, static)`, compiled once per argument structure and dtypes.
-
-        Batch and time dims are unknown in the signature, so one trace serves every batch size
-        and sequence length.
-        """
-        if not self._compiled:
-            return lambda args: impl(args, static)
-
-        def call(args):
-            signature = _signature(args)
-            key = (kind, static, tuple((name, tuple(tf.nest.flatten(specs)))
-                                       for name, specs in sorted(signature.items())))
-            function = self._functions.get(key)
-            if function is None:
-                function = tf.function(lambda a: impl(a, static), input_signature=[signature])
-                self._functions[key] = function
-                if len(self._functions) == _MANY_COMPILES:
-                    warnings.warn(checks.MANY_COMPILES_MSG.format(count=_MANY_COMPILES),
-                                  stacklevel=3)
-            return function(args)
-
-        return call
-
     @property
     def trace_count(self) -> int:
         """How many times the compiled functions were traced (for tests of retracing)."""
-        return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+        return self._functions.trace_count
 
 
 _PER_STEP_ARGS = ("inputs", "targets", "sample_weight")
-_MANY_COMPILES = 16
+
+
+def _unknown_dims(name: str) -> int:
+    """Batch and time are left unknown in per-step arguments, batch only in states."""
+    return 2 if name in _PER_STEP_ARGS else 1
 
 
 def _batch_size(inputs: tf.Tensor):
     """The static batch size, or a scalar tensor where it is unknown (inside a tf.function)."""
     return inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
-
-
-def _signature(args: dict) -> dict:
-    """TensorSpecs of `args` with batch (and, for per-step arguments, time) left unknown."""
-    def spec(tensor, unknown):
-        dims = tensor.shape.as_list()
-        return tf.TensorSpec([None] * unknown + dims[unknown:], tensor.dtype)
-
-    return {name: tf.nest.map_structure(
-                lambda t, u=2 if name in _PER_STEP_ARGS else 1: spec(t, u), value)
-            for name, value in args.items()}
 
 
 class StatefulGRUChain(RecurrentChain):
