@@ -4,6 +4,9 @@ from tbptt import compat
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StatefulGRUChain
 from tbptt._src.recurrent import unroll
+from tbptt._src.stages import StageChain
+from tbptt._src.stages import StageResult
+from tbptt._src.stages import split_sequential
 from tbptt._src.types import ChainResult
 
 __version__ = "0.1.0"
@@ -11,7 +14,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ChainResult",
     "RecurrentChain",
+    "StageChain",
+    "StageResult",
     "StatefulGRUChain",
     "compat",
+    "split_sequential",
     "unroll",
 ]

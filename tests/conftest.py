@@ -85,6 +85,10 @@ def copy_weights(source, target, input_shape):
         t.assign(s)
 
 
+# Two logical CPUs, so that placing stages on devices can be tested without a second device.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
 # tests/legacy needs the TF1 cells, which on TF >= 2.16 exist only with TF_USE_LEGACY_KERAS=1
 # set before TensorFlow is imported: tests/test_compat_v1.py runs it in a subprocess.
 LEGACY_CELLS_HERE = (os.environ.get("TF_USE_LEGACY_KERAS") == "1"

@@ -21,12 +21,13 @@ The loops are `tf.while_loop`s over segments with the boundary values in `Tensor
 `tf.function` one trace serves any number of segments; executing eagerly they run as Python loops.
 """
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
 Advance = Callable[[tf.Tensor, list], list]
 Segment = Callable[[tf.Tensor, list], tuple]
+StageFn = Callable[[list], tuple]
 
 
 class Segments(NamedTuple):
@@ -146,3 +147,61 @@ def _truncated_one_sweep(segments: Segments, carry: list, variables: list, vjp, 
 def _flat(loss_and_carry) -> list:
     loss, carry = loss_and_carry
     return [loss] + list(carry)
+
+
+class StaticChainGradients(NamedTuple):
+    loss: tf.Tensor
+    grads: list
+    carry_grads: list
+
+
+def static_value_and_gradients(segments: Sequence[StageFn], carry: list, variables: list,
+                               linearize, *, loss_dtype: tf.DType,
+                               recompute: bool) -> StaticChainGradients:
+    """The exact chain over a fixed list of heterogeneous segments (CNN stages), unrolled.
+
+    Each segment may carry a value of its own shape, so the loops are Python loops (a handful of
+    stages, traced once). `segments[k](carry) -> (loss_k or None, carry)`; only losses that are
+    not None are differentiated; the last segment usually returns an empty carry.
+
+    Args:
+      segments: the stage functions, in order.
+      carry: flat list of tensors entering the first segment.
+      variables: one list of variables per segment (each segment differentiates only its own).
+      linearize: the backend's `linearize` (see `vjp.py`).
+      loss_dtype: dtype of the loss accumulator.
+      recompute: False keeps each segment's pullback (its activations) from the forward pass;
+        True keeps only the boundary values and re-runs each segment in the backward pass.
+
+    Returns:
+      `StaticChainGradients(loss, grads, carry_grads)`: grads one list per segment, carry_grads
+      dLoss/d(carry entering segment k) for every k.
+    """
+    boundaries, kept = [], []
+    for segment, segment_variables in zip(segments, variables):
+        boundaries.append(carry)
+        if recompute:
+            outputs, pullback = _flat(segment(carry)), None
+        else:
+            outputs, pullback = linearize(lambda c, f=segment: _flat(f(c)), carry,
+                                          segment_variables)
+        kept.append((outputs, pullback))
+        carry = outputs[1:]
+    return _static_backward(segments, boundaries, kept, variables, linearize, loss_dtype)
+
+
+def _static_backward(segments, boundaries, kept, variables, linearize, loss_dtype):
+    loss, grads, carry_grads = tf.zeros([], loss_dtype), [None] * len(segments), [None] * len(
+        segments)
+    cotangent = []
+    for k in reversed(range(len(segments))):
+        outputs, pullback = kept[k]
+        if pullback is None:  # recompute: the forward values were not kept
+            outputs, pullback = linearize(lambda c, f=segments[k]: _flat(f(c)), boundaries[k],
+                                          variables[k])
+        seeds = [None if outputs[0] is None else 1.0] + (cotangent or [None] * (len(outputs) - 1))
+        [(grads[k], cotangent)] = pullback([seeds], [True])
+        carry_grads[k] = cotangent
+        if outputs[0] is not None:
+            loss += tf.cast(outputs[0], loss_dtype)
+    return StaticChainGradients(loss, grads, carry_grads)

@@ -1,0 +1,295 @@
+"""StageChain: a model split into depth stages, trained with one tape per stage.
+
+A stage is a "chunk" in depth: the carried value is the activation between two stages, and
+dLoss/d(activation) crosses each cut as the output gradient of the stage before it (a VJP per
+stage, never a Jacobian). The result equals one tape over the joined model.
+"""
+
+import contextlib
+from typing import NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+
+from tbptt._src import chain as chain_lib
+from tbptt._src import checks
+from tbptt._src import compat
+from tbptt._src import compiling
+from tbptt._src import vjp as vjp_lib
+from tbptt._src.types import LossFn
+
+keras = compat.keras
+
+STAGES_MSG = ("stages must be a non-empty sequence of Keras layers/models or callables, got "
+              "{value!r}.")
+STAGE_MSG = "stages[{index}] must be a Keras layer/model or a callable, got {value!r}."
+DEVICES_MSG = ("devices must be None or a sequence with one device name (or None) per stage "
+               "({expected}), got {value!r}.")
+SPLIT_TYPE_MSG = ("split_sequential needs a keras.Sequential or a functional model that is a "
+                  "linear chain, got {value!r}.")
+SPLIT_AT_MSG = ("at must be increasing layer indices strictly between 0 and {count} (the model "
+                "has {count} layers: cut i starts a new piece at model.layers[i]), got {value!r}.")
+SPLIT_LINEAR_MSG = ("the model is not a linear chain: layer {index} ({name}) {why}. Only a model "
+                    "whose layers each take the previous layer's single output can be cut; "
+                    "build the stages yourself and pass them to tbptt.StageChain.")
+
+
+class StageResult(NamedTuple):
+    """What `StageChain.value_and_gradients` returns.
+
+    Attributes:
+      loss: the scalar loss of the last stage's output.
+      grads: one gradient per entry of `chain.trainable_variables` (stage order).
+      boundary_grads: dLoss/d(output of stage k) for every stage but the last.
+      input_grad: dLoss/dx.
+    """
+
+    loss: tf.Tensor
+    grads: list
+    boundary_grads: list
+    input_grad: tf.Tensor
+
+
+class StageChain(tf.Module):
+    """Stages run in order, each differentiated with its own tape (or tf.gradients).
+
+    ```
+    forward:  a_k = stage_k(a_{k-1})                  (a_0 = x; keep each stage's tape, or with
+                                                       recompute=True only a_k)
+    backward: g = dL/da_n;  for k = n .. 1:  (dW_k, g) = VJP of stage_k at a_{k-1} with g
+    ```
+
+    Example:
+
+    >>> import keras, numpy as np, tbptt
+    >>> chain = tbptt.StageChain([keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
+    >>> result = chain.value_and_gradients(np.ones([2, 3], "float32"), np.zeros([2, 1], "float32"),
+    ...                                    keras.losses.MeanSquaredError())
+    >>> [tuple(g.shape) for g in result.boundary_grads], tuple(result.input_grad.shape)
+    ([(2, 4)], (2, 3))
+    """
+
+    def __init__(self, stages: Sequence, *, backend: str = "eager", recompute: bool = False,
+                 devices: Optional[Sequence[Optional[str]]] = None, compiled: bool = True,
+                 name: Optional[str] = None):
+        """Creates the chain.
+
+        Args:
+          stages: Keras layers/models or callables, in order; the last one feeds the loss.
+          backend: "eager" (`GradientTape`) or "graph" (`tf.gradients` in a graph).
+          recompute: keep only the activations between stages and re-run each stage in the
+            backward pass (Chen et al.'s sqrt(n) memory). Dropout draws the same mask in the
+            re-run and BatchNormalization updates its moving statistics once (Keras 3: the
+            stage's non-trainable variables, seed generators included, are restored before it).
+          devices: one device name (or None) per stage, e.g. ["/GPU:0", "/GPU:1"].
+          compiled: run in a `tf.function` (default); False runs eagerly (eager backend only).
+          name: module name.
+        """
+        super().__init__(name=name)
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
+            raise TypeError(STAGES_MSG.format(value=stages))
+        for index, stage in enumerate(stages):
+            if not callable(stage):
+                raise TypeError(STAGE_MSG.format(index=index, value=stage))
+        if devices is not None and (isinstance(devices, str) or len(devices) != len(stages)):
+            raise ValueError(DEVICES_MSG.format(expected=len(stages), value=devices))
+        self._stages = list(stages)
+        self._backend = checks.choice("backend", backend, vjp_lib.BACKENDS)
+        if backend == "graph" and not compiled:
+            raise ValueError(checks.COMPILED_GRAPH_MSG)
+        self._recompute = bool(recompute)
+        self._devices = list(devices) if devices is not None else [None] * len(stages)
+        self._compiled = bool(compiled)
+        self._built = False
+        self._functions = compiling.FunctionCache(lambda name: 1)
+
+    @property
+    def stages(self) -> list:
+        return list(self._stages)
+
+    @property
+    def stage_variables(self) -> list:
+        """One list of trainable variables per stage: for one optimizer per stage."""
+        return [compat.trainable_variables_of(stage) for stage in self._stages]
+
+    @property
+    def trainable_variables(self) -> list:
+        """All stages' trainable variables in stage order (a shared one listed once)."""
+        variables, seen = [], set()
+        for stage_variables in self.stage_variables:
+            for v in stage_variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    variables.append(v)
+        return variables
+
+    def split_grads(self, grads: Sequence) -> list:
+        """`grads` (aligned with `trainable_variables`) as one list per stage, aligned with
+        `stage_variables`: `for opt, g, v in zip(optimizers, chain.split_grads(result.grads),
+        chain.stage_variables): opt.apply_gradients(zip(g, v))`."""
+        by_id = {id(v): g for v, g in zip(self.trainable_variables, grads)}
+        return [[by_id[id(v)] for v in stage_variables]
+                for stage_variables in self.stage_variables]
+
+    def build(self, input_shape, dtype=None) -> None:
+        """Creates the stages' variables with one eager forward pass on zeros of `input_shape`
+        (the batch size does not matter)."""
+        self._build_for(tf.zeros([1] + list(input_shape)[1:], dtype or keras.backend.floatx()))
+
+    def _run_stage(self, index: int, value, training: bool):
+        device = self._devices[index]
+        with tf.device(device) if device else contextlib.nullcontext():
+            return compat.call_layer(self._stages[index], value, training=training)
+
+    @tf.autograph.experimental.do_not_convert
+    def __call__(self, x, *, training: bool = False, _build: bool = False):
+        """The joined forward pass: stage_n(...stage_1(x)); differentiable by an outer tape."""
+        if not _build:
+            x = tf.convert_to_tensor(x)
+            self._build_for(x)
+        for index in range(len(self._stages)):
+            x = self._run_stage(index, x, training)
+        return x
+
+    def _build_for(self, x: tf.Tensor) -> None:
+        if not self._built:
+            with tf.init_scope():
+                self.__call__(tf.zeros([1] + x.shape.as_list()[1:], x.dtype), _build=True)
+            self._built = True
+
+    @tf.autograph.experimental.do_not_convert
+    def value_and_gradients(self, x, y, loss_fn: LossFn, sample_weight=None) -> StageResult:
+        """Loss and gradients of `loss_fn(y, stage_n(...stage_1(x)))`, one stage at a time.
+
+        Args:
+          x: the first stage's input ``[B, ...]``.
+          y: targets ``[B, ...]``.
+          loss_fn: ``loss_fn(y_true, y_pred[, sample_weight]) -> scalar``, e.g. a Keras loss.
+          sample_weight: optional ``[B, ...]``, passed to `loss_fn`.
+
+        Returns:
+          `StageResult(loss, grads, boundary_grads, input_grad)`.
+        """
+        loss_fn = checks.loss_function(loss_fn)
+        x = checks.as_tensor("x", x)
+        args = {"x": x, "y": checks.as_tensor("y", y)}
+        if sample_weight is not None:
+            args["sample_weight"] = checks.as_tensor("sample_weight", sample_weight)
+        self._build_for(x)
+        fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
+                                 self._compiled)
+        return StageResult(*fn(args))
+
+    def _gradients_impl(self, args: dict, loss_fn: LossFn):
+        structures = {}  # nest structure of each stage's input, recorded in the forward pass
+        saved = {}       # non-trainable values of each stage before its first run (recompute)
+
+        def stage_fn(index):
+            last = index == len(self._stages) - 1
+
+            def run(flat):
+                value = tf.nest.pack_sequence_as(structures[index], flat)
+                if self._recompute:
+                    self._snapshot_or_restore(index, saved)
+                out = self._run_stage(index, value, training=True)
+                if not last:
+                    structures[index + 1] = out
+                    return None, tf.nest.flatten(out)
+                loss_args = [args["y"], out] + ([args["sample_weight"]]
+                                                 if "sample_weight" in args else [])
+                return checks.scalar_loss(loss_fn(*loss_args)), []
+            return run
+
+        structures[0] = args["x"]
+        loss_dtype = tf.float64 if args["x"].dtype == tf.float64 else tf.float32
+        result = chain_lib.static_value_and_gradients(
+            [stage_fn(i) for i in range(len(self._stages))], tf.nest.flatten(args["x"]),
+            self.stage_variables, vjp_lib.get_linearize(self._backend), loss_dtype=loss_dtype,
+            recompute=self._recompute)
+        grads = self._merge(result.grads)
+        carried = [tf.nest.pack_sequence_as(structures[k], g)
+                   for k, g in enumerate(result.carry_grads)]
+        return result.loss, grads, carried[1:], carried[0]
+
+    def _snapshot_or_restore(self, index: int, saved: dict) -> None:
+        """First run of a stage: remember its non-trainable variables (BatchNorm statistics,
+        Keras 3 seed generators); the re-run restores them first, so it draws the same dropout
+        mask and the statistics are updated once."""
+        variables = [v for v in getattr(self._stages[index], "non_trainable_variables", [])]
+        if index not in saved:
+            saved[index] = [tf.identity(v) for v in variables]
+        else:
+            for v, value in zip(variables, saved[index]):
+                v.assign(value)
+
+    def _merge(self, stage_grads: list) -> list:
+        """Per-stage gradients summed into `trainable_variables` order."""
+        totals = {}
+        for stage_variables, grads in zip(self.stage_variables, stage_grads):
+            for v, g in zip(stage_variables, grads):
+                totals[id(v)] = g if id(v) not in totals else totals[id(v)] + g
+        return [totals[id(v)] for v in self.trainable_variables]
+
+    @property
+    def trace_count(self) -> int:
+        return self._functions.trace_count
+
+
+def split_sequential(model, at: Sequence[int]) -> list:
+    """Cuts a Sequential (or a functional model that is a linear chain) into sub-models.
+
+    The pieces share the original's layers and so its variables: training the pieces trains the
+    model.
+
+    Args:
+      model: a `keras.Sequential`, or a functional model whose layers form one chain.
+      at: increasing indices into `model.layers`; piece i starts at `model.layers[at[i-1]]`.
+
+    Returns:
+      `len(at) + 1` `keras.Sequential` models.
+
+    Raises:
+      TypeError: not a Keras model. ValueError: a cut out of range, or a model that branches.
+
+    Example:
+
+    >>> import keras, tbptt
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    >>> first, second = tbptt.split_sequential(model, at=[1])
+    >>> first.layers[0] is model.layers[0], second.layers[0] is model.layers[1]
+    (True, True)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(SPLIT_TYPE_MSG.format(value=model))
+    layers = _linear_layers(model)
+    cuts = list(at) if not checks.is_int(at) else [at]
+    if (not cuts or not all(checks.is_int(c) for c in cuts)
+            or cuts != sorted(set(cuts)) or cuts[0] <= 0 or cuts[-1] >= len(layers)):
+        raise ValueError(SPLIT_AT_MSG.format(count=len(layers), value=at))
+    bounds = [0] + cuts + [len(layers)]
+    return [keras.Sequential(layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _linear_layers(model) -> list:
+    """`model.layers` if each takes the previous one's single output, else ValueError."""
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if isinstance(model, keras.Sequential):
+        return layers
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(SPLIT_LINEAR_MSG.format(index=0, name=model.name,
+                                                 why="has several inputs or outputs"))
+    previous = None
+    for index, layer in enumerate(layers):
+        nodes = [n for n in getattr(layer, "_inbound_nodes", [])]
+        parents = [p.operation for n in nodes for p in getattr(n, "parent_nodes", [])]
+        if previous is None:  # the first layer takes the model input
+            linear = len(parents) == 1 and isinstance(parents[0], keras.layers.InputLayer)
+        else:
+            linear = parents == [previous]
+        if len(nodes) != 1 or not linear:
+            raise ValueError(SPLIT_LINEAR_MSG.format(
+                index=index, name=layer.name,
+                why="is called more than once" if len(nodes) != 1 else
+                f"takes {[p.name for p in parents]} instead of "
+                f"{previous.name if previous else 'the model input'}"))
+        previous = layer
+    return layers
