@@ -161,3 +161,16 @@ def test_bad_stages(stages, error):
 def test_bad_devices():
     with pytest.raises(ValueError, match="one device name"):
         tbptt.StageChain([keras.layers.Dense(1)], devices=["/CPU:0", "/CPU:1"])
+
+
+def test_reproduce_cnn_split():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "-m", "tbptt._src.cli", "reproduce", "cnn-split"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert out.stdout.count("valid  (rel. diff") == 6 and "INVALID" not in out.stdout
+    assert "agreement" in out.stdout

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 EXPERIMENTS = {
     "gru-500-500": "gru_500_500.py",
     "gru-minibatch": "gru_minibatch.py",
+    "cnn-split": "cnn_split.py",
 }
 
 
