@@ -14,10 +14,8 @@ Writes benchmarks/results.md (a markdown table) and benchmarks/results.png.
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
-import time
+
+from harness import measure, run_worker  # noqa: E402 (benchmarks/ is the script folder)
 
 METHODS = ("full_bptt", "exact_eager", "exact_graph", "truncated")
 BATCH, FEATURES, UNITS, LABELS, CHUNK = 34, 200, (64, 32), 3, 100
@@ -59,29 +57,7 @@ def worker(method: str, steps: int, repeats: int) -> dict:
     x = tf.constant(rng.randn(BATCH, steps, FEATURES).astype("float32"))
     y = tf.constant(rng.randn(BATCH, steps, LABELS).astype("float32"))
     step = make_step(method)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    loss, _ = step(x, y)
-    float(loss)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        loss, grads = step(x, y)
-        float(loss), [g.numpy() for g in grads]
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"method": method, "T": steps, "first_s": first, "step_s": float(np.median(times)),
-            "peak_mb": peak / 1024, "growth_mb": (peak - base_rss) / 1024}
-
-
-def run_worker(method: str, steps: int, repeats: int) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, __file__, "--worker", method, str(steps),
-                          str(repeats)], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"method": method, "T": steps, "error": out.stderr.strip().splitlines()[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(measure(lambda: step(x, y), repeats), method=method, T=steps)
 
 
 def table(rows: list) -> str:
@@ -132,7 +108,8 @@ def main() -> None:
     rows = []
     for steps in lengths:
         for method in METHODS:
-            rows.append(run_worker(method, steps, args.repeats))
+            rows.append(dict(run_worker(__file__, method, steps, args.repeats), method=method,
+                             T=steps))
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)

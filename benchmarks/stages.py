@@ -1,0 +1,136 @@
+"""StageChain against one tape over the joined model, and the Jacobian method, per image size.
+
+The seed's cats-vs-dogs CNN (Conv 32/32/64 with 'same' padding so that 10x10 images fit, Dense
+64, Dropout 0.5, Dense 1 sigmoid), batch 32, 3 channels, split at Flatten. Every row runs in its
+own process (peak RSS is its own), compiled with tf.function; times are medians.
+
+    python benchmarks/stages.py            # sizes 10, 32, 64
+
+Writes benchmarks/stages.md and benchmarks/stages.png.
+"""
+
+import argparse
+import json
+import os
+
+from harness import measure, run_worker  # noqa: E402 (benchmarks/ is the script folder)
+
+METHODS = ("joined_tape", "stage_chain", "stage_chain_recompute", "jacobian")
+BATCH = 32
+JACOBIAN_SIZES = (10,)  # beyond this the Jacobians do not fit in memory on 24 GB
+
+
+def model(size: int):
+    import keras
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((size, size, 3)),
+        layers.Conv2D(32, 3, padding="same"), layers.Activation("relu"), layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, padding="same"), layers.Activation("relu"), layers.MaxPooling2D(),
+        layers.Conv2D(64, 3, padding="same"), layers.Activation("relu"), layers.MaxPooling2D(),
+        layers.Flatten(), layers.Dense(64), layers.Activation("relu"),
+        layers.Dropout(0.5, seed=1), layers.Dense(1), layers.Activation("sigmoid")])
+
+
+def make_step(method: str, size: int):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tbptt
+    rng = np.random.RandomState(0)
+    x = tf.constant(rng.rand(BATCH, size, size, 3).astype("float32"))
+    y = tf.constant(rng.randint(0, 2, (BATCH, 1)).astype("float32"))
+    net, loss_fn = model(size), keras.losses.BinaryCrossentropy()
+    if method == "joined_tape":
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, net(x, training=True))
+            return loss, tape.gradient(loss, net.trainable_variables)
+        return step
+    stages = tbptt.split_sequential(net, at=[9])
+    if method.startswith("stage_chain"):
+        chain = tbptt.StageChain(stages, recompute=method.endswith("recompute"))
+        return lambda: chain.value_and_gradients(x, y, loss_fn)[:2]
+
+    @tf.function
+    def jacobian_step():  # the seed thread's answer: Jacobians contracted with reduce_sum
+        with tf.GradientTape(persistent=True) as tape:
+            middle = stages[0](x, training=True)
+            loss = loss_fn(y, stages[1](middle, training=True))
+        upstream = tape.gradient(loss, middle)
+        grads = tape.gradient(loss, stages[1].trainable_variables)
+        for variable in stages[0].trainable_variables:
+            jac = tape.jacobian(middle, variable)
+            grads.append(tf.tensordot(upstream, jac, axes=len(middle.shape)))
+        return loss, grads
+    return jacobian_step
+
+
+def table(rows: list) -> str:
+    lines = ["| image | method | step time (ms) | x joined tape | peak RSS (MB) | RSS growth (MB) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    joined = {r["size"]: r for r in rows if r["method"] == "joined_tape" and "error" not in r}
+    for r in rows:
+        name = f"{r['size']}x{r['size']}"
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {name} | {r['method']} | {r.get('skipped') or 'failed: ' + r['error']}"
+                         " | | | |")
+            continue
+        ratio = r["step_s"] / joined[r["size"]]["step_s"] if r["size"] in joined else float("nan")
+        lines.append(f"| {name} | {r['method']} | {r['step_s'] * 1e3:.1f} | {ratio:.2f} | "
+                     f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        ok = [r for r in rows if r["method"] == method and "step_s" in r]
+        axes[0].plot([r["size"] for r in ok], [r["step_s"] * 1e3 for r in ok], "o-", label=method)
+        axes[1].plot([r["size"] for r in ok], [r["growth_mb"] for r in ok], "o-", label=method)
+    axes[0].set(xlabel="image size", ylabel="step time (ms)", yscale="log")
+    axes[1].set(xlabel="image size", ylabel="RSS growth (MB)")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 32, 64])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, size, repeats = args.worker
+        result = measure(make_step(method, int(size)), int(repeats))
+        print(json.dumps(dict(result, method=method, size=int(size))))
+        return
+    rows = []
+    for size in args.sizes:
+        for method in METHODS:
+            if method == "jacobian" and size not in JACOBIAN_SIZES:
+                rows.append({"method": method, "size": size,
+                             "skipped": "does not fit: Jacobians of (activation x parameters)"})
+                continue
+            row = dict(run_worker(__file__, method, size, args.repeats), method=method, size=size)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    text = table(rows)
+    print(text)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "stages.md"), "w") as f:
+        f.write(text + "\n")
+    plot(rows, os.path.join(here, "stages.png"))
+
+
+if __name__ == "__main__":
+    main()
