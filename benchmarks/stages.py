@@ -2,7 +2,8 @@
 
 The seed's cats-vs-dogs CNN (Conv 32/32/64 with 'same' padding so that 10x10 images fit, Dense
 64, Dropout 0.5, Dense 1 sigmoid), batch 32, 3 channels, split at Flatten. Every row runs in its
-own process (peak RSS is its own), compiled with tf.function; times are medians.
+own process (peak RSS is its own), compiled with tf.function; times are medians. Every method
+returns the parameter gradients and dL/dx (StageChain's `input_grad`).
 
     python benchmarks/stages.py            # sizes 10, 32, 64
 
@@ -44,10 +45,11 @@ def make_step(method: str, size: int):
     net, loss_fn = model(size), keras.losses.BinaryCrossentropy()
     if method == "joined_tape":
         @tf.function
-        def step():
+        def step():  # dL/dx too, as StageChain returns it: the same work on both sides
             with tf.GradientTape() as tape:
+                tape.watch(x)
                 loss = loss_fn(y, net(x, training=True))
-            return loss, tape.gradient(loss, net.trainable_variables)
+            return loss, tape.gradient(loss, [net.trainable_variables, x])
         return step
     stages = tbptt.split_sequential(net, at=[9])
     if method.startswith("stage_chain"):

@@ -31,7 +31,8 @@ def joined_tape(chain, x, y, loss_fn, training=True):
         tape.watch(x)
         activations, value = [], x
         for stage in chain.stages:
-            value = stage(value, training=training)
+            value = stage(value, training=training) if isinstance(stage, keras.layers.Layer) \
+                else stage(value)
             activations.append(value)
         loss = loss_fn(y, value)
     grads = tape.gradient(loss, [chain.trainable_variables, activations[:-1], x])
@@ -50,6 +51,32 @@ def test_thread_toy_matches_joined_tape(backend, recompute):
     assert_all_close(result.grads, grads, 1e-10, "grads")
     assert_all_close(result.boundary_grads, boundary, 1e-10, "boundary_grads")
     assert_all_close(result.input_grad, input_grad, 1e-10, "input_grad")
+
+
+class Scale(tf.Module):
+    """A stage that is no Keras layer: a tf.Module with a variable and __call__."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(np.linspace(0.5, 1.5, 6), dtype=tf.float64)
+
+    def __call__(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize("backend", ["eager", "graph"])
+def test_plain_callables_and_modules_as_stages(backend):
+    x, y = toy_data()
+    stages = [keras.layers.Conv2D(6, 2, dtype="float64"), tf.nn.relu, Scale(),
+              keras.Sequential([keras.layers.Flatten(dtype="float64"),
+                                keras.layers.Dense(1, dtype="float64")])]
+    chain = tbptt.StageChain(stages, backend=backend)
+    result = chain.value_and_gradients(x, y, float64_loss(keras.losses.MeanSquaredError))
+    loss, grads, boundary, input_grad = joined_tape(
+        chain, x, y, float64_loss(keras.losses.MeanSquaredError))
+    assert [len(v) for v in chain.stage_variables] == [2, 0, 1, 2]
+    assert_all_close(result.grads + result.boundary_grads + [result.input_grad],
+                     grads + boundary + [input_grad], 1e-10)
 
 
 def test_uncompiled_eager_matches():
