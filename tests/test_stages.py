@@ -79,6 +79,25 @@ def test_plain_callables_and_modules_as_stages(backend):
                      grads + boundary + [input_grad], 1e-10)
 
 
+def test_one_trace_serves_every_batch_size():
+    chain = tbptt.StageChain(thread_toy_stages())
+    loss_fn = float64_loss(keras.losses.MeanSquaredError)
+    for batch in (3, 5, 1):
+        x = np.random.RandomState(batch).rand(batch, 10, 10, 1)
+        chain.value_and_gradients(x, np.ones([batch, 1]), loss_fn)
+    assert chain.trace_count == 1
+
+
+def test_joined_forward_call():
+    x, _ = toy_data()
+    chain = tbptt.StageChain(thread_toy_stages())
+    value = x
+    out = chain(x)
+    for stage in chain.stages:
+        value = stage(value)
+    np.testing.assert_allclose(out, value, rtol=1e-12)
+
+
 def test_uncompiled_eager_matches():
     x, y = toy_data()
     chain = tbptt.StageChain(thread_toy_stages(), compiled=False)

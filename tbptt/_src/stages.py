@@ -141,19 +141,21 @@ class StageChain(tf.Module):
             return compat.call_layer(self._stages[index], value, training=training)
 
     @tf.autograph.experimental.do_not_convert
-    def __call__(self, x, *, training: bool = False, _build: bool = False):
+    def __call__(self, x, *, training: bool = False):
         """The joined forward pass: stage_n(...stage_1(x)); differentiable by an outer tape."""
-        if not _build:
-            x = tf.convert_to_tensor(x)
-            self._build_for(x)
+        x = tf.convert_to_tensor(x)
+        self._build_for(x)
+        return self._forward(x, training)
+
+    def _forward(self, x, training: bool):
         for index in range(len(self._stages)):
             x = self._run_stage(index, x, training)
         return x
 
     def _build_for(self, x: tf.Tensor) -> None:
         if not self._built:
-            with tf.init_scope():
-                self.__call__(tf.zeros([1] + x.shape.as_list()[1:], x.dtype), _build=True)
+            with tf.init_scope():  # variables are made eagerly, even inside a tf.function
+                self._forward(tf.zeros([1] + x.shape.as_list()[1:], x.dtype), training=False)
             self._built = True
 
     @tf.autograph.experimental.do_not_convert
