@@ -46,3 +46,44 @@ def run_worker(script: str, *args) -> dict:
         lines = (out.stderr.strip() or "failed").splitlines()
         return {"error": lines[-1][:120]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(rows: list, key: str, key_label, baseline: str, ms: bool = False) -> str:
+    """One row per measurement; the ratio column divides by `baseline`'s time at the same key."""
+    unit = "ms" if ms else "s"
+    lines = [f"| {key_label} | method | step time ({unit}) | x {baseline} | peak RSS (MB) | "
+             "RSS growth (MB) |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    base = {r[key]: r for r in rows if r["method"] == baseline and "step_s" in r}
+    for r in rows:
+        if "step_s" not in r:
+            reason = r.get("skipped") or "failed: " + r.get("error", "?")
+            lines.append(f"| {r[key]} | {r['method']} | {reason} | | | |")
+            continue
+        ratio = r["step_s"] / base[r[key]]["step_s"] if r[key] in base else float("nan")
+        step = r["step_s"] * (1e3 if ms else 1)
+        lines.append(f"| {r[key]} | {r['method']} | {step:.{1 if ms else 3}f} | {ratio:.2f} | "
+                     f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, key: str, methods, path: str, xlabel: str, xlog: bool = False) -> None:
+    """Step time and RSS growth against `key`, one line per method (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in methods:
+        ok = [r for r in rows if r["method"] == method and "step_s" in r]
+        axes[0].plot([r[key] for r in ok], [r["step_s"] for r in ok], "o-", label=method)
+        axes[1].plot([r[key] for r in ok], [r["growth_mb"] for r in ok], "o-", label=method)
+    axes[0].set(xlabel=xlabel, ylabel="step time (s)", yscale="log")
+    axes[1].set(xlabel=xlabel, ylabel="peak RSS growth (MB)")
+    if xlog:
+        axes[0].set_xscale("log")
+        axes[1].set_xscale("log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from harness import measure, run_worker  # noqa: E402 (benchmarks/ is the script folder)
+from harness import markdown_table, measure, plot, run_worker  # noqa: E402 (benchmarks/ is the script folder)
 
 METHODS = ("full_bptt", "exact_eager", "exact_graph", "truncated")
 BATCH, FEATURES, UNITS, LABELS, CHUNK = 34, 200, (64, 32), 3, 100
@@ -60,39 +60,6 @@ def worker(method: str, steps: int, repeats: int) -> dict:
     return dict(measure(lambda: step(x, y), repeats), method=method, T=steps)
 
 
-def table(rows: list) -> str:
-    lines = ["| T | method | step time (s) | x full BPTT | peak RSS (MB) | RSS growth (MB) |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    full = {r["T"]: r for r in rows if r["method"] == "full_bptt" and "error" not in r}
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['T']} | {r['method']} | failed: {r['error'][:60]} | | | |")
-            continue
-        ratio = r["step_s"] / full[r["T"]]["step_s"] if r["T"] in full else float("nan")
-        lines.append(f"| {r['T']} | {r['method']} | {r['step_s']:.3f} | {ratio:.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
-    return "\n".join(lines)
-
-
-def plot(rows: list, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
-        ok = [r for r in rows if r["method"] == method and "error" not in r]
-        axes[0].plot([r["T"] for r in ok], [r["step_s"] for r in ok], "o-", label=method)
-        axes[1].plot([r["T"] for r in ok], [r["growth_mb"] for r in ok], "o-", label=method)
-    axes[0].set(xlabel="T", ylabel="step time (s)", xscale="log", yscale="log")
-    axes[1].set(xlabel="T", ylabel="RSS growth during a step (MB)", xscale="log")
-    axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 1000, 2000 only")
@@ -111,12 +78,12 @@ def main() -> None:
             rows.append(dict(run_worker(__file__, method, steps, args.repeats), method=method,
                              T=steps))
             print(json.dumps(rows[-1]), flush=True)
-    text = table(rows)
+    text = markdown_table(rows, "T", "T", "full_bptt", ms=False)
     print(text)
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "results.md"), "w") as f:
         f.write(text + "\n")
-    plot(rows, os.path.join(here, "results.png"))
+    plot(rows, "T", METHODS, os.path.join(here, "results.png"), "T", xlog=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from harness import measure, run_worker  # noqa: E402 (benchmarks/ is the script folder)
+from harness import markdown_table, measure, plot, run_worker  # noqa: E402 (benchmarks/ is the script folder)
 
 METHODS = ("joined_tape", "stage_chain", "stage_chain_recompute", "jacobian")
 BATCH = 32
@@ -70,41 +70,6 @@ def make_step(method: str, size: int):
     return jacobian_step
 
 
-def table(rows: list) -> str:
-    lines = ["| image | method | step time (ms) | x joined tape | peak RSS (MB) | RSS growth (MB) |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    joined = {r["size"]: r for r in rows if r["method"] == "joined_tape" and "error" not in r}
-    for r in rows:
-        name = f"{r['size']}x{r['size']}"
-        if "error" in r or "skipped" in r:
-            lines.append(f"| {name} | {r['method']} | {r.get('skipped') or 'failed: ' + r['error']}"
-                         " | | | |")
-            continue
-        ratio = r["step_s"] / joined[r["size"]]["step_s"] if r["size"] in joined else float("nan")
-        lines.append(f"| {name} | {r['method']} | {r['step_s'] * 1e3:.1f} | {ratio:.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
-    return "\n".join(lines)
-
-
-def plot(rows: list, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
-        ok = [r for r in rows if r["method"] == method and "step_s" in r]
-        axes[0].plot([r["size"] for r in ok], [r["step_s"] * 1e3 for r in ok], "o-", label=method)
-        axes[1].plot([r["size"] for r in ok], [r["growth_mb"] for r in ok], "o-", label=method)
-    axes[0].set(xlabel="image size", ylabel="step time (ms)", yscale="log")
-    axes[1].set(xlabel="image size", ylabel="RSS growth (MB)")
-    axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[10, 32, 64])
@@ -126,12 +91,12 @@ def main() -> None:
             row = dict(run_worker(__file__, method, size, args.repeats), method=method, size=size)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    text = table(rows)
+    text = markdown_table(rows, "size", "image", "joined_tape", ms=True)
     print(text)
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "stages.md"), "w") as f:
         f.write(text + "\n")
-    plot(rows, os.path.join(here, "stages.png"))
+    plot(rows, "size", METHODS, os.path.join(here, "stages.png"), "image size", xlog=False)
 
 
 if __name__ == "__main__":
