@@ -27,15 +27,21 @@ import tbptt
 
 v1 = tf.compat.v1
 CELL_SIZE, SEQ_LENGTH, STEPS1 = 32, 1000, 500
-# float32 throughout, as in the thread. Route (c) adds the per-step terms of 1,000 steps in one
-# backward pass, the others in two; float32 rounding over 1,000-step sums bounds the difference
-# at about 1e-5 of the largest gradient entry: 1e-4 leaves a margin without hiding a real error
-# (a dropped carried gradient changes dL/ds0 by orders of magnitude more).
-TOLERANCE = 1e-4
+# Relative to the largest entry of the reference (c). float64: only the order of additions
+# differs, so all four routes agree to ~1e-12: this is the check of the chaining itself.
+# float32 (the thread's m_dtype): routes (a) and (b) add the same per-step terms as (c) in another
+# order, ~1e-6. Route (d) also runs another implementation of the GRU arithmetic (Keras's
+# x @ W + h @ U against TF1's [x, h] @ W) on inputs up to 1000, where float32 rounding of the
+# pre-activations is ~1e-4 absolute: measured 6e-7 on TF 2.21 / Keras 3 and 2e-3 on TF 2.15 /
+# Keras 2 for the same weights, while the float64 run of the same code agrees to 1e-12. So
+# float32 route (d) is held to 1e-2, a check that the model is the same, not of rounding. A
+# dropped carried gradient would change dL/ds0 entirely.
+TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+TOLERANCE_TF2_FLOAT32 = 1e-2
 
 
-def data():
-    x_t = np.arange(1, SEQ_LENGTH + 1, dtype="float32").reshape(1, SEQ_LENGTH, 1)
+def data(dtype="float32"):
+    x_t = np.arange(1, SEQ_LENGTH + 1, dtype=dtype).reshape(1, SEQ_LENGTH, 1)
     return x_t, x_t + 1
 
 
@@ -43,19 +49,19 @@ def l1(labels, output):
     return tf.reduce_sum(tf.sqrt(tf.square(output - labels)))
 
 
-def tf1_routes(seed: int = 123) -> dict:
-    """Routes (a), (b), (c) in the thread's TF1 graph, and the trained-from-init weights."""
-    x, y = data()
+def tf1_routes(m_dtype, seed: int = 123) -> dict:
+    """Routes (a), (b), (c) in the thread's TF1 graph, and the weights it drew."""
+    x, y = data(m_dtype.name)
     graph = tf.Graph()
     with graph.as_default():
         v1.set_random_seed(seed)
-        input_1 = v1.placeholder(tf.float32, [None, STEPS1, 1], name="input_1")
-        input_2 = v1.placeholder(tf.float32, [None, SEQ_LENGTH - STEPS1, 1], name="input_2")
-        labels = v1.placeholder(tf.float32, [None, SEQ_LENGTH, 1], name="labels")
-        initial_state = v1.placeholder(tf.float32, [None, CELL_SIZE], name="initial_state")
+        input_1 = v1.placeholder(m_dtype, [None, STEPS1, 1], name="input_1")
+        input_2 = v1.placeholder(m_dtype, [None, SEQ_LENGTH - STEPS1, 1], name="input_2")
+        labels = v1.placeholder(m_dtype, [None, SEQ_LENGTH, 1], name="labels")
+        initial_state = v1.placeholder(m_dtype, [None, CELL_SIZE], name="initial_state")
         with v1.variable_scope("GRU"):
-            cell1 = v1.nn.rnn_cell.GRUCell(CELL_SIZE)
-            cell2 = v1.nn.rnn_cell.GRUCell(CELL_SIZE)
+            cell1 = v1.nn.rnn_cell.GRUCell(CELL_SIZE, dtype=m_dtype)
+            cell2 = v1.nn.rnn_cell.GRUCell(CELL_SIZE, dtype=m_dtype)
             with v1.variable_scope("First50"):
                 output1, new_state1 = v1.nn.dynamic_rnn(cell1, input_1,
                                                         initial_state=initial_state)
@@ -64,7 +70,7 @@ def tf1_routes(seed: int = 123) -> dict:
                                                         initial_state=new_state1)
         with v1.variable_scope("output"):
             output = tf.concat([output1, output2], axis=1)
-            dense = v1.layers.Dense(1)
+            dense = v1.layers.Dense(1, dtype=m_dtype)
             output = tf.reshape(dense(tf.reshape(output, [-1, CELL_SIZE])), [1, SEQ_LENGTH, 1])
         loss = l1(labels, output)
         loss1 = l1(labels[:, :STEPS1], output[:, :STEPS1])
@@ -91,21 +97,21 @@ def tf1_routes(seed: int = 123) -> dict:
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
             feed = {input_1: x[:, :STEPS1], input_2: x[:, STEPS1:], labels: y,
-                    initial_state: np.zeros([1, CELL_SIZE], "float32")}
+                    initial_state: np.zeros([1, CELL_SIZE], m_dtype.name)}
             values = sess.run({"a": route_a, "b": route_b, "c": route_c, "loss": loss,
                                "weights": [cell1.variables, cell2.variables, dense.variables]},
                               feed_dict=feed)
     return values
 
 
-def tf2_route(weights) -> list:
+def tf2_route(weights, dtype: str) -> list:
     """(d): the same model as two TF2 chains, state and dLoss/dstate carried by hand."""
-    x, y = data()
-    dense = keras.layers.Dense(1)
+    x, y = data(dtype)
+    dense = keras.layers.Dense(1, dtype=dtype)
     chains = []
     for tf1_weights in weights[:2]:
-        cell = keras.layers.GRUCell(CELL_SIZE, reset_after=False)
-        chain = tbptt.RecurrentChain([cell], head=dense, chunk_size=STEPS1)
+        cell = keras.layers.GRUCell(CELL_SIZE, reset_after=False, dtype=dtype)
+        chain = tbptt.RecurrentChain([cell], head=dense, chunk_size=STEPS1, dtype=dtype)
         chain.build(x.shape)
         cell.set_weights(tbptt.compat.v1.gru_weights_from_tf1(*tf1_weights))
         chains.append(chain)
@@ -129,28 +135,39 @@ def to_keras_layout(grads: list) -> list:
     return cell1 + cell2 + list(grads[8:])
 
 
-def main() -> int:
-    _legacy.quiet_tf1_warnings()
-    _legacy.require_legacy_cells()
-    values = tf1_routes()
+def compare(m_dtype) -> bool:
+    """All four routes in one dtype; prints the table, returns whether they agree."""
+    values = tf1_routes(m_dtype)
     routes = {name: to_keras_layout(values[name]) for name in "abc"}
-    routes["d"] = tf2_route(values["weights"])
+    routes["d"] = tf2_route(values["weights"], m_dtype.name)
     labels = {"a": "(a) thread: grads2 + grads3", "b": "(b) compat.v1.backprop_chunks",
               "c": "(c) tf.gradients(loss)", "d": "(d) TF2 RecurrentChain x2"}
     reference = routes["c"]
-    print(f"seed 001, 500+500 steps, GRU {CELL_SIZE}, loss = {values['loss']:.2f}")
+    print(f"\n{m_dtype.name}: seed 001, 500+500 steps, GRU {CELL_SIZE}, "
+          f"loss = {values['loss']:.2f}")
     print(f"{'route':<32} {'mean dL/ds0':>14} {'sum dL/ds0':>14} {'max rel diff vs (c)':>20}")
-    worst = 0.0
+    agree = True
     for name, grads in routes.items():
         state_grad = grads[-1]
         error = max(_legacy.relative_error(g, r) for g, r in zip(grads, reference))
-        worst = max(worst, error)
+        tolerance = TOLERANCE[m_dtype.name]
+        if name == "d" and m_dtype == tf.float32:
+            tolerance = TOLERANCE_TF2_FLOAT32
+        agree &= error <= tolerance
         print(f"{labels[name]:<32} {np.mean(state_grad):>14.6e} {np.sum(state_grad):>14.6e} "
-              f"{error:>20.2e}")
-    magnitude = max(float(np.max(np.abs(g))) for g in reference)
-    print(f"largest gradient entry {magnitude:.3e}; tolerance {TOLERANCE:.0e} relative")
-    if worst > TOLERANCE:
-        print(f"DISAGREEMENT: {worst:.2e} > {TOLERANCE:.0e}")
+              f"{error:>20.2e}{'' if error <= tolerance else '  > ' + format(tolerance, '.0e')}")
+    return agree
+
+
+def main() -> int:
+    _legacy.quiet_tf1_warnings()
+    _legacy.require_legacy_cells()
+    agree = all([compare(tf.float32), compare(tf.float64)])
+    print(f"\ntolerances (relative to the largest gradient entry): float64 "
+          f"{TOLERANCE['float64']:.0e}; float32 {TOLERANCE['float32']:.0e}, route (d) "
+          f"{TOLERANCE_TF2_FLOAT32:.0e} (see the comment at TOLERANCE)")
+    if not agree:
+        print("DISAGREEMENT")
         return 1
     print("all four routes agree")
     return 0
