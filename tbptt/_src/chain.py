@@ -19,6 +19,8 @@ nothing is carried at all, so each segment's backward runs right after its forwa
 
 The loops are `tf.while_loop`s over segments with the boundary values in `TensorArray`s, so in a
 `tf.function` one trace serves any number of segments; executing eagerly they run as Python loops.
+Segments whose carried values differ in shape (the stages of a CNN) use
+`static_value_and_gradients`, the same chain unrolled over a fixed list.
 """
 
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -115,7 +117,7 @@ def _backward(segments: Segments, boundaries: list, variables: list, vjp, loss_d
         seeds, want = _cotangent_sets(carried, num_leaves, exact)
         outputs, results = vjp(lambda c: _flat(segments.segment(k, c)), carry_in, variables,
                                seeds, want)
-        grads = [tf.add_n([g] + [dw[i] for dw, _ in results]) for i, g in enumerate(grads)]
+        grads = [tf.add_n([g] + [dw[j] for dw, _ in results]) for j, g in enumerate(grads)]
         carried = [d_carry for _, d_carry in results if d_carry is not None]
         return i + 1, carried, grads, loss + tf.cast(outputs[0], loss_dtype)
 
