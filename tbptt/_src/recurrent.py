@@ -320,7 +320,9 @@ class RecurrentChain(tf.Module):
             e.g. a Keras loss.
           initial_state: state nest entering the first step; None for zeros.
           final_state_grad: dLoss/d(final state) from outside (the next batch's
-            `initial_state_grad`), same structure as the state; None for zero.
+            `initial_state_grad`), same structure as the state; None for zero. In truncated
+            mode it counts as having crossed one cut already: it is carried back through
+            `backprop_chunks - 1` more chunks (refused with `backprop_chunks=1`).
           sample_weight: ``[B, T]`` or ``[B, T, ...]``, passed to `loss_fn` per chunk.
 
         Returns:
