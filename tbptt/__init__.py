@@ -4,6 +4,7 @@ from tbptt import compat
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StatefulGRUChain
 from tbptt._src.recurrent import unroll
+from tbptt._src.sources import ChunkSource
 from tbptt._src.stages import StageChain
 from tbptt._src.stages import StageResult
 from tbptt._src.stages import split_sequential
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChainResult",
+    "ChunkSource",
     "RecurrentChain",
     "StageChain",
     "StageResult",

@@ -86,8 +86,10 @@ def sequence_inputs(inputs, dtype) -> tf.Tensor:
 
 
 def per_step(name: str, value, inputs: tf.Tensor, dtype) -> tf.Tensor:
-    """targets or sample_weight: a tensor whose leading dims are inputs' [B, T]."""
-    value = as_tensor(name, value, dtype)
+    """targets or sample_weight: a tensor (or the TensorSpec of a chunk source) whose leading
+    dims are inputs' [B, T]."""
+    if not isinstance(value, tf.TensorSpec):
+        value = as_tensor(name, value, dtype)
     expected = inputs.shape[:2].as_list()
     if value.shape.rank is None or value.shape.rank < 2 or any(
             e is not None and g is not None and e != g

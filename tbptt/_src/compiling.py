@@ -17,6 +17,7 @@ def signature(args: dict, unknown_dims: Callable[[str], int]) -> dict:
     unknown: batch, and time for per-step arguments."""
     def spec(tensor, unknown):
         dims = tensor.shape.as_list()
+        unknown = min(unknown, len(dims))
         return tf.TensorSpec([None] * unknown + dims[unknown:], tensor.dtype)
 
     return {name: tf.nest.map_structure(lambda t, u=unknown_dims(name): spec(t, u), value)

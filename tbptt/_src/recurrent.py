@@ -13,6 +13,7 @@ from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import sources as sources_lib
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import ChainResult, LossFn, State
 
@@ -135,6 +136,7 @@ class RecurrentChain(tf.Module):
         self._leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self._features = None
         self._functions = compiling.FunctionCache(_unknown_dims)
+        self._live_sources = {}
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -332,12 +334,18 @@ class RecurrentChain(tf.Module):
           ValueError, TypeError: on inputs of the wrong rank, dtype or shape, before tracing.
         """
         loss_fn = checks.loss_function(loss_fn)
-        inputs = checks.sequence_inputs(inputs, self._dtype)
-        args = {"inputs": inputs, "targets": checks.per_step("targets", targets, inputs,
-                                                              self._dtype)}
-        if sample_weight is not None:
-            args["sample_weight"] = checks.per_step("sample_weight", sample_weight, inputs,
-                                                    self._dtype)
+        sources = {name: source for name, source in [
+            ("inputs", sources_lib.as_source("inputs", inputs)),
+            ("targets", sources_lib.as_source("targets", targets)),
+            ("sample_weight", sources_lib.as_source("sample_weight", sample_weight))]
+            if source is not None}
+        inputs = self._source_spec(sources["inputs"]) if "inputs" in sources else (
+            checks.sequence_inputs(inputs, self._dtype))
+        args = {"inputs": inputs}
+        for name, value in [("targets", targets), ("sample_weight", sample_weight)]:
+            if value is not None:
+                args[name] = checks.per_step(name, self._source_spec(sources[name], False)
+                                             if name in sources else value, inputs, self._dtype)
         self.build(inputs.shape)
         batch = _batch_size(inputs)
         args["state"] = self._state_leaves("initial_state", initial_state, batch)
@@ -346,13 +354,33 @@ class RecurrentChain(tf.Module):
                 raise ValueError(checks.FINAL_GRAD_DROPPED_MSG)
             args["final_state_grad"] = self._state_leaves("final_state_grad", final_state_grad,
                                                           batch)
-        fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
-                                 self._compiled)
-        loss, grads, final_leaves, initial_grads = fn(args)
+        # Sources stay out of the compiled function's arguments: it is traced for their specs
+        # and reads whichever source is live when it runs, so a new file costs no trace.
+        source_specs = tuple((name, _relaxed_spec(args.pop(name))) for name in sorted(sources))
+        if sources:
+            args["steps"] = tf.constant(inputs.shape[1], tf.int32)
+        fn = self._functions.get("value_and_gradients", self._gradients_impl,
+                                 (loss_fn, source_specs), self._compiled)
+        self._live_sources = sources
+        try:
+            loss, grads, final_leaves, initial_grads = fn(args)
+        finally:
+            self._live_sources = {}
         return ChainResult(loss, list(grads), self._pack(list(final_leaves)),
                            self._pack(list(initial_grads)))
 
-    def _gradients_impl(self, args: dict, loss_fn: LossFn):
+    def _source_spec(self, source, sequence: bool = True) -> tf.TensorSpec:
+        """What a chunk source stands for: a spec of its whole shape, in the chain's dtype."""
+        if sequence and len(source.shape) != 3:
+            raise ValueError(checks.INPUTS_RANK_MSG.format(shape=list(source.shape)))
+        dtype = self._dtype if source.dtype.is_floating else source.dtype
+        return tf.TensorSpec(source.shape, dtype)
+
+    def _gradients_impl(self, args: dict, static):
+        loss_fn, source_specs = static
+        args = dict(args)
+        for name, spec in source_specs:  # read chunk by chunk from the live source
+            args[name] = _SourceReader(lambda n=name: self._live_sources[n], spec)
         segments = self._segments(args, loss_fn)
         result = chain_lib.value_and_gradients(
             segments, args["state"], self.trainable_variables, vjp_lib.get_vjp(self._backend),
@@ -367,12 +395,15 @@ class RecurrentChain(tf.Module):
     def _segments(self, args: dict, loss_fn: LossFn) -> chain_lib.Segments:
         """The chunks of one sequence as chain segments over the flat state."""
         inputs = args["inputs"]
-        steps = tf.shape(inputs)[1]
+        steps = args["steps"] if "steps" in args else tf.shape(inputs)[1]
         size = self._chunk_size
         count = (steps + size - 1) // size
 
-        def window(tensor, k):
-            return tensor[:, k * size:tf.minimum((k + 1) * size, steps)]
+        def window(value, k):
+            start, stop = k * size, tf.minimum((k + 1) * size, steps)
+            if isinstance(value, _SourceReader):
+                return value.read(start, stop)
+            return value[:, start:stop]
 
         def step(x, state):
             return self._step(x, state, training=True)
@@ -407,6 +438,22 @@ class RecurrentChain(tf.Module):
 
 
 _PER_STEP_ARGS = ("inputs", "targets", "sample_weight")
+
+
+def _relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
+    """Batch and time unknown: one trace serves sources of any batch size and length."""
+    return tf.TensorSpec([None, None] + spec.shape[2:].as_list(), spec.dtype)
+
+
+class _SourceReader:
+    """Inside the compiled function: reads windows of the source live at run time."""
+
+    def __init__(self, source, spec: tf.TensorSpec):
+        self._source = source
+        self._spec = spec
+
+    def read(self, start, stop) -> tf.Tensor:
+        return sources_lib.read_window(self._source, start, stop, self._spec)
 
 
 def _unknown_dims(name: str) -> int:

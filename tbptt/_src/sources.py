@@ -1,0 +1,81 @@
+"""Sequences read chunk by chunk from outside memory: callables, NumPy memmaps, h5py/zarr arrays.
+
+The exact backward pass reads the chunks again in reverse order, so a source must give any
+chunk `[start, stop)` on demand; a one-pass iterator cannot.
+"""
+
+import collections.abc
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+ONE_PASS_MSG = ("{name} is a one-pass iterator ({type}): the backward pass reads chunks again, "
+                "in reverse order, so it needs random access. Pass an array-like (np.memmap, an "
+                "h5py or zarr array) or tbptt.ChunkSource(fetch, shape) with fetch(start, stop) "
+                "-> the steps [start, stop).")
+SHAPE_MSG = "{name}: a chunk source must have shape [batch, time, ...] with time > 0, got {shape}."
+FETCH_MSG = ("{name}: fetch({start}, {stop}) must return shape {expected}, got {got}.")
+
+
+class ChunkSource:
+    """A sequence that lives outside memory, read one chunk of time steps at a time.
+
+    Example:
+
+    >>> import numpy as np
+    >>> data = np.arange(24.0).reshape(2, 4, 3)
+    >>> source = ChunkSource(lambda start, stop: data[:, start:stop], shape=(2, 4, 3))
+    >>> source.read(1, 3).shape
+    (2, 2, 3)
+    """
+
+    def __init__(self, fetch: Callable[[int, int], np.ndarray], shape: Sequence[int],
+                 dtype="float32", name: str = "source"):
+        """Args:
+          fetch: `fetch(start, stop) -> array [B, stop - start, ...]`, any chunk, any order.
+          shape: the whole sequence's shape ``[B, T, ...]``.
+          dtype: dtype of the arrays `fetch` returns.
+          name: used in error messages.
+        """
+        self.fetch = fetch
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = tf.as_dtype(dtype)
+        self.name = name
+        if len(self.shape) < 2 or self.shape[1] < 1:
+            raise ValueError(SHAPE_MSG.format(name=name, shape=self.shape))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        chunk = np.asarray(self.fetch(int(start), int(stop)), dtype=self.dtype.as_numpy_dtype)
+        expected = (self.shape[0], int(stop) - int(start)) + self.shape[2:]
+        if chunk.shape != expected:
+            raise ValueError(FETCH_MSG.format(name=self.name, start=start, stop=stop,
+                                              expected=expected, got=chunk.shape))
+        return chunk
+
+
+def as_source(name: str, value):
+    """`value` as a ChunkSource if it is one or an out-of-memory array; None for in-memory data.
+
+    Raises:
+      TypeError: for one-pass iterators and generators.
+    """
+    if isinstance(value, ChunkSource):
+        return value
+    if isinstance(value, (tf.Tensor, tf.Variable)) or (
+            isinstance(value, np.ndarray) and not isinstance(value, np.memmap)):
+        return None
+    if isinstance(value, collections.abc.Iterator):
+        raise TypeError(ONE_PASS_MSG.format(name=name, type=type(value).__name__))
+    if hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__"):
+        return ChunkSource(lambda start, stop: value[:, start:stop], value.shape,
+                           np.dtype(value.dtype).name, name=name)
+    return None
+
+
+def read_window(source: Callable[[], ChunkSource], start, stop, spec: tf.TensorSpec):
+    """The chunk [start, stop) of the source that `source()` returns when the graph runs."""
+    chunk = tf.numpy_function(lambda a, b: source().read(a, b).astype(spec.dtype.as_numpy_dtype),
+                              [start, stop], spec.dtype, stateful=False)
+    chunk.set_shape(spec.shape)
+    return chunk
