@@ -1,16 +1,13 @@
 """Type aliases and result records shared by the public API."""
 
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple
 
-import numpy as np
 import tensorflow as tf
 
-TensorLike = Union[tf.Tensor, tf.Variable, np.ndarray, float, int]
 # A nest (tuple/list/dict) of tensors: the carried state, one entry per layer.
 State = Any
 # loss_fn(y_true_chunk, y_pred_chunk[, sample_weight_chunk]) -> scalar tensor.
 LossFn = Callable[..., tf.Tensor]
-Cells = Sequence[Any]
 
 
 class ChainResult(NamedTuple):
