@@ -87,3 +87,13 @@ def plot(rows: list, key: str, methods, path: str, xlabel: str, xlog: bool = Fal
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+def save(rows: list, name: str, text: str, key: str, methods, xlabel: str,
+         xlog: bool = False) -> None:
+    """Prints the table and writes benchmarks/NAME.md and benchmarks/NAME.png."""
+    print(text)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    plot(rows, key, methods, os.path.join(here, f"{name}.png"), xlabel, xlog=xlog)

@@ -13,9 +13,8 @@ Writes benchmarks/results.md (a markdown table) and benchmarks/results.png.
 
 import argparse
 import json
-import os
 
-from harness import markdown_table, measure, plot, run_worker  # noqa: E402 (benchmarks/ is the script folder)
+from harness import markdown_table, measure, run_worker, save  # noqa: E402 (benchmarks/ is the script folder)
 
 METHODS = ("full_bptt", "exact_eager", "exact_graph", "truncated")
 BATCH, FEATURES, UNITS, LABELS, CHUNK = 34, 200, (64, 32), 3, 100
@@ -78,12 +77,8 @@ def main() -> None:
             rows.append(dict(run_worker(__file__, method, steps, args.repeats), method=method,
                              T=steps))
             print(json.dumps(rows[-1]), flush=True)
-    text = markdown_table(rows, "T", "T", "full_bptt", ms=False)
-    print(text)
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "results.md"), "w") as f:
-        f.write(text + "\n")
-    plot(rows, "T", METHODS, os.path.join(here, "results.png"), "T", xlog=True)
+    save(rows, "results", markdown_table(rows, "T", "T", "full_bptt"), "T", METHODS, "T",
+         xlog=True)
 
 
 if __name__ == "__main__":

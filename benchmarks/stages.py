@@ -12,9 +12,8 @@ Writes benchmarks/stages.md and benchmarks/stages.png.
 
 import argparse
 import json
-import os
 
-from harness import markdown_table, measure, plot, run_worker  # noqa: E402 (benchmarks/ is the script folder)
+from harness import markdown_table, measure, run_worker, save  # noqa: E402 (benchmarks/ is the script folder)
 
 METHODS = ("joined_tape", "stage_chain", "stage_chain_recompute", "jacobian")
 BATCH = 32
@@ -92,12 +91,8 @@ def main() -> None:
             row = dict(run_worker(__file__, method, size, repeats), method=method, size=size)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    text = markdown_table(rows, "size", "image", "joined_tape", ms=True)
-    print(text)
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "stages.md"), "w") as f:
-        f.write(text + "\n")
-    plot(rows, "size", METHODS, os.path.join(here, "stages.png"), "image size", xlog=False)
+    save(rows, "stages", markdown_table(rows, "size", "image", "joined_tape", ms=True), "size",
+         METHODS, "image size")
 
 
 if __name__ == "__main__":
