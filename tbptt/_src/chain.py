@@ -49,7 +49,8 @@ class ChainGradients(NamedTuple):
 
 def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *,
                         loss_dtype: tf.DType, backprop_segments: Optional[int] = None,
-                        final_carry_grad: Optional[list] = None) -> ChainGradients:
+                        final_carry_grad: Optional[list] = None,
+                        group: Optional[tf.Tensor] = None) -> ChainGradients:
     """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
 
     Args:
@@ -60,11 +61,17 @@ def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *
       loss_dtype: dtype of the loss accumulator.
       backprop_segments: None for the exact gradient, m >= 1 for truncation after m segments.
       final_carry_grad: flat list, dLoss/d(final carry) from outside the chain (or None).
+      group: exact mode only: None keeps every segment boundary (memory n boundaries + one
+        segment); a scalar G keeps every G-th one and re-runs each group of G segments as a
+        chain of its own in the backward pass (memory n/G + G boundaries + one segment, for one
+        more forward pass; see `_two_level`).
 
     Returns:
       `ChainGradients(loss, grads, final_carry, initial_carry_grad)`, grads aligned with
       `variables`, the carries as flat lists.
     """
+    if group is not None:
+        return _two_level(segments, carry, variables, vjp, loss_dtype, group, final_carry_grad)
     if backprop_segments == 1:
         return _truncated_one_sweep(segments, carry, variables, vjp, loss_dtype)
     final_carry, boundaries = _forward(segments, carry)
@@ -79,18 +86,58 @@ def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *
     return ChainGradients(loss, grads, final_carry, initial_carry_grad)
 
 
-def _forward(segments: Segments, carry: list):
-    """Runs `advance` over all segments; returns s_n and the TensorArrays of s_0 .. s_{n-1}."""
-    boundaries = [tf.TensorArray(c.dtype, size=segments.count, element_shape=c.shape)
-                  for c in carry]
+def _forward(segments: Segments, carry: list, keep: bool = True):
+    """Runs `advance` over all segments; returns s_n and the TensorArrays of s_0 .. s_{n-1}
+    (None with keep=False)."""
+    boundaries = [tf.TensorArray(c.dtype, size=segments.count if keep else 0,
+                                 element_shape=c.shape) for c in carry]
 
     def body(k, carry, boundaries):
-        boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
+        if keep:
+            boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
         return k + 1, list(segments.advance(k, carry)), boundaries
 
     _, carry, boundaries = tf.while_loop(
         lambda k, *_: k < segments.count, body, (tf.constant(0), list(carry), boundaries))
-    return carry, boundaries
+    return carry, (boundaries if keep else None)
+
+
+def _two_level(segments: Segments, carry: list, variables: list, vjp, loss_dtype, group,
+               final_carry_grad):
+    """Exact gradient keeping only every `group`-th boundary (two-level checkpointing).
+
+    The coarse chain's segments are groups of `group` segments. Its forward keeps the group
+    boundaries; its backward runs, for each group in reverse, the one-level exact chain over that
+    group's segments seeded with the carried cotangent, which is exactly the group's VJP.
+    """
+    count = segments.count
+
+    def sub_chain(j) -> Segments:
+        first = j * group
+        return Segments(tf.minimum(group, count - first),
+                        lambda k, c: segments.advance(first + k, c),
+                        lambda k, c: segments.segment(first + k, c))
+
+    def advance_group(j, carry):
+        return _forward(sub_chain(j), carry, keep=False)[0]
+
+    groups = Segments((count + group - 1) // group, advance_group, None)
+    final_carry, boundaries = _forward(groups, carry)
+    if final_carry_grad is None:
+        final_carry_grad = [tf.zeros_like(c) for c in final_carry]
+
+    def body(i, carried, grads, loss):
+        j = groups.count - 1 - i
+        inner = value_and_gradients(sub_chain(j), [ta.read(j) for ta in boundaries], variables,
+                                    vjp, loss_dtype=loss_dtype, final_carry_grad=carried)
+        grads = [g + d for g, d in zip(grads, inner.grads)]
+        return i + 1, inner.initial_carry_grad, grads, loss + inner.loss
+
+    _, initial_carry_grad, grads, loss = tf.while_loop(
+        lambda i, *_: i < groups.count, body,
+        (tf.constant(0), list(final_carry_grad), [tf.zeros_like(v) for v in variables],
+         tf.zeros([], loss_dtype)))
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad)
 
 
 def _cotangent_sets(carried: list, num_leaves: int, exact: bool):

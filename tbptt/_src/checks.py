@@ -45,6 +45,44 @@ CELL_MSG = ("cells[{index}] must be an RNN cell with `state_size` that is callab
 HEAD_MSG = "head must be a Keras layer or a callable, got {value!r}."
 COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
                       "compiled=True, or use backend='eager' with compiled=False to debug.")
+CHUNK_SIZE_MSG = ("chunk_size must be a positive int (time steps per chunk) or 'auto', got "
+                  "{value!r}.")
+LEVELS_MSG = "levels must be 1 or 2, got {value!r}."
+LEVELS_TRUNCATED_MSG = ("levels=2 only applies to mode='exact'; mode='truncated' keeps at most "
+                        "backprop_chunks chunks alive already. Leave levels at 1.")
+MEMORY_BUDGET_MSG = ("memory_budget={budget} bytes is too small for T={steps}: the least this "
+                     "chunking keeps alive is about {least} bytes (chunk_size={size}). Raise "
+                     "the budget{hint} or feed a shorter sequence per call.")
+MEMORY_BUDGET_TYPE_MSG = ("memory_budget must be a positive number of bytes (or None), got "
+                          "{value!r}.")
+BUDGET_NEEDS_AUTO_MSG = ("memory_budget only applies with chunk_size='auto'; got chunk_size="
+                         "{value!r}. Pass chunk_size='auto' or drop memory_budget.")
+AUTO_UNKNOWN_TIME_MSG = ("chunk_size='auto' picks the chunk size from the sequence length, which "
+                         "is unknown here (inputs of shape {shape} inside a tf.function). Give "
+                         "the inputs a static time dimension or pass an int chunk_size.")
+
+
+def chunk_size(value):
+    """A positive int or "auto"."""
+    if value == "auto":
+        return value
+    if is_int(value) and value >= 1:
+        return int(value)
+    raise (ValueError if is_int(value) or isinstance(value, str) else TypeError)(
+        CHUNK_SIZE_MSG.format(value=value))
+
+
+def memory_budget(value, chunk):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise (ValueError if isinstance(value, numbers.Real) and not isinstance(value, bool)
+               else TypeError)(MEMORY_BUDGET_TYPE_MSG.format(value=value))
+    if chunk != "auto":
+        raise ValueError(BUDGET_NEEDS_AUTO_MSG.format(value=chunk))
+    return float(value)
+
+
 def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -5,14 +5,17 @@ does not divide). Each chunk is a segment of the chain in `chain.py`; the carrie
 flat list of state tensors of all layers.
 """
 
+import math
 from typing import Optional, Sequence, Union
 
 import tensorflow as tf
 
 from tbptt._src import chain as chain_lib
 from tbptt._src import checks
+from tbptt._src import chunking
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import layers
 from tbptt._src import sources as sources_lib
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import ChainResult, LossFn, State
@@ -41,20 +44,9 @@ def unroll(step, inputs: tf.Tensor, state: list, *, with_outputs: bool = True):
     >>> outputs[0, :, 0].numpy().tolist(), float(count[0, 0])
     ([1.0, 2.0, 3.0, 4.0], 4.0)
     """
-    steps = tf.shape(inputs)[1]
-    # Time-major so that each step reads one contiguous [B, F] slice.
-    xs = tf.TensorArray(inputs.dtype, size=steps).unstack(tf.transpose(inputs, [1, 0, 2]))
-    ys = tf.TensorArray(inputs.dtype, size=steps) if with_outputs else None
-
-    def body(t, state, *ys):
-        y, state = step(xs.read(t), state)
-        return (t + 1, state) + ((ys[0].write(t, y),) if with_outputs else ())
-
-    loop_vars = (tf.constant(0), list(state)) + ((ys,) if with_outputs else ())
-    _, state, *ys = tf.while_loop(lambda t, *_: t < steps, body, loop_vars)
-    if not with_outputs:
-        return None, state
-    return tf.transpose(ys[0].stack(), [1, 0, 2]), state
+    outputs, state = layers.unroll_time_major(step, layers.time_major(inputs), list(state),
+                                              with_outputs=with_outputs)
+    return (layers.time_major(outputs) if with_outputs else None), state
 
 
 def _leaf_shapes(state_size) -> list:
@@ -93,15 +85,20 @@ class RecurrentChain(tf.Module):
     True
     """
 
-    def __init__(self, cells: Sequence, *, chunk_size: int, head=None, mode: str = "exact",
-                 backprop_chunks: int = 1, backend: str = "eager", reduction: str = "sum",
-                 dtype=None, compiled: bool = True, name: Optional[str] = None):
+    def __init__(self, cells: Sequence, *, chunk_size: Union[int, str], head=None,
+                 mode: str = "exact", backprop_chunks: int = 1, backend: str = "eager",
+                 reduction: str = "sum", dtype=None, compiled: bool = True, levels: int = 1,
+                 memory_budget: Optional[float] = None, name: Optional[str] = None):
         """Creates the chain.
 
         Args:
           cells: Keras-style RNN cells, bottom layer first (GRUCell, LSTMCell, custom cells
-            with `state_size` and `call(inputs, states) -> (output, new_states)`).
-          chunk_size: time steps per chunk; the memory of the backward pass is that of one chunk.
+            with `state_size` and `call(inputs, states) -> (output, new_states)`). Stock Keras
+            `GRUCell`s and `LSTMCell`s run with their input projection hoisted out of the time
+            loop and a hand-written backward for the loop (the same function, faster).
+          chunk_size: time steps per chunk (the backward keeps one chunk's activations alive
+            plus one state per chunk), or "auto": about sqrt(T) per call (T^(1/3) with
+            levels=2), or the largest chunk within `memory_budget` (see `chunk_plan`).
           head: Keras layer or callable mapping the top layer's ``[B, T, U]`` outputs to
             predictions; None uses the top layer's outputs.
           mode: "exact" (full-BPTT gradient) or "truncated" (see `backprop_chunks`).
@@ -113,21 +110,32 @@ class RecurrentChain(tf.Module):
           dtype: dtype of the state and computation; None takes the first cell's.
           compiled: run the chunk loops in a `tf.function` (default); False runs them eagerly
             step by step, for debugging (eager backend only).
+          levels: 1 keeps a state at every cut; 2 (exact mode) keeps one every ~sqrt(T/K)
+            chunks and recomputes the others group by group in the backward pass: memory of
+            about T^(1/3) states for one more forward pass.
+          memory_budget: with chunk_size="auto", the bytes the backward may keep alive; the
+            largest chunk size that fits is taken (ValueError when none does).
           name: module name.
         """
         super().__init__(name=name)
         self._mode = checks.choice("mode", mode, checks.MODES)
         self._backend = checks.choice("backend", backend, vjp_lib.BACKENDS)
         self._reduction = checks.choice("reduction", reduction, checks.REDUCTIONS)
-        self._chunk_size = checks.positive_int("chunk_size", chunk_size,
-                                               " (time steps per chunk)")
+        self._chunk_size = checks.chunk_size(chunk_size)
+        self._memory_budget = checks.memory_budget(memory_budget, self._chunk_size)
         self._backprop_chunks = checks.positive_int("backprop_chunks", backprop_chunks)
         if mode == "exact" and backprop_chunks != 1:
             raise ValueError(checks.BACKPROP_CHUNKS_EXACT_MSG.format(value=backprop_chunks))
+        if levels not in (1, 2) or isinstance(levels, bool):
+            raise ValueError(checks.LEVELS_MSG.format(value=levels))
+        if levels == 2 and mode != "exact":
+            raise ValueError(checks.LEVELS_TRUNCATED_MSG)
+        self._levels = levels
         if backend == "graph" and not compiled:
             raise ValueError(checks.COMPILED_GRAPH_MSG)
         self._compiled = bool(compiled)
         self._cells = self._checked_cells(cells)
+        self._runners = [layers.runner_for(cell) for cell in self._cells]
         if head is not None and not callable(head):
             raise TypeError(checks.HEAD_MSG.format(value=head))
         self._head = head
@@ -149,8 +157,43 @@ class RecurrentChain(tf.Module):
         return self._head
 
     @property
-    def chunk_size(self) -> int:
+    def chunk_size(self) -> Union[int, str]:
+        """An int, or "auto" (see `chunk_plan` for what a given length gets)."""
         return self._chunk_size
+
+    @property
+    def levels(self) -> int:
+        return self._levels
+
+    @property
+    def memory_budget(self) -> Optional[float]:
+        return self._memory_budget
+
+    def chunk_plan(self, steps: int, batch_size: int = 1,
+                   features: Optional[int] = None) -> chunking.ChunkPlan:
+        """How a sequence of `steps` time steps is cut, and the memory that is estimated to keep.
+
+        Args:
+          steps: T.
+          batch_size: B (the estimate scales with it).
+          features: F; None takes the built chain's.
+
+        Returns:
+          `ChunkPlan(steps, chunk_size, chunks, group, estimated_bytes)`; `group` is the chunks
+          per coarse segment with levels=2.
+
+        >>> import tbptt
+        >>> chain = tbptt.StatefulGRUChain(64, chunk_size="auto")
+        >>> chain.chunk_plan(1_000_000, features=16)[:4]
+        (1000000, 1000, 1000, None)
+        """
+        steps = checks.positive_int("steps", steps)
+        features = self._features if features is None else features
+        return chunking.plan(
+            steps, chunk_size=self._chunk_size, levels=self._levels,
+            memory_budget=self._memory_budget, batch=checks.positive_int("batch_size", batch_size),
+            state_floats=sum(int(math.prod(shape)) for shape in self._leaf_shapes),
+            features=int(features or 0), itemsize=self._dtype.size)
 
     @property
     def mode(self) -> str:
@@ -298,9 +341,20 @@ class RecurrentChain(tf.Module):
         return outputs, self._pack(list(leaves))
 
     def _forward_impl(self, args: dict, training: bool):
-        step = lambda x, s: self._step(x, s, training=training)  # noqa: E731
-        top, leaves = unroll(step, args["inputs"], args["state"])
-        return self._apply_head(top, training=training), leaves
+        top, leaves = self._run_chunk(args["inputs"], args["state"], training=training)
+        return self._apply_head(layers.time_major(top), training=training), leaves
+
+    def _run_chunk(self, inputs: tf.Tensor, leaves: list, *, training: bool,
+                   with_outputs: bool = True):
+        """All layers over ``inputs [B, K, F]``: (top outputs ``[K, B, U]`` or None, leaves)."""
+        per_layer, start = [], 0
+        for size in self._state_sizes:
+            count = len(_leaf_shapes(size))
+            per_layer.append(list(leaves[start:start + count]))
+            start += count
+        top, per_layer = layers.run_layers(self._runners, per_layer, inputs, training=training,
+                                           with_outputs=with_outputs)
+        return top, [leaf for layer in per_layer for leaf in layer]
 
     # -- chunked value and gradients -----------------------------------------------------------
 
@@ -348,6 +402,7 @@ class RecurrentChain(tf.Module):
                                              if name in sources else value, inputs, self._dtype)
         self.build(inputs.shape)
         batch = _batch_size(inputs)
+        args["chunk_size"] = self._chunk_size_for(inputs.shape)
         args["state"] = self._state_leaves("initial_state", initial_state, batch)
         if final_state_grad is not None:
             if self._mode == "truncated" and self._backprop_chunks == 1:
@@ -369,6 +424,15 @@ class RecurrentChain(tf.Module):
         return ChainResult(loss, list(grads), self._pack(list(final_leaves)),
                            self._pack(list(initial_grads)))
 
+    def _chunk_size_for(self, shape: tf.TensorShape) -> tf.Tensor:
+        """The chunk size for inputs of `shape`, as a tensor: any T is served by one trace."""
+        if self._chunk_size != "auto":
+            return tf.constant(self._chunk_size, tf.int32)
+        if shape[1] is None:
+            raise ValueError(checks.AUTO_UNKNOWN_TIME_MSG.format(shape=shape.as_list()))
+        plan = self.chunk_plan(shape[1], shape[0] or 1)
+        return tf.constant(plan.chunk_size, tf.int32)
+
     def _source_spec(self, source, sequence: bool = True) -> tf.TensorSpec:
         """What a chunk source stands for: a spec of its whole shape, in the chain's dtype."""
         if sequence and len(source.shape) != 3:
@@ -382,11 +446,14 @@ class RecurrentChain(tf.Module):
         for name, spec in source_specs:  # read chunk by chunk from the live source
             args[name] = _SourceReader(lambda n=name: self._live_sources[n], spec)
         segments = self._segments(args, loss_fn)
+        group = None
+        if self._levels == 2:  # about sqrt(chunks) chunks per group, as chunking.group_size
+            group = tf.cast(tf.math.ceil(tf.sqrt(tf.cast(segments.count, tf.float64))), tf.int32)
         result = chain_lib.value_and_gradients(
             segments, args["state"], self.trainable_variables, vjp_lib.get_vjp(self._backend),
             loss_dtype=self._loss_dtype(),
             backprop_segments=None if self._mode == "exact" else self._backprop_chunks,
-            final_carry_grad=args.get("final_state_grad"))
+            final_carry_grad=args.get("final_state_grad"), group=group)
         return tuple(result)
 
     def _loss_dtype(self) -> tf.DType:
@@ -396,7 +463,7 @@ class RecurrentChain(tf.Module):
         """The chunks of one sequence as chain segments over the flat state."""
         inputs = args["inputs"]
         steps = args["steps"] if "steps" in args else tf.shape(inputs)[1]
-        size = self._chunk_size
+        size = args["chunk_size"]
         count = (steps + size - 1) // size
 
         def window(value, k):
@@ -405,28 +472,26 @@ class RecurrentChain(tf.Module):
                 return value.read(start, stop)
             return value[:, start:stop]
 
-        def step(x, state):
-            return self._step(x, state, training=True)
-
         def advance(k, state):
-            return unroll(step, window(inputs, k), state, with_outputs=False)[1]
+            return self._run_chunk(window(inputs, k), state, training=True,
+                                   with_outputs=False)[1]
 
         def segment(k, state):
-            top, state = unroll(step, window(inputs, k), state)
-            predictions = self._apply_head(top, training=True)
+            top, state = self._run_chunk(window(inputs, k), state, training=True)
+            predictions = self._apply_head(layers.time_major(top), training=True)
             loss_args = [window(args["targets"], k), predictions]
             if "sample_weight" in args:
                 loss_args.append(window(args["sample_weight"], k))
             loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), self._loss_dtype())
-            return loss * self._chunk_weight(k, steps), state
+            return loss * self._chunk_weight(k, size, steps), state
 
         return chain_lib.Segments(count, advance, segment)
 
-    def _chunk_weight(self, k, steps) -> tf.Tensor:
+    def _chunk_weight(self, k, size, steps) -> tf.Tensor:
         """1 for reduction="sum"; the chunk's share of the T steps for "mean"."""
         if self._reduction == "sum":
             return tf.ones([], self._loss_dtype())
-        length = tf.minimum((k + 1) * self._chunk_size, steps) - k * self._chunk_size
+        length = tf.minimum((k + 1) * size, steps) - k * size
         return tf.cast(length, self._loss_dtype()) / tf.cast(steps, self._loss_dtype())
 
     # -- compiled functions --------------------------------------------------------------------
@@ -482,23 +547,25 @@ class StatefulGRUChain(RecurrentChain):
     [(2, 8), (2, 4)]
     """
 
-    def __init__(self, units: Union[int, Sequence[int]], *, chunk_size: int, head=None,
-                 mode: str = "exact", backprop_chunks: int = 1, backend: str = "eager",
-                 reduction: str = "sum", dtype=None, compiled: bool = True,
+    def __init__(self, units: Union[int, Sequence[int]], *, chunk_size: Union[int, str],
+                 head=None, mode: str = "exact", backprop_chunks: int = 1,
+                 backend: str = "eager", reduction: str = "sum", dtype=None,
+                 compiled: bool = True, levels: int = 1, memory_budget: Optional[float] = None,
                  name: Optional[str] = None):
         """Creates one `keras.layers.GRUCell(u)` per entry of `units` (bottom first).
 
         Args:
           units: an int, or a sequence of ints for stacked layers (seed 001: ``(64, 32)``).
-          chunk_size, head, mode, backprop_chunks, backend, reduction, dtype, compiled, name:
-            as in `RecurrentChain`.
+          chunk_size, head, mode, backprop_chunks, backend, reduction, dtype, compiled, levels,
+            memory_budget, name: as in `RecurrentChain`.
         """
         self._units = checks.units_tuple(units)
         cells = [keras.layers.GRUCell(u, dtype=None if dtype is None else tf.as_dtype(dtype).name)
                  for u in self._units]
         super().__init__(cells, chunk_size=chunk_size, head=head, mode=mode,
                          backprop_chunks=backprop_chunks, backend=backend, reduction=reduction,
-                         dtype=dtype, compiled=compiled, name=name)
+                         dtype=dtype, compiled=compiled, levels=levels,
+                         memory_budget=memory_budget, name=name)
 
     @property
     def units(self) -> tuple:

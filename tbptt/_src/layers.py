@@ -1,0 +1,358 @@
+"""One recurrent layer run over a whole chunk, time-major, with its input projection hoisted.
+
+A chunk is run layer by layer rather than step by step: layer l sees the outputs of layer l-1
+for all K steps at once. That is the same function, and it lets the input half of a Keras
+`GRUCell` or `LSTMCell` (``x_t @ kernel + bias``) be one ``[K*B, F] @ [F, G]`` matmul per chunk
+instead of K small ones, forward and backward. Only the recurrent half stays in the time loop.
+
+Any other cell runs as itself, one `cell(x_t, states)` call per step.
+"""
+
+import tensorflow as tf
+
+from tbptt._src import compat
+
+
+def runner_for(cell):
+    """The fastest exact runner for `cell`: hoisted for stock Keras GRU/LSTM cells."""
+    kind = type(cell)
+    if kind is compat.keras.layers.GRUCell:
+        return _GRURunner(cell)
+    if kind is compat.keras.layers.LSTMCell:
+        return _LSTMRunner(cell)
+    return _CellRunner(cell)
+
+
+def time_major(xs: tf.Tensor) -> tf.Tensor:
+    """``[B, K, ...] <-> [K, B, ...]``."""
+    return tf.transpose(xs, [1, 0] + list(range(2, xs.shape.rank)))
+
+
+def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool):
+    """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``."""
+    steps = tf.shape(xs)[0]
+    inputs = tf.TensorArray(xs.dtype, size=steps).unstack(xs)
+    outputs = tf.TensorArray(xs.dtype, size=steps) if with_outputs else None
+
+    def body(t, states, *outputs):
+        y, states = step(inputs.read(t), states)
+        return (t + 1, list(states)) + ((outputs[0].write(t, y),) if with_outputs else ())
+
+    loop_vars = (tf.constant(0), list(states)) + ((outputs,) if with_outputs else ())
+    _, states, *outputs = tf.while_loop(lambda t, *_: t < steps, body, loop_vars)
+    return (outputs[0].stack() if with_outputs else None), states
+
+
+def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
+               with_outputs: bool = True):
+    """All layers over one chunk.
+
+    Args:
+      runners: one runner per layer, bottom first (see `runner_for`).
+      states: one list of state tensors per layer.
+      xs: the chunk's inputs, batch-major ``[B, K, F]``.
+      training: passed to cells that run as themselves.
+      with_outputs: whether the top layer's outputs are needed (a forward that only carries
+        the state skips writing them).
+
+    Returns:
+      ``(top outputs [K, B, U] time-major or None, new states per layer)``.
+    """
+    new_states = []
+    for index, (runner, layer_states) in enumerate(zip(runners, states)):
+        projected = runner.project(xs, batch_major=index == 0)
+        keep = with_outputs or index < len(runners) - 1
+        xs, layer_states = runner.run(projected, layer_states, training=training,
+                                      with_outputs=keep)
+        new_states.append(layer_states)
+    return xs, new_states
+
+
+def _project(xs: tf.Tensor, kernel: tf.Tensor, bias, batch_major: bool) -> tf.Tensor:
+    """``xs @ kernel + bias`` as one matmul over all steps, returned time-major."""
+    shape = tf.shape(xs)
+    flat = tf.matmul(tf.reshape(xs, [-1, shape[2]]), kernel)
+    if bias is not None:
+        flat = tf.nn.bias_add(flat, bias)
+    projected = tf.reshape(flat, [shape[0], shape[1], kernel.shape[-1]])
+    return time_major(projected) if batch_major else projected
+
+
+class _CellRunner:
+    """Any cell: no projection, one call per step."""
+
+    def __init__(self, cell):
+        self._cell = cell
+
+    def project(self, xs, batch_major: bool):
+        return time_major(xs) if batch_major else xs
+
+    def run(self, xs, states, *, training: bool, with_outputs: bool):
+        def step(x, states):
+            y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
+            return y, tf.nest.flatten(new_states)
+        return unroll_time_major(step, xs, states, with_outputs=with_outputs)
+
+
+class _FusedRunner:
+    """A stock Keras cell whose input projection is hoisted; the time loop has a hand-written
+    backward when its activations are the defaults (tanh, sigmoid), autodiff otherwise."""
+
+    def __init__(self, cell):
+        self._cell = cell
+
+    def _weight(self, name: str):
+        dtype = tf.as_dtype(compat.compute_dtype(self._cell))
+        value = tf.convert_to_tensor(getattr(self._cell, name))
+        return value if value.dtype == dtype else tf.cast(value, dtype)
+
+    def _default_activations(self) -> bool:
+        activations = compat.keras.activations
+        return (self._cell.activation is activations.tanh
+                and self._cell.recurrent_activation is activations.sigmoid)
+
+    def project(self, xs, batch_major: bool):
+        return _project(xs, self._weight("kernel"), self._input_bias(), batch_major)
+
+    def run(self, xs, states, *, training: bool, with_outputs: bool):
+        del training  # dropout is refused by the chain; nothing else depends on it
+        recurrent_kernel = self._weight("recurrent_kernel")
+        recurrent_bias = self._recurrent_bias()
+        if with_outputs and self._default_activations():
+            return self._fused(xs, states, recurrent_kernel, recurrent_bias)
+        step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)
+        return unroll_time_major(step, xs, states, with_outputs=with_outputs)
+
+
+class _GRURunner(_FusedRunner):
+    """Keras `GRUCell`, reset_after either way: the same arithmetic as its `call`."""
+
+    def _input_bias(self):
+        if not self._cell.use_bias:
+            return None
+        bias = self._weight("bias")
+        return bias[0] if self._cell.reset_after else bias
+
+    def _recurrent_bias(self):
+        if not (self._cell.use_bias and self._cell.reset_after):
+            return None
+        return self._weight("bias")[1]
+
+    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+        cell, units = self._cell, self._cell.units
+        (h,) = states
+        x_gates, x_candidate = tf.split(x, [2 * units, units], axis=1)
+        if cell.reset_after:
+            inner = tf.matmul(h, recurrent_kernel)
+            if recurrent_bias is not None:
+                inner = tf.nn.bias_add(inner, recurrent_bias)
+            inner_gates, inner_candidate = tf.split(inner, [2 * units, units], axis=1)
+        else:
+            inner_gates = tf.matmul(h, recurrent_kernel[:, :2 * units])
+        z, r = tf.split(cell.recurrent_activation(x_gates + inner_gates), 2, axis=1)
+        if cell.reset_after:
+            candidate = r * inner_candidate
+        else:
+            candidate = tf.matmul(r * h, recurrent_kernel[:, 2 * units:])
+        hh = cell.activation(x_candidate + candidate)
+        h = z * h + (1 - z) * hh
+        return h, [h]
+
+    def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
+        if recurrent_bias is None:
+            recurrent_bias = tf.zeros([recurrent_kernel.shape[-1]], recurrent_kernel.dtype)
+        outputs, h = _gru_sequence(self._cell.reset_after)(xs, states[0], recurrent_kernel,
+                                                           recurrent_bias)
+        return outputs, [h]
+
+
+class _LSTMRunner(_FusedRunner):
+    """Keras `LSTMCell`: the same arithmetic as its `call`."""
+
+    def _input_bias(self):
+        return self._weight("bias") if self._cell.use_bias else None
+
+    def _recurrent_bias(self):
+        return None
+
+    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+        del recurrent_bias
+        cell = self._cell
+        h, c = states
+        z_i, z_f, z_c, z_o = tf.split(x + tf.matmul(h, recurrent_kernel), 4, axis=1)
+        c = (cell.recurrent_activation(z_f) * c
+             + cell.recurrent_activation(z_i) * cell.activation(z_c))
+        h = cell.recurrent_activation(z_o) * cell.activation(c)
+        return h, [h, c]
+
+    def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
+        del recurrent_bias
+        outputs, h, c = _lstm_sequence(xs, states[0], states[1], recurrent_kernel)
+        return outputs, [h, c]
+
+
+# -- hand-written backward passes of whole time loops ---------------------------------------
+#
+# Autodiff of a tf.while_loop pushes every intermediate of every step onto a stack and pops it
+# in a loop of one gradient op per forward op. Here the forward keeps only the gates, and the
+# backward loop does the recurrent part alone: the weight gradients are one matmul over all
+# steps after the loop (sum_t h_{t-1}^T @ d_inner_t = H_prev^T @ D_inner).
+
+
+def _reads(arrays: list, t) -> list:
+    return [array.read(t) for array in arrays]
+
+
+def _unstacked(stacked: list) -> list:
+    """One TensorArray per ``[K, ...]`` tensor, to read step t of each in a loop."""
+    return [tf.TensorArray(s.dtype, size=tf.shape(s)[0]).unstack(s) for s in stacked]
+
+
+def _arrays(dtype, steps, count: int) -> list:
+    return [tf.TensorArray(dtype, size=steps) for _ in range(count)]
+
+
+def _previous(first: tf.Tensor, stacked: tf.Tensor) -> tf.Tensor:
+    """``[first, stacked[0], ..., stacked[K-2]]``: the value entering each step."""
+    return tf.concat([first[None], stacked[:-1]], axis=0)
+
+
+def _flat_steps(stacked: tf.Tensor) -> tf.Tensor:
+    """``[K, B, N] -> [K*B, N]``."""
+    return tf.reshape(stacked, [-1, tf.shape(stacked)[-1]])
+
+
+def _gru_sequence(reset_after: bool):
+    """``(projected [K, B, 3U], h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias [3U])
+    -> (outputs [K, B, U], h_K)`` for sigmoid/tanh GRUs, with its backward written out."""
+
+    @tf.custom_gradient
+    def gru_sequence(projected, h0, recurrent_kernel, recurrent_bias):
+        units = recurrent_kernel.shape[0]
+        steps = tf.shape(projected)[0]
+        xs = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
+        gate_kernel = recurrent_kernel[:, :2 * units]
+        candidate_kernel = recurrent_kernel[:, 2 * units:]
+
+        def body(t, h, saved):
+            x_gates, x_candidate = tf.split(xs.read(t), [2 * units, units], axis=1)
+            if reset_after:
+                inner = tf.nn.bias_add(tf.matmul(h, recurrent_kernel), recurrent_bias)
+                inner_gates, aux = tf.split(inner, [2 * units, units], axis=1)
+            else:
+                inner_gates = tf.matmul(h, gate_kernel)
+            z, r = tf.split(tf.sigmoid(x_gates + inner_gates), 2, axis=1)
+            if reset_after:
+                candidate = r * aux  # aux: the candidate's recurrent term
+            else:
+                aux = r * h  # aux: the reset state entering the candidate matmul
+                candidate = tf.matmul(aux, candidate_kernel)
+            hh = tf.tanh(x_candidate + candidate)
+            h = z * h + (1 - z) * hh
+            saved = [a.write(t, v) for a, v in zip(saved, (h, z, r, hh, aux))]
+            return t + 1, h, saved
+
+        _, h_last, saved = tf.while_loop(
+            lambda t, *_: t < steps, body,
+            (tf.constant(0), h0, _arrays(projected.dtype, steps, 5)))
+        outputs, *gates = [array.stack() for array in saved]  # z, r, hh, aux: [K, B, U]
+
+        def grad(d_outputs, d_last):
+            d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+            d_last = tf.zeros_like(h0) if d_last is None else d_last
+            previous = _previous(h0, outputs)
+            step_values = _unstacked([d_outputs, previous] + gates)
+
+            def back(i, dh, d_projected, d_inner):
+                t = steps - 1 - i
+                d_output, h_prev, z, r, hh, aux = _reads(step_values, t)
+                dh = dh + d_output
+                d_pre_candidate = dh * (1 - z) * (1 - hh * hh)
+                dz = dh * (h_prev - hh)
+                dh_prev = dh * z
+                if reset_after:
+                    dr = d_pre_candidate * aux
+                    d_inner_candidate = d_pre_candidate * r
+                else:
+                    d_reset_state = tf.matmul(d_pre_candidate, candidate_kernel,
+                                              transpose_b=True)
+                    dr = d_reset_state * h_prev
+                    dh_prev += d_reset_state * r
+                d_gates = tf.concat([dz * z * (1 - z), dr * r * (1 - r)], axis=1)
+                if reset_after:
+                    d_in = tf.concat([d_gates, d_inner_candidate], axis=1)
+                    dh_prev += tf.matmul(d_in, recurrent_kernel, transpose_b=True)
+                else:
+                    d_in = d_gates
+                    dh_prev += tf.matmul(d_in, gate_kernel, transpose_b=True)
+                d_projected = d_projected.write(
+                    t, tf.concat([d_gates, d_pre_candidate], axis=1))
+                return i + 1, dh_prev, d_projected, d_inner.write(t, d_in)
+
+            _, d_h0, d_projected, d_inner = tf.while_loop(
+                lambda i, *_: i < steps, back,
+                (tf.constant(0), d_last) + tuple(_arrays(outputs.dtype, steps, 2)))
+            d_projected, d_inner = d_projected.stack(), d_inner.stack()
+            d_kernel = tf.matmul(_flat_steps(previous), _flat_steps(d_inner), transpose_a=True)
+            if reset_after:
+                d_bias = tf.reduce_sum(_flat_steps(d_inner), axis=0)
+            else:
+                d_candidate = tf.matmul(_flat_steps(gates[3]),
+                                        _flat_steps(d_projected[..., 2 * units:]),
+                                        transpose_a=True)
+                d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
+                d_bias = tf.zeros_like(recurrent_bias)
+            return d_projected, d_h0, d_kernel, d_bias
+
+        return (outputs, h_last), grad
+
+    return gru_sequence
+
+
+@tf.custom_gradient
+def _lstm_sequence(projected, h0, c0, recurrent_kernel):
+    """``(projected [K, B, 4U], h0, c0 [B, U], recurrent_kernel [U, 4U])
+    -> (outputs [K, B, U], h_K, c_K)`` for sigmoid/tanh LSTMs, with its backward written out."""
+    steps = tf.shape(projected)[0]
+    xs = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
+
+    def body(t, h, c, saved):
+        z = xs.read(t) + tf.matmul(h, recurrent_kernel)
+        z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
+        i, f, o, g = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.sigmoid(z_o), tf.tanh(z_c)
+        c = f * c + i * g
+        tanh_c = tf.tanh(c)
+        h = o * tanh_c
+        saved = [a.write(t, v) for a, v in zip(saved, (h, c, i, f, o, g, tanh_c))]
+        return t + 1, h, c, saved
+
+    _, h_last, c_last, saved = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (tf.constant(0), h0, c0, _arrays(projected.dtype, steps, 7)))
+    outputs, cells, *gates = [array.stack() for array in saved]  # gates: i, f, o, g, tanh(c)
+
+    def grad(d_outputs, d_h_last, d_c_last):
+        d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+        d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
+        d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
+        step_values = _unstacked([d_outputs, _previous(c0, cells)] + gates)
+
+        def back(k, dh, dc, d_projected):
+            t = steps - 1 - k
+            d_output, c_prev, i, f, o, g, tanh_c = _reads(step_values, t)
+            dh = dh + d_output
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+            dz = tf.concat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                            dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=1)
+            dh_prev = tf.matmul(dz, recurrent_kernel, transpose_b=True)
+            return k + 1, dh_prev, dc * f, d_projected.write(t, dz)
+
+        _, d_h0, d_c0, d_projected = tf.while_loop(
+            lambda k, *_: k < steps, back,
+            (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(outputs.dtype, size=steps)))
+        d_projected = d_projected.stack()
+        d_kernel = tf.matmul(_flat_steps(_previous(h0, outputs)), _flat_steps(d_projected),
+                             transpose_a=True)
+        return d_projected, d_h0, d_c0, d_kernel
+
+    return (outputs, h_last, c_last), grad
