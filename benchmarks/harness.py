@@ -12,8 +12,8 @@ def measure(step, repeats: int) -> dict:
     """Runs `step()` once (warm-up, tracing included), then `repeats` times.
 
     `step()` must return something whose `.numpy()`-able leaves force the computation.
-    Returns the first-call and median step seconds and the peak RSS growth (MB) over the whole
-    measurement, from the RSS before the first call.
+    Returns the first-call and median step seconds (the first call's with repeats=0) and the
+    peak RSS growth (MB) over the whole measurement, from the RSS before the first call.
     """
     def force(result):
         for leaf in (result if isinstance(result, (list, tuple)) else [result]):
@@ -32,20 +32,45 @@ def measure(step, repeats: int) -> dict:
         force(step())
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times.sort()
+    times = sorted(times) or [first]
     return {"first_s": first, "step_s": times[len(times) // 2], "peak_mb": peak / 1024,
             "growth_mb": (peak - base) / 1024}
 
 
-def run_worker(script: str, *args) -> dict:
-    """Runs `script --worker args...` in a fresh process; its last stdout line is JSON."""
+def _rss_gb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_worker(script: str, *args, cap_gb: float = 0.0) -> dict:
+    """Runs `script --worker args...` in a fresh process; its last stdout line is JSON.
+
+    With `cap_gb`, a worker whose resident memory passes it is stopped (Linux /proc), and the
+    row says so: that is how full BPTT "cannot run" at long T without swapping the machine.
+    """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, script, "--worker", *map(str, args)],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        lines = (out.stderr.strip() or "failed").splitlines()
+    process = subprocess.Popen([sys.executable, script, "--worker", *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    peak = 0.0
+    while cap_gb and process.poll() is None:
+        peak = max(peak, _rss_gb(process.pid))
+        if peak > cap_gb:
+            process.kill()
+            process.communicate()
+            return {"skipped": f"stopped at RSS > {cap_gb:g} GB"}
+        time.sleep(0.2)
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        lines = (stderr.strip() or "failed").splitlines()
         return {"error": lines[-1][:120]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def markdown_table(rows: list, key: str, key_label, baseline: str, ms: bool = False) -> str:

@@ -1,14 +1,26 @@
-"""Step time and peak memory of exact/truncated chunked BPTT against one-tape full BPTT.
+"""Step time and peak memory of chunked BPTT against one-tape full BPTT and the alternatives.
 
-Reference set-up (DESIGN §6, seed 001): B=34, F=200, GRU 64+32, Dense 3, L1 loss.
-Each (method, T) runs in its own process, so peak RSS is that method's alone; times are medians
-of several steps after a warm-up step (which includes tracing). Compare ratios from one run: the
-machines are shared and noisy.
+Two sweeps, each (method, T) in its own process so that peak RSS is that method's alone; times
+are medians of several steps after a warm-up step (which includes tracing). Compare ratios from
+one run: the machines are shared and noisy.
 
-    python benchmarks/run.py --quick          # T = 1000, 2000
-    python benchmarks/run.py --lengths 1000 4000 16000
+speed (DESIGN §6 reference set-up, seed 001: B=34, F=200, GRU 64+32, Dense 3, L1 loss, K=100):
+  full_bptt       one tape over Keras GRU layers (the reference)
+  exact_eager     StatefulGRUChain, mode="exact", backend="eager"
+  exact_graph     the same, backend="graph" (tf.gradients)
+  recompute_grad  one tape over the chunks, each wrapped in tf.recompute_grad (the alternative)
+  truncated       StatefulGRUChain, mode="truncated", backprop_chunks=1
+  keras_loop      hand-written truncated loop: one compiled tape per chunk over Keras GRU layers
 
-Writes benchmarks/results.md (a markdown table) and benchmarks/results.png.
+scale (B=8, F=16, GRU 64, Dense 1, chunk_size="auto"; inputs from a ChunkSource, so only the
+model's memory is measured; one step each, tracing included; full BPTT gets the whole array and
+is stopped above --cap-gb):
+  full_bptt, exact_auto (K ~ sqrt(T)), exact_levels2 (K ~ T^(1/3), two-level checkpointing)
+
+    python benchmarks/run.py --quick        # speed at T = 1000, 2000; scale at T = 16k, 64k
+    python benchmarks/run.py                # speed at 1k, 2k, 4k; scale at 16k, 64k, 256k, 1M
+
+Writes benchmarks/results_speed.md and results_scale.md (tables) and a PNG plot of each.
 """
 
 import argparse
@@ -16,8 +28,10 @@ import json
 
 from harness import markdown_table, measure, run_worker, save  # noqa: E402 (benchmarks/ is the script folder)
 
-METHODS = ("full_bptt", "exact_eager", "exact_graph", "truncated")
-BATCH, FEATURES, UNITS, LABELS, CHUNK = 34, 200, (64, 32), 3, 100
+SPEED = ("full_bptt", "exact_eager", "exact_graph", "recompute_grad", "truncated", "keras_loop")
+SCALE = ("full_bptt", "exact_auto", "exact_levels2")
+SPEED_SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
+SCALE_SETUP = {"batch": 8, "features": 16, "units": (64,), "labels": 1, "chunk": "auto"}
 
 
 def l1(y_true, y_pred):
@@ -25,60 +39,152 @@ def l1(y_true, y_pred):
     return tf.reduce_sum(tf.abs(y_true - y_pred))
 
 
-def make_step(method: str):
+def keras_stack(setup, stateful_input=False):
+    """The reference model: Keras GRU layers returning sequences and states, a Dense head."""
+    import keras
+    grus = [keras.layers.GRU(u, return_sequences=True, return_state=True)
+            for u in setup["units"]]
+    head = keras.layers.Dense(setup["labels"])
+
+    def run(x, states):
+        new_states = []
+        for gru, state in zip(grus, states):
+            x, state = gru(x, initial_state=state, training=True)
+            new_states.append(state)
+        return head(x), new_states
+
+    def variables():
+        return [v for layer in grus + [head] for v in layer.trainable_variables]
+
+    return run, variables
+
+
+def zero_states(setup, batch):
+    import tensorflow as tf
+    return [tf.zeros([batch, u]) for u in setup["units"]]
+
+
+def chunks_of(steps, size):
+    return [(start, min(start + size, steps)) for start in range(0, steps, size)]
+
+
+def make_step(method: str, setup: dict, steps: int):
     """A training-gradient function for `method`: (x, y) -> (loss, grads)."""
     import keras
     import tensorflow as tf
 
     import tbptt
+    batch = setup["batch"]
+    if method in ("full_bptt", "recompute_grad", "keras_loop"):
+        run, variables = keras_stack(setup)
+        run(tf.zeros([batch, 1, setup["features"]]), zero_states(setup, batch))  # build
     if method == "full_bptt":
-        model = keras.Sequential([keras.layers.GRU(UNITS[0], return_sequences=True),
-                                  keras.layers.GRU(UNITS[1], return_sequences=True),
-                                  keras.layers.Dense(LABELS)])
-
         @tf.function(reduce_retracing=True)
         def step(x, y):
             with tf.GradientTape() as tape:
-                loss = l1(y, model(x, training=True))
-            return loss, tape.gradient(loss, model.trainable_variables)
+                loss = l1(y, run(x, zero_states(setup, batch))[0])
+            return loss, tape.gradient(loss, variables())
         return step
-    mode = "truncated" if method == "truncated" else "exact"
-    backend = "graph" if method == "exact_graph" else "eager"
-    chain = tbptt.StatefulGRUChain(UNITS, head=keras.layers.Dense(LABELS), chunk_size=CHUNK,
-                                   mode=mode, backend=backend)
+    if method == "recompute_grad":
+        chunk = tf.recompute_grad(lambda x, *states: run(x, list(states)))
+
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                states, loss = zero_states(setup, batch), 0.0
+                for start, stop in chunks_of(steps, setup["chunk"]):
+                    outputs, states = chunk(x[:, start:stop], *states)
+                    loss += l1(y[:, start:stop], outputs)
+            return loss, tape.gradient(loss, variables())
+        return step
+    if method == "keras_loop":
+        @tf.function(reduce_retracing=True)
+        def chunk_step(x, y, states):
+            with tf.GradientTape() as tape:
+                outputs, states = run(x, states)
+                loss = l1(y, outputs)
+            return loss, tape.gradient(loss, variables()), states
+
+        def step(x, y):
+            states, loss, grads = zero_states(setup, batch), 0.0, None
+            for start, stop in chunks_of(steps, setup["chunk"]):
+                chunk_loss, chunk_grads, states = chunk_step(x[:, start:stop], y[:, start:stop],
+                                                             states)
+                loss += chunk_loss
+                grads = chunk_grads if grads is None else [a + b for a, b in zip(grads,
+                                                                                 chunk_grads)]
+            return loss, grads
+        return step
+    kwargs = {"mode": "truncated" if method == "truncated" else "exact",
+              "backend": "graph" if method == "exact_graph" else "eager",
+              "levels": 2 if method == "exact_levels2" else 1}
+    chain = tbptt.StatefulGRUChain(setup["units"], head=keras.layers.Dense(setup["labels"]),
+                                   chunk_size=setup["chunk"], **kwargs)
     return lambda x, y: chain.value_and_gradients(x, y, l1)[:2]
 
 
-def worker(method: str, steps: int, repeats: int) -> dict:
+def synthetic(setup, steps):
+    """Deterministic inputs and targets; as ChunkSources for the scale sweep."""
+    import numpy as np
+
+    import tbptt
+    batch, features, labels = setup["batch"], setup["features"], setup["labels"]
+
+    def window(start, stop, width, phase):
+        t = np.arange(start, stop, dtype="float64")[None, :, None]
+        b = np.arange(batch)[:, None, None]
+        f = np.arange(width)[None, None, :]
+        return np.sin(0.01 * t * (1 + f) + b + phase).astype("float32")
+
+    x = tbptt.ChunkSource(lambda a, b: window(a, b, features, 0.0), (batch, steps, features))
+    y = tbptt.ChunkSource(lambda a, b: window(a, b, labels, 1.0), (batch, steps, labels))
+    return x, y
+
+
+def worker(sweep: str, method: str, steps: int, repeats: int) -> dict:
     import numpy as np
     import tensorflow as tf
-    rng = np.random.RandomState(0)
-    x = tf.constant(rng.randn(BATCH, steps, FEATURES).astype("float32"))
-    y = tf.constant(rng.randn(BATCH, steps, LABELS).astype("float32"))
-    step = make_step(method)
+    setup = SPEED_SETUP if sweep == "speed" else SCALE_SETUP
+    if sweep == "speed":
+        rng = np.random.RandomState(0)
+        x = tf.constant(rng.randn(setup["batch"], steps, setup["features"]).astype("float32"))
+        y = tf.constant(rng.randn(setup["batch"], steps, setup["labels"]).astype("float32"))
+    else:
+        x, y = synthetic(setup, steps)
+        if method == "full_bptt":
+            x, y = (tf.constant(s.fetch(0, steps)) for s in (x, y))
+    step = make_step(method, setup, steps)
     return dict(measure(lambda: step(x, y), repeats), method=method, T=steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T = 1000, 2000 only")
-    parser.add_argument("--lengths", type=int, nargs="*", default=[1000, 2000, 4000])
+    parser.add_argument("--quick", action="store_true",
+                        help="speed at T = 1000, 2000; scale at T = 16k, 64k")
+    parser.add_argument("--speed", type=int, nargs="*", default=[1000, 2000, 4000])
+    parser.add_argument("--scale", type=int, nargs="*",
+                        default=[16_000, 64_000, 256_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--cap-gb", type=float, default=12.0,
+                        help="stop a process whose RSS passes this (full BPTT at long T)")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        method, steps, repeats = args.worker
-        print(json.dumps(worker(method, int(steps), int(repeats))))
+        sweep, method, steps, repeats = args.worker
+        print(json.dumps(worker(sweep, method, int(steps), int(repeats))))
         return
-    lengths = [1000, 2000] if args.quick else args.lengths
-    rows = []
-    for steps in lengths:
-        for method in METHODS:
-            rows.append(dict(run_worker(__file__, method, steps, args.repeats), method=method,
-                             T=steps))
-            print(json.dumps(rows[-1]), flush=True)
-    save(rows, "results", markdown_table(rows, "T", "T", "full_bptt"), "T", METHODS, "T",
-         xlog=True)
+    speed = [1000, 2000] if args.quick else args.speed
+    scale = [16_000, 64_000] if args.quick else args.scale
+    for sweep, lengths, methods in (("speed", speed, SPEED), ("scale", scale, SCALE)):
+        rows = []
+        for steps in lengths:
+            for method in methods:
+                repeats = args.repeats if sweep == "speed" else 0  # one step at scale
+                row = run_worker(__file__, sweep, method, steps, repeats, cap_gb=args.cap_gb)
+                rows.append(dict(row, method=method, T=steps))
+                print(json.dumps(rows[-1]), flush=True)
+        save(rows, f"results_{sweep}", markdown_table(rows, "T", "T", "full_bptt"), "T",
+             methods, "T", xlog=True)
 
 
 if __name__ == "__main__":
