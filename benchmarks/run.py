@@ -176,6 +176,8 @@ def main() -> None:
     speed = [1000, 2000] if args.quick else args.speed
     scale = [16_000, 64_000] if args.quick else args.scale
     for sweep, lengths, methods in (("speed", speed, SPEED), ("scale", scale, SCALE)):
+        if not lengths:
+            continue
         rows = []
         for steps in lengths:
             for method in methods:
