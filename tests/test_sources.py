@@ -90,3 +90,23 @@ def test_a_failing_fetch_surfaces_and_the_chain_still_works():
         model.value_and_gradients(bad, y, l1_loss)
     again = model.value_and_gradients(x, y, l1_loss)
     assert_all_close(again.grads, expected.grads, 0.0)
+
+
+@pytest.mark.parametrize("chunk_size", [4, "auto"])
+def test_forward_over_a_source_equals_in_memory_and_is_differentiable(tmp_path, chunk_size):
+    x = make_sequence(3, 14, 4, "float64")
+    model = tbptt.StatefulGRUChain((5, 3), head=keras.layers.Dense(2, dtype="float64"),
+                                   chunk_size=chunk_size, dtype="float64")
+    state = tf.nest.map_structure(lambda s: s + 0.1, model.initial_state(3))
+    weights = make_sequence(3, 14, 2, "float64", offset=0.3)
+
+    def outputs_and_grads(inputs):
+        with tf.GradientTape() as tape:
+            outputs, final = model(inputs, state)
+            loss = tf.reduce_sum(outputs * weights) + tf.reduce_sum(final[0])
+        return [outputs, *final] + tape.gradient(loss, model.trainable_variables)
+
+    expected = outputs_and_grads(x)
+    actual = outputs_and_grads(memmap(tmp_path, "x.dat", x))
+    assert actual[0].shape == (3, 14, 2)
+    assert_all_close(actual, expected, 1e-12, "forward over a memmap")

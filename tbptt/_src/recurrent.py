@@ -326,13 +326,17 @@ class RecurrentChain(tf.Module):
         """Plain forward pass over the whole sequence, differentiable by an outer tape.
 
         Args:
-          inputs: ``[B, T, F]``.
+          inputs: ``[B, T, F]``, or a chunk source (`ChunkSource`, a memmap, an h5py/zarr
+            array): it is then read one chunk at a time; the outputs are still whole.
           initial_state: a state nest (see `initial_state`); None for zeros.
           training: passed to Keras cells and head.
 
         Returns:
           ``(outputs [B, T, O], final_state)``: the head's predictions and the last state.
         """
+        source = sources_lib.as_source("inputs", inputs)
+        if source is not None:
+            return self._call_source(source, initial_state, training)
         inputs = checks.sequence_inputs(inputs, self._dtype)
         self.build(inputs.shape)
         leaves = self._state_leaves("initial_state", initial_state, _batch_size(inputs))
@@ -343,6 +347,38 @@ class RecurrentChain(tf.Module):
     def _forward_impl(self, args: dict, training: bool):
         top, leaves = self._run_chunk(args["inputs"], args["state"], training=training)
         return self._apply_head(layers.time_major(top), training=training), leaves
+
+    def _call_source(self, source, initial_state, training: bool):
+        spec = self._source_spec(source)
+        self.build(spec.shape)
+        args = {"state": self._state_leaves("initial_state", initial_state, spec.shape[0]),
+                "chunk_size": self._chunk_size_for(spec.shape),
+                "steps": tf.constant(spec.shape[1], tf.int32)}
+        fn = self._functions.get("call_source", self._forward_source_impl,
+                                 (training, _relaxed_spec(spec)), self._compiled)
+        self._live_sources = {"inputs": source}
+        try:
+            outputs, leaves = fn(args)
+        finally:
+            self._live_sources = {}
+        return outputs, self._pack(list(leaves))
+
+    def _forward_source_impl(self, args: dict, static):
+        """The forward over chunks read from the live source, outputs gathered time-major."""
+        training, spec = static
+        reader = _SourceReader(lambda: self._live_sources["inputs"], spec)
+        steps, size = args["steps"], args["chunk_size"]
+
+        def body(k, leaves, outputs):
+            window = reader.read(k * size, tf.minimum((k + 1) * size, steps))
+            top, leaves = self._run_chunk(window, leaves, training=training)
+            predictions = self._apply_head(layers.time_major(top), training=training)
+            return k + 1, leaves, outputs.write(k, layers.time_major(predictions))
+
+        outputs = tf.TensorArray(self._dtype, size=(steps + size - 1) // size, infer_shape=False)
+        _, leaves, outputs = tf.while_loop(lambda k, *_: k * size < steps, body,
+                                           (tf.constant(0), list(args["state"]), outputs))
+        return layers.time_major(outputs.concat()), leaves
 
     def _run_chunk(self, inputs: tf.Tensor, leaves: list, *, training: bool,
                    with_outputs: bool = True):
