@@ -19,7 +19,7 @@ configs = st.fixed_dictionaries({
     "layers": st.lists(st.sampled_from(["gru", "lstm", "simple", "custom"]), min_size=1,
                        max_size=2),
     "head": st.booleans(),
-    "mode": st.sampled_from(["exact", 1, 2, 3]),
+    "mode": st.sampled_from(["exact", "exact_levels2", 1, 2, 3]),  # int: truncated, m
     "backend": st.sampled_from(["eager", "graph"]),
     "reduction": st.sampled_from(["sum", "mean"]),
 })
@@ -28,12 +28,13 @@ configs = st.fixed_dictionaries({
 def check(config):
     features = config["features"]
     cells = [cell for kind in config["layers"] for cell in make_cells(kind, features, "float64")]
-    truncated = config["mode"] != "exact"
+    truncated = isinstance(config["mode"], int)
     chain = tbptt.RecurrentChain(
         cells, chunk_size=config["chunk_size"], backend=config["backend"],
         head=keras.layers.Dense(2, dtype="float64") if config["head"] else None,
         mode="truncated" if truncated else "exact",
         backprop_chunks=config["mode"] if truncated else 1,
+        levels=2 if config["mode"] == "exact_levels2" else 1,
         reduction=config["reduction"], dtype="float64")
     x = make_sequence(config["batch"], config["steps"], features, "float64")
     chain.build(x.shape)
