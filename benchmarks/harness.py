@@ -12,8 +12,9 @@ def measure(step, repeats: int) -> dict:
     """Runs `step()` once (warm-up, tracing included), then `repeats` times.
 
     `step()` must return something whose `.numpy()`-able leaves force the computation.
-    Returns the first-call and median step seconds (the first call's with repeats=0) and the
-    peak RSS growth (MB) over the whole measurement, from the RSS before the first call.
+    Returns the first-call and median step seconds (the first call's with repeats=0), the
+    process's peak RSS (MB) and its growth over the measurement: the peak minus the resident
+    memory just before the first call (inputs already made, so they do not count).
     """
     def force(result):
         for leaf in (result if isinstance(result, (list, tuple)) else [result]):
@@ -22,7 +23,7 @@ def measure(step, repeats: int) -> dict:
             elif hasattr(leaf, "numpy"):
                 leaf.numpy()
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _rss_gb(os.getpid()) * 2**20  # KB, now (ru_maxrss is a high-water mark)
     start = time.perf_counter()
     force(step())
     first = time.perf_counter() - start
