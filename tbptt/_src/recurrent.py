@@ -375,7 +375,8 @@ class RecurrentChain(tf.Module):
             predictions = self._apply_head(layers.time_major(top), training=training)
             return k + 1, leaves, outputs.write(k, layers.time_major(predictions))
 
-        outputs = tf.TensorArray(self._dtype, size=(steps + size - 1) // size, infer_shape=False)
+        outputs = tf.TensorArray(self._dtype, size=(steps + size - 1) // size, infer_shape=False,
+                                 element_shape=tf.TensorShape([None, None, None]))
         _, leaves, outputs = tf.while_loop(lambda k, *_: k * size < steps, body,
                                            (tf.constant(0), list(args["state"]), outputs))
         return layers.time_major(outputs.concat()), leaves
