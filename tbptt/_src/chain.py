@@ -27,6 +27,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
+# Segments run one after the other anyway (each needs the carry of the one before), but a
+# while_loop may start up to `parallel_iterations` iterations' carry-independent work early: the
+# backward's recompute of segments ahead, each holding its activations. Two lets one segment's
+# recompute overlap the previous one's backward; the default (10) would keep ten alive.
+PARALLEL_SEGMENTS = 2
+
 Advance = Callable[[tf.Tensor, list], list]
 Segment = Callable[[tf.Tensor, list], tuple]
 StageFn = Callable[[list], tuple]
@@ -98,7 +104,8 @@ def _forward(segments: Segments, carry: list, keep: bool = True):
         return k + 1, list(segments.advance(k, carry)), boundaries
 
     _, carry, boundaries = tf.while_loop(
-        lambda k, *_: k < segments.count, body, (tf.constant(0), list(carry), boundaries))
+        lambda k, *_: k < segments.count, body, (tf.constant(0), list(carry), boundaries),
+        parallel_iterations=PARALLEL_SEGMENTS)
     return carry, (boundaries if keep else None)
 
 
@@ -136,7 +143,7 @@ def _two_level(segments: Segments, carry: list, variables: list, vjp, loss_dtype
     _, initial_carry_grad, grads, loss = tf.while_loop(
         lambda i, *_: i < groups.count, body,
         (tf.constant(0), list(final_carry_grad), [tf.zeros_like(v) for v in variables],
-         tf.zeros([], loss_dtype)))
+         tf.zeros([], loss_dtype)), parallel_iterations=PARALLEL_SEGMENTS)
     return ChainGradients(loss, grads, final_carry, initial_carry_grad)
 
 
@@ -171,7 +178,8 @@ def _backward(segments: Segments, boundaries: list, variables: list, vjp, loss_d
     grads = [tf.zeros_like(v) for v in variables]
     _, carried, grads, loss = tf.while_loop(
         lambda k, *_: k < segments.count, body,
-        (tf.constant(0), carried, grads, tf.zeros([], loss_dtype)))
+        (tf.constant(0), carried, grads, tf.zeros([], loss_dtype)),
+        parallel_iterations=PARALLEL_SEGMENTS)
     return loss, grads, carried
 
 
@@ -188,7 +196,8 @@ def _truncated_one_sweep(segments: Segments, carry: list, variables: list, vjp, 
     grads = [tf.zeros_like(v) for v in variables]
     _, final_carry, grads, loss = tf.while_loop(
         lambda k, *_: k < segments.count, body,
-        (tf.constant(0), list(carry), grads, tf.zeros([], loss_dtype)))
+        (tf.constant(0), list(carry), grads, tf.zeros([], loss_dtype)),
+        parallel_iterations=PARALLEL_SEGMENTS)
     initial_carry_grad = [tf.zeros_like(c) for c in carry]
     return ChainGradients(loss, grads, final_carry, initial_carry_grad)
 
