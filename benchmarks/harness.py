@@ -107,9 +107,9 @@ def markdown_table(rows: list, key: str, key_label, baseline: str, ms: bool = Fa
             reason = r.get("skipped") or "failed: " + r.get("error", "?")
             lines.append(f"| {r[key]} | {r['method']} | {reason} | | | |")
             continue
-        ratio = r["step_s"] / base[r[key]]["step_s"] if r[key] in base else float("nan")
+        ratio = f"{r['step_s'] / base[r[key]]['step_s']:.2f}" if r[key] in base else "-"
         step = r["step_s"] * (1e3 if ms else 1)
-        lines.append(f"| {r[key]} | {r['method']} | {step:.{1 if ms else 3}f} | {ratio:.2f} | "
+        lines.append(f"| {r[key]} | {r['method']} | {step:.{1 if ms else 3}f} | {ratio} | "
                      f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
     return "\n".join(lines)
 
