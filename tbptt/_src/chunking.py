@@ -17,6 +17,8 @@ With a budget, K is the largest chunk that fits: fewer chunks, less loop overhea
 import math
 from typing import NamedTuple, Optional
 
+import tensorflow as tf
+
 from tbptt._src import checks
 
 FLOATS_PER_STATE_VALUE_AND_STEP = 10
@@ -36,6 +38,11 @@ class ChunkPlan(NamedTuple):
 def group_size(chunks: int) -> int:
     """Chunks per coarse segment with levels=2: about sqrt(chunks)."""
     return max(1, math.ceil(math.sqrt(chunks)))
+
+
+def group_size_tensor(chunks: tf.Tensor) -> tf.Tensor:
+    """`group_size` inside the compiled chunk loop, where the chunk count is a tensor."""
+    return tf.cast(tf.math.ceil(tf.sqrt(tf.cast(chunks, tf.float64))), tf.int32)
 
 
 def estimated_bytes(steps: int, chunk_size: int, levels: int, batch: int, state_floats: int,

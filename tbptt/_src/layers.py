@@ -139,23 +139,9 @@ class _GRURunner(_FusedRunner):
         return self._weight("bias")[1]
 
     def _step(self, x, states, recurrent_kernel, recurrent_bias):
-        cell, units = self._cell, self._cell.units
-        (h,) = states
-        x_gates, x_candidate = tf.split(x, [2 * units, units], axis=1)
-        if cell.reset_after:
-            inner = tf.matmul(h, recurrent_kernel)
-            if recurrent_bias is not None:
-                inner = tf.nn.bias_add(inner, recurrent_bias)
-            inner_gates, inner_candidate = tf.split(inner, [2 * units, units], axis=1)
-        else:
-            inner_gates = tf.matmul(h, recurrent_kernel[:, :2 * units])
-        z, r = tf.split(cell.recurrent_activation(x_gates + inner_gates), 2, axis=1)
-        if cell.reset_after:
-            candidate = r * inner_candidate
-        else:
-            candidate = tf.matmul(r * h, recurrent_kernel[:, 2 * units:])
-        hh = cell.activation(x_candidate + candidate)
-        h = z * h + (1 - z) * hh
+        cell = self._cell
+        h = _gru_step(x, states[0], recurrent_kernel, recurrent_bias, cell.reset_after,
+                      cell.activation, cell.recurrent_activation)[0]
         return h, [h]
 
     def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
@@ -178,17 +164,57 @@ class _LSTMRunner(_FusedRunner):
     def _step(self, x, states, recurrent_kernel, recurrent_bias):
         del recurrent_bias
         cell = self._cell
-        h, c = states
-        z_i, z_f, z_c, z_o = tf.split(x + tf.matmul(h, recurrent_kernel), 4, axis=1)
-        c = (cell.recurrent_activation(z_f) * c
-             + cell.recurrent_activation(z_i) * cell.activation(z_c))
-        h = cell.recurrent_activation(z_o) * cell.activation(c)
+        h, c = _lstm_step(x, states[0], states[1], recurrent_kernel, cell.activation,
+                          cell.recurrent_activation)[:2]
         return h, [h, c]
 
     def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
         del recurrent_bias
         outputs, h, c = _lstm_sequence(xs, states[0], states[1], recurrent_kernel)
         return outputs, [h, c]
+
+
+# -- one step on a projected input, shared by the runners and the hand-written loops ---------
+
+
+def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation,
+              recurrent_activation):
+    """Keras `GRUCell.call` on ``x = inputs @ kernel + input_bias`` ``[B, 3U]``.
+
+    Returns ``(h, z, r, hh, aux)``: the new state, the gates, the candidate, and what the
+    backward needs of the candidate's recurrent term (reset_after: ``h @ U_h + b``; else the
+    reset state ``r * h``).
+    """
+    units = recurrent_kernel.shape[0]
+    x_gates, x_candidate = tf.split(x, [2 * units, units], axis=1)
+    if reset_after:
+        inner = tf.matmul(h, recurrent_kernel)
+        if recurrent_bias is not None:
+            inner = tf.nn.bias_add(inner, recurrent_bias)
+        inner_gates, aux = tf.split(inner, [2 * units, units], axis=1)
+    else:
+        inner_gates = tf.matmul(h, recurrent_kernel[:, :2 * units])
+    z, r = tf.split(recurrent_activation(x_gates + inner_gates), 2, axis=1)
+    if reset_after:
+        candidate = r * aux
+    else:
+        aux = r * h
+        candidate = tf.matmul(aux, recurrent_kernel[:, 2 * units:])
+    hh = activation(x_candidate + candidate)
+    return z * h + (1 - z) * hh, z, r, hh, aux
+
+
+def _lstm_step(x, h, c, recurrent_kernel, activation, recurrent_activation):
+    """Keras `LSTMCell.call` on ``x = inputs @ kernel + bias`` ``[B, 4U]``.
+
+    Returns ``(h, c, i, f, o, g, activation(c))``.
+    """
+    z_i, z_f, z_c, z_o = tf.split(x + tf.matmul(h, recurrent_kernel), 4, axis=1)
+    i, f, o = recurrent_activation(z_i), recurrent_activation(z_f), recurrent_activation(z_o)
+    g = activation(z_c)
+    c = f * c + i * g
+    activation_c = activation(c)
+    return o * activation_c, c, i, f, o, g, activation_c
 
 
 # -- hand-written backward passes of whole time loops ---------------------------------------
@@ -235,22 +261,9 @@ def _gru_sequence(reset_after: bool):
         candidate_kernel = recurrent_kernel[:, 2 * units:]
 
         def body(t, h, saved):
-            x_gates, x_candidate = tf.split(xs.read(t), [2 * units, units], axis=1)
-            if reset_after:
-                inner = tf.nn.bias_add(tf.matmul(h, recurrent_kernel), recurrent_bias)
-                inner_gates, aux = tf.split(inner, [2 * units, units], axis=1)
-            else:
-                inner_gates = tf.matmul(h, gate_kernel)
-            z, r = tf.split(tf.sigmoid(x_gates + inner_gates), 2, axis=1)
-            if reset_after:
-                candidate = r * aux  # aux: the candidate's recurrent term
-            else:
-                aux = r * h  # aux: the reset state entering the candidate matmul
-                candidate = tf.matmul(aux, candidate_kernel)
-            hh = tf.tanh(x_candidate + candidate)
-            h = z * h + (1 - z) * hh
-            saved = [a.write(t, v) for a, v in zip(saved, (h, z, r, hh, aux))]
-            return t + 1, h, saved
+            values = _gru_step(xs.read(t), h, recurrent_kernel, recurrent_bias, reset_after,
+                               tf.tanh, tf.sigmoid)
+            return t + 1, values[0], [a.write(t, v) for a, v in zip(saved, values)]
 
         _, h_last, saved = tf.while_loop(
             lambda t, *_: t < steps, body,
@@ -317,19 +330,13 @@ def _lstm_sequence(projected, h0, c0, recurrent_kernel):
     xs = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
 
     def body(t, h, c, saved):
-        z = xs.read(t) + tf.matmul(h, recurrent_kernel)
-        z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
-        i, f, o, g = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.sigmoid(z_o), tf.tanh(z_c)
-        c = f * c + i * g
-        tanh_c = tf.tanh(c)
-        h = o * tanh_c
-        saved = [a.write(t, v) for a, v in zip(saved, (h, c, i, f, o, g, tanh_c))]
-        return t + 1, h, c, saved
+        values = _lstm_step(xs.read(t), h, c, recurrent_kernel, tf.tanh, tf.sigmoid)
+        return t + 1, values[0], values[1], [a.write(t, v) for a, v in zip(saved, values)]
 
     _, h_last, c_last, saved = tf.while_loop(
         lambda t, *_: t < steps, body,
         (tf.constant(0), h0, c0, _arrays(projected.dtype, steps, 7)))
-    outputs, cells, *gates = [array.stack() for array in saved]  # gates: i, f, o, g, tanh(c)
+    outputs, cells, *gates = [array.stack() for array in saved]  # i, f, o, g, tanh(c)
 
     def grad(d_outputs, d_h_last, d_c_last):
         d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs

@@ -305,11 +305,14 @@ class RecurrentChain(tf.Module):
     def _step(self, x: tf.Tensor, leaves: list, *, training: bool):
         """One time step of all layers: ``x [B, F]`` -> ``(top output [B, U], new leaves)``."""
         new_leaves = []
-        for cell, layer_state in zip(self._cells, self._pack(list(leaves))):
-            states = list(layer_state) if isinstance(layer_state, tuple) else [layer_state]
+        for cell, states in zip(self._cells, self._per_layer(leaves)):
             x, new_states = compat.call_layer(cell, x, states, training=training)
             new_leaves.extend(tf.nest.flatten(new_states))
         return x, new_leaves
+
+    def _per_layer(self, leaves: list) -> list:
+        """The flat state as one list of tensors per layer."""
+        return [list(s) if isinstance(s, tuple) else [s] for s in self._pack(list(leaves))]
 
     def _apply_head(self, top: tf.Tensor, *, training: bool) -> tf.Tensor:
         if self._head is None:
@@ -384,13 +387,8 @@ class RecurrentChain(tf.Module):
     def _run_chunk(self, inputs: tf.Tensor, leaves: list, *, training: bool,
                    with_outputs: bool = True):
         """All layers over ``inputs [B, K, F]``: (top outputs ``[K, B, U]`` or None, leaves)."""
-        per_layer, start = [], 0
-        for size in self._state_sizes:
-            count = len(_leaf_shapes(size))
-            per_layer.append(list(leaves[start:start + count]))
-            start += count
-        top, per_layer = layers.run_layers(self._runners, per_layer, inputs, training=training,
-                                           with_outputs=with_outputs)
+        top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), inputs,
+                                           training=training, with_outputs=with_outputs)
         return top, [leaf for layer in per_layer for leaf in layer]
 
     # -- chunked value and gradients -----------------------------------------------------------
@@ -484,8 +482,8 @@ class RecurrentChain(tf.Module):
             args[name] = _SourceReader(lambda n=name: self._live_sources[n], spec)
         segments = self._segments(args, loss_fn)
         group = None
-        if self._levels == 2:  # about sqrt(chunks) chunks per group, as chunking.group_size
-            group = tf.cast(tf.math.ceil(tf.sqrt(tf.cast(segments.count, tf.float64))), tf.int32)
+        if self._levels == 2:
+            group = chunking.group_size_tensor(segments.count)
         result = chain_lib.value_and_gradients(
             segments, args["state"], self.trainable_variables, vjp_lib.get_vjp(self._backend),
             loss_dtype=self._loss_dtype(),
