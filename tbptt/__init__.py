@@ -1,6 +1,8 @@
 """tbptt: exact and truncated back-propagation through time over chunks of long sequences."""
 
 from tbptt import compat
+from tbptt import data
+from tbptt import keras
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StatefulGRUChain
 from tbptt._src.recurrent import unroll
@@ -20,6 +22,8 @@ __all__ = [
     "StageResult",
     "StatefulGRUChain",
     "compat",
+    "data",
+    "keras",
     "split_sequential",
     "unroll",
 ]

@@ -51,12 +51,14 @@ class ChainGradients(NamedTuple):
     grads: list
     final_carry: list
     initial_carry_grad: list
+    kept_carry: Optional[list] = None  # the carry entering segment `keep_carry_at`
 
 
 def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *,
                         loss_dtype: tf.DType, backprop_segments: Optional[int] = None,
                         final_carry_grad: Optional[list] = None,
-                        group: Optional[tf.Tensor] = None) -> ChainGradients:
+                        group: Optional[tf.Tensor] = None,
+                        keep_carry_at: Optional[tf.Tensor] = None) -> ChainGradients:
     """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
 
     Args:
@@ -71,16 +73,21 @@ def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *
         segment); a scalar G keeps every G-th one and re-runs each group of G segments as a
         chain of its own in the backward pass (memory n/G + G boundaries + one segment, for one
         more forward pass; see `_two_level`).
+      keep_carry_at: a segment index j in [0, n]: the carry entering segment j (s_j) is
+        returned as `kept_carry` (streaming keeps the state where its context window starts).
+        Not with `group` or `backprop_segments=1`.
 
     Returns:
-      `ChainGradients(loss, grads, final_carry, initial_carry_grad)`, grads aligned with
-      `variables`, the carries as flat lists.
+      `ChainGradients(loss, grads, final_carry, initial_carry_grad, kept_carry)`, grads aligned
+      with `variables`, the carries as flat lists.
     """
+    if keep_carry_at is not None and (group is not None or backprop_segments == 1):
+        raise ValueError("keep_carry_at needs the one-level chain with a carried cotangent.")
     if group is not None:
         return _two_level(segments, carry, variables, vjp, loss_dtype, group, final_carry_grad)
     if backprop_segments == 1:
         return _truncated_one_sweep(segments, carry, variables, vjp, loss_dtype)
-    final_carry, boundaries = _forward(segments, carry)
+    final_carry, boundaries, kept = _forward(segments, carry, keep_at=keep_carry_at)
     if final_carry_grad is None:
         final_carry_grad = [tf.zeros_like(c) for c in final_carry]
     ages = 1 if backprop_segments is None else backprop_segments - 1
@@ -89,24 +96,36 @@ def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *
     loss, grads, carried = _backward(segments, boundaries, variables, vjp, loss_dtype, carried,
                                      exact=backprop_segments is None)
     initial_carry_grad = [tf.add_n(list(leaves)) for leaves in zip(*carried)]
-    return ChainGradients(loss, grads, final_carry, initial_carry_grad)
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad, kept)
 
 
-def _forward(segments: Segments, carry: list, keep: bool = True):
-    """Runs `advance` over all segments; returns s_n and the TensorArrays of s_0 .. s_{n-1}
-    (None with keep=False)."""
+def _forward(segments: Segments, carry: list, keep: bool = True, keep_at=None):
+    """Runs `advance` over all segments.
+
+    Returns s_n, the TensorArrays of s_0 .. s_{n-1} (None with keep=False) and s_{keep_at}
+    (None without it). s_{keep_at} is selected as the loop passes it rather than read from the
+    TensorArray: executing eagerly, a TensorArray element can be read only once.
+    """
     boundaries = [tf.TensorArray(c.dtype, size=segments.count if keep else 0,
                                  element_shape=c.shape) for c in carry]
+    kept = list(carry)
 
-    def body(k, carry, boundaries):
+    def select(k, carry, kept):
+        if keep_at is None:
+            return kept
+        return [tf.where(tf.equal(k, keep_at), c, s) for c, s in zip(carry, kept)]
+
+    def body(k, carry, boundaries, kept):
         if keep:
             boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
-        return k + 1, list(segments.advance(k, carry)), boundaries
+        kept = select(k, carry, kept)
+        return k + 1, list(segments.advance(k, carry)), boundaries, kept
 
-    _, carry, boundaries = tf.while_loop(
-        lambda k, *_: k < segments.count, body, (tf.constant(0), list(carry), boundaries),
-        parallel_iterations=PARALLEL_SEGMENTS)
-    return carry, (boundaries if keep else None)
+    count, carry, boundaries, kept = tf.while_loop(
+        lambda k, *_: k < segments.count, body,
+        (tf.constant(0), list(carry), boundaries, kept), parallel_iterations=PARALLEL_SEGMENTS)
+    kept = select(count, carry, kept) if keep_at is not None else None
+    return carry, (boundaries if keep else None), kept
 
 
 def _two_level(segments: Segments, carry: list, variables: list, vjp, loss_dtype, group,
@@ -129,7 +148,7 @@ def _two_level(segments: Segments, carry: list, variables: list, vjp, loss_dtype
         return _forward(sub_chain(j), carry, keep=False)[0]
 
     groups = Segments((count + group - 1) // group, advance_group, None)
-    final_carry, boundaries = _forward(groups, carry)
+    final_carry, boundaries, _ = _forward(groups, carry)
     if final_carry_grad is None:
         final_carry_grad = [tf.zeros_like(c) for c in final_carry]
 

@@ -14,6 +14,9 @@ INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got
                    "Add a time axis with x[:, None, :] or a feature axis with x[..., None].")
 EMPTY_TIME_MSG = "inputs must have at least one time step, got shape {shape}."
 LEADING_DIMS_MSG = ("{name} must share [batch, time] = {expected} with inputs, got shape {shape}.")
+STEP_FLAGS_MSG = ("{name} must have shape [batch, time] = {expected} (one flag per row and step, "
+                  "True = {meaning}), got shape {shape}.")
+STEP_FLAGS_DTYPE_MSG = ("{name} must be bool (or 0/1 integers), got dtype {dtype}.")
 FEATURES_MSG = ("inputs must have {expected} features (the chain was built for that), got shape "
                 "{shape}. Make a new chain for a different feature size.")
 STATE_LEAVES_MSG = ("{name} must be a nest of {expected} tensors (one entry per layer, a tuple "
@@ -135,6 +138,24 @@ def per_step(name: str, value, inputs: tf.Tensor, dtype) -> tf.Tensor:
         raise ValueError(LEADING_DIMS_MSG.format(name=name, expected=expected,
                                                  shape=value.shape.as_list()))
     return value
+
+
+_FLAG_MEANING = {"reset": "start from a zero state before this step",
+                 "mask": "a real step, False = padding"}
+
+
+def step_flags(name: str, value, inputs) -> tf.Tensor:
+    """reset or mask: a ``[B, T]`` bool tensor matching inputs' [B, T]."""
+    value = as_tensor(name, value)
+    if not (value.dtype == tf.bool or value.dtype.is_integer):
+        raise TypeError(STEP_FLAGS_DTYPE_MSG.format(name=name, dtype=value.dtype.name))
+    expected = inputs.shape[:2].as_list()
+    got = value.shape.as_list() if value.shape.rank is not None else None
+    if got is None or len(got) != 2 or any(
+            e is not None and g is not None and e != g for e, g in zip(expected, got)):
+        raise ValueError(STEP_FLAGS_MSG.format(name=name, expected=expected, shape=got,
+                                               meaning=_FLAG_MEANING[name]))
+    return value if value.dtype == tf.bool else tf.not_equal(value, 0)
 
 
 def state_leaves(name: str, state, leaf_shapes, batch) -> list:

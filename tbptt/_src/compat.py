@@ -65,3 +65,10 @@ def accepts_positional(fn, count: int) -> bool:
     except ValueError:  # Builtins without a signature: assume yes.
         return True
     return True
+
+
+def is_mixed_precision(layer) -> bool:
+    """Whether a Keras layer computes in a 16-bit float with float32 variables."""
+    policy = getattr(layer, "dtype_policy", None)
+    name = getattr(policy, "name", policy)
+    return isinstance(name, str) and name.startswith("mixed_")

@@ -6,7 +6,13 @@ for all K steps at once. That is the same function, and it lets the input half o
 instead of K small ones, forward and backward. Only the recurrent half stays in the time loop.
 
 Any other cell runs as itself, one `cell(x_t, states)` call per step.
+
+Per-step flags (`StepFlags`): `reset` gives a row a fresh zero state before step t (episodes
+packed end to end), `mask` keeps a row's state through step t (padding). With flags, every cell
+runs step by step.
 """
+
+from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -23,19 +29,58 @@ def runner_for(cell):
     return _CellRunner(cell)
 
 
+class StepFlags(NamedTuple):
+    """Per-row, per-step flags of one chunk, time-major ``[K, B]`` bool (None: no flag)."""
+
+    reset: Optional[tf.Tensor] = None
+    mask: Optional[tf.Tensor] = None
+
+
+def _rows(flag: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """``[B]`` bool reshaped to broadcast against ``like [B, ...]``."""
+    return tf.reshape(flag, [-1] + [1] * (like.shape.rank - 1))
+
+
+def flagged(step):
+    """`step` with a reset before it and a mask after it: ``(x_t, states, reset_t, mask_t)``.
+
+    reset_t: rows whose state is zeroed before the step. mask_t: rows that take the step; the
+    others keep the state they entered with (after any reset).
+    """
+    def run(x, states, reset, mask):
+        if reset is not None:
+            states = [tf.where(_rows(reset, s), tf.zeros_like(s), s) for s in states]
+        y, new_states = step(x, states)
+        if mask is not None:
+            new_states = [tf.where(_rows(mask, s), n, s) for n, s in zip(new_states, states)]
+        return y, new_states
+    return run
+
+
 def time_major(xs: tf.Tensor) -> tf.Tensor:
     """``[B, K, ...] <-> [K, B, ...]``."""
     return tf.transpose(xs, [1, 0] + list(range(2, xs.shape.rank)))
 
 
-def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool):
-    """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``."""
+def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
+                      flags: Optional[StepFlags] = None):
+    """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``.
+
+    With `flags`, each step is `flagged` with the step's reset and mask.
+    """
     steps = tf.shape(xs)[0]
     inputs = tf.TensorArray(xs.dtype, size=steps).unstack(xs)
     outputs = tf.TensorArray(xs.dtype, size=steps) if with_outputs else None
+    with_flags = flagged(step) if flags is not None else None
+    flag_arrays = [None if f is None else tf.TensorArray(tf.bool, size=steps).unstack(f)
+                   for f in (flags or ())]
 
     def body(t, states, *outputs):
-        y, states = step(inputs.read(t), states)
+        if with_flags is None:
+            y, states = step(inputs.read(t), states)
+        else:
+            y, states = with_flags(inputs.read(t), states,
+                                   *[None if a is None else a.read(t) for a in flag_arrays])
         return (t + 1, list(states)) + ((outputs[0].write(t, y),) if with_outputs else ())
 
     loop_vars = (tf.constant(0), list(states)) + ((outputs,) if with_outputs else ())
@@ -44,7 +89,7 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool):
 
 
 def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
-               with_outputs: bool = True):
+               with_outputs: bool = True, flags: Optional[StepFlags] = None):
     """All layers over one chunk.
 
     Args:
@@ -63,7 +108,7 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
         projected = runner.project(xs, batch_major=index == 0)
         keep = with_outputs or index < len(runners) - 1
         xs, layer_states = runner.run(projected, layer_states, training=training,
-                                      with_outputs=keep)
+                                      with_outputs=keep, flags=flags)
         new_states.append(layer_states)
     return xs, new_states
 
@@ -87,11 +132,11 @@ class _CellRunner:
     def project(self, xs, batch_major: bool):
         return time_major(xs) if batch_major else xs
 
-    def run(self, xs, states, *, training: bool, with_outputs: bool):
+    def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None):
         def step(x, states):
             y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
             return y, tf.nest.flatten(new_states)
-        return unroll_time_major(step, xs, states, with_outputs=with_outputs)
+        return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
 
 
 class _FusedRunner:
@@ -114,14 +159,14 @@ class _FusedRunner:
     def project(self, xs, batch_major: bool):
         return _project(xs, self._weight("kernel"), self._input_bias(), batch_major)
 
-    def run(self, xs, states, *, training: bool, with_outputs: bool):
+    def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None):
         del training  # dropout is refused by the chain; nothing else depends on it
         recurrent_kernel = self._weight("recurrent_kernel")
         recurrent_bias = self._recurrent_bias()
-        if with_outputs and self._default_activations():
+        if with_outputs and flags is None and self._default_activations():
             return self._fused(xs, states, recurrent_kernel, recurrent_bias)
         step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)
-        return unroll_time_major(step, xs, states, with_outputs=with_outputs)
+        return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
 
 
 class _GRURunner(_FusedRunner):

@@ -140,6 +140,11 @@ class RecurrentChain(tf.Module):
             raise TypeError(checks.HEAD_MSG.format(value=head))
         self._head = head
         self._dtype = self._resolve_dtype(dtype)
+        # Under mixed precision the cells compute in float16/bfloat16, but the state carried
+        # across cuts (and dLoss/dstate carried back) stays float32, as Keras keeps variables:
+        # a long chain of 16-bit carries would lose the small gradients first.
+        self._state_dtype = tf.float32 if self._dtype in (tf.float16, tf.bfloat16) else (
+            self._dtype)
         self._state_sizes = [cell.state_size for cell in self._cells]
         self._leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self._features = None
@@ -213,7 +218,13 @@ class RecurrentChain(tf.Module):
 
     @property
     def dtype(self) -> tf.DType:
+        """The dtype the cells compute in."""
         return self._dtype
+
+    @property
+    def state_dtype(self) -> tf.DType:
+        """The dtype of the carried state and of dLoss/dstate: float32 under mixed precision."""
+        return self._state_dtype
 
     @property
     def built(self) -> bool:
@@ -251,7 +262,8 @@ class RecurrentChain(tf.Module):
         dtype = tf.as_dtype(dtype)
         for what, layer in [(f"cells[{i}]", c) for i, c in enumerate(self._cells)] + [
                 ("head", self._head)]:
-            if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype:
+            if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype or (
+                    compat.is_mixed_precision(layer)):
                 continue
             if layer.built:
                 raise ValueError(checks.DTYPE_BUILT_MSG.format(
@@ -264,7 +276,7 @@ class RecurrentChain(tf.Module):
     def initial_state(self, batch_size: int) -> State:
         """Zero state: a tuple with one entry per layer (a tensor, or a tuple of tensors)."""
         batch_size = checks.positive_int("batch_size", batch_size)
-        return self._pack([tf.zeros((batch_size,) + shape, self._dtype)
+        return self._pack([tf.zeros((batch_size,) + shape, self._state_dtype)
                            for shape in self._leaf_shapes])
 
     def _pack(self, leaves: list) -> State:
@@ -278,10 +290,10 @@ class RecurrentChain(tf.Module):
 
     def _state_leaves(self, name: str, state, batch) -> list:
         if state is None:
-            return [tf.zeros([batch, *shape], self._dtype) for shape in self._leaf_shapes]
+            return [tf.zeros([batch, *shape], self._state_dtype) for shape in self._leaf_shapes]
         static_batch = batch if isinstance(batch, int) else None
         leaves = checks.state_leaves(name, state, self._leaf_shapes, static_batch)
-        return [tf.cast(leaf, self._dtype) for leaf in leaves]
+        return [tf.cast(leaf, self._state_dtype) for leaf in leaves]
 
     # -- building ------------------------------------------------------------------------------
 
@@ -324,8 +336,8 @@ class RecurrentChain(tf.Module):
     # The chunk and time loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
     # converting the Keras calls inside would only get in the way inside a user's tf.function.
     @tf.autograph.experimental.do_not_convert
-    def __call__(self, inputs, initial_state: State = None, *,
-                 training: bool = False) -> tuple:
+    def __call__(self, inputs, initial_state: State = None, *, training: bool = False,
+                 reset=None, mask=None) -> tuple:
         """Plain forward pass over the whole sequence, differentiable by an outer tape.
 
         Args:
@@ -333,28 +345,41 @@ class RecurrentChain(tf.Module):
             array): it is then read one chunk at a time; the outputs are still whole.
           initial_state: a state nest (see `initial_state`); None for zeros.
           training: passed to Keras cells and head.
+          reset: ``[B, T]`` bool: row b starts from a zero state at step t (packed episodes).
+          mask: ``[B, T]`` bool: False steps keep the state (padding); None takes a Keras mask
+            attached to `inputs`, if any.
 
         Returns:
           ``(outputs [B, T, O], final_state)``: the head's predictions and the last state.
         """
         source = sources_lib.as_source("inputs", inputs)
+        mask = _keras_mask(inputs) if mask is None else mask
         if source is not None:
-            return self._call_source(source, initial_state, training)
+            return self._call_source(source, initial_state, training, reset, mask)
         inputs = checks.sequence_inputs(inputs, self._dtype)
         self.build(inputs.shape)
-        leaves = self._state_leaves("initial_state", initial_state, _batch_size(inputs))
+        args = {"inputs": inputs, **self._flag_args(inputs, reset, mask),
+                "state": self._state_leaves("initial_state", initial_state, _batch_size(inputs))}
         fn = self._functions.get("call", self._forward_impl, training, self._compiled)
-        outputs, leaves = fn({"inputs": inputs, "state": leaves})
+        outputs, leaves = fn(args)
         return outputs, self._pack(list(leaves))
 
+    def _flag_args(self, inputs, reset, mask) -> dict:
+        """reset and mask checked against inputs' [B, T], as bool tensors (absent when None)."""
+        return {name: checks.step_flags(name, value, inputs)
+                for name, value in [("reset", reset), ("mask", mask)] if value is not None}
+
     def _forward_impl(self, args: dict, training: bool):
-        top, leaves = self._run_chunk(args["inputs"], args["state"], training=training)
+        flags = _chunk_flags(args, lambda value: value)
+        top, leaves = self._run_chunk(args["inputs"], args["state"], training=training,
+                                      flags=flags)
         return self._apply_head(layers.time_major(top), training=training), leaves
 
-    def _call_source(self, source, initial_state, training: bool):
+    def _call_source(self, source, initial_state, training: bool, reset, mask):
         spec = self._source_spec(source)
         self.build(spec.shape)
         args = {"state": self._state_leaves("initial_state", initial_state, spec.shape[0]),
+                **self._flag_args(spec, reset, mask),
                 "chunk_size": self._chunk_size_for(spec.shape),
                 "steps": tf.constant(spec.shape[1], tf.int32)}
         fn = self._functions.get("call_source", self._forward_source_impl,
@@ -373,8 +398,10 @@ class RecurrentChain(tf.Module):
         steps, size = args["steps"], args["chunk_size"]
 
         def body(k, leaves, outputs):
-            window = reader.read(k * size, tf.minimum((k + 1) * size, steps))
-            top, leaves = self._run_chunk(window, leaves, training=training)
+            start, stop = k * size, tf.minimum((k + 1) * size, steps)
+            flags = _chunk_flags(args, lambda value: value[:, start:stop])
+            top, leaves = self._run_chunk(reader.read(start, stop), leaves, training=training,
+                                          flags=flags)
             predictions = self._apply_head(layers.time_major(top), training=training)
             return k + 1, leaves, outputs.write(k, layers.time_major(predictions))
 
@@ -385,17 +412,23 @@ class RecurrentChain(tf.Module):
         return layers.time_major(outputs.concat()), leaves
 
     def _run_chunk(self, inputs: tf.Tensor, leaves: list, *, training: bool,
-                   with_outputs: bool = True):
-        """All layers over ``inputs [B, K, F]``: (top outputs ``[K, B, U]`` or None, leaves)."""
+                   with_outputs: bool = True, flags: Optional[layers.StepFlags] = None):
+        """All layers over ``inputs [B, K, F]``: (top outputs ``[K, B, U]`` or None, leaves).
+
+        The leaves enter and leave in the state dtype; inside, they are in the compute dtype.
+        """
+        leaves = [tf.cast(leaf, self._dtype) for leaf in leaves]
         top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), inputs,
-                                           training=training, with_outputs=with_outputs)
-        return top, [leaf for layer in per_layer for leaf in layer]
+                                           training=training, with_outputs=with_outputs,
+                                           flags=flags)
+        return top, [tf.cast(leaf, self._state_dtype) for layer in per_layer for leaf in layer]
 
     # -- chunked value and gradients -----------------------------------------------------------
 
     @tf.autograph.experimental.do_not_convert
     def value_and_gradients(self, inputs, targets, loss_fn: LossFn, initial_state: State = None,
-                            final_state_grad: State = None, sample_weight=None) -> ChainResult:
+                            final_state_grad: State = None, sample_weight=None, *,
+                            reset=None, mask=None) -> ChainResult:
         """Loss and gradients over the whole sequence, computed one chunk at a time.
 
         ```
@@ -415,6 +448,11 @@ class RecurrentChain(tf.Module):
             mode it counts as having crossed one cut already: it is carried back through
             `backprop_chunks - 1` more chunks (refused with `backprop_chunks=1`).
           sample_weight: ``[B, T]`` or ``[B, T, ...]``, passed to `loss_fn` per chunk.
+          reset: ``[B, T]`` bool: row b starts from a zero state at step t, so episodes can be
+            packed end to end; no gradient crosses a reset.
+          mask: ``[B, T]`` bool, False on padding: those steps keep the state and add no loss
+            (they get sample weight 0; with reduction="mean" the loss is the mean over the
+            unmasked steps). None takes a Keras mask attached to `inputs`, if any.
 
         Returns:
           `ChainResult(loss, grads, final_state, initial_state_grad)`.
@@ -422,7 +460,29 @@ class RecurrentChain(tf.Module):
         Raises:
           ValueError, TypeError: on inputs of the wrong rank, dtype or shape, before tracing.
         """
+        return self._chunked_gradients(
+            inputs, targets, loss_fn, initial_state=initial_state,
+            final_state_grad=final_state_grad, sample_weight=sample_weight, reset=reset,
+            mask=mask)[0]
+
+    def _chunked_gradients(self, inputs, targets, loss_fn: LossFn, *, initial_state=None,
+                           final_state_grad=None, sample_weight=None, reset=None, mask=None,
+                           reduction: Optional[str] = None, context_steps=None):
+        """`value_and_gradients`, and what streaming across batches needs.
+
+        Args:
+          reduction: overrides the chain's reduction (the Keras wrapper follows its loss).
+          context_steps: the first `context_steps` steps (a multiple of chunk_size) are the
+            previous batch's last chunks, re-run so that gradients reach back into them: they
+            add no loss and do not count in the mean.
+
+        Returns:
+          ``(ChainResult, kept_state, kept_from)``: with context_steps, the flat state at step
+          `kept_from` where the next batch's context starts (the last backprop_chunks - 1
+          chunks), else the final state and T.
+        """
         loss_fn = checks.loss_function(loss_fn)
+        mask = _keras_mask(inputs) if mask is None else mask
         sources = {name: source for name, source in [
             ("inputs", sources_lib.as_source("inputs", inputs)),
             ("targets", sources_lib.as_source("targets", targets)),
@@ -435,6 +495,7 @@ class RecurrentChain(tf.Module):
             if value is not None:
                 args[name] = checks.per_step(name, self._source_spec(sources[name], False)
                                              if name in sources else value, inputs, self._dtype)
+        args.update(self._flag_args(inputs, reset, mask))
         self.build(inputs.shape)
         batch = _batch_size(inputs)
         args["chunk_size"] = self._chunk_size_for(inputs.shape)
@@ -444,20 +505,25 @@ class RecurrentChain(tf.Module):
                 raise ValueError(checks.FINAL_GRAD_DROPPED_MSG)
             args["final_state_grad"] = self._state_leaves("final_state_grad", final_state_grad,
                                                           batch)
+        if context_steps is not None:
+            args["context_steps"] = tf.convert_to_tensor(context_steps, tf.int32)
         # Sources stay out of the compiled function's arguments: it is traced for their specs
         # and reads whichever source is live when it runs, so a new file costs no trace.
         source_specs = tuple((name, _relaxed_spec(args.pop(name))) for name in sorted(sources))
         if sources:
             args["steps"] = tf.constant(inputs.shape[1], tf.int32)
+        reduction = self._reduction if reduction is None else checks.choice(
+            "reduction", reduction, checks.REDUCTIONS)
         fn = self._functions.get("value_and_gradients", self._gradients_impl,
-                                 (loss_fn, source_specs), self._compiled)
+                                 (loss_fn, source_specs, reduction), self._compiled)
         self._live_sources = sources
         try:
-            loss, grads, final_leaves, initial_grads = fn(args)
+            loss, grads, final_leaves, initial_grads, kept, kept_from = fn(args)
         finally:
             self._live_sources = {}
-        return ChainResult(loss, list(grads), self._pack(list(final_leaves)),
-                           self._pack(list(initial_grads)))
+        result = ChainResult(loss, list(grads), self._pack(list(final_leaves)),
+                             self._pack(list(initial_grads)))
+        return result, list(kept), kept_from
 
     def _chunk_size_for(self, shape: tf.TensorShape) -> tf.Tensor:
         """The chunk size for inputs of `shape`, as a tensor: any T is served by one trace."""
@@ -476,30 +542,40 @@ class RecurrentChain(tf.Module):
         return tf.TensorSpec(source.shape, dtype)
 
     def _gradients_impl(self, args: dict, static):
-        loss_fn, source_specs = static
+        loss_fn, source_specs, reduction = static
         args = dict(args)
         for name, spec in source_specs:  # read chunk by chunk from the live source
             args[name] = _SourceReader(lambda n=name: self._live_sources[n], spec)
-        segments = self._segments(args, loss_fn)
+        segments = self._segments(args, loss_fn, reduction)
         group = None
         if self._levels == 2:
             group = chunking.group_size_tensor(segments.count)
+        keep_at = None
+        if "context_steps" in args and self._mode == "truncated" and self._backprop_chunks > 1:
+            keep_at = tf.maximum(segments.count - (self._backprop_chunks - 1), 0)
         result = chain_lib.value_and_gradients(
             segments, args["state"], self.trainable_variables, vjp_lib.get_vjp(self._backend),
             loss_dtype=self._loss_dtype(),
             backprop_segments=None if self._mode == "exact" else self._backprop_chunks,
-            final_carry_grad=args.get("final_state_grad"), group=group)
-        return tuple(result)
+            final_carry_grad=args.get("final_state_grad"), group=group, keep_carry_at=keep_at)
+        if keep_at is None:
+            kept, kept_from = result.final_carry, _steps(args)
+        else:
+            kept, kept_from = result.kept_carry, tf.minimum(keep_at * args["chunk_size"],
+                                                            _steps(args))
+        return result.loss, result.grads, result.final_carry, result.initial_carry_grad, (
+            kept), kept_from
 
     def _loss_dtype(self) -> tf.DType:
         return tf.float64 if self._dtype == tf.float64 else tf.float32
 
-    def _segments(self, args: dict, loss_fn: LossFn) -> chain_lib.Segments:
+    def _segments(self, args: dict, loss_fn: LossFn, reduction: str) -> chain_lib.Segments:
         """The chunks of one sequence as chain segments over the flat state."""
         inputs = args["inputs"]
-        steps = args["steps"] if "steps" in args else tf.shape(inputs)[1]
+        steps = _steps(args)
         size = args["chunk_size"]
         count = (steps + size - 1) // size
+        weight = self._chunk_weights(args, size, steps, reduction)
 
         def window(value, k):
             start, stop = k * size, tf.minimum((k + 1) * size, steps)
@@ -508,26 +584,49 @@ class RecurrentChain(tf.Module):
             return value[:, start:stop]
 
         def advance(k, state):
+            flags = _chunk_flags(args, lambda value: window(value, k))
             return self._run_chunk(window(inputs, k), state, training=True,
-                                   with_outputs=False)[1]
+                                   with_outputs=False, flags=flags)[1]
 
         def segment(k, state):
-            top, state = self._run_chunk(window(inputs, k), state, training=True)
+            flags = _chunk_flags(args, lambda value: window(value, k))
+            top, state = self._run_chunk(window(inputs, k), state, training=True, flags=flags)
             predictions = self._apply_head(layers.time_major(top), training=True)
             loss_args = [window(args["targets"], k), predictions]
-            if "sample_weight" in args:
-                loss_args.append(window(args["sample_weight"], k))
+            sample_weight = _masked_weight(
+                window(args["sample_weight"], k) if "sample_weight" in args else None,
+                window(args["mask"], k) if "mask" in args else None, predictions.dtype)
+            if sample_weight is not None:
+                loss_args.append(sample_weight)
             loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), self._loss_dtype())
-            return loss * self._chunk_weight(k, size, steps), state
+            return loss * weight(k), state
 
         return chain_lib.Segments(count, advance, segment)
 
-    def _chunk_weight(self, k, size, steps) -> tf.Tensor:
-        """1 for reduction="sum"; the chunk's share of the T steps for "mean"."""
-        if self._reduction == "sum":
-            return tf.ones([], self._loss_dtype())
-        length = tf.minimum((k + 1) * size, steps) - k * size
-        return tf.cast(length, self._loss_dtype()) / tf.cast(steps, self._loss_dtype())
+    def _chunk_weights(self, args: dict, size, steps, reduction: str):
+        """`weight(k)`, the factor on chunk k's loss.
+
+        sum: 1. mean: the chunk's share of the T steps, so that per-element mean losses give the
+        whole-sequence mean; with a mask, of the unmasked steps (a per-element mean loss counts
+        masked elements with weight 0 in its denominator; this rescales to the masked mean).
+        Context chunks (streaming) weigh 0.
+        """
+        dtype = self._loss_dtype()
+        context = args.get("context_steps", tf.zeros([], tf.int32))
+        if reduction == "sum":
+            denominator = tf.ones([], dtype)
+        elif "mask" in args:
+            unmasked = tf.reduce_sum(tf.cast(args["mask"][:, context:], dtype))
+            denominator = unmasked / tf.cast(tf.shape(args["mask"])[0], dtype)
+        else:
+            denominator = tf.cast(steps - context, dtype)
+
+        def weight(k):
+            share = tf.ones([], dtype) if reduction == "sum" else tf.math.divide_no_nan(
+                tf.cast(tf.minimum((k + 1) * size, steps) - k * size, dtype), denominator)
+            return tf.where(k * size < context, tf.zeros([], dtype), share)
+
+        return weight
 
     # -- compiled functions --------------------------------------------------------------------
 
@@ -537,7 +636,37 @@ class RecurrentChain(tf.Module):
         return self._functions.trace_count
 
 
-_PER_STEP_ARGS = ("inputs", "targets", "sample_weight")
+_PER_STEP_ARGS = ("inputs", "targets", "sample_weight", "reset", "mask")
+
+
+def _steps(args: dict):
+    """T: static for chunk sources, else read from the inputs."""
+    return args["steps"] if "steps" in args else tf.shape(args["inputs"])[1]
+
+
+def _chunk_flags(args: dict, window) -> Optional[layers.StepFlags]:
+    """The chunk's reset and mask (`window` cuts them), time-major; None when neither is set."""
+    if "reset" not in args and "mask" not in args:
+        return None
+    return layers.StepFlags(*[layers.time_major(window(args[name])) if name in args else None
+                              for name in ("reset", "mask")])
+
+
+def _masked_weight(sample_weight, mask, dtype):
+    """sample_weight ``[B, t, ...]`` times mask ``[B, t]`` (None where both are None)."""
+    if mask is None:
+        return sample_weight
+    mask = tf.cast(mask, dtype)
+    if sample_weight is None:
+        return mask
+    sample_weight = tf.cast(sample_weight, dtype)
+    return sample_weight * tf.reshape(mask, tf.concat(
+        [tf.shape(mask), tf.ones([sample_weight.shape.rank - 2], tf.int32)], 0))
+
+
+def _keras_mask(inputs):
+    """The mask Keras attaches to a layer's outputs (`Masking`, `Embedding(mask_zero=True)`)."""
+    return getattr(inputs, "_keras_mask", None)
 
 
 def _relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:

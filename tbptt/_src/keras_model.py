@@ -1,0 +1,430 @@
+"""ChunkedModel: a `keras.Model` whose training step is the chain's chunked gradient (Keras 3).
+
+`compile`/`fit`/`evaluate`/`predict`, callbacks, progress bars and TensorBoard work as for any
+Keras model. What Keras's own `stateful=True` keeps in variables (the state between batches)
+this model keeps as tensors it passes from one step to the next:
+
+```
+carry = None                                   # (state at the context start, context window)
+for batch in stream:
+    loss, grads, carry = step(batch, carry)    # gradients reach back into carry's context
+    optimizer.apply_gradients(grads)
+```
+
+so the carried state has its own dtype (float32 under mixed precision), each replica of a
+`tf.distribute` strategy carries its own, the batch size may change, and with truncated BPTT the
+gradient crosses the cut between batches: the last `backprop_chunks - 1` chunks of the previous
+batch (its inputs and the state entering them) are kept and re-run in front of the next batch.
+"""
+
+import inspect
+import io
+import json
+import warnings
+from typing import NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tbptt._src import checks
+from tbptt._src import compat
+from tbptt._src.recurrent import RecurrentChain
+
+keras = compat.keras
+
+CHAIN_MSG = "chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}."
+KERAS3_MSG = ("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found Keras {version}. "
+              "With Keras 2, call chain.value_and_gradients in your own training loop.")
+LOSS_MSG = ("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
+            "name or a function loss_fn(y_true, y_pred) -> per-step values; got {value!r}.")
+REDUCTION_MSG = ("the compiled loss must reduce to a scalar per chunk: reduction "
+                 "'sum_over_batch_size' (the default: whole-sequence mean) or 'sum', got {value!r}.")
+INPUTS_MSG = ("x must be inputs [B, T, F] or a dict with 'inputs' and optionally 'reset' and "
+              "'mask' ([B, T] bool), got a dict with keys {keys}.")
+WINDOW_MSG = ("stateful=True with mode='truncated', backprop_chunks={m} carries the last {m_1} "
+              "chunks of each batch into the next one, so every batch must be a whole number of "
+              "chunks: got a window of T={steps} steps with chunk_size={size}. Make the window a "
+              "multiple of chunk_size.")
+AUTO_MSG = ("stateful=True with mode='truncated', backprop_chunks > 1 needs a fixed int "
+            "chunk_size (the carried context is counted in chunks), got 'auto'.")
+BATCH_CHANGED_MSG = ("ChunkedModel(stateful=True): a batch of {got} rows follows {carried} "
+                     "carried streams; the carried state is reset. Use batches of one size "
+                     "(drop_remainder=True) to carry the state through.")
+SHUFFLE_MSG = ("fit(shuffle=True) on a stateful ChunkedModel reorders the rows between batches, "
+               "so the carried state enters other streams; pass shuffle=False.")
+STREAM_CHECKPOINT_MSG = ("the carried state of a tf.distribute replica cannot be checkpointed "
+                         "as one value; checkpoint at an epoch end (after reset_state()).")
+
+
+class StreamPosition(NamedTuple):
+    """Where a stateful fit stands: `batch` batches into epoch `epoch` (both 0-based)."""
+
+    epoch: int
+    batch: int
+
+
+class ChunkedModel(keras.Model):
+    """A Keras model around a chain; `fit` trains it with the chain's chunked gradient.
+
+    ```
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    model.fit(tbptt.data.stream_windows(x, y, batch_size=8, window=200), epochs=3)
+    ```
+
+    `x` is the inputs ``[B, T, F]``, or a dict ``{"inputs": ..., "reset": ..., "mask": ...}``
+    with the per-row, per-step flags ``[B, T]`` of `RecurrentChain.value_and_gradients`.
+    `y` is ``[B, T, ...]``; `sample_weight` ``[B, T]``.
+
+    The compiled loss is applied per chunk. With its default reduction (a per-element mean) the
+    loss is the mean over the whole sequence (the chain's reduction="mean"; over the unmasked
+    steps when there is a mask); with reduction="sum" it is the sum. With SGD one step is
+    exactly ``w - lr * chain.value_and_gradients(...).grads``. Compiled metrics need the
+    predictions, which cost one more forward pass per step; without metrics there is none.
+
+    `evaluate` and `predict` run each batch from a zero state (and its reset/mask flags); they
+    neither use nor change the carried training state.
+
+    Example:
+
+    >>> import keras, numpy as np, tbptt
+    >>> chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=5)
+    >>> model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.ones([4, 20, 3], "float32"), np.zeros([4, 20, 1], "float32")
+    >>> history = model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+    >>> [tuple(s.shape) for s in model.carried_state]
+    [(2, 8)]
+    """
+
+    def __init__(self, chain: RecurrentChain, *, stateful: bool = False, **kwargs):
+        """Wraps `chain`.
+
+        Args:
+          chain: the `RecurrentChain` to train (its mode, chunk size and backend apply).
+          stateful: consecutive batches are consecutive windows of the same B streams: the final
+            state of a batch enters the next one (see the module docstring); it is reset at
+            the start of each epoch, by `reset_state()`, and (with a warning) when the batch
+            size changes.
+          **kwargs: passed to `keras.Model` (name, ...).
+        """
+        if compat.KERAS_MAJOR < 3:
+            raise ImportError(KERAS3_MSG.format(version=keras.__version__))
+        if not isinstance(chain, RecurrentChain):
+            raise TypeError(CHAIN_MSG.format(value=chain))
+        if stateful and _context_chunks(chain) and chain.chunk_size == "auto":
+            raise ValueError(AUTO_MSG)
+        super().__init__(**kwargs)
+        self._chain = chain
+        # Tracked by Keras, so that weights, save_weights and checkpoints see the chain's layers.
+        self.chain_layers = [layer for layer in chain.cells + [chain.head]
+                             if compat.is_keras_layer(layer)]
+        self.stateful = bool(stateful)
+        self._carry = None
+        self._final_state = None
+        self._position = StreamPosition(0, 0)
+        self._resume_pending = False
+        self._chunk_loss = None
+        self._stream = _StreamState(self)
+        self.built = chain.built
+
+    # -- the chain -----------------------------------------------------------------------------
+
+    @property
+    def chain(self) -> RecurrentChain:
+        return self._chain
+
+    def build(self, input_shape):
+        shape = input_shape["inputs"] if isinstance(input_shape, dict) else input_shape
+        self._chain.build(shape)
+        self.built = True
+
+    def call(self, inputs, training: bool = False):
+        """The chain's predictions ``[B, T, O]`` from a zero state."""
+        inputs, flags = _split_inputs(inputs)
+        outputs, _ = self._chain(inputs, training=training, **flags)
+        self.built = True
+        return outputs
+
+    # -- carried state -------------------------------------------------------------------------
+
+    @property
+    def carried_state(self):
+        """The state after the last training batch (a state nest; per-replica values under a
+        tf.distribute strategy), or None before the first batch and after a reset."""
+        return self._final_state
+
+    @property
+    def stream_position(self) -> StreamPosition:
+        """(epoch, batches done in it) of a stateful fit; saved with the carried state."""
+        return self._position
+
+    def reset_state(self) -> None:
+        """Forgets the carried state: the next batch starts from zeros."""
+        self._carry = None
+        self._final_state = None
+
+    # -- compiling -----------------------------------------------------------------------------
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self._chunk_loss = _ChunkLoss(self)
+        self.train_function = None
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train_step(self, data):
+        logs, _ = self._train_step(data, None)
+        return logs
+
+    def _train_step(self, data, carry: Optional[dict]):
+        """One step on one replica: returns (logs, new carry)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, flags = _split_inputs(x)
+        per_step = {"inputs": inputs, "targets": y, "sample_weight": sample_weight, **flags}
+        per_step = {name: value for name, value in per_step.items() if value is not None}
+        state, context_steps = None, 0
+        if carry is not None:
+            state = carry["state"]
+            context_steps = tf.shape(carry["context"]["inputs"])[1]
+            per_step = {name: tf.concat([carry["context"][name], tf.cast(value, carry[
+                "context"][name].dtype)], axis=1) for name, value in per_step.items()}
+        result, kept, kept_from = self._chain._chunked_gradients(
+            per_step["inputs"], per_step["targets"], self._chunk_loss, initial_state=state,
+            sample_weight=per_step.get("sample_weight"), reset=per_step.get("reset"),
+            mask=per_step.get("mask"), reduction=self._chunk_loss.reduction,
+            context_steps=context_steps if self.stateful else None)
+        self.built = True
+        y_pred = None
+        if self._compile_metrics is not None:  # as Keras does: predictions before the update
+            y_pred = self._chain(per_step["inputs"], state, training=False,
+                                 reset=per_step.get("reset"),
+                                 mask=per_step.get("mask"))[0][:, context_steps:]
+        self.optimizer.apply_gradients(zip(result.grads, self._chain.trainable_variables))
+        loss = result.loss / tf.cast(self._chunk_loss.scale(), result.loss.dtype)
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=_metric_weight(
+            sample_weight, flags.get("mask")))
+        new_carry = {"state": kept, "final_state": tf.nest.flatten(result.final_state),
+                     "context": {name: value[:, kept_from:] for name, value in per_step.items()}}
+        return logs, new_carry
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, flags = _split_inputs(x)
+        y_pred, _ = self._chain(inputs, training=False, **flags)
+        loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
+        return self.compute_metrics(x, y, y_pred, sample_weight=_metric_weight(
+            sample_weight, flags.get("mask")))
+
+    def make_train_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_train_function(force)
+        if self.train_function is not None and not force:
+            return self.train_function
+        strategy = self.distribute_strategy
+
+        def step(data, carry):
+            logs, carry = strategy.run(self._train_step, args=(data, carry))
+            return _first_replica(strategy, logs), carry
+
+        if not self.run_eagerly:
+            step = tf.function(step, reduce_retracing=True)
+
+        def train_function(iterator):
+            logs = None
+            for _ in range(self.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    if logs is None:
+                        raise
+                    break
+                self._check_stream_batch(data)
+                logs, self._carry = step(data, self._carry)
+                self._final_state = _per_replica_state(self, strategy, self._carry)
+                self._position = StreamPosition(self._position.epoch, self._position.batch + 1)
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    def _check_stream_batch(self, data) -> None:
+        """Before a stateful step: the window fits the carried context, the batch the state."""
+        first = _local(self.distribute_strategy, tf.nest.flatten(data)[0])
+        steps = first.shape[1]
+        m = _context_chunks(self._chain)
+        if m and steps is not None and steps % self._chain.chunk_size:
+            raise ValueError(WINDOW_MSG.format(m=m + 1, m_1=m, steps=steps,
+                                               size=self._chain.chunk_size))
+        if self._carry is None:
+            return
+        carried = _local(self.distribute_strategy, self._carry["state"][0]).shape[0]
+        if first.shape[0] != carried:
+            warnings.warn(BATCH_CHANGED_MSG.format(got=first.shape[0], carried=carried),
+                          stacklevel=3)
+            self.reset_state()
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
+        start (not at the start of an epoch resumed from a checkpoint)."""
+        if self.stateful:
+            bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
+            bound.pop("self")
+            # Rows are streams: shuffling them between batches would splice unrelated streams.
+            if bound.setdefault("shuffle", False):
+                warnings.warn(SHUFFLE_MSG, stacklevel=2)
+            callbacks = bound.get("callbacks") or []
+            if isinstance(callbacks, keras.callbacks.CallbackList):
+                callbacks.append(_EpochStart())
+            else:
+                bound["callbacks"] = list(callbacks) + [_EpochStart()]
+            return super().fit(**bound)
+        return super().fit(*args, **kwargs)
+
+    def _epoch_start(self, epoch: int) -> None:
+        if self._resume_pending:  # resumed mid-epoch: the restored state goes on
+            self._resume_pending = False
+            self._position = StreamPosition(epoch, self._position.batch)
+            return
+        self.reset_state()
+        self._position = StreamPosition(epoch, 0)
+
+
+class _EpochStart(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model._epoch_start(epoch)
+
+
+class _ChunkLoss:
+    """The compiled loss as the chain's per-chunk `loss_fn`, scaled for the optimizer's loss
+    scale (mixed precision) and for the replicas of a tf.distribute strategy (whose gradients
+    are summed)."""
+
+    def __init__(self, model: ChunkedModel):
+        self._model = model
+        self._loss = _keras_loss(model.loss)
+        reduction = getattr(self._loss, "reduction", None)
+        if reduction not in ("sum_over_batch_size", "sum"):
+            raise ValueError(REDUCTION_MSG.format(value=reduction))
+        self.reduction = "sum" if reduction == "sum" else "mean"
+
+    def scale(self) -> tf.Tensor:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        optimizer_scale = self._model.optimizer.scale_loss(tf.ones([], tf.float32))
+        return tf.cast(optimizer_scale, tf.float32) / replicas
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        loss = tf.cast(self._loss(y_true, y_pred, sample_weight), tf.float32)
+        return loss * self.scale()
+
+    def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
+        """The loss of a whole sequence in one piece, as the chain would weigh it."""
+        weight = _metric_weight(sample_weight, mask)
+        loss = tf.cast(self._loss(y_true, y_pred, weight), tf.float32)
+        if self.reduction == "mean" and mask is not None:
+            mask = tf.cast(mask, tf.float32)
+            loss *= tf.math.divide_no_nan(tf.cast(tf.size(mask), tf.float32),
+                                          tf.reduce_sum(mask))
+        return loss
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A function loss (per-step values) as a Keras loss with the default mean reduction."""
+
+    def __init__(self, fn):
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self._fn = fn
+
+    def call(self, y_true, y_pred):
+        return self._fn(y_true, y_pred)
+
+
+def _keras_loss(loss):
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if callable(loss):
+        return _FunctionLoss(loss)
+    raise ValueError(LOSS_MSG.format(value=loss))
+
+
+def _split_inputs(x):
+    """x -> (inputs, {"reset": ..., "mask": ...} for the flags given)."""
+    if not isinstance(x, dict):
+        return x, {}
+    if "inputs" not in x or set(x) - {"inputs", "reset", "mask"}:
+        raise ValueError(INPUTS_MSG.format(keys=sorted(x)))
+    return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
+
+
+def _metric_weight(sample_weight, mask):
+    """What metrics and whole-sequence losses weigh steps by: sample_weight times the mask."""
+    if mask is None:
+        return sample_weight
+    mask = tf.cast(mask, tf.float32)
+    return mask if sample_weight is None else tf.cast(sample_weight, tf.float32) * mask
+
+
+def _context_chunks(chain: RecurrentChain) -> int:
+    """How many chunks of one batch a stateful model re-runs in front of the next."""
+    return chain.backprop_chunks - 1 if chain.mode == "truncated" else 0
+
+
+def _local(strategy, value):
+    """One replica's part of a (possibly per-replica) value."""
+    return strategy.experimental_local_results(value)[0]
+
+
+def _first_replica(strategy, logs):
+    return tf.nest.map_structure(lambda v: _local(strategy, v), logs)
+
+
+def _per_replica_state(model: ChunkedModel, strategy, carry: dict):
+    leaves = carry["final_state"]
+    if strategy.num_replicas_in_sync == 1:
+        leaves = [_local(strategy, leaf) for leaf in leaves]
+    return model.chain._pack(list(leaves))
+
+
+class _StreamState(tf.train.experimental.PythonState):
+    """The carried values and the stream position as one checkpointed value.
+
+    Saved with the model (`tf.train.Checkpoint(model=model, ...)`): on restore the next stateful
+    fit goes on from the restored state instead of resetting at its first epoch's start.
+    """
+
+    def __init__(self, model: ChunkedModel):
+        self._model_ref = lambda: model  # not an attribute Keras or TF would track
+
+    def serialize(self) -> bytes:
+        model = self._model_ref()
+        arrays, layout = {}, {"position": list(model.stream_position), "carry": None}
+        if model._carry is not None:
+            if model.distribute_strategy.num_replicas_in_sync > 1:
+                raise ValueError(STREAM_CHECKPOINT_MSG)
+            carry = tf.nest.map_structure(lambda v: _local(model.distribute_strategy, v),
+                                          model._carry)
+            layout["carry"] = tf.nest.map_structure(lambda _: None, carry)
+            for index, leaf in enumerate(tf.nest.flatten(carry)):
+                arrays[f"leaf_{index}"] = leaf.numpy()
+                layout.setdefault("dtypes", []).append(leaf.dtype.name)
+        buffer = io.BytesIO()
+        np.savez(buffer, layout=np.array(json.dumps(layout)), **arrays)
+        return buffer.getvalue()
+
+    def deserialize(self, string_value) -> None:
+        model = self._model_ref()
+        stored = np.load(io.BytesIO(string_value))
+        layout = json.loads(str(stored["layout"]))
+        model._position = StreamPosition(*layout["position"])
+        if layout["carry"] is None:
+            model.reset_state()
+            return
+        leaves = [tf.constant(stored[f"leaf_{i}"], dtype)
+                  for i, dtype in enumerate(layout["dtypes"])]
+        model._carry = tf.nest.pack_sequence_as(layout["carry"], leaves)
+        model._final_state = _per_replica_state(model, model.distribute_strategy, model._carry)
+        model._resume_pending = True

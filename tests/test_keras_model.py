@@ -1,0 +1,301 @@
+"""tbptt.keras.ChunkedModel: fit == SGD on the chain's gradients, streaming, flags, precision."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tbptt
+
+pytestmark = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
+                                reason="ChunkedModel needs Keras 3")
+
+B, T, F, O, K = 4, 12, 3, 2, 4
+
+
+def _data(batch=B, steps=T, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=[batch, steps, F]).astype("float32")
+    y = rng.normal(size=[batch, steps, O]).astype("float32")
+    return x, y
+
+
+def _chain(**kwargs):
+    keras.utils.set_random_seed(1)
+    kwargs.setdefault("chunk_size", K)
+    chain = tbptt.StatefulGRUChain((5,), head=keras.layers.Dense(O), **kwargs)
+    chain.build([None, None, F])
+    return chain
+
+
+def _twin(chain, **kwargs):
+    """A chain of the same architecture holding the same weights."""
+    twin = _chain(**kwargs)
+    for v, w in zip(twin.trainable_variables, chain.trainable_variables):
+        v.assign(w)
+    return twin
+
+
+def _weights(chain):
+    return [v.numpy() for v in chain.trainable_variables]
+
+
+def _assert_close(got, want, tol=1e-5):
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+
+
+def _mse_sum(y_true, y_pred, sample_weight=None):
+    values = tf.reduce_mean(tf.square(y_true - y_pred), axis=-1)
+    if sample_weight is not None:
+        values *= sample_weight
+    return tf.reduce_sum(values)
+
+
+@pytest.mark.parametrize("mode", ["exact", "truncated"])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_one_fit_step_is_sgd_on_value_and_gradients(mode, reduction):
+    x, y = _data()
+    chain = _chain(mode=mode)
+    ref = _twin(chain, mode=mode, reduction="mean" if reduction != "sum" else "sum")
+    model = tbptt.keras.ChunkedModel(chain)
+    loss = keras.losses.MeanSquaredError(reduction=reduction)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    result = ref.value_and_gradients(x, y, keras.losses.MeanSquaredError(reduction=reduction))
+    history = model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], float(result.loss), rtol=1e-6)
+    _assert_close(_weights(chain), [w.numpy() - 0.1 * g.numpy()
+                                    for w, g in zip(ref.trainable_variables, result.grads)])
+
+
+def test_mean_loss_is_the_whole_sequence_mean_with_ragged_last_chunk():
+    x, y = _data(steps=11)  # chunks 4, 4, 3
+    model = tbptt.keras.ChunkedModel(_chain())
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    outputs, _ = model.chain(x)
+    want = float(tf.reduce_mean(tf.square(outputs - y)))
+    got = model.fit(x, y, batch_size=B, verbose=0).history["loss"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(model.evaluate(x, y, verbose=0), want, rtol=1e-6)
+
+
+def test_fit_with_metrics_validation_sample_weight_callbacks_and_tensorboard(tmp_path):
+    x, y = _data(batch=8)
+    weight = np.ones([8, T], "float32")
+    weight[:, :3] = 0.0
+    model = tbptt.keras.ChunkedModel(_chain())
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    batches = []
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(
+        dict(logs)))
+    history = model.fit(x, y, sample_weight=weight, batch_size=4, epochs=2, verbose=0,
+                        validation_data=_data(batch=4, seed=1),
+                        callbacks=[callback, keras.callbacks.TensorBoard(str(tmp_path))])
+    assert set(history.history) == {"loss", "mae", "val_loss", "val_mae"}
+    assert len(batches) == 4 and all(np.isfinite(b["loss"]) for b in batches)
+    assert any(name.startswith("events") for _, _, files in os.walk(tmp_path) for name in files)
+    predictions = model.predict(x, batch_size=4, verbose=0)
+    np.testing.assert_allclose(predictions, model.chain(x)[0], rtol=1e-5, atol=1e-6)
+    # Sample weights reach the loss: zero weight on the first steps leaves them out.
+    probe = tbptt.keras.ChunkedModel(_twin(model.chain))
+    probe.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    outputs = probe.chain(x)[0]
+    want = float(tf.reduce_sum(tf.reduce_mean(tf.square(outputs - y), -1) * weight)) / (8 * T)
+    got = probe.fit(x, y, sample_weight=weight, batch_size=8, verbose=0).history["loss"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_weights_save_and_load(tmp_path):
+    x, y = _data()
+    model = tbptt.keras.ChunkedModel(_chain())
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, batch_size=B, verbose=0)
+    path = str(tmp_path / "model.weights.h5")
+    model.save_weights(path)
+    keras.utils.set_random_seed(7)
+    other = tbptt.keras.ChunkedModel(tbptt.StatefulGRUChain((5,), head=keras.layers.Dense(O),
+                                                            chunk_size=K))
+    other.build([None, None, F])
+    other.load_weights(path)
+    np.testing.assert_allclose(other.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6)
+
+
+def _stream_batches(count=3, seed=0):
+    return [_data(seed=seed + n) for n in range(count)]
+
+
+def test_stateful_exact_carries_the_final_state_into_the_next_batch():
+    batches = _stream_batches()
+    chain = _chain()
+    ref = _twin(chain, reduction="mean")
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(p) for p in zip(*batches)))
+    model.fit(dataset, epochs=1, verbose=0)
+    state = None
+    for x, y in batches:
+        result = ref.value_and_gradients(x, y, keras.losses.MeanSquaredError(), state)
+        for v, g in zip(ref.trainable_variables, result.grads):
+            v.assign_sub(0.1 * g)
+        state = result.final_state
+    _assert_close(_weights(chain), _weights(ref))
+    _assert_close(tf.nest.flatten(model.carried_state), tf.nest.flatten(state))
+    assert model.stream_position == (0, 3)
+
+
+def _truncated_stream_reference(chain, batches, lr, m):
+    """TBPTT(K, mK) over the stream, written out: each chunk's loss back-propagates through it
+    and the m-1 chunks before it (into the previous batch), from a stop_gradient state."""
+    kept_state, context_x = None, None
+    for x, y in batches:
+        steps = x.shape[1]
+        full_x = x if context_x is None else np.concatenate([context_x, x], axis=1)
+        skip = full_x.shape[1] - steps
+        starts, state = [], kept_state or chain.initial_state(x.shape[0])
+        for k in range(0, full_x.shape[1], K):  # states entering each chunk, current weights
+            starts.append(state)
+            _, state = chain(full_x[:, k:k + K], state)
+        grads = [tf.zeros_like(v) for v in chain.trainable_variables]
+        for index in range(skip // K, len(starts)):
+            first = max(index - (m - 1), 0)
+            with tf.GradientTape() as tape:
+                state = tf.nest.map_structure(tf.stop_gradient, starts[first])
+                for j in range(first, index + 1):
+                    outputs, state = chain(full_x[:, j * K:(j + 1) * K], state)
+                target = y[:, index * K - skip:(index + 1) * K - skip]
+                loss = tf.reduce_mean(tf.square(outputs - target)) * target.shape[1] / steps
+            grads = [g + d for g, d in zip(grads, tape.gradient(loss,
+                                                                chain.trainable_variables))]
+        for v, g in zip(chain.trainable_variables, grads):
+            v.assign_sub(lr * g)
+        kept_state = starts[max(len(starts) - (m - 1), 0)]
+        context_x = full_x[:, max(len(starts) - (m - 1), 0) * K:]
+    return chain
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_stateful_truncated_gradient_reaches_into_the_previous_batch(m):
+    batches = _stream_batches(count=4)
+    chain = _chain(mode="truncated", backprop_chunks=m)
+    ref = _truncated_stream_reference(_twin(chain), batches, lr=0.2, m=m)
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(p) for p in zip(*batches)))
+    model.fit(dataset, epochs=1, verbose=0)
+    _assert_close(_weights(chain), _weights(ref))
+    # The cut matters: without the carried context the weights come out different.
+    plain = _twin(_chain(mode="truncated", backprop_chunks=m))
+    for v, w in zip(plain.trainable_variables, _weights(_chain())):
+        v.assign(w)
+    cold = tbptt.keras.ChunkedModel(plain, stateful=False)
+    cold.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
+    cold.fit(dataset, epochs=1, verbose=0)
+    assert max(np.abs(a - b).max() for a, b in zip(_weights(plain), _weights(chain))) > 1e-4
+
+
+def test_stateful_window_must_be_whole_chunks_when_the_context_is_carried():
+    model = tbptt.keras.ChunkedModel(_chain(mode="truncated", backprop_chunks=2), stateful=True)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data(steps=10)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        model.fit(x, y, batch_size=B, verbose=0)
+    model.fit(*_data(), batch_size=B, verbose=0)  # still usable
+
+
+def test_reset_state_epoch_reset_and_batch_size_change():
+    x, y = _data(batch=6)
+    model = tbptt.keras.ChunkedModel(_chain(), stateful=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    assert model.carried_state is None
+    with pytest.warns(UserWarning, match="carried state is reset"):
+        model.fit(x, y, batch_size=4, verbose=0)  # batches of 4 then 2
+    assert model.carried_state[0].shape == (2, 5)
+    # lr = 0: the carried state after an epoch is the chain's state over the last batch alone
+    # (the epoch start and the size change both reset it).
+    _assert_close(tf.nest.flatten(model.carried_state),
+                  tf.nest.flatten(model.chain(x[4:])[1]))
+    model.reset_state()
+    assert model.carried_state is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x[:4], y[:4], batch_size=4, epochs=2, verbose=0)
+    _assert_close(tf.nest.flatten(model.carried_state), tf.nest.flatten(model.chain(x[:4])[1]))
+
+
+def test_reset_and_mask_in_fit_data_equal_separate_sequences():
+    x, y = _data(steps=8)
+    reset = np.zeros([B, 8], bool)
+    reset[1, 5] = True
+    mask = np.ones([B, 8], bool)
+    mask[2, 6:] = False
+    chain = _chain(mode="exact")
+    ref = _twin(chain, reduction="sum")
+    model = tbptt.keras.ChunkedModel(chain)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit({"inputs": x, "reset": reset, "mask": mask}, y, batch_size=B, verbose=0)
+    pieces = [(0, 0, 8), (1, 0, 5), (1, 5, 8), (2, 0, 6), (3, 0, 8)]
+    with tf.GradientTape() as tape:
+        total = 0.0
+        for row, start, stop in pieces:
+            outputs, _ = ref(x[row:row + 1, start:stop])
+            total += _mse_sum(y[row:row + 1, start:stop], outputs)
+        loss = total / float(mask.sum())
+    grads = tape.gradient(loss, ref.trainable_variables)
+    _assert_close(_weights(chain), [w.numpy() - 0.1 * g.numpy()
+                                    for w, g in zip(ref.trainable_variables, grads)])
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_float32_state_and_gradients_close_to_float32(policy):
+    x, y = _data(batch=8, steps=16)
+    full = _chain()
+    want = full.value_and_gradients(x, y, keras.losses.MeanSquaredError())
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        chain = _chain()
+        for v, w in zip(chain.trainable_variables, full.trainable_variables):
+            v.assign(w)
+        assert chain.dtype == tf.as_dtype(policy.split("_")[1])
+        assert chain.state_dtype == tf.float32
+        got = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError(),
+                                        final_state_grad=None)
+        assert all(g.dtype == tf.float32 for g in got.grads)
+        assert all(s.dtype == tf.float32 for s in tf.nest.flatten(got.final_state))
+        assert all(s.dtype == tf.float32 for s in tf.nest.flatten(got.initial_state_grad))
+        tol = 2e-2 if policy == "mixed_float16" else 8e-2
+        for g, w in zip(got.grads, want.grads):
+            assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w) + 1e-4
+        model = tbptt.keras.ChunkedModel(chain, stateful=True)
+        optimizer = keras.optimizers.SGD(0.05)
+        if policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer, loss="mse")
+        history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        assert history.history["loss"][1] < history.history["loss"][0]
+        assert model.carried_state[0].dtype == tf.float32
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_bad_arguments_are_refused_with_clear_errors():
+    with pytest.raises(TypeError, match="chain must be a tbptt.RecurrentChain"):
+        tbptt.keras.ChunkedModel(keras.layers.GRU(3))
+    with pytest.raises(ValueError, match="fixed int chunk_size"):
+        tbptt.keras.ChunkedModel(tbptt.StatefulGRUChain(3, chunk_size="auto", mode="truncated",
+                                                        backprop_chunks=2), stateful=True)
+    model = tbptt.keras.ChunkedModel(_chain())
+    with pytest.raises(ValueError, match="reduction"):
+        model.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError(reduction=None))
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    with pytest.raises(ValueError, match="'inputs'"):
+        model.fit({"features": x}, y, batch_size=B, verbose=0)
+    with pytest.raises(ValueError, match="reset must have shape"):
+        model.fit({"inputs": x, "reset": np.zeros([B, T, 1], bool)}, y, batch_size=B, verbose=0)
+    model.fit(x, y, batch_size=B, verbose=0)  # still usable
