@@ -32,6 +32,11 @@ from tbptt._src.recurrent import RecurrentChain
 
 keras = compat.keras
 
+try:  # Keras 3's loss module, for its own distribution scaling (see _ChunkLoss._unscaled).
+    from keras.src.losses import loss as _keras_loss_module
+except ImportError:  # pragma: no cover - Keras 2: ChunkedModel refuses to run there.
+    _keras_loss_module = None
+
 CHAIN_MSG = "chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}."
 KERAS3_MSG = ("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found Keras {version}. "
               "With Keras 2, call chain.value_and_gradients in your own training loop.")
@@ -250,6 +255,18 @@ class ChunkedModel(keras.Model):
         self.train_function = train_function
         return train_function
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds metrics from one batch, which under a strategy it first averages across
+        # replicas: a collective op that MultiWorkerMirroredStrategy cannot run eagerly there.
+        # Only the shapes matter, so one local replica's part serves.
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: _local(self._distribute_strategy, v), next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def _check_stream_batch(self, data) -> None:
         """Before a stateful step: the window fits the carried context, the batch the state."""
         first = _local(self.distribute_strategy, tf.nest.flatten(data)[0])
@@ -316,13 +333,21 @@ class _ChunkLoss:
         return tf.cast(optimizer_scale, tf.float32) / replicas
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        return self._unscaled(y_true, y_pred, sample_weight) * self.scale()
+
+    def _unscaled(self, y_true, y_pred, sample_weight) -> tf.Tensor:
+        """The loss of one replica's rows. Keras 3 divides mean-reduced losses by the number
+        of replicas itself (`scale_loss_for_distribution`); that is undone here so that
+        `scale` is the one place where replicas are counted."""
         loss = tf.cast(self._loss(y_true, y_pred, sample_weight), tf.float32)
-        return loss * self.scale()
+        keras_scaling = getattr(_keras_loss_module, "scale_loss_for_distribution", None)
+        if self.reduction == "mean" and keras_scaling is not None:
+            loss /= tf.cast(keras_scaling(tf.ones([], tf.float32)), tf.float32)
+        return loss
 
     def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
         """The loss of a whole sequence in one piece, as the chain would weigh it."""
-        weight = _metric_weight(sample_weight, mask)
-        loss = tf.cast(self._loss(y_true, y_pred, weight), tf.float32)
+        loss = self._unscaled(y_true, y_pred, _metric_weight(sample_weight, mask))
         if self.reduction == "mean" and mask is not None:
             mask = tf.cast(mask, tf.float32)
             loss *= tf.math.divide_no_nan(tf.cast(tf.size(mask), tf.float32),
