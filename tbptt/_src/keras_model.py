@@ -26,7 +26,6 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src.recurrent import RecurrentChain
 
