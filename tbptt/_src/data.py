@@ -119,7 +119,7 @@ def episode_windows(episodes: Sequence, targets: Optional[Sequence] = None, *, b
     >>> ds = episode_windows([np.ones([3, 1]), np.ones([2, 1]), np.ones([2, 1])],
     ...                      batch_size=2, window=2)
     >>> [x["reset"].numpy().tolist() for x in ds]
-    [[[True, False], [True, False]], [[False, True], [True, False]]]
+    [[[True, False], [True, False]], [[False, False], [True, False]]]
     """
     batch_size = checks.positive_int("batch_size", batch_size)
     window = checks.positive_int("window", window)
