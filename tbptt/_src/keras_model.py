@@ -42,7 +42,8 @@ KERAS3_MSG = ("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), foun
 LOSS_MSG = ("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
             "name or a function loss_fn(y_true, y_pred) -> per-step values; got {value!r}.")
 REDUCTION_MSG = ("the compiled loss must reduce to a scalar per chunk: reduction "
-                 "'sum_over_batch_size' (the default: whole-sequence mean) or 'sum', got {value!r}.")
+                 "'sum_over_batch_size' (the default: whole-sequence mean) or 'sum', "
+                 "got {value!r}.")
 INPUTS_MSG = ("x must be inputs [B, T, F] or a dict with 'inputs' and optionally 'reset' and "
               "'mask' ([B, T] bool), got a dict with keys {keys}.")
 WINDOW_MSG = ("stateful=True with mode='truncated', backprop_chunks={m} carries the last {m_1} "
@@ -187,17 +188,18 @@ class ChunkedModel(keras.Model):
         inputs, flags = _split_inputs(x)
         per_step = {"inputs": inputs, "targets": y, "sample_weight": sample_weight, **flags}
         per_step = {name: value for name, value in per_step.items() if value is not None}
-        state, context_steps = None, 0
-        if carry is not None:
-            state = carry["state"]
-            context_steps = tf.shape(carry["context"]["inputs"])[1]
-            per_step = {name: tf.concat([carry["context"][name], tf.cast(value, carry[
-                "context"][name].dtype)], axis=1) for name, value in per_step.items()}
+        state = None if carry is None else carry["state"]
+        context = {} if carry is None else carry.get("context", {})
+        context_steps = tf.shape(context["inputs"])[1] if context else 0
+        if context:
+            per_step = {name: tf.concat([context[name], tf.cast(value, context[name].dtype)],
+                                        axis=1) for name, value in per_step.items()}
+        with_context = self.stateful and _context_chunks(self._chain) > 0
         result, kept, kept_from = self._chain._chunked_gradients(
             per_step["inputs"], per_step["targets"], self._chunk_loss, initial_state=state,
             sample_weight=per_step.get("sample_weight"), reset=per_step.get("reset"),
             mask=per_step.get("mask"), reduction=self._chunk_loss.reduction,
-            context_steps=context_steps if self.stateful else None)
+            context_steps=context_steps if with_context else None)
         self.built = True
         y_pred = None
         if self._compile_metrics is not None:  # as Keras does: predictions before the update
@@ -209,8 +211,12 @@ class ChunkedModel(keras.Model):
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
         logs = self.compute_metrics(x, y, y_pred, sample_weight=_metric_weight(
             sample_weight, flags.get("mask")))
-        new_carry = {"state": kept, "final_state": tf.nest.flatten(result.final_state),
-                     "context": {name: value[:, kept_from:] for name, value in per_step.items()}}
+        # Without a context the state to carry is the final one; with it, the state where the
+        # context starts, and the final state is kept beside it for `carried_state`.
+        new_carry = {"state": kept}
+        if with_context:
+            new_carry["context"] = {name: value[:, kept_from:] for name, value in per_step.items()}
+            new_carry["final_state"] = tf.nest.flatten(result.final_state)
         return logs, new_carry
 
     def test_step(self, data):
@@ -407,7 +413,7 @@ def _first_replica(strategy, logs):
 
 
 def _per_replica_state(model: ChunkedModel, strategy, carry: dict):
-    leaves = carry["final_state"]
+    leaves = carry.get("final_state", carry["state"])
     if strategy.num_replicas_in_sync == 1:
         leaves = [_local(strategy, leaf) for leaf in leaves]
     return model.chain._pack(list(leaves))
