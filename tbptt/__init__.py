@@ -3,6 +3,7 @@
 from tbptt import compat
 from tbptt import data
 from tbptt import keras
+from tbptt._src.checks import NonFiniteError
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StatefulGRUChain
 from tbptt._src.recurrent import unroll
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChainResult",
     "ChunkSource",
+    "NonFiniteError",
     "RecurrentChain",
     "StageChain",
     "StageResult",

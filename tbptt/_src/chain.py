@@ -21,6 +21,11 @@ The loops are `tf.while_loop`s over segments with the boundary values in `Tensor
 `tf.function` one trace serves any number of segments; executing eagerly they run as Python loops.
 Segments whose carried values differ in shape (the stages of a CNN) use
 `static_value_and_gradients`, the same chain unrolled over a fixed list.
+
+With `check_numerics`, every segment's carry, loss, carry cotangent and variable gradients are
+tested for NaN/Inf as they are made (one `reduce_all(is_finite)` per tensor), and the chain
+returns `non_finite`: per kind, the index of the segment where a non-finite value first appeared
+(see `NUMERICS_KINDS`; -1 where none did). The caller decides how to report it.
 """
 
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -52,13 +57,57 @@ class ChainGradients(NamedTuple):
     final_carry: list
     initial_carry_grad: list
     kept_carry: Optional[list] = None  # the carry entering segment `keep_carry_at`
+    non_finite: Optional[tf.Tensor] = None  # [len(NUMERICS_KINDS)] int32, see `check_numerics`
+    carry_grad_norms: Optional[tf.Tensor] = None  # [n, ages], see `record_carry_grads`
+
+
+# -- non-finite values -----------------------------------------------------------------------------
+
+# What check_numerics watches, in the order of `non_finite`. A carry and a loss are made in the
+# forward order, so the first one is the lowest segment index; cotangents and variable gradients
+# are made in the backward order, so the first one is the highest.
+NUMERICS_KINDS = ("carry", "loss", "carry_grad", "grads")
+_FIRST_IS_LOWEST = tf.constant([True, True, False, False])
+
+
+def no_findings() -> tf.Tensor:
+    return tf.fill([len(NUMERICS_KINDS)], -1)
+
+
+def _all_finite(tensors: list) -> tf.Tensor:
+    flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors
+             if t is not None and t.dtype.is_floating]
+    return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
+
+
+def note_non_finite(found: tf.Tensor, k, **values) -> tf.Tensor:
+    """`found` updated with segment `k`'s values, given by kind (`carry=[...]`, `loss=[...]`)."""
+    new = tf.stack([tf.where(_all_finite(values[kind]), -1, tf.cast(k, tf.int32))
+                    if kind in values else tf.constant(-1) for kind in NUMERICS_KINDS])
+    return merge_non_finite(found, new)
+
+
+def merge_non_finite(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Two findings joined (in any order): per kind the first segment, -1 for none."""
+    lowest = tf.where((a < 0) | ((b >= 0) & (b < a)), b, a)
+    return tf.where(_FIRST_IS_LOWEST, lowest, tf.maximum(a, b))
+
+
+def offset_non_finite(found: tf.Tensor, first) -> tf.Tensor:
+    """Findings of a sub-chain that starts at segment `first`, in the outer chain's indices."""
+    return tf.where(found >= 0, found + tf.cast(first, tf.int32), found)
+
+
+def _note_if(check: bool, found: tf.Tensor, k, **values) -> tf.Tensor:
+    return note_non_finite(found, k, **values) if check else found
 
 
 def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *,
                         loss_dtype: tf.DType, backprop_segments: Optional[int] = None,
                         final_carry_grad: Optional[list] = None,
                         group: Optional[tf.Tensor] = None,
-                        keep_carry_at: Optional[tf.Tensor] = None) -> ChainGradients:
+                        keep_carry_at: Optional[tf.Tensor] = None, check_numerics: bool = False,
+                        record_carry_grads: bool = False) -> ChainGradients:
     """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
 
     Args:
@@ -76,35 +125,49 @@ def value_and_gradients(segments: Segments, carry: list, variables: list, vjp, *
       keep_carry_at: a segment index j in [0, n]: the carry entering segment j (s_j) is
         returned as `kept_carry` (streaming keeps the state where its context window starts).
         Not with `group` or `backprop_segments=1`.
+      check_numerics: test every segment's values for NaN/Inf and return `non_finite`.
+      record_carry_grads: return `carry_grad_norms` ``[n, ages]``: the norm of the cotangent
+        carried into the cut before segment k, per age (exact: one column, the whole
+        dLoss/d(carry); truncated with m >= 2: column a-1 holds what the loss a segments on
+        sends back). Not with `group` or `backprop_segments=1`.
 
     Returns:
-      `ChainGradients(loss, grads, final_carry, initial_carry_grad, kept_carry)`, grads aligned
-      with `variables`, the carries as flat lists.
+      `ChainGradients(loss, grads, final_carry, initial_carry_grad, kept_carry, non_finite,
+      carry_grad_norms)`, grads aligned with `variables`, the carries as flat lists.
     """
-    if keep_carry_at is not None and (group is not None or backprop_segments == 1):
-        raise ValueError("keep_carry_at needs the one-level chain with a carried cotangent.")
+    if (keep_carry_at is not None or record_carry_grads) and (
+            group is not None or backprop_segments == 1):
+        raise ValueError("keep_carry_at and record_carry_grads need the one-level chain with a "
+                         "carried cotangent.")
     if group is not None:
-        return _two_level(segments, carry, variables, vjp, loss_dtype, group, final_carry_grad)
+        return _two_level(segments, carry, variables, vjp, loss_dtype, group, final_carry_grad,
+                          check_numerics)
     if backprop_segments == 1:
-        return _truncated_one_sweep(segments, carry, variables, vjp, loss_dtype)
-    final_carry, boundaries, kept = _forward(segments, carry, keep_at=keep_carry_at)
+        return _truncated_one_sweep(segments, carry, variables, vjp, loss_dtype, check_numerics)
+    final_carry, boundaries, kept, found = _forward(segments, carry, keep_at=keep_carry_at,
+                                                    check=check_numerics)
     if final_carry_grad is None:
         final_carry_grad = [tf.zeros_like(c) for c in final_carry]
     ages = 1 if backprop_segments is None else backprop_segments - 1
     zeros = [[tf.zeros_like(c) for c in carry] for _ in range(ages - 1)]
     carried = [list(final_carry_grad)] + zeros  # one cotangent per age, youngest first
-    loss, grads, carried = _backward(segments, boundaries, variables, vjp, loss_dtype, carried,
-                                     exact=backprop_segments is None)
+    loss, grads, carried, found, norms = _backward(
+        segments, boundaries, variables, vjp, loss_dtype, carried,
+        exact=backprop_segments is None, check=check_numerics, found=found,
+        record=record_carry_grads)
     initial_carry_grad = [tf.add_n(list(leaves)) for leaves in zip(*carried)]
-    return ChainGradients(loss, grads, final_carry, initial_carry_grad, kept)
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad, kept,
+                          found if check_numerics else None, norms)
 
 
-def _forward(segments: Segments, carry: list, keep: bool = True, keep_at=None):
+def _forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
+             check: bool = False):
     """Runs `advance` over all segments.
 
-    Returns s_n, the TensorArrays of s_0 .. s_{n-1} (None with keep=False) and s_{keep_at}
-    (None without it). s_{keep_at} is selected as the loop passes it rather than read from the
-    TensorArray: executing eagerly, a TensorArray element can be read only once.
+    Returns s_n, the TensorArrays of s_0 .. s_{n-1} (None with keep=False), s_{keep_at}
+    (None without it) and the non-finite findings. s_{keep_at} is selected as the loop passes it
+    rather than read from the TensorArray: executing eagerly, a TensorArray element can be read
+    only once.
     """
     boundaries = [tf.TensorArray(c.dtype, size=segments.count if keep else 0,
                                  element_shape=c.shape) for c in carry]
@@ -115,21 +178,23 @@ def _forward(segments: Segments, carry: list, keep: bool = True, keep_at=None):
             return kept
         return [tf.where(tf.equal(k, keep_at), c, s) for c, s in zip(carry, kept)]
 
-    def body(k, carry, boundaries, kept):
+    def body(k, carry, boundaries, kept, found):
         if keep:
             boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
         kept = select(k, carry, kept)
-        return k + 1, list(segments.advance(k, carry)), boundaries, kept
+        carry = list(segments.advance(k, carry))
+        return k + 1, carry, boundaries, kept, _note_if(check, found, k, carry=carry)
 
-    count, carry, boundaries, kept = tf.while_loop(
+    count, carry, boundaries, kept, found = tf.while_loop(
         lambda k, *_: k < segments.count, body,
-        (tf.constant(0), list(carry), boundaries, kept), parallel_iterations=PARALLEL_SEGMENTS)
+        (tf.constant(0), list(carry), boundaries, kept, no_findings()),
+        parallel_iterations=PARALLEL_SEGMENTS)
     kept = select(count, carry, kept) if keep_at is not None else None
-    return carry, (boundaries if keep else None), kept
+    return carry, (boundaries if keep else None), kept, found
 
 
 def _two_level(segments: Segments, carry: list, variables: list, vjp, loss_dtype, group,
-               final_carry_grad):
+               final_carry_grad, check: bool):
     """Exact gradient keeping only every `group`-th boundary (two-level checkpointing).
 
     The coarse chain's segments are groups of `group` segments. Its forward keeps the group
@@ -147,23 +212,28 @@ def _two_level(segments: Segments, carry: list, variables: list, vjp, loss_dtype
     def advance_group(j, carry):
         return _forward(sub_chain(j), carry, keep=False)[0]
 
+    # The coarse forward is not checked: each group's chain re-runs (and checks) its segments.
     groups = Segments((count + group - 1) // group, advance_group, None)
-    final_carry, boundaries, _ = _forward(groups, carry)
+    final_carry, boundaries, _, _ = _forward(groups, carry)
     if final_carry_grad is None:
         final_carry_grad = [tf.zeros_like(c) for c in final_carry]
 
-    def body(i, carried, grads, loss):
+    def body(i, carried, grads, loss, found):
         j = groups.count - 1 - i
         inner = value_and_gradients(sub_chain(j), [ta.read(j) for ta in boundaries], variables,
-                                    vjp, loss_dtype=loss_dtype, final_carry_grad=carried)
+                                    vjp, loss_dtype=loss_dtype, final_carry_grad=carried,
+                                    check_numerics=check)
         grads = [g + d for g, d in zip(grads, inner.grads)]
-        return i + 1, inner.initial_carry_grad, grads, loss + inner.loss
+        if check:
+            found = merge_non_finite(found, offset_non_finite(inner.non_finite, j * group))
+        return i + 1, inner.initial_carry_grad, grads, loss + inner.loss, found
 
-    _, initial_carry_grad, grads, loss = tf.while_loop(
+    _, initial_carry_grad, grads, loss, found = tf.while_loop(
         lambda i, *_: i < groups.count, body,
         (tf.constant(0), list(final_carry_grad), [tf.zeros_like(v) for v in variables],
-         tf.zeros([], loss_dtype)), parallel_iterations=PARALLEL_SEGMENTS)
-    return ChainGradients(loss, grads, final_carry, initial_carry_grad)
+         tf.zeros([], loss_dtype), no_findings()), parallel_iterations=PARALLEL_SEGMENTS)
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad,
+                          non_finite=found if check else None)
 
 
 def _cotangent_sets(carried: list, num_leaves: int, exact: bool):
@@ -180,45 +250,64 @@ def _cotangent_sets(carried: list, num_leaves: int, exact: bool):
 
 
 def _backward(segments: Segments, boundaries: list, variables: list, vjp, loss_dtype,
-              carried: list, exact: bool):
-    """Segments n-1 .. 0 in reverse: recompute each, pull the carried cotangents through it."""
-    num_leaves = len(boundaries)
+              carried: list, exact: bool, check: bool, found: tf.Tensor, record: bool):
+    """Segments n-1 .. 0 in reverse: recompute each, pull the carried cotangents through it.
 
-    def body(i, carried, grads, loss):
+    Returns the loss, grads, the cotangents carried out of segment 0, the findings and (with
+    `record`) the carried cotangents' norms ``[n, ages]``.
+    """
+    num_leaves = len(boundaries)
+    norms = tf.TensorArray(loss_dtype, size=segments.count if record else 0,
+                           element_shape=[len(carried)])
+
+    def body(i, carried, grads, loss, found, norms):
         k = segments.count - 1 - i  # segments in reverse
         carry_in = [ta.read(k) for ta in boundaries]
         seeds, want = _cotangent_sets(carried, num_leaves, exact)
         outputs, results = vjp(lambda c: _flat(segments.segment(k, c)), carry_in, variables,
                                seeds, want)
-        grads = [tf.add_n([g] + [dw[j] for dw, _ in results]) for j, g in enumerate(grads)]
+        d_vars = [dw for dw, _ in results]
+        grads = [tf.add_n([g] + [dw[j] for dw in d_vars]) for j, g in enumerate(grads)]
         carried = [d_carry for _, d_carry in results if d_carry is not None]
-        return i + 1, carried, grads, loss + tf.cast(outputs[0], loss_dtype)
+        found = _note_if(check, found, k, loss=outputs[:1], carry_grad=sum(carried, []),
+                         grads=sum(d_vars, []))
+        if record:
+            norms = norms.write(k, tf.stack([_norm(c, loss_dtype) for c in carried]))
+        return i + 1, carried, grads, loss + tf.cast(outputs[0], loss_dtype), found, norms
 
     grads = [tf.zeros_like(v) for v in variables]
-    _, carried, grads, loss = tf.while_loop(
+    _, carried, grads, loss, found, norms = tf.while_loop(
         lambda k, *_: k < segments.count, body,
-        (tf.constant(0), carried, grads, tf.zeros([], loss_dtype)),
+        (tf.constant(0), carried, grads, tf.zeros([], loss_dtype), found, norms),
         parallel_iterations=PARALLEL_SEGMENTS)
-    return loss, grads, carried
+    return loss, grads, carried, found, (norms.stack() if record else None)
 
 
-def _truncated_one_sweep(segments: Segments, carry: list, variables: list, vjp, loss_dtype):
+def _norm(tensors: list, dtype: tf.DType) -> tf.Tensor:
+    """The Euclidean norm of a flat list of tensors taken together."""
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, dtype))) for t in tensors]))
+
+
+def _truncated_one_sweep(segments: Segments, carry: list, variables: list, vjp, loss_dtype,
+                         check: bool):
     """m = 1: no cotangent crosses a cut, so forward and backward of a segment run together."""
     seeds = [[1.0] + [None] * len(carry)]
 
-    def body(k, carry, grads, loss):
+    def body(k, carry, grads, loss, found):
         outputs, [(d_vars, _)] = vjp(lambda c: _flat(segments.segment(k, c)), carry, variables,
                                      seeds, [False])
         grads = [g + d for g, d in zip(grads, d_vars)]
-        return k + 1, outputs[1:], grads, loss + tf.cast(outputs[0], loss_dtype)
+        found = _note_if(check, found, k, carry=outputs[1:], loss=outputs[:1], grads=d_vars)
+        return k + 1, outputs[1:], grads, loss + tf.cast(outputs[0], loss_dtype), found
 
     grads = [tf.zeros_like(v) for v in variables]
-    _, final_carry, grads, loss = tf.while_loop(
+    _, final_carry, grads, loss, found = tf.while_loop(
         lambda k, *_: k < segments.count, body,
-        (tf.constant(0), list(carry), grads, tf.zeros([], loss_dtype)),
+        (tf.constant(0), list(carry), grads, tf.zeros([], loss_dtype), no_findings()),
         parallel_iterations=PARALLEL_SEGMENTS)
     initial_carry_grad = [tf.zeros_like(c) for c in carry]
-    return ChainGradients(loss, grads, final_carry, initial_carry_grad)
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad,
+                          non_finite=found if check else None)
 
 
 def _flat(loss_and_carry) -> list:
@@ -230,11 +319,12 @@ class StaticChainGradients(NamedTuple):
     loss: tf.Tensor
     grads: list
     carry_grads: list
+    non_finite: Optional[tf.Tensor] = None
 
 
 def static_value_and_gradients(segments: Sequence[StageFn], carry: list, variables: list,
-                               linearize, *, loss_dtype: tf.DType,
-                               recompute: bool) -> StaticChainGradients:
+                               linearize, *, loss_dtype: tf.DType, recompute: bool,
+                               check_numerics: bool = False) -> StaticChainGradients:
     """The exact chain over a fixed list of heterogeneous segments (CNN stages), unrolled.
 
     Each segment may carry a value of its own shape, so the loops are Python loops (a handful of
@@ -249,13 +339,14 @@ def static_value_and_gradients(segments: Sequence[StageFn], carry: list, variabl
       loss_dtype: dtype of the loss accumulator.
       recompute: False keeps each segment's pullback (its activations) from the forward pass;
         True keeps only the boundary values and re-runs each segment in the backward pass.
+      check_numerics: test every segment's values for NaN/Inf and return `non_finite`.
 
     Returns:
-      `StaticChainGradients(loss, grads, carry_grads)`: grads one list per segment, carry_grads
-      dLoss/d(carry entering segment k) for every k.
+      `StaticChainGradients(loss, grads, carry_grads, non_finite)`: grads one list per segment,
+      carry_grads dLoss/d(carry entering segment k) for every k.
     """
-    boundaries, kept = [], []
-    for segment, segment_variables in zip(segments, variables):
+    boundaries, kept, found = [], [], no_findings()
+    for k, (segment, segment_variables) in enumerate(zip(segments, variables)):
         boundaries.append(carry)
         if recompute:
             outputs, pullback = _flat(segment(carry)), None
@@ -264,7 +355,13 @@ def static_value_and_gradients(segments: Sequence[StageFn], carry: list, variabl
                                           segment_variables)
         kept.append((outputs, pullback))
         carry = outputs[1:]
-    return _static_backward(segments, boundaries, kept, variables, linearize, loss_dtype)
+        found = _note_if(check_numerics, found, k, carry=carry, loss=outputs[:1])
+    result = _static_backward(segments, boundaries, kept, variables, linearize, loss_dtype)
+    if not check_numerics:
+        return result
+    for k in range(len(segments)):
+        found = note_non_finite(found, k, carry_grad=result.carry_grads[k], grads=result.grads[k])
+    return result._replace(non_finite=found)
 
 
 def _static_backward(segments, boundaries, kept, variables, linearize, loss_dtype):

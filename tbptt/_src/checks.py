@@ -8,6 +8,7 @@ import tensorflow as tf
 MODES = ("exact", "truncated")
 REDUCTIONS = ("sum", "mean")
 
+BOOL_MSG = "{name} must be True or False, got {value!r}."
 CHOICE_MSG = "{name} must be one of {choices}, got {value!r}."
 POSITIVE_INT_MSG = "{name} must be a positive int, got {value!r}{hint}."
 INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
@@ -202,3 +203,83 @@ def units_tuple(units) -> tuple:
     return tuple(int(u) for u in values)
 
 
+
+
+# -- non-finite values (check_numerics) ------------------------------------------------------------
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf found by `check_numerics=True`.
+
+    Attributes:
+      kind: what first went non-finite: "state", "loss", "state_grad" (the carried
+        dLoss/dstate) or "grads" (a chunk's weight gradients).
+      index: the chunk (or stage) where it appeared.
+      findings: every kind found, mapped to the chunk where it first appeared.
+    """
+
+    def __init__(self, message: str, kind: str, index: int, findings: dict):
+        super().__init__(message)
+        self.kind, self.index, self.findings = kind, index, findings
+
+
+# In the order of chain.NUMERICS_KINDS. A non-finite state poisons everything after it and a
+# non-finite loss everything it feeds, so the first kind found is the cause to report.
+NUMERICS_NAMES = ("state", "loss", "state_grad", "grads")
+_NUMERICS_WHAT = {
+    "state": "the {carried} carried out of {unit} {index}{steps}",
+    "loss": "the loss of {unit} {index}{steps}",
+    "state_grad": "dLoss/d{carried} carried back out of {unit} {index}{steps}",
+    "grads": "the weight gradients of {unit} {index}{steps}",
+}
+_NUMERICS_HINT = {
+    "state": ("The {unit}s before it were finite: look at its inputs (np.isfinite), and at the "
+              "weights (a learning rate too high makes them diverge)."),
+    "loss": ("The {carried} entering it is finite: look at the targets and the loss function there "
+             "(log of 0, division by 0, a sample_weight with NaN)."),
+    "state_grad": ("Every {carried} and loss is finite, so the gradient overflowed: a derivative "
+                   "that is infinite at a finite point (sqrt at 0, say), or gradients that "
+                   "explode going back (clip them, or truncate with fewer backprop_chunks)."),
+    "grads": ("Every {carried}, loss and carried gradient is finite: a weight gradient of this "
+              "{unit} overflowed (a derivative that is infinite at a finite point)."),
+}
+NON_FINITE_MSG = ("check_numerics: NaN or Inf in {what}. {hint} First appearance of each: "
+                  "{findings}.")
+NON_FINITE_GRAPH_MSG = ("check_numerics: NaN or Inf found. The {unit} index where each first "
+                        "appeared (-1 = none) for (state, loss, dLoss/dstate, weight gradients):")
+
+
+def raise_if_non_finite(found, *, unit: str = "chunk", carried: str = "state", chunk_size=None,
+                        steps=None) -> None:
+    """Raises NonFiniteError for the findings `found` ([4] ints, -1 = none) of a chain.
+
+    Args:
+      found: per kind of NUMERICS_NAMES, the first chunk (or stage) with a non-finite value.
+      unit, carried: "chunk" and "state", or "stage" and "activation", for the message.
+      chunk_size: steps per chunk, to name the steps of the chunk (None: not named).
+      steps: T, where the last chunk ends.
+    """
+    findings = {name: int(index) for name, index in zip(NUMERICS_NAMES, list(found))
+                if int(index) >= 0}
+    if not findings:
+        return
+    kind = next(name for name in NUMERICS_NAMES if name in findings)
+    index = findings[kind]
+    last = None if chunk_size is None else (index + 1) * chunk_size - 1
+    if last is not None and steps is not None:
+        last = min(last, steps - 1)
+    steps = "" if last is None else f" (steps {index * chunk_size} to {last})"
+    message = NON_FINITE_MSG.format(
+        what=_NUMERICS_WHAT[kind].format(unit=unit, carried=carried, index=index, steps=steps),
+        hint=_NUMERICS_HINT[kind].format(unit=unit, carried=carried),
+        findings=", ".join(f"{name} at {unit} {i}" for name, i in findings.items()))
+    raise NonFiniteError(message, kind, index, findings)
+
+
+def assert_finite_in_graph(found, tensors, *, unit: str = "chunk"):
+    """Inside a graph: `tensors` made to depend on an assertion that `found` holds no finding
+    (tf.errors.InvalidArgumentError naming the indices when the graph runs)."""
+    check = tf.debugging.Assert(tf.reduce_all(found < 0),
+                                [NON_FINITE_GRAPH_MSG.format(unit=unit), found],
+                                summarize=len(NUMERICS_NAMES))
+    with tf.control_dependencies([check]):
+        return tf.nest.map_structure(tf.identity, tensors)

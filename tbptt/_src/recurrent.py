@@ -88,7 +88,8 @@ class RecurrentChain(tf.Module):
     def __init__(self, cells: Sequence, *, chunk_size: Union[int, str], head=None,
                  mode: str = "exact", backprop_chunks: int = 1, backend: str = "eager",
                  reduction: str = "sum", dtype=None, compiled: bool = True, levels: int = 1,
-                 memory_budget: Optional[float] = None, name: Optional[str] = None):
+                 memory_budget: Optional[float] = None, check_numerics: bool = False,
+                 name: Optional[str] = None):
         """Creates the chain.
 
         Args:
@@ -115,6 +116,11 @@ class RecurrentChain(tf.Module):
             about T^(1/3) states for one more forward pass.
           memory_budget: with chunk_size="auto", the bytes the backward may keep alive; the
             largest chunk size that fits is taken (ValueError when none does).
+          check_numerics: test every chunk's carried state, loss, carried dLoss/dstate and
+            weight gradients for NaN/Inf in `value_and_gradients`, and raise
+            `tbptt.NonFiniteError` naming the chunk where one first appeared (inside a
+            tf.function: `tf.errors.InvalidArgumentError`). Off by default; on, it costs one
+            reduction per tensor per chunk. Off, a non-finite loss is returned as it is.
           name: module name.
         """
         super().__init__(name=name)
@@ -134,6 +140,9 @@ class RecurrentChain(tf.Module):
         if backend == "graph" and not compiled:
             raise ValueError(checks.COMPILED_GRAPH_MSG)
         self._compiled = bool(compiled)
+        if not isinstance(check_numerics, bool):
+            raise TypeError(checks.BOOL_MSG.format(name="check_numerics", value=check_numerics))
+        self._check_numerics = check_numerics
         self._cells = self._checked_cells(cells)
         self._runners = [layers.runner_for(cell) for cell in self._cells]
         if head is not None and not callable(head):
@@ -203,6 +212,10 @@ class RecurrentChain(tf.Module):
     @property
     def mode(self) -> str:
         return self._mode
+
+    @property
+    def check_numerics(self) -> bool:
+        return self._check_numerics
 
     @property
     def backprop_chunks(self) -> int:
@@ -467,7 +480,8 @@ class RecurrentChain(tf.Module):
 
     def _chunked_gradients(self, inputs, targets, loss_fn: LossFn, *, initial_state=None,
                            final_state_grad=None, sample_weight=None, reset=None, mask=None,
-                           reduction: Optional[str] = None, context_steps=None):
+                           reduction: Optional[str] = None, context_steps=None,
+                           record_state_grads: bool = False):
         """`value_and_gradients`, and what streaming across batches needs.
 
         Args:
@@ -476,10 +490,14 @@ class RecurrentChain(tf.Module):
             previous batch's last chunks, re-run so that gradients reach back into them: they
             add no loss and do not count in the mean.
 
+          record_state_grads: also return the norms of the carried dLoss/dstate per chunk
+            (see `chain.value_and_gradients`' record_carry_grads), for diagnostics.
+
         Returns:
           ``(ChainResult, kept_state, kept_from)``: with context_steps, the flat state at step
           `kept_from` where the next batch's context starts (the last backprop_chunks - 1
-          chunks), else the final state and T.
+          chunks), else the final state and T. With record_state_grads, a fourth entry: the
+          norms ``[chunks, ages]``.
         """
         loss_fn = checks.loss_function(loss_fn)
         mask = _keras_mask(inputs) if mask is None else mask
@@ -515,15 +533,31 @@ class RecurrentChain(tf.Module):
         reduction = self._reduction if reduction is None else checks.choice(
             "reduction", reduction, checks.REDUCTIONS)
         fn = self._functions.get("value_and_gradients", self._gradients_impl,
-                                 (loss_fn, source_specs, reduction), self._compiled)
+                                 (loss_fn, source_specs, reduction, record_state_grads),
+                                 self._compiled)
         self._live_sources = sources
         try:
-            loss, grads, final_leaves, initial_grads, kept, kept_from = fn(args)
+            (loss, grads, final_leaves, initial_grads, kept, kept_from, non_finite,
+             norms) = fn(args)
         finally:
             self._live_sources = {}
+        if non_finite is not None:
+            loss, grads = self._report_non_finite(non_finite, (loss, grads), args["chunk_size"],
+                                                  inputs)
         result = ChainResult(loss, list(grads), self._pack(list(final_leaves)),
                              self._pack(list(initial_grads)))
+        if record_state_grads:
+            return result, list(kept), kept_from, norms
         return result, list(kept), kept_from
+
+    def _report_non_finite(self, found, tensors, chunk_size, inputs):
+        """Raises NonFiniteError for what check_numerics found (eagerly), or makes `tensors`
+        depend on an assertion (while building a graph)."""
+        if not tf.executing_eagerly():
+            return checks.assert_finite_in_graph(found, tensors)
+        checks.raise_if_non_finite(found.numpy(), chunk_size=int(chunk_size),
+                                   steps=inputs.shape[1])
+        return tensors
 
     def _chunk_size_for(self, shape: tf.TensorShape) -> tf.Tensor:
         """The chunk size for inputs of `shape`, as a tensor: any T is served by one trace."""
@@ -542,7 +576,7 @@ class RecurrentChain(tf.Module):
         return tf.TensorSpec(source.shape, dtype)
 
     def _gradients_impl(self, args: dict, static):
-        loss_fn, source_specs, reduction = static
+        loss_fn, source_specs, reduction, record = static
         args = dict(args)
         for name, spec in source_specs:  # read chunk by chunk from the live source
             args[name] = _SourceReader(lambda n=name: self._live_sources[n], spec)
@@ -557,14 +591,15 @@ class RecurrentChain(tf.Module):
             segments, args["state"], self.trainable_variables, vjp_lib.get_vjp(self._backend),
             loss_dtype=self._loss_dtype(),
             backprop_segments=None if self._mode == "exact" else self._backprop_chunks,
-            final_carry_grad=args.get("final_state_grad"), group=group, keep_carry_at=keep_at)
+            final_carry_grad=args.get("final_state_grad"), group=group, keep_carry_at=keep_at,
+            check_numerics=self._check_numerics, record_carry_grads=record)
         if keep_at is None:
             kept, kept_from = result.final_carry, _steps(args)
         else:
             kept, kept_from = result.kept_carry, tf.minimum(keep_at * args["chunk_size"],
                                                             _steps(args))
-        return result.loss, result.grads, result.final_carry, result.initial_carry_grad, (
-            kept), kept_from
+        return (result.loss, result.grads, result.final_carry, result.initial_carry_grad, kept,
+                kept_from, result.non_finite, result.carry_grad_norms)
 
     def _loss_dtype(self) -> tf.DType:
         return tf.float64 if self._dtype == tf.float64 else tf.float32
@@ -715,13 +750,13 @@ class StatefulGRUChain(RecurrentChain):
                  head=None, mode: str = "exact", backprop_chunks: int = 1,
                  backend: str = "eager", reduction: str = "sum", dtype=None,
                  compiled: bool = True, levels: int = 1, memory_budget: Optional[float] = None,
-                 name: Optional[str] = None):
+                 check_numerics: bool = False, name: Optional[str] = None):
         """Creates one `keras.layers.GRUCell(u)` per entry of `units` (bottom first).
 
         Args:
           units: an int, or a sequence of ints for stacked layers (seed 001: ``(64, 32)``).
           chunk_size, head, mode, backprop_chunks, backend, reduction, dtype, compiled, levels,
-            memory_budget, name: as in `RecurrentChain`.
+            memory_budget, check_numerics, name: as in `RecurrentChain`.
         """
         self._units = checks.units_tuple(units)
         cells = [keras.layers.GRUCell(u, dtype=None if dtype is None else tf.as_dtype(dtype).name)
@@ -729,7 +764,7 @@ class StatefulGRUChain(RecurrentChain):
         super().__init__(cells, chunk_size=chunk_size, head=head, mode=mode,
                          backprop_chunks=backprop_chunks, backend=backend, reduction=reduction,
                          dtype=dtype, compiled=compiled, levels=levels,
-                         memory_budget=memory_budget, name=name)
+                         memory_budget=memory_budget, check_numerics=check_numerics, name=name)
 
     @property
     def units(self) -> tuple:

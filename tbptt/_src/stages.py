@@ -70,7 +70,7 @@ class StageChain(tf.Module):
 
     def __init__(self, stages: Sequence, *, backend: str = "eager", recompute: bool = False,
                  devices: Optional[Sequence[Optional[str]]] = None, compiled: bool = True,
-                 name: Optional[str] = None):
+                 check_numerics: bool = False, name: Optional[str] = None):
         """Creates the chain.
 
         Args:
@@ -82,6 +82,10 @@ class StageChain(tf.Module):
             stage's non-trainable variables, seed generators included, are restored before it).
           devices: one device name (or None) per stage, e.g. ["/GPU:0", "/GPU:1"].
           compiled: run in a `tf.function` (default); False runs eagerly (eager backend only).
+          check_numerics: test each stage's output, the loss, each carried dLoss/d(activation)
+            and each stage's weight gradients for NaN/Inf, and raise `tbptt.NonFiniteError`
+            naming the stage where one first appeared (inside a tf.function:
+            `tf.errors.InvalidArgumentError`). Off, a non-finite loss is returned as it is.
           name: module name.
         """
         super().__init__(name=name)
@@ -99,6 +103,9 @@ class StageChain(tf.Module):
         self._recompute = bool(recompute)
         self._devices = list(devices) if devices is not None else [None] * len(stages)
         self._compiled = bool(compiled)
+        if not isinstance(check_numerics, bool):
+            raise TypeError(checks.BOOL_MSG.format(name="check_numerics", value=check_numerics))
+        self._check_numerics = check_numerics
         self._built = False
         self._functions = compiling.FunctionCache(lambda name: 1)
 
@@ -179,7 +186,14 @@ class StageChain(tf.Module):
         self._build_for(x)
         fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
                                  self._compiled)
-        return StageResult(*fn(args))
+        loss, grads, boundary_grads, input_grad, non_finite = fn(args)
+        if non_finite is not None:
+            if not tf.executing_eagerly():
+                loss, grads = checks.assert_finite_in_graph(non_finite, (loss, grads),
+                                                            unit="stage")
+            else:
+                checks.raise_if_non_finite(non_finite.numpy(), unit="stage", carried="activation")
+        return StageResult(loss, grads, boundary_grads, input_grad)
 
     def _gradients_impl(self, args: dict, loss_fn: LossFn):
         structures = {}  # nest structure of each stage's input, recorded in the forward pass
@@ -206,11 +220,11 @@ class StageChain(tf.Module):
         result = chain_lib.static_value_and_gradients(
             [stage_fn(i) for i in range(len(self._stages))], tf.nest.flatten(args["x"]),
             self.stage_variables, vjp_lib.get_linearize(self._backend), loss_dtype=loss_dtype,
-            recompute=self._recompute)
+            recompute=self._recompute, check_numerics=self._check_numerics)
         grads = self._merge(result.grads)
         carried = [tf.nest.pack_sequence_as(structures[k], g)
                    for k, g in enumerate(result.carry_grads)]
-        return result.loss, grads, carried[1:], carried[0]
+        return result.loss, grads, carried[1:], carried[0], result.non_finite
 
     def _snapshot_or_restore(self, index: int, saved: dict) -> None:
         """First run of a stage: remember its non-trainable variables (BatchNorm statistics,
