@@ -1,6 +1,8 @@
 """Input checks run in Python before anything is traced, with messages that say
 what was expected, what arrived and how to fix it."""
 
+import difflib
+import inspect
 import numbers
 
 import tensorflow as tf
@@ -9,12 +11,18 @@ MODES = ("exact", "truncated")
 REDUCTIONS = ("sum", "mean")
 
 BOOL_MSG = "{name} must be True or False, got {value!r}."
-CHOICE_MSG = "{name} must be one of {choices}, got {value!r}."
+CHOICE_MSG = "{name} must be one of {choices}, got {value!r}.{hint}"
 POSITIVE_INT_MSG = "{name} must be a positive int, got {value!r}{hint}."
 INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
                    "Add a time axis with x[:, None, :] or a feature axis with x[..., None].")
-EMPTY_TIME_MSG = "inputs must have at least one time step, got shape {shape}."
-LEADING_DIMS_MSG = ("{name} must share [batch, time] = {expected} with inputs, got shape {shape}.")
+EMPTY_TIME_MSG = ("inputs must have at least one time step, got shape {shape}. Skip empty "
+                  "sequences before the call (there is nothing to train on).")
+INPUTS_DTYPE_MSG = ("inputs must hold numbers (a float or int dtype), got dtype {dtype}. Encode "
+                    "text or categories as numbers first (ids into a keras.layers.Embedding, "
+                    "say).")
+LEADING_DIMS_MSG = ("{name} must share [batch, time] = {expected} with inputs (one entry per "
+                    "row and step), got shape {shape}. Slice or pad {name} to the inputs' batch "
+                    "and steps.")
 STEP_FLAGS_MSG = ("{name} must have shape [batch, time] = {expected} (one flag per row and step, "
                   "True = {meaning}), got shape {shape}.")
 STEP_FLAGS_DTYPE_MSG = ("{name} must be bool (or 0/1 integers), got dtype {dtype}.")
@@ -27,6 +35,12 @@ STATE_SHAPE_MSG = ("{name}: entry {index} must have shape {expected} (batch size
                    "state width of its cell), got {shape}.")
 LOSS_FN_MSG = ("loss_fn must be callable as loss_fn(y_true_chunk, y_pred_chunk[, "
                "sample_weight_chunk]) -> scalar, got {value!r}.")
+STAGE_INPUT_MSG = ("x must have a batch axis first (shape [batch, ...]), got a scalar (shape "
+                   "{shape}).")
+BATCH_MSG = ("{name} must have x's batch size {batch} first (shape [{batch}, ...]), got shape "
+             "{shape}. Pass the rows that go with x.")
+LOSS_ARITY_MSG = ("loss_fn must accept {expected} positional arguments (y_true, y_pred{weight}), "
+                  "but {name}{signature} does not. {fix}")
 LOSS_SCALAR_MSG = ("loss_fn must return a scalar per chunk, got shape {shape}. Reduce it, e.g. "
                    "with tf.reduce_sum or a Keras loss with its default reduction.")
 BACKPROP_CHUNKS_EXACT_MSG = ("backprop_chunks={value} only applies to mode='truncated'; "
@@ -99,8 +113,10 @@ def positive_int(name: str, value, hint: str = "") -> int:
 
 
 def choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(CHOICE_MSG.format(name=name, choices=choices, value=value))
+    if not isinstance(value, str) or value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(CHOICE_MSG.format(name=name, choices=choices, value=value, hint=hint))
     return value
 
 
@@ -124,6 +140,8 @@ def sequence_inputs(inputs, dtype) -> tf.Tensor:
                                                 if inputs.shape.rank is not None else None))
     if inputs.shape[1] == 0:
         raise ValueError(EMPTY_TIME_MSG.format(shape=inputs.shape.as_list()))
+    if not (inputs.dtype.is_floating or inputs.dtype.is_integer):
+        raise TypeError(INPUTS_DTYPE_MSG.format(dtype=inputs.dtype.name))
     return tf.cast(inputs, dtype) if inputs.dtype != dtype else inputs
 
 
@@ -178,9 +196,36 @@ def state_leaves(name: str, state, leaf_shapes, batch) -> list:
     return checked
 
 
-def loss_function(loss_fn):
+def batch_like(name: str, value, x: tf.Tensor) -> tf.Tensor:
+    """`value` as a tensor whose leading (batch) dim is x's."""
+    value = as_tensor(name, value)
+    if value.shape.rank == 0 or (value.shape.rank is not None and None not in (
+            value.shape[0], x.shape[0]) and value.shape[0] != x.shape[0]):
+        raise ValueError(BATCH_MSG.format(name=name, batch=x.shape[0],
+                                          shape=value.shape.as_list()))
+    return value
+
+
+def loss_function(loss_fn, with_weight: bool = False):
+    """`loss_fn` if it is callable with (y_true, y_pred), and a sample weight when `with_weight`
+    (when its signature can be read: Keras losses, functions, lambdas)."""
     if not callable(loss_fn):
         raise TypeError(LOSS_FN_MSG.format(value=loss_fn))
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # some builtins and C callables have none
+        return loss_fn
+    args = (None, None, None) if with_weight else (None, None)
+    try:
+        signature.bind(*args)
+    except TypeError:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        fix = ("A sample_weight or mask is passed as the third argument: take it, or leave "
+               "them out." if with_weight else "Give it the signature "
+               "loss_fn(y_true, y_pred[, sample_weight]).")
+        raise TypeError(LOSS_ARITY_MSG.format(
+            expected=len(args), weight=", sample_weight" if with_weight else "", name=name,
+            signature=signature, fix=fix)) from None
     return loss_fn
 
 

@@ -17,6 +17,7 @@ gradient crosses the cut between batches: the last `backprop_chunks - 1` chunks 
 batch (its inputs and the state entering them) are kept and re-run in front of the next batch.
 """
 
+import contextlib
 import inspect
 import io
 import json
@@ -291,6 +292,30 @@ class ChunkedModel(keras.Model):
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
         start (not at the start of an epoch resumed from a checkpoint)."""
+        with self._fresh_steps_after_an_error():
+            return self._fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._fresh_steps_after_an_error():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._fresh_steps_after_an_error():
+            return super().predict(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _fresh_steps_after_an_error(self):
+        """A call refused while its step was being traced (bad data, say) leaves that
+        tf.function with a failed first trace, and TensorFlow refuses to create variables
+        (the chain's, the optimizer's) in any later one. Forget the compiled steps then, so the
+        next call starts from new ones."""
+        try:
+            yield
+        except BaseException:
+            self.train_function = self.test_function = self.predict_function = None
+            raise
+
+    def _fit(self, *args, **kwargs):
         if self.stateful:
             bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
             bound.pop("self")

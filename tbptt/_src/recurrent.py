@@ -499,8 +499,9 @@ class RecurrentChain(tf.Module):
           chunks), else the final state and T. With record_state_grads, a fourth entry: the
           norms ``[chunks, ages]``.
         """
-        loss_fn = checks.loss_function(loss_fn)
         mask = _keras_mask(inputs) if mask is None else mask
+        loss_fn = checks.loss_function(
+            loss_fn, with_weight=sample_weight is not None or mask is not None)
         sources = {name: source for name, source in [
             ("inputs", sources_lib.as_source("inputs", inputs)),
             ("targets", sources_lib.as_source("targets", targets)),

@@ -178,11 +178,13 @@ class StageChain(tf.Module):
         Returns:
           `StageResult(loss, grads, boundary_grads, input_grad)`.
         """
-        loss_fn = checks.loss_function(loss_fn)
+        loss_fn = checks.loss_function(loss_fn, with_weight=sample_weight is not None)
         x = checks.as_tensor("x", x)
-        args = {"x": x, "y": checks.as_tensor("y", y)}
+        if x.shape.rank == 0:
+            raise ValueError(checks.STAGE_INPUT_MSG.format(shape=x.shape.as_list()))
+        args = {"x": x, "y": checks.batch_like("y", y, x)}
         if sample_weight is not None:
-            args["sample_weight"] = checks.as_tensor("sample_weight", sample_weight)
+            args["sample_weight"] = checks.batch_like("sample_weight", sample_weight, x)
         self._build_for(x)
         fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
                                  self._compiled)
