@@ -1,4 +1,10 @@
-"""Property tests: random configurations, exact == full BPTT and truncated == its reference."""
+"""Property tests: random configurations, exact == full BPTT and truncated == its reference.
+
+The default suite draws a dozen; the slow suite draws 300 and also runs one configuration per
+(cell kind, backend, mode), so that every combination is seen whatever hypothesis draws.
+"""
+
+import itertools
 
 import hypothesis.strategies as st
 import keras
@@ -11,15 +17,21 @@ from cells import make_cells
 from conftest import assert_all_close, full_bptt, l1_loss, make_sequence
 from test_recurrent import truncated_reference
 
+STACKABLE = ["gru", "lstm", "simple", "custom"]
+CELL_KINDS = STACKABLE + ["module"]
+MODES = ["exact", "exact_levels2", 1, 2, 3]  # int: truncated, m
+
 configs = st.fixed_dictionaries({
     "steps": st.integers(1, 12),
     "chunk_size": st.integers(1, 6),
     "batch": st.integers(1, 3),
     "features": st.integers(1, 3),
-    "layers": st.lists(st.sampled_from(["gru", "lstm", "simple", "custom"]), min_size=1,
-                       max_size=2),
+    # A plain tf.Module cell is built for the chain's input features: bottom layer only.
+    "layers": st.tuples(st.sampled_from(CELL_KINDS),
+                        st.lists(st.sampled_from(STACKABLE), max_size=1)).map(
+        lambda layers: [layers[0]] + layers[1]),
     "head": st.booleans(),
-    "mode": st.sampled_from(["exact", "exact_levels2", 1, 2, 3]),  # int: truncated, m
+    "mode": st.sampled_from(MODES),
     "backend": st.sampled_from(["eager", "graph"]),
     "reduction": st.sampled_from(["sum", "mean"]),
 })
@@ -65,7 +77,16 @@ def test_random_configurations(config):
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(configs)
 def test_random_configurations_many(config):
     check(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,backend,mode", itertools.product(CELL_KINDS, ["eager", "graph"],
+                                                                MODES))
+def test_every_cell_kind_backend_and_mode(kind, backend, mode):
+    check({"steps": 11, "chunk_size": 3, "batch": 2, "features": 2, "layers": [kind],
+           "head": kind != "simple", "mode": mode, "backend": backend,
+           "reduction": "mean" if backend == "graph" else "sum"})
