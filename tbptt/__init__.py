@@ -2,6 +2,7 @@
 
 from tbptt import compat
 from tbptt import data
+from tbptt import diagnostics
 from tbptt import keras
 from tbptt._src.checks import NonFiniteError
 from tbptt._src.recurrent import RecurrentChain
@@ -25,6 +26,7 @@ __all__ = [
     "StatefulGRUChain",
     "compat",
     "data",
+    "diagnostics",
     "keras",
     "split_sequential",
     "unroll",

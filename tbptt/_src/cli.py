@@ -20,9 +20,33 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--plot", default="tbptt-demo.png", help="PNG path ('' for none)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    diagnose = commands.add_parser(
+        "diagnose", help="how much gradient truncation loses, on the demo's model")
+    diagnose.add_argument("--train-steps", type=int, default=200,
+                          help="exact training steps before measuring (0: untrained)")
+    diagnose.add_argument("--delay", type=int, default=8, help="echo delay in time steps")
+    diagnose.add_argument("--chunk-sizes", type=_ints, default=(2, 4, 8),
+                          help="comma-separated chunk sizes K to compare")
+    diagnose.add_argument("--backprop-chunks", type=_ints, default=(1, 2, 3, 4),
+                          help="comma-separated truncation depths m (TBPTT(K, mK))")
+    diagnose.add_argument("--length", type=int, default=48, help="sequence length T")
+    diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument("--plot", default="tbptt-diagnose.png", help="PNG path ('' for none)")
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
     reproduce = commands.add_parser("reproduce", help="re-run a seed experiment from examples/")
     reproduce.add_argument("experiment", choices=sorted(EXPERIMENTS))
     return parser
+
+
+def _ints(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got "
+                                         f"{text!r}")
+    return values
 
 
 # Experiment name -> script in the source tree's examples/ folder. Each runs in a fresh process:
@@ -56,6 +80,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         demo.run(steps=args.steps, delay=args.delay, chunk_size=args.chunk_size,
                  length=args.length, seed=args.seed, plot_path=args.plot or None,
                  quiet=args.quiet)
+    elif args.command == "diagnose":
+        from tbptt._src import demo
+        if args.train_steps < 0 or not 0 < args.delay < args.length:
+            print("tbptt diagnose: need --train-steps >= 0 and 0 < --delay < --length",
+                  file=sys.stderr)
+            return 2
+        demo.diagnose(train_steps=args.train_steps, delay=args.delay,
+                      chunk_sizes=args.chunk_sizes, backprop_chunks=args.backprop_chunks,
+                      length=args.length, seed=args.seed, plot_path=args.plot or None,
+                      quiet=args.quiet)
     elif args.command == "reproduce":
         return _reproduce(args.experiment)
     return 0

@@ -41,13 +41,22 @@ def accuracy(chain, inputs, targets, weights) -> float:
     return float(np.sum(correct * weights) / np.sum(weights))
 
 
-def train(mode: str, *, steps: int, delay: int, chunk_size: int, length: int, batch: int,
-          units: int, eval_every: int, seed: int, progress: Optional[str]) -> Curve:
-    """Trains one GRU on the echo task; returns its learning curve on a held-out batch."""
+LOSS = keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+def make_chain(mode: str, *, chunk_size: int, units: int, seed: int) -> StatefulGRUChain:
+    """The demo's model: one GRU layer and a Dense logit, whole-sequence mean loss."""
     keras.utils.set_random_seed(seed)
-    chain = StatefulGRUChain(units, head=keras.layers.Dense(1), chunk_size=chunk_size,
-                             mode=mode, reduction="mean")
-    loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
+    return StatefulGRUChain(units, head=keras.layers.Dense(1), chunk_size=chunk_size, mode=mode,
+                            reduction="mean")
+
+
+def train(mode: str, *, steps: int, delay: int, chunk_size: int, length: int, batch: int,
+          units: int, eval_every: int, seed: int, progress: Optional[str]):
+    """Trains one GRU on the echo task; returns its learning curve on a held-out batch and the
+    trained chain."""
+    chain = make_chain(mode, chunk_size=chunk_size, units=units, seed=seed)
+    loss_fn = LOSS
     optimizer = keras.optimizers.Adam(1e-2)
     rng = np.random.RandomState(seed)
     held_out = echo_batch(np.random.RandomState(seed + 1), 256, length, delay)
@@ -67,7 +76,7 @@ def train(mode: str, *, steps: int, delay: int, chunk_size: int, length: int, ba
             curve.accuracies.append(accuracy(chain, *held_out))
         if bar is not None:
             bar.update(step, [("loss", float(result.loss))])
-    return curve._replace(seconds=time.perf_counter() - start)
+    return curve._replace(seconds=time.perf_counter() - start), chain
 
 
 def print_curves(exact: Curve, truncated: Curve, delay: int, chunk_size: int) -> None:
@@ -115,7 +124,7 @@ def run(*, steps: int = 400, delay: int = 8, chunk_size: int = 4, length: int = 
     curves = {}
     for mode in ("exact", "truncated"):
         header = None if quiet else f"[{mode}] training {steps} steps"
-        curves[mode] = train(mode, progress=header, **settings)
+        curves[mode], _ = train(mode, progress=header, **settings)
     print_curves(curves["exact"], curves["truncated"], delay, chunk_size)
     if plot_path:
         plot(curves["exact"], curves["truncated"], plot_path, delay, chunk_size)
@@ -124,3 +133,29 @@ def run(*, steps: int = 400, delay: int = 8, chunk_size: int = 4, length: int = 
           f"truncated: {final['truncated']:.2f}. The dependency ({delay} steps) is longer than "
           f"a chunk ({chunk_size} steps): only the exact gradient crosses the cut.")
     return final
+
+
+def diagnose(*, train_steps: int = 200, delay: int = 8, chunk_sizes=(2, 4, 8),
+             backprop_chunks=(1, 2, 3, 4), length: int = 48, batch: int = 64, units: int = 32,
+             seed: int = 0, plot_path: Optional[str] = "tbptt-diagnose.png", quiet: bool = False):
+    """`tbptt diagnose`: the truncation report on the demo's model, trained exactly first (so
+    that it uses its memory), measured on a fresh batch of the echo task."""
+    from tbptt._src.diagnostics import truncation_report
+    chain = make_chain("exact", chunk_size=chunk_sizes[0], units=units, seed=seed)
+    if train_steps:
+        header = None if quiet else f"training the demo model exactly for {train_steps} steps"
+        _, chain = train("exact", steps=train_steps, delay=delay, chunk_size=chunk_sizes[0],
+                         length=length, batch=32, units=units,
+                         eval_every=max(1, train_steps // 4), seed=seed, progress=header)
+    inputs, targets, weights = echo_batch(np.random.RandomState(seed + 2), batch, length, delay)
+    report = truncation_report(chain, inputs, targets, LOSS, chunk_sizes=list(chunk_sizes),
+                               backprop_chunks=list(backprop_chunks), sample_weight=weights)
+    print(f"\n{delay}-step delayed echo, GRU {units}, trained {train_steps} steps\n")
+    print(report.table())
+    if plot_path:
+        try:
+            report.plot(plot_path)
+            print(f"\nplot written to {plot_path}")
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install 'tbptt[demo]').")
+    return report
