@@ -100,3 +100,7 @@ collect_ignore = [] if LEGACY_CELLS_HERE else ["legacy"]
 def _seed():
     keras.utils.set_random_seed(1234)
     yield
+
+# tbptt.keras.ChunkedModel needs Keras 3; CI's TF 2.15 leg runs the core tests with Keras 2.
+needs_keras3 = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
+                                  reason="tbptt.keras needs Keras 3")

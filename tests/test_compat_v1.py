@@ -32,6 +32,7 @@ def test_tf1_graph_suite_in_a_legacy_keras_process():
     assert " passed" in output
 
 
+@pytest.mark.slow  # end-to-end script runs in their own processes (60 s)
 @pytest.mark.parametrize("experiment,expected", [("gru-500-500", "all four routes agree"),
                                                  ("gru-minibatch", "equal one pass")])
 def test_reproduce_seed_001(experiment, expected):

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from conftest import assert_all_close, full_bptt, make_sequence, sum_squares
+from conftest import assert_all_close, full_bptt, make_sequence, needs_keras3, sum_squares
 
 
 def gru(**kwargs):
@@ -205,6 +205,7 @@ def test_compat_v1_mismatched_boundaries_are_refused():
         build([state, state], [state, state])
 
 
+@needs_keras3
 def test_chunked_model_trains_as_usual_after_a_rejected_fit():
     def model():
         keras.utils.set_random_seed(4)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from conftest import assert_all_close, make_sequence, sum_squares
+from conftest import assert_all_close, make_sequence, needs_keras3, sum_squares
 
 B, T, F, K = 2, 11, 3, 3  # chunks: steps 0-2, 3-5, 6-8, 9-10
 
@@ -154,6 +154,7 @@ def test_stage_chain_names_the_stage(recompute):
     assert error.value.kind == "state_grad"
 
 
+@needs_keras3
 def test_chunked_model_fit_stops_on_a_nan():
     x, y = clean_data()
     model = tbptt.keras.ChunkedModel(make_chain())

@@ -209,6 +209,7 @@ def test_bad_devices():
         tbptt.StageChain([keras.layers.Dense(1)], devices=["/CPU:0", "/CPU:1"])
 
 
+@pytest.mark.slow  # an end-to-end script run in its own process (40 s)
 def test_reproduce_cnn_split():
     import os
     import subprocess
