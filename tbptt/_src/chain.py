@@ -67,7 +67,7 @@ class ChainGradients(NamedTuple):
 # forward order, so the first one is the lowest segment index; cotangents and variable gradients
 # are made in the backward order, so the first one is the highest.
 NUMERICS_KINDS = ("carry", "loss", "carry_grad", "grads")
-_FIRST_IS_LOWEST = tf.constant([True, True, False, False])
+_FIRST_IS_LOWEST = (True, True, False, False)
 
 
 def no_findings() -> tf.Tensor:
@@ -90,7 +90,7 @@ def note_non_finite(found: tf.Tensor, k, **values) -> tf.Tensor:
 def merge_non_finite(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """Two findings joined (in any order): per kind the first segment, -1 for none."""
     lowest = tf.where((a < 0) | ((b >= 0) & (b < a)), b, a)
-    return tf.where(_FIRST_IS_LOWEST, lowest, tf.maximum(a, b))
+    return tf.where(tf.constant(_FIRST_IS_LOWEST), lowest, tf.maximum(a, b))
 
 
 def offset_non_finite(found: tf.Tensor, first) -> tf.Tensor:
