@@ -55,7 +55,8 @@ DROPOUT_MSG = ("cell {index} ({cell}) has dropout={dropout} / recurrent_dropout=
                "dropout and put dropout in the head, which runs once per chunk.")
 DTYPE_BUILT_MSG = ("{what} is already built in {got}, but the chain computes in {expected}. "
                    "Pass an unbuilt layer, or leave dtype=None to use the layer's dtype.")
-UNITS_MSG = "units must be a positive int or a non-empty sequence of them, got {value!r}."
+UNITS_MSG = ("units must be a positive int or a non-empty sequence of them, got {value!r}. "
+             "For example units=64, or units=(64, 32) for two stacked layers.")
 CELLS_MSG = ("cells must be a non-empty sequence of RNN cells (each with `state_size` and "
              "call(inputs, states) -> (output, new_states)), got {value!r}.")
 CELL_MSG = ("cells[{index}] must be an RNN cell with `state_size` that is callable as "
@@ -64,7 +65,7 @@ HEAD_MSG = "head must be a Keras layer or a callable, got {value!r}."
 COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
                       "compiled=True, or use backend='eager' with compiled=False to debug.")
 CHUNK_SIZE_MSG = ("chunk_size must be a positive int (time steps per chunk) or 'auto', got "
-                  "{value!r}.")
+                  "{value!r}. For example chunk_size=100, or 'auto' for about sqrt(T).")
 LEVELS_MSG = "levels must be 1 or 2, got {value!r}."
 LEVELS_TRUNCATED_MSG = ("levels=2 only applies to mode='exact'; mode='truncated' keeps at most "
                         "backprop_chunks chunks alive already. Leave levels at 1.")

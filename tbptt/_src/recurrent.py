@@ -129,7 +129,9 @@ class RecurrentChain(tf.Module):
         self._reduction = checks.choice("reduction", reduction, checks.REDUCTIONS)
         self._chunk_size = checks.chunk_size(chunk_size)
         self._memory_budget = checks.memory_budget(memory_budget, self._chunk_size)
-        self._backprop_chunks = checks.positive_int("backprop_chunks", backprop_chunks)
+        self._backprop_chunks = checks.positive_int(
+            "backprop_chunks", backprop_chunks,
+            hint="; it counts the chunks a loss back-propagates through (1 = Keras stateful=True)")
         if mode == "exact" and backprop_chunks != 1:
             raise ValueError(checks.BACKPROP_CHUNKS_EXACT_MSG.format(value=backprop_chunks))
         if levels not in (1, 2) or isinstance(levels, bool):
@@ -472,6 +474,7 @@ class RecurrentChain(tf.Module):
 
         Raises:
           ValueError, TypeError: on inputs of the wrong rank, dtype or shape, before tracing.
+          tbptt.NonFiniteError: with check_numerics=True, a NaN or Inf (see `__init__`).
         """
         return self._chunked_gradients(
             inputs, targets, loss_fn, initial_state=initial_state,
