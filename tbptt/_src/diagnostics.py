@@ -189,9 +189,9 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
             rows.append(_compare(size, m, _flat(grads), exact_flat))
         reach[size] = _reach(_variant(chain, size, "truncated", reach_chunks + 1), inputs,
                              targets, loss_fn, call)
-    steps, batch = np.shape(inputs)[1], np.shape(inputs)[0]
-    return TruncationReport(rows, reach, float(np.linalg.norm(exact_flat)), int(steps),
-                            int(batch))
+    shape = tuple(getattr(inputs, "shape", None) or np.shape(inputs))  # arrays, chunk sources
+    return TruncationReport(rows, reach, float(np.linalg.norm(exact_flat)), int(shape[1]),
+                            int(shape[0]))
 
 
 def _variant(chain: RecurrentChain, chunk_size: int, mode: str, m: int) -> RecurrentChain:
