@@ -54,29 +54,6 @@ def assert_all_close(actual, expected, rtol, what=""):
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.1g}"
 
 
-def full_bptt(chain, inputs, targets, loss_fn, initial_state=None, final_state_grad=None,
-              sample_weight=None):
-    """Reference: one outer tape over the plain forward `chain(...)`, whole-sequence loss.
-
-    Only valid for reduction="sum" with a loss that is a sum over steps. Returns
-    (loss, grads, final_state, initial_state_grad).
-    """
-    if initial_state is None:
-        initial_state = chain.initial_state(inputs.shape[0])
-    initial_state = tf.nest.map_structure(tf.convert_to_tensor, initial_state)
-    with tf.GradientTape() as tape:
-        tape.watch(initial_state)
-        outputs, final_state = chain(inputs, initial_state)
-        args = [targets, outputs] + ([sample_weight] if sample_weight is not None else [])
-        loss = loss_fn(*args)
-        total = loss
-        if final_state_grad is not None:
-            total = total + tf.add_n([tf.reduce_sum(g * s) for g, s in zip(
-                tf.nest.flatten(final_state_grad), tf.nest.flatten(final_state))])
-    grads = tape.gradient(total, [chain.trainable_variables, initial_state])
-    return loss, grads[0], final_state, grads[1]
-
-
 def copy_weights(source, target, input_shape):
     source.build(input_shape)
     target.build(input_shape)

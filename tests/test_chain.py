@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tbptt._src import chain as chain_lib
+from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 
 A, C = 0.8, 1.3
@@ -61,10 +62,10 @@ def run(backend, m=None, final_grad=None):
 
     def compute():
         carry_grad = None if final_grad is None else [tf.constant(final_grad, tf.float64)]
-        return chain_lib.value_and_gradients(
-            toy_segments(a, c), [tf.constant(S0, tf.float64)], [a, c],
-            vjp_lib.get_vjp(backend), loss_dtype=tf.float64, backprop_segments=m,
-            final_carry_grad=carry_grad)
+        schedule = schedules.Exact() if m is None else schedules.Truncated(m)
+        return schedule.run(toy_segments(a, c), [tf.constant(S0, tf.float64)], [a, c],
+                            vjp_lib.get_linearize(backend), loss_dtype=tf.float64,
+                            final_carry_grad=carry_grad)
 
     return tf.function(compute)() if backend == "graph" else compute()
 

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from conftest import assert_all_close, full_bptt, l1_loss, make_sequence
+from conftest import assert_all_close, l1_loss, make_sequence
+from references import full_bptt
 from tbptt._src import chunking
 
 F64 = 1e-10

@@ -10,8 +10,8 @@ import tensorflow as tf
 
 import tbptt
 from cells import make_cells
-from conftest import full_bptt, l1_loss, make_sequence
-from test_recurrent import truncated_reference
+from conftest import l1_loss, make_sequence
+from references import full_bptt, truncated_reference
 
 K, T, B = 3, 12, 2
 

@@ -128,3 +128,56 @@ def test_the_hand_written_backward_is_used():
     names = " ".join(op.name for op in graph.get_operations())
     assert ops.count("While") + ops.count("StatelessWhile") == 2  # forward loop, written backward
     assert "gradients/while" not in names.lower()
+
+
+# -- each step's backward against a tape over its forward ----------------------------------------
+
+
+def _step_problem(units, width, seed=3):
+    rng = np.random.RandomState(seed)
+    return [tf.constant(rng.randn(*shape) * 0.7) for shape in
+            [(3, width * units), (3, units), (units, width * units), (width * units,), (3, units)]]
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_step_backward_is_the_transpose_of_the_step(reset_after):
+    x, h, kernel, bias, dh = _step_problem(4, 3)
+    with tf.GradientTape() as tape:
+        tape.watch([x, h, kernel, bias])
+        h_new, z, r, hh, aux = layers._gru_step(x, h, kernel, bias if reset_after else None,
+                                                reset_after, tf.tanh, tf.sigmoid)
+    expected = tape.gradient(h_new, [x, h, kernel, bias], output_gradients=dh,
+                             unconnected_gradients="zero")
+    dh_prev, d_x, d_inner = layers._gru_step_backward(
+        dh, h, z, r, hh, aux, layers._gru_kernels(kernel), reset_after)
+    d_kernel = tf.matmul(h, d_inner, transpose_a=True)  # the gates' (or all) columns
+    if not reset_after:  # the candidate's columns multiply the reset state r * h
+        d_kernel = tf.concat([d_kernel, tf.matmul(aux, d_x[:, 8:], transpose_a=True)], axis=1)
+    d_bias = tf.reduce_sum(d_inner, 0) if reset_after else tf.zeros_like(bias)
+    assert_all_close([d_x, dh_prev, d_kernel, d_bias], expected, 1e-13)
+
+
+def test_lstm_step_backward_is_the_transpose_of_the_step():
+    x, h, kernel, _, dh = _step_problem(4, 4)
+    c, dc = h * 0.5 + 0.1, dh * -0.3
+    with tf.GradientTape() as tape:
+        tape.watch([x, h, c, kernel])
+        h_new, c_new, i, f, o, g, tanh_c = layers._lstm_step(x, h, c, kernel, tf.tanh,
+                                                             tf.sigmoid)
+        total = tf.reduce_sum(h_new * dh) + tf.reduce_sum(c_new * dc)
+    expected = tape.gradient(total, [x, h, c, kernel])
+    dh_prev, dc_prev, d_x = layers._lstm_step_backward(dh, dc, c, i, f, o, g, tanh_c, kernel)
+    d_kernel = tf.matmul(h, d_x, transpose_a=True)
+    assert_all_close([d_x, dh_prev, dc_prev, d_kernel], expected, 1e-13)
+
+
+def test_unroll_keeps_any_state_nest():
+    def core(x, state):
+        return x * state["scale"], {"scale": state["scale"] + 1, "sum": (state["sum"][0] + x,)}
+
+    x = tf.constant(np.arange(1.0, 7.0).reshape(1, 3, 2))
+    state = {"scale": tf.ones([1, 2], tf.float64), "sum": (tf.zeros([1, 2], tf.float64),)}
+    outputs, final = layers.unroll(core, x, state)
+    np.testing.assert_allclose(outputs[0], [[1, 2], [6, 8], [15, 18]])
+    np.testing.assert_allclose(final["scale"], [[4, 4]])
+    np.testing.assert_allclose(final["sum"][0], [[9, 12]])

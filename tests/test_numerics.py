@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from conftest import assert_all_close, full_bptt, make_sequence, needs_keras3, sum_squares
+from conftest import assert_all_close, make_sequence, needs_keras3, sum_squares
+from references import full_bptt
 
 B, T, F, K = 2, 11, 3, 3  # chunks: steps 0-2, 3-5, 6-8, 9-10
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 
 import tbptt
 from cells import make_cells
-from conftest import assert_all_close, full_bptt, l1_loss, make_sequence
-from test_recurrent import truncated_reference
+from conftest import assert_all_close, l1_loss, make_sequence
+from references import full_bptt, truncated_reference
 
 STACKABLE = ["gru", "lstm", "simple", "custom"]
 CELL_KINDS = STACKABLE + ["module"]

@@ -9,8 +9,9 @@ import tensorflow as tf
 
 import tbptt
 from cells import CELL_KINDS, make_cells
-from conftest import (assert_all_close, copy_weights, float64_loss, full_bptt, l1_loss,
-                      make_sequence, sum_squares)
+from conftest import (assert_all_close, copy_weights, float64_loss, l1_loss, make_sequence,
+                      sum_squares)
+from references import full_bptt, truncated_reference
 
 F64 = 1e-10  # float64: only summation order differs from the reference.
 # float32: the chunked and the one-tape backward add the same terms in a different order;
@@ -131,41 +132,6 @@ def test_exact_matches_finite_differences(kind):
 
 
 # -- truncated mode == per-chunk tapes with stop_gradient at the cut ------------------------------
-
-
-def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad=None):
-    """Loss L_j back-propagates through chunks j-m+1 .. j only: each term gets its own tape
-    run from the boundary state, which is stop_gradient-ed where the cotangent is dropped."""
-    size, steps = chain.chunk_size, x.shape[1]
-    count = -(-steps // size)
-    boundaries, state = [initial_state], initial_state
-    for j in range(count):
-        _, state = chain(x[:, j * size:(j + 1) * size], state)
-        boundaries.append(state)
-
-    def run_from(start, stop, s0):
-        """Chunks start..stop-1 from the boundary state, cut where the cotangent drops."""
-        if start >= 0:
-            return chain(x[:, start * size:stop * size], tf.nest.map_structure(
-                tf.stop_gradient, boundaries[start]))
-        return chain(x[:, :stop * size], s0)
-
-    s0 = tf.nest.map_structure(tf.convert_to_tensor, initial_state)
-    with tf.GradientTape() as tape:
-        tape.watch(s0)
-        total = 0.0
-        for j in range(count):
-            start = j - m + 1
-            outputs, _ = run_from(start, j + 1, s0)
-            total += loss_fn(y[:, j * size:(j + 1) * size], outputs[:, -(x[:, j * size:(j + 1) *
-                                                                           size].shape[1]):])
-        if final_state_grad is not None and m > 1:
-            _, last = run_from(count - m + 1, count, s0)
-            total += tf.add_n([tf.reduce_sum(g * s) for g, s in zip(
-                tf.nest.flatten(final_state_grad), tf.nest.flatten(last))])
-    grads, state_grad = tape.gradient(total, [chain.trainable_variables, s0],
-                                      unconnected_gradients="zero")
-    return total, grads, state_grad
 
 
 @pytest.mark.parametrize("m,backend,kind", [(1, "eager", "gru"), (1, "graph", "lstm"),

@@ -10,7 +10,8 @@ import tensorflow as tf
 tfa = pytest.importorskip("tensorflow_addons")
 
 import tbptt  # noqa: E402
-from conftest import assert_all_close, full_bptt, l1_loss, make_sequence  # noqa: E402
+from conftest import assert_all_close, l1_loss, make_sequence  # noqa: E402
+from references import full_bptt
 from test_recurrent import truncated_reference  # noqa: E402
 
 @pytest.fixture(autouse=True)

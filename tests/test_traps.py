@@ -8,8 +8,8 @@ import tensorflow as tf
 
 import tbptt
 from cells import make_cells
-from conftest import assert_all_close, full_bptt, l1_loss, make_sequence
-from test_recurrent import truncated_reference
+from conftest import assert_all_close, l1_loss, make_sequence
+from references import full_bptt, truncated_reference
 
 # (mode, backend): the exact gradient on both backends, and truncation with m=2.
 EXECUTIONS = [("exact", "eager"), ("exact", "graph"), ("truncated", "eager")]

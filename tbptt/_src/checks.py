@@ -1,5 +1,6 @@
 """Input checks run in Python before anything is traced, with messages that say
-what was expected, what arrived and how to fix it."""
+what was expected, what arrived and how to fix it. A message lives here as a constant only when
+more than one module raises it."""
 
 import difflib
 import inspect
@@ -7,99 +8,11 @@ import numbers
 
 import tensorflow as tf
 
-MODES = ("exact", "truncated")
-REDUCTIONS = ("sum", "mean")
-
-BOOL_MSG = "{name} must be True or False, got {value!r}."
-CHOICE_MSG = "{name} must be one of {choices}, got {value!r}.{hint}"
-POSITIVE_INT_MSG = "{name} must be a positive int, got {value!r}{hint}."
 INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
                    "Add a time axis with x[:, None, :] or a feature axis with x[..., None].")
-EMPTY_TIME_MSG = ("inputs must have at least one time step, got shape {shape}. Skip empty "
-                  "sequences before the call (there is nothing to train on).")
-INPUTS_DTYPE_MSG = ("inputs must hold numbers (a float or int dtype), got dtype {dtype}. Encode "
-                    "text or categories as numbers first (ids into a keras.layers.Embedding, "
-                    "say).")
-LEADING_DIMS_MSG = ("{name} must share [batch, time] = {expected} with inputs (one entry per "
-                    "row and step), got shape {shape}. Slice or pad {name} to the inputs' batch "
-                    "and steps.")
-STEP_FLAGS_MSG = ("{name} must have shape [batch, time] = {expected} (one flag per row and step, "
-                  "True = {meaning}), got shape {shape}.")
-STEP_FLAGS_DTYPE_MSG = ("{name} must be bool (or 0/1 integers), got dtype {dtype}.")
-FEATURES_MSG = ("inputs must have {expected} features (the chain was built for that), got shape "
-                "{shape}. Make a new chain for a different feature size.")
-STATE_LEAVES_MSG = ("{name} must be a nest of {expected} tensors (one entry per layer, a tuple "
-                    "for multi-part states such as LSTM's (h, c)), got {got} tensors. Use "
-                    "chain.initial_state(batch_size) for the structure.")
-STATE_SHAPE_MSG = ("{name}: entry {index} must have shape {expected} (batch size of the inputs, "
-                   "state width of its cell), got {shape}.")
-LOSS_FN_MSG = ("loss_fn must be callable as loss_fn(y_true_chunk, y_pred_chunk[, "
-               "sample_weight_chunk]) -> scalar, got {value!r}.")
-STAGE_INPUT_MSG = ("x must have a batch axis first (shape [batch, ...]), got a scalar (shape "
-                   "{shape}).")
-BATCH_MSG = ("{name} must have x's batch size {batch} first (shape [{batch}, ...]), got shape "
-             "{shape}. Pass the rows that go with x.")
-LOSS_ARITY_MSG = ("loss_fn must accept {expected} positional arguments (y_true, y_pred{weight}), "
-                  "but {name}{signature} does not. {fix}")
-LOSS_SCALAR_MSG = ("loss_fn must return a scalar per chunk, got shape {shape}. Reduce it, e.g. "
-                   "with tf.reduce_sum or a Keras loss with its default reduction.")
-BACKPROP_CHUNKS_EXACT_MSG = ("backprop_chunks={value} only applies to mode='truncated'; "
-                             "mode='exact' back-propagates through every chunk. Pass "
-                             "mode='truncated' or leave backprop_chunks at 1.")
-FINAL_GRAD_DROPPED_MSG = ("final_state_grad would be dropped at the first cut with "
-                          "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to carry "
-                          "it back, mode='exact', or pass None.")
-DROPOUT_MSG = ("cell {index} ({cell}) has dropout={dropout} / recurrent_dropout={recurrent}: "
-               "the backward pass recomputes each chunk, and Keras would draw new dropout masks "
-               "there, so the gradient would belong to a different function. Use cells without "
-               "dropout and put dropout in the head, which runs once per chunk.")
-DTYPE_BUILT_MSG = ("{what} is already built in {got}, but the chain computes in {expected}. "
-                   "Pass an unbuilt layer, or leave dtype=None to use the layer's dtype.")
-UNITS_MSG = ("units must be a positive int or a non-empty sequence of them, got {value!r}. "
-             "For example units=64, or units=(64, 32) for two stacked layers.")
-CELLS_MSG = ("cells must be a non-empty sequence of RNN cells (each with `state_size` and "
-             "call(inputs, states) -> (output, new_states)), got {value!r}.")
-CELL_MSG = ("cells[{index}] must be an RNN cell with `state_size` that is callable as "
-            "cell(inputs, states) -> (output, new_states), got {value!r}.")
-HEAD_MSG = "head must be a Keras layer or a callable, got {value!r}."
+CHAIN_MSG = "chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}."
 COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
                       "compiled=True, or use backend='eager' with compiled=False to debug.")
-CHUNK_SIZE_MSG = ("chunk_size must be a positive int (time steps per chunk) or 'auto', got "
-                  "{value!r}. For example chunk_size=100, or 'auto' for about sqrt(T).")
-LEVELS_MSG = "levels must be 1 or 2, got {value!r}."
-LEVELS_TRUNCATED_MSG = ("levels=2 only applies to mode='exact'; mode='truncated' keeps at most "
-                        "backprop_chunks chunks alive already. Leave levels at 1.")
-MEMORY_BUDGET_MSG = ("memory_budget={budget} bytes is too small for T={steps}: the least this "
-                     "chunking keeps alive is about {least} bytes (chunk_size={size}). Raise "
-                     "the budget{hint} or feed a shorter sequence per call.")
-MEMORY_BUDGET_TYPE_MSG = ("memory_budget must be a positive number of bytes (or None), got "
-                          "{value!r}.")
-BUDGET_NEEDS_AUTO_MSG = ("memory_budget only applies with chunk_size='auto'; got chunk_size="
-                         "{value!r}. Pass chunk_size='auto' or drop memory_budget.")
-AUTO_UNKNOWN_TIME_MSG = ("chunk_size='auto' picks the chunk size from the sequence length, which "
-                         "is unknown here (inputs of shape {shape} inside a tf.function). Give "
-                         "the inputs a static time dimension or pass an int chunk_size.")
-
-
-def chunk_size(value):
-    """A positive int or "auto"."""
-    if value == "auto":
-        return value
-    if is_int(value) and value >= 1:
-        return int(value)
-    raise (ValueError if is_int(value) or isinstance(value, str) else TypeError)(
-        CHUNK_SIZE_MSG.format(value=value))
-
-
-def memory_budget(value, chunk):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise (ValueError if isinstance(value, numbers.Real) and not isinstance(value, bool)
-               else TypeError)(MEMORY_BUDGET_TYPE_MSG.format(value=value))
-    if chunk != "auto":
-        raise ValueError(BUDGET_NEEDS_AUTO_MSG.format(value=chunk))
-    return float(value)
 
 
 def is_int(value) -> bool:
@@ -109,15 +22,36 @@ def is_int(value) -> bool:
 def positive_int(name: str, value, hint: str = "") -> int:
     if not is_int(value) or value < 1:
         raise (TypeError if not is_int(value) else ValueError)(
-            POSITIVE_INT_MSG.format(name=name, value=value, hint=hint))
+            f"{name} must be a positive int, got {value!r}{hint}.")
     return int(value)
+
+
+def positive_ints(name: str, value, example: str = "") -> tuple:
+    """A positive int or a non-empty sequence of them, as a tuple."""
+    message = f"{name} must be a positive int or a non-empty sequence of them, got {value!r}."
+    if example:
+        message += f" For example {example}."
+    values = (value,) if is_int(value) else value
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise TypeError(message) from None
+    if not values or not all(is_int(v) and v > 0 for v in values):
+        raise ValueError(message)
+    return tuple(int(v) for v in values)
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
 
 
 def choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(CHOICE_MSG.format(name=name, choices=choices, value=value, hint=hint))
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.{hint}")
     return value
 
 
@@ -133,16 +67,28 @@ def as_tensor(name: str, value, dtype=None) -> tf.Tensor:
     return tensor
 
 
+def _shape(value):
+    return value.shape.as_list() if value.shape.rank is not None else None
+
+
+def _leading_dims_differ(expected: list, got) -> bool:
+    """Whether `got` lacks `expected`'s leading dims (unknown dims match anything)."""
+    return got is None or len(got) < len(expected) or any(
+        e is not None and g is not None and e != g for e, g in zip(expected, got))
+
+
 def sequence_inputs(inputs, dtype) -> tf.Tensor:
     """inputs as a [B, T, F] tensor of `dtype`."""
     inputs = as_tensor("inputs", inputs)
     if inputs.shape.rank != 3:
-        raise ValueError(INPUTS_RANK_MSG.format(shape=inputs.shape.as_list()
-                                                if inputs.shape.rank is not None else None))
+        raise ValueError(INPUTS_RANK_MSG.format(shape=_shape(inputs)))
     if inputs.shape[1] == 0:
-        raise ValueError(EMPTY_TIME_MSG.format(shape=inputs.shape.as_list()))
+        raise ValueError(f"inputs must have at least one time step, got shape {_shape(inputs)}. "
+                         "Skip empty sequences before the call (there is nothing to train on).")
     if not (inputs.dtype.is_floating or inputs.dtype.is_integer):
-        raise TypeError(INPUTS_DTYPE_MSG.format(dtype=inputs.dtype.name))
+        raise TypeError(f"inputs must hold numbers (a float or int dtype), got dtype "
+                        f"{inputs.dtype.name}. Encode text or categories as numbers first (ids "
+                        "into a keras.layers.Embedding, say).")
     return tf.cast(inputs, dtype) if inputs.dtype != dtype else inputs
 
 
@@ -152,11 +98,10 @@ def per_step(name: str, value, inputs: tf.Tensor, dtype) -> tf.Tensor:
     if not isinstance(value, tf.TensorSpec):
         value = as_tensor(name, value, dtype)
     expected = inputs.shape[:2].as_list()
-    if value.shape.rank is None or value.shape.rank < 2 or any(
-            e is not None and g is not None and e != g
-            for e, g in zip(expected, value.shape[:2].as_list())):
-        raise ValueError(LEADING_DIMS_MSG.format(name=name, expected=expected,
-                                                 shape=value.shape.as_list()))
+    if _leading_dims_differ(expected, _shape(value)):
+        raise ValueError(f"{name} must share [batch, time] = {expected} with inputs (one entry "
+                         f"per row and step), got shape {_shape(value)}. Slice or pad {name} to "
+                         "the inputs' batch and steps.")
     return value
 
 
@@ -168,13 +113,11 @@ def step_flags(name: str, value, inputs) -> tf.Tensor:
     """reset or mask: a ``[B, T]`` bool tensor matching inputs' [B, T]."""
     value = as_tensor(name, value)
     if not (value.dtype == tf.bool or value.dtype.is_integer):
-        raise TypeError(STEP_FLAGS_DTYPE_MSG.format(name=name, dtype=value.dtype.name))
-    expected = inputs.shape[:2].as_list()
-    got = value.shape.as_list() if value.shape.rank is not None else None
-    if got is None or len(got) != 2 or any(
-            e is not None and g is not None and e != g for e, g in zip(expected, got)):
-        raise ValueError(STEP_FLAGS_MSG.format(name=name, expected=expected, shape=got,
-                                               meaning=_FLAG_MEANING[name]))
+        raise TypeError(f"{name} must be bool (or 0/1 integers), got dtype {value.dtype.name}.")
+    expected, got = inputs.shape[:2].as_list(), _shape(value)
+    if got is None or len(got) != 2 or _leading_dims_differ(expected, got):
+        raise ValueError(f"{name} must have shape [batch, time] = {expected} (one flag per row "
+                         f"and step, True = {_FLAG_MEANING[name]}), got shape {got}.")
     return value if value.dtype == tf.bool else tf.not_equal(value, 0)
 
 
@@ -182,17 +125,17 @@ def state_leaves(name: str, state, leaf_shapes, batch) -> list:
     """The flat tensors of a state nest, checked against the chain's state shapes."""
     leaves = tf.nest.flatten(state)
     if len(leaves) != len(leaf_shapes):
-        raise ValueError(STATE_LEAVES_MSG.format(name=name, expected=len(leaf_shapes),
-                                                 got=len(leaves)))
+        raise ValueError(f"{name} must be a nest of {len(leaf_shapes)} tensors (one entry per "
+                         "layer, a tuple for multi-part states such as LSTM's (h, c)), got "
+                         f"{len(leaves)} tensors. Use chain.initial_state(batch_size) for the "
+                         "structure.")
     checked = []
     for index, (leaf, shape) in enumerate(zip(leaves, leaf_shapes)):
         leaf = as_tensor(f"{name}[{index}]", leaf)
-        expected = [batch] + list(shape)
-        got = leaf.shape.as_list() if leaf.shape.rank is not None else None
-        if got is None or len(got) != len(expected) or any(
-                e is not None and g is not None and e != g for e, g in zip(expected, got)):
-            raise ValueError(STATE_SHAPE_MSG.format(name=name, index=index, expected=expected,
-                                                    shape=got))
+        expected, got = [batch] + list(shape), _shape(leaf)
+        if _leading_dims_differ(expected, got) or len(got) != len(expected):
+            raise ValueError(f"{name}: entry {index} must have shape {expected} (batch size of "
+                             f"the inputs, state width of its cell), got {got}.")
         checked.append(leaf)
     return checked
 
@@ -202,8 +145,9 @@ def batch_like(name: str, value, x: tf.Tensor) -> tf.Tensor:
     value = as_tensor(name, value)
     if value.shape.rank == 0 or (value.shape.rank is not None and None not in (
             value.shape[0], x.shape[0]) and value.shape[0] != x.shape[0]):
-        raise ValueError(BATCH_MSG.format(name=name, batch=x.shape[0],
-                                          shape=value.shape.as_list()))
+        raise ValueError(f"{name} must have x's batch size {x.shape[0]} first (shape "
+                         f"[{x.shape[0]}, ...]), got shape {_shape(value)}. Pass the rows that "
+                         "go with x.")
     return value
 
 
@@ -211,7 +155,8 @@ def loss_function(loss_fn, with_weight: bool = False):
     """`loss_fn` if it is callable with (y_true, y_pred), and a sample weight when `with_weight`
     (when its signature can be read: Keras losses, functions, lambdas)."""
     if not callable(loss_fn):
-        raise TypeError(LOSS_FN_MSG.format(value=loss_fn))
+        raise TypeError("loss_fn must be callable as loss_fn(y_true_chunk, y_pred_chunk[, "
+                        f"sample_weight_chunk]) -> scalar, got {loss_fn!r}.")
     try:
         signature = inspect.signature(loss_fn)
     except (TypeError, ValueError):  # some builtins and C callables have none
@@ -224,31 +169,19 @@ def loss_function(loss_fn, with_weight: bool = False):
         fix = ("A sample_weight or mask is passed as the third argument: take it, or leave "
                "them out." if with_weight else "Give it the signature "
                "loss_fn(y_true, y_pred[, sample_weight]).")
-        raise TypeError(LOSS_ARITY_MSG.format(
-            expected=len(args), weight=", sample_weight" if with_weight else "", name=name,
-            signature=signature, fix=fix)) from None
+        weight = ", sample_weight" if with_weight else ""
+        raise TypeError(f"loss_fn must accept {len(args)} positional arguments (y_true, "
+                        f"y_pred{weight}), but {name}{signature} does not. {fix}") from None
     return loss_fn
 
 
 def scalar_loss(loss: tf.Tensor) -> tf.Tensor:
     loss = tf.convert_to_tensor(loss)
     if loss.shape.rank != 0:
-        raise ValueError(LOSS_SCALAR_MSG.format(shape=loss.shape.as_list()
-                                                if loss.shape.rank is not None else None))
+        raise ValueError(f"loss_fn must return a scalar per chunk, got shape {_shape(loss)}. "
+                         "Reduce it, e.g. with tf.reduce_sum or a Keras loss with its default "
+                         "reduction.")
     return loss
-
-
-def units_tuple(units) -> tuple:
-    values = (units,) if is_int(units) else units
-    try:
-        values = tuple(values)
-    except TypeError:
-        raise TypeError(UNITS_MSG.format(value=units)) from None
-    if not values or not all(is_int(u) and u > 0 for u in values):
-        raise ValueError(UNITS_MSG.format(value=units))
-    return tuple(int(u) for u in values)
-
-
 
 
 # -- non-finite values (check_numerics) ------------------------------------------------------------
@@ -314,7 +247,8 @@ def raise_if_non_finite(found, *, unit: str = "chunk", carried: str = "state", c
     if last is not None and steps is not None:
         last = min(last, steps - 1)
     steps = "" if last is None else f" (steps {index * chunk_size} to {last})"
-    message = NON_FINITE_MSG.format(
+    message = (("check_numerics: NaN or Inf in {what}. {hint} First appearance of each: "
+                  "{findings}.")).format(
         what=_NUMERICS_WHAT[kind].format(unit=unit, carried=carried, index=index, steps=steps),
         hint=_NUMERICS_HINT[kind].format(unit=unit, carried=carried),
         findings=", ".join(f"{name} at {unit} {i}" for name, i in findings.items()))
@@ -325,7 +259,19 @@ def assert_finite_in_graph(found, tensors, *, unit: str = "chunk"):
     """Inside a graph: `tensors` made to depend on an assertion that `found` holds no finding
     (tf.errors.InvalidArgumentError naming the indices when the graph runs)."""
     check = tf.debugging.Assert(tf.reduce_all(found < 0),
-                                [NON_FINITE_GRAPH_MSG.format(unit=unit), found],
+                                [(("check_numerics: NaN or Inf found. The {unit} index where each first "
+                        "appeared (-1 = none) for (state, loss, dLoss/dstate, weight gradients):")).format(unit=unit), found],
                                 summarize=len(NUMERICS_NAMES))
     with tf.control_dependencies([check]):
         return tf.nest.map_structure(tf.identity, tensors)
+
+
+def report_non_finite(found, tensors, *, unit: str = "chunk", carried: str = "state",
+                      chunk_size=None, steps=None):
+    """What check_numerics found, reported: executing eagerly, NonFiniteError; while building a
+    graph, `tensors` made to depend on an assertion. Returns `tensors`."""
+    if not tf.executing_eagerly():
+        return assert_finite_in_graph(found, tensors, unit=unit)
+    raise_if_non_finite(found.numpy(), unit=unit, carried=carried,
+                        chunk_size=None if chunk_size is None else int(chunk_size), steps=steps)
+    return tensors

@@ -19,7 +19,6 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from tbptt._src import checks
 
 FLOATS_PER_STATE_VALUE_AND_STEP = 10
 
@@ -87,9 +86,11 @@ def _largest_fitting(steps: int, levels: int, budget: float, cost) -> int:
     # The cost falls then rises with the chunk size; its minimum is near sqrt(T) or T^(1/3).
     lowest = min(range(1, math.ceil(math.sqrt(steps)) + 2), key=cost)
     if cost(lowest) > budget:
-        raise ValueError(checks.MEMORY_BUDGET_MSG.format(
-            budget=int(budget), steps=steps, least=cost(lowest), size=lowest,
-            hint=", pass levels=2," if levels == 1 else ""))
+        hint = ", pass levels=2," if levels == 1 else ""
+        raise ValueError(f"memory_budget={int(budget)} bytes is too small for T={steps}: the "
+                         f"least this chunking keeps alive is about {cost(lowest)} bytes "
+                         f"(chunk_size={lowest}). Raise the budget{hint} or feed a shorter "
+                         "sequence per call.")
     low, high = lowest, steps  # cost(low) fits, cost(high) does not: bisect the rising side
     while high - low > 1:
         middle = (low + high) // 2

@@ -1,15 +1,24 @@
 """Version switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), kept in one place."""
 
-import inspect
+import os
 
 import tensorflow as tf
 
+_BACKEND_MSG = ("tbptt runs on TensorFlow, but Keras is set to the {backend!r} backend (the "
+                "KERAS_BACKEND environment variable or ~/.keras/keras.json). Set "
+                "KERAS_BACKEND=tensorflow before importing keras and tbptt.")
+
 try:  # Keras 3, or Keras 2 as the standalone package that TF 2.15 ships.
     import keras
-except ImportError:  # pragma: no cover - every supported TF install has one.
+except ImportError as error:  # pragma: no cover - every supported TF install has one.
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        raise ImportError(_BACKEND_MSG.format(backend=os.environ["KERAS_BACKEND"])) from error
     keras = tf.keras
 
 KERAS_MAJOR = int(keras.__version__.split(".")[0])
+
+if KERAS_MAJOR >= 3 and keras.backend.backend() != "tensorflow":
+    raise ImportError(_BACKEND_MSG.format(backend=keras.backend.backend()))
 
 
 def is_keras_layer(obj) -> bool:
@@ -56,15 +65,14 @@ def call_layer(layer, *args, training: bool):
     return layer(*args)
 
 
-def accepts_positional(fn, count: int) -> bool:
-    """Whether `fn` can be called with `count` positional arguments."""
-    try:
-        inspect.signature(fn).bind(*range(count))
-    except TypeError:
-        return False
-    except ValueError:  # Builtins without a signature: assume yes.
-        return True
-    return True
+def unique(variables) -> list:
+    """`variables` in order, each once (a layer shared by two parts is listed once)."""
+    seen, result = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            result.append(v)
+    return result
 
 
 def is_mixed_precision(layer) -> bool:

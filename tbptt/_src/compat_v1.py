@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tbptt._src import chain as chain_lib
+from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import State
 
@@ -69,31 +71,42 @@ def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence
     Raises:
       RuntimeError: when executing eagerly. ValueError: on mismatched lengths or structures.
     """
+    chunk_losses, flat_states, final_state_grad = _checked(chunk_losses, boundary_states,
+                                                           final_state_grad)
+    variables = list(tf.compat.v1.trainable_variables() if variables is None else variables)
+    # The graph already holds every chunk: chunk k's pullback is tf.gradients from its outputs
+    # (L_k, s_k), stopped at its input state s_{k-1}.
+    linearized = [
+        lambda k=k, outputs=[loss] + flat_states[k + 1]: (
+            outputs, vjp_lib.graph_pullback(outputs, variables, flat_states[k],
+                                            stop_at_primals=True))
+        for k, loss in enumerate(chunk_losses)]
+    result = chain_lib.static_backward(linearized, schedules.Exact(),
+                                       chain_lib.loss_dtype_for(chunk_losses[0].dtype),
+                                       final_carry_grad=final_state_grad)
+    variable_grads = [tf.add_n(list(parts)) for parts in zip(*result.grads)]
+    packed = [tf.nest.pack_sequence_as(boundary_states[0], g)
+              for g in result.carry_grads + [final_state_grad]]
+    return BackpropChunksResult(variable_grads, packed, packed[0])
+
+
+def _checked(chunk_losses, boundary_states, final_state_grad):
+    """The losses as tensors, the states and final_state_grad as flat lists, checked."""
     if tf.executing_eagerly():
         raise RuntimeError(GRAPH_ONLY_MSG)
     chunk_losses, boundary_states = list(chunk_losses), list(boundary_states)
+    if not chunk_losses:
+        raise ValueError("chunk_losses must hold at least one chunk's loss, got none.")
     if len(boundary_states) != len(chunk_losses) + 1:
         raise ValueError(BOUNDARIES_MSG.format(expected=len(chunk_losses) + 1,
                                                got=len(boundary_states)))
-    if variables is None:
-        variables = tf.compat.v1.trainable_variables()
-    variables = list(variables)
     flat_states = [_flat("boundary_states[%d]" % k, s, boundary_states[0])
                    for k, s in enumerate(boundary_states)]
     if final_state_grad is None:
-        carried = [tf.zeros_like(s) for s in flat_states[-1]]
+        final_state_grad = [tf.zeros_like(s) for s in flat_states[-1]]
     else:
-        carried = _flat("final_state_grad", final_state_grad, boundary_states[0])
-    state_grads = [carried]
-    totals = [None] * len(variables)
-    for k in reversed(range(len(chunk_losses))):
-        d_vars, carried = vjp_lib.graph_vjp(
-            [chunk_losses[k]] + flat_states[k + 1], [1.0] + carried, variables, flat_states[k],
-            stop_at_primals=True)
-        totals = [d if t is None else t + d for t, d in zip(totals, d_vars)]
-        state_grads.insert(0, carried)
-    packed = [tf.nest.pack_sequence_as(boundary_states[0], g) for g in state_grads]
-    return BackpropChunksResult(totals, packed, packed[0])
+        final_state_grad = _flat("final_state_grad", final_state_grad, boundary_states[0])
+    return [tf.convert_to_tensor(loss) for loss in chunk_losses], flat_states, final_state_grad
 
 
 def _flat(name: str, state, reference) -> list:

@@ -45,7 +45,10 @@ class FunctionCache:
                                        for name, s in sorted(specs.items())))
             function = self._functions.get(key)
             if function is None:
-                function = tf.function(lambda a: impl(a, static), input_signature=[specs])
+                # The loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
+                # converting the Keras layers and user functions inside only gets in the way.
+                function = tf.function(lambda a: impl(a, static), input_signature=[specs],
+                                       autograph=False)
                 self._functions[key] = function
                 if len(self._functions) == MANY_COMPILES:
                     warnings.warn(MANY_COMPILES_MSG.format(count=MANY_COMPILES), stacklevel=4)

@@ -141,12 +141,13 @@ def diagnose(*, train_steps: int = 200, delay: int = 8, chunk_sizes=(2, 4, 8),
     """`tbptt diagnose`: the truncation report on the demo's model, trained exactly first (so
     that it uses its memory), measured on a fresh batch of the echo task."""
     from tbptt._src.diagnostics import truncation_report
-    chain = make_chain("exact", chunk_size=chunk_sizes[0], units=units, seed=seed)
     if train_steps:
         header = None if quiet else f"training the demo model exactly for {train_steps} steps"
         _, chain = train("exact", steps=train_steps, delay=delay, chunk_size=chunk_sizes[0],
                          length=length, batch=32, units=units,
                          eval_every=max(1, train_steps // 4), seed=seed, progress=header)
+    else:
+        chain = make_chain("exact", chunk_size=chunk_sizes[0], units=units, seed=seed)
     inputs, targets, weights = echo_batch(np.random.RandomState(seed + 2), batch, length, delay)
     report = truncation_report(chain, inputs, targets, LOSS, chunk_sizes=list(chunk_sizes),
                                backprop_chunks=list(backprop_chunks), sample_weight=weights)

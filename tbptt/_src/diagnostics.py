@@ -20,10 +20,9 @@ import tensorflow as tf
 
 from tbptt._src import checks
 from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.recurrent import carried_grad_norms
 from tbptt._src.types import LossFn
 
-CHAIN_MSG = ("chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}.")
-SIZES_MSG = ("{name} must be a positive int or a non-empty sequence of them, got {value!r}.")
 AUTO_MSG = ("chunk_sizes must be given when the chain's chunk_size is 'auto' (the report "
             "compares fixed chunkings), e.g. chunk_sizes=[50, 100, 200].")
 SIGNIFICANT = 1e-2  # a carried gradient below 1% of its size one chunk back is "noise"
@@ -166,16 +165,8 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
     >>> row.window, round(row.cosine, 6), row.relative_error < 1e-5
     (24, 1.0, True)
     """
-    if not isinstance(chain, RecurrentChain):
-        raise TypeError(CHAIN_MSG.format(value=chain))
-    if chunk_sizes is None:
-        if chain.chunk_size == "auto":
-            raise ValueError(AUTO_MSG)
-        chunk_sizes = chain.chunk_size
-    chunk_sizes = _positive_ints("chunk_sizes", chunk_sizes)
-    depths = _positive_ints("backprop_chunks", backprop_chunks)
-    reach_chunks = max(4, 2 * max(depths)) if reach_chunks is None else checks.positive_int(
-        "reach_chunks", reach_chunks)
+    chunk_sizes, depths, reach_chunks = _settings(chain, chunk_sizes, backprop_chunks,
+                                                  reach_chunks)
     call = dict(initial_state=initial_state, sample_weight=sample_weight)
 
     exact = _variant(chain, chunk_sizes[0], "exact", 1)
@@ -194,19 +185,31 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
                             int(shape[0]))
 
 
+def _settings(chain, chunk_sizes, backprop_chunks, reach_chunks) -> tuple:
+    """The report's chunk sizes, truncation depths and reach, checked."""
+    if not isinstance(chain, RecurrentChain):
+        raise TypeError(checks.CHAIN_MSG.format(value=chain))
+    if chunk_sizes is None:
+        if chain.chunk_size == "auto":
+            raise ValueError(AUTO_MSG)
+        chunk_sizes = chain.chunk_size
+    chunk_sizes = checks.positive_ints("chunk_sizes", chunk_sizes)
+    depths = checks.positive_ints("backprop_chunks", backprop_chunks)
+    reach_chunks = max(4, 2 * max(depths)) if reach_chunks is None else checks.positive_int(
+        "reach_chunks", reach_chunks)
+    return chunk_sizes, depths, reach_chunks
+
+
 def _variant(chain: RecurrentChain, chunk_size: int, mode: str, m: int) -> RecurrentChain:
     """A chain over the same cells and head (so the same weights) with other settings."""
-    return RecurrentChain(chain.cells, head=chain.head, chunk_size=chunk_size, mode=mode,
-                          backprop_chunks=m, backend=chain.backend, reduction=chain.reduction,
-                          dtype=chain.dtype)
+    return chain.with_config(chunk_size=chunk_size, mode=mode, backprop_chunks=m, levels=1,
+                             memory_budget=None, check_numerics=False)
 
 
 def _reach(chain: RecurrentChain, inputs, targets, loss_fn, call: dict) -> np.ndarray:
     """RMS over cuts of the carried cotangent's norm, per age (the loss `a` chunks ahead)."""
-    *_, norms = chain._chunked_gradients(inputs, targets, loss_fn, record_state_grads=True,
-                                         **call)
-    norms = np.asarray(norms, "float64")  # [chunks, ages]: row k is the cut before chunk k
-    chunks, ages = norms.shape
+    norms = carried_grad_norms(chain, inputs, targets, loss_fn, **call)
+    chunks, ages = norms.shape  # row k is the cut before chunk k
     # Cut k (1 .. chunks-1) has a loss `age` chunks ahead while k + age - 1 < chunks: the
     # sequence's chunks bound the ages that can be measured.
     return np.array([math.sqrt(np.mean(norms[1:chunks - age + 1, age - 1] ** 2))
@@ -229,14 +232,3 @@ def _flat(grads) -> np.ndarray:
 def _relative(norms: np.ndarray) -> np.ndarray:
     first = norms[0] if norms.size and norms[0] > 0 else np.nan
     return norms / first
-
-
-def _positive_ints(name: str, value) -> list:
-    values = [value] if checks.is_int(value) else value
-    try:
-        values = list(values)
-    except TypeError:
-        raise TypeError(SIZES_MSG.format(name=name, value=value)) from None
-    if not values or not all(checks.is_int(v) and v >= 1 for v in values):
-        raise ValueError(SIZES_MSG.format(name=name, value=value))
-    return [int(v) for v in values]

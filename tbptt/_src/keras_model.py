@@ -27,8 +27,13 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from tbptt._src import checks
 from tbptt._src import compat
+from tbptt._src import timechain
 from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.recurrent import StreamCarry
+from tbptt._src.recurrent import check_window
+from tbptt._src.recurrent import join_context
 
 keras = compat.keras
 
@@ -37,7 +42,6 @@ try:  # Keras 3's loss module, for its own distribution scaling (see _ChunkLoss.
 except ImportError:  # pragma: no cover - Keras 2: ChunkedModel refuses to run there.
     _keras_loss_module = None
 
-CHAIN_MSG = "chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}."
 KERAS3_MSG = ("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found Keras {version}. "
               "With Keras 2, call chain.value_and_gradients in your own training loop.")
 LOSS_MSG = ("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
@@ -47,12 +51,6 @@ REDUCTION_MSG = ("the compiled loss must reduce to a scalar per chunk: reduction
                  "got {value!r}.")
 INPUTS_MSG = ("x must be inputs [B, T, F] or a dict with 'inputs' and optionally 'reset' and "
               "'mask' ([B, T] bool), got a dict with keys {keys}.")
-WINDOW_MSG = ("stateful=True with mode='truncated', backprop_chunks={m} carries the last {m_1} "
-              "chunks of each batch into the next one, so every batch must be a whole number of "
-              "chunks: got a window of T={steps} steps with chunk_size={size}. Make the window a "
-              "multiple of chunk_size.")
-AUTO_MSG = ("stateful=True with mode='truncated', backprop_chunks > 1 needs a fixed int "
-            "chunk_size (the carried context is counted in chunks), got 'auto'.")
 BATCH_CHANGED_MSG = ("ChunkedModel(stateful=True): a batch of {got} rows follows {carried} "
                      "carried streams; the carried state is reset. Use batches of one size "
                      "(drop_remainder=True) to carry the state through.")
@@ -79,8 +77,8 @@ class ChunkedModel(keras.Model):
     ```
 
     `x` is the inputs ``[B, T, F]``, or a dict ``{"inputs": ..., "reset": ..., "mask": ...}``
-    with the per-row, per-step flags ``[B, T]`` of `RecurrentChain.value_and_gradients`.
-    `y` is ``[B, T, ...]``; `sample_weight` ``[B, T]``.
+    with the ``[B, T]`` flags of `value_and_gradients`; `y` ``[B, T, ...]``; `sample_weight`
+    ``[B, T]``.
 
     The compiled loss is applied per chunk. With its default reduction (a per-element mean) the
     loss is the mean over the whole sequence (the chain's reduction="mean"; over the unmasked
@@ -90,8 +88,6 @@ class ChunkedModel(keras.Model):
 
     `evaluate` and `predict` run each batch from a zero state (and its reset/mask flags); they
     neither use nor change the carried training state.
-
-    Example:
 
     >>> import keras, numpy as np, tbptt
     >>> chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=5)
@@ -108,26 +104,25 @@ class ChunkedModel(keras.Model):
 
         Args:
           chain: the `RecurrentChain` to train (its mode, chunk size and backend apply).
-          stateful: consecutive batches are consecutive windows of the same B streams: the final
-            state of a batch enters the next one (see the module docstring); it is reset at
-            the start of each epoch, by `reset_state()`, and (with a warning) when the batch
-            size changes.
+          stateful: consecutive batches are consecutive windows of the same B streams, each
+            step a `chain.stream_step`; the carry is reset at the start of each epoch, by
+            `reset_state()`, and (with a warning) when the batch size changes.
           **kwargs: passed to `keras.Model` (name, ...).
         """
         if compat.KERAS_MAJOR < 3:
             raise ImportError(KERAS3_MSG.format(version=keras.__version__))
         if not isinstance(chain, RecurrentChain):
-            raise TypeError(CHAIN_MSG.format(value=chain))
-        if stateful and _context_chunks(chain) and chain.chunk_size == "auto":
-            raise ValueError(AUTO_MSG)
+            raise TypeError(checks.CHAIN_MSG.format(value=chain))
+        if stateful and chain.config.schedule.context_chunks:
+            check_window(chain.config, None)  # refuses chunk_size="auto"
         super().__init__(**kwargs)
         self._chain = chain
+        self._train_chain = chain  # the chain with the compiled loss's reduction (`compile`)
         # Tracked by Keras, so that weights, save_weights and checkpoints see the chain's layers.
         self.chain_layers = [layer for layer in chain.cells + [chain.head]
                              if compat.is_keras_layer(layer)]
         self.stateful = bool(stateful)
-        self._carry = None
-        self._final_state = None
+        self._carry = self._final_state = None  # a StreamCarry and the state it ended with
         self._position = StreamPosition(0, 0)
         self._resume_pending = False
         self._chunk_loss = None
@@ -175,50 +170,38 @@ class ChunkedModel(keras.Model):
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         self._chunk_loss = _ChunkLoss(self)
+        reduction = self._chunk_loss.reduction
+        self._train_chain = self._chain if self._chain.reduction == reduction else (
+            self._chain.with_config(reduction=reduction))
         self.train_function = None
 
     # -- training ------------------------------------------------------------------------------
 
     def train_step(self, data):
-        logs, _ = self._train_step(data, None)
+        logs, _, _ = self._train_step(data, None)
         return logs
 
-    def _train_step(self, data, carry: Optional[dict]):
-        """One step on one replica: returns (logs, new carry)."""
+    def _train_step(self, data, carry: Optional[StreamCarry]):
+        """One step on one replica: returns (logs, the carry for the next step, final state)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs, flags = _split_inputs(x)
-        per_step = {"inputs": inputs, "targets": y, "sample_weight": sample_weight, **flags}
-        per_step = {name: value for name, value in per_step.items() if value is not None}
-        state = None if carry is None else carry["state"]
-        context = {} if carry is None else carry.get("context", {})
-        context_steps = tf.shape(context["inputs"])[1] if context else 0
-        if context:
-            per_step = {name: tf.concat([context[name], tf.cast(value, context[name].dtype)],
-                                        axis=1) for name, value in per_step.items()}
-        with_context = self.stateful and _context_chunks(self._chain) > 0
-        result, kept, kept_from = self._chain._chunked_gradients(
-            per_step["inputs"], per_step["targets"], self._chunk_loss, initial_state=state,
-            sample_weight=per_step.get("sample_weight"), reset=per_step.get("reset"),
-            mask=per_step.get("mask"), reduction=self._chunk_loss.reduction,
-            context_steps=context_steps if with_context else None)
+        chain = self._train_chain
+        if self.stateful:
+            result, new_carry = chain.stream_step(inputs, y, self._chunk_loss, carry,
+                                                  sample_weight=sample_weight, **flags)
+        else:
+            result, new_carry = chain.value_and_gradients(
+                inputs, y, self._chunk_loss, sample_weight=sample_weight, **flags), None
         self.built = True
         y_pred = None
         if self._compile_metrics is not None:  # as Keras does: predictions before the update
-            y_pred = self._chain(per_step["inputs"], state, training=False,
-                                 reset=per_step.get("reset"),
-                                 mask=per_step.get("mask"))[0][:, context_steps:]
-        self.optimizer.apply_gradients(zip(result.grads, self._chain.trainable_variables))
+            y_pred = _predictions(chain, carry, inputs, flags)
+        self.optimizer.apply_gradients(zip(result.grads, chain.trainable_variables))
         loss = result.loss / tf.cast(self._chunk_loss.scale(), result.loss.dtype)
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=_metric_weight(
-            sample_weight, flags.get("mask")))
-        # Without a context the state to carry is the final one; with it, the state where the
-        # context starts, and the final state is kept beside it for `carried_state`.
-        new_carry = {"state": kept}
-        if with_context:
-            new_carry["context"] = {name: value[:, kept_from:] for name, value in per_step.items()}
-            new_carry["final_state"] = tf.nest.flatten(result.final_state)
-        return logs, new_carry
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=timechain.masked_weight(
+            sample_weight, flags.get("mask"), chain.state_dtype))
+        return logs, new_carry, result.final_state
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -226,8 +209,8 @@ class ChunkedModel(keras.Model):
         y_pred, _ = self._chain(inputs, training=False, **flags)
         loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
-        return self.compute_metrics(x, y, y_pred, sample_weight=_metric_weight(
-            sample_weight, flags.get("mask")))
+        return self.compute_metrics(x, y, y_pred, sample_weight=timechain.masked_weight(
+            sample_weight, flags.get("mask"), self._chain.state_dtype))
 
     def make_train_function(self, force: bool = False):
         if not self.stateful:
@@ -237,8 +220,8 @@ class ChunkedModel(keras.Model):
         strategy = self.distribute_strategy
 
         def step(data, carry):
-            logs, carry = strategy.run(self._train_step, args=(data, carry))
-            return _first_replica(strategy, logs), carry
+            logs, carry, final_state = strategy.run(self._train_step, args=(data, carry))
+            return _first_replica(strategy, logs), carry, final_state
 
         if not self.run_eagerly:
             step = tf.function(step, reduce_retracing=True)
@@ -253,8 +236,8 @@ class ChunkedModel(keras.Model):
                         raise
                     break
                 self._check_stream_batch(data)
-                logs, self._carry = step(data, self._carry)
-                self._final_state = _per_replica_state(self, strategy, self._carry)
+                logs, self._carry, final_state = step(data, self._carry)
+                self._final_state = _local_state(strategy, final_state)
                 self._position = StreamPosition(self._position.epoch, self._position.batch + 1)
             return logs
 
@@ -276,16 +259,13 @@ class ChunkedModel(keras.Model):
     def _check_stream_batch(self, data) -> None:
         """Before a stateful step: the window fits the carried context, the batch the state."""
         first = _local(self.distribute_strategy, tf.nest.flatten(data)[0])
-        steps = first.shape[1]
-        m = _context_chunks(self._chain)
-        if m and steps is not None and steps % self._chain.chunk_size:
-            raise ValueError(WINDOW_MSG.format(m=m + 1, m_1=m, steps=steps,
-                                               size=self._chain.chunk_size))
+        if self._chain.config.schedule.context_chunks:
+            check_window(self._chain.config, first.shape[1])
         if self._carry is None:
             return
-        carried = _local(self.distribute_strategy, self._carry["state"][0]).shape[0]
-        if first.shape[0] != carried:
-            warnings.warn(BATCH_CHANGED_MSG.format(got=first.shape[0], carried=carried),
+        carried = _local(self.distribute_strategy, tf.nest.flatten(self._carry.state)[0])
+        if first.shape[0] != carried.shape[0]:
+            warnings.warn(BATCH_CHANGED_MSG.format(got=first.shape[0], carried=carried.shape[0]),
                           stacklevel=3)
             self.reset_state()
 
@@ -377,7 +357,7 @@ class _ChunkLoss:
 
     def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
         """The loss of a whole sequence in one piece, as the chain would weigh it."""
-        loss = self._unscaled(y_true, y_pred, _metric_weight(sample_weight, mask))
+        loss = self._unscaled(y_true, y_pred, timechain.masked_weight(sample_weight, mask, tf.float32))
         if self.reduction == "mean" and mask is not None:
             mask = tf.cast(mask, tf.float32)
             loss *= tf.math.divide_no_nan(tf.cast(tf.size(mask), tf.float32),
@@ -415,17 +395,16 @@ def _split_inputs(x):
     return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
 
 
-def _metric_weight(sample_weight, mask):
-    """What metrics and whole-sequence losses weigh steps by: sample_weight times the mask."""
-    if mask is None:
-        return sample_weight
-    mask = tf.cast(mask, tf.float32)
-    return mask if sample_weight is None else tf.cast(sample_weight, tf.float32) * mask
-
-
-def _context_chunks(chain: RecurrentChain) -> int:
-    """How many chunks of one batch a stateful model re-runs in front of the next."""
-    return chain.backprop_chunks - 1 if chain.mode == "truncated" else 0
+def _predictions(chain: RecurrentChain, carry: Optional[StreamCarry], inputs, flags: dict):
+    """The predictions before the update, from the carried state, the carried context re-run in
+    front of the window as the gradient step runs it."""
+    if carry is None:
+        return chain(inputs, training=False, **flags)[0]
+    context = {name: value for name, value in carry.context.items() if name in flags or
+               name == "inputs"}
+    joined = join_context(context, {"inputs": inputs, **flags}, chain.dtype)
+    outputs = chain(joined.pop("inputs"), carry.state, training=False, **joined)[0]
+    return outputs[:, tf.shape(context["inputs"])[1]:] if context else outputs
 
 
 def _local(strategy, value):
@@ -437,35 +416,43 @@ def _first_replica(strategy, logs):
     return tf.nest.map_structure(lambda v: _local(strategy, v), logs)
 
 
-def _per_replica_state(model: ChunkedModel, strategy, carry: dict):
-    leaves = carry.get("final_state", carry["state"])
+def _local_state(strategy, state):
+    """The final state as the user sees it: tensors with one replica, per-replica values else."""
     if strategy.num_replicas_in_sync == 1:
-        leaves = [_local(strategy, leaf) for leaf in leaves]
-    return model.chain._pack(list(leaves))
+        return tf.nest.map_structure(lambda v: _local(strategy, v), state)
+    return state
 
 
 class _StreamState(tf.train.experimental.PythonState):
     """The carried values and the stream position as one checkpointed value.
 
     Saved with the model (`tf.train.Checkpoint(model=model, ...)`): on restore the next stateful
-    fit goes on from the restored state instead of resetting at its first epoch's start.
+    fit goes on from the restored state instead of resetting at its first epoch's start. The
+    chain's chunking is saved beside it: a context of chunks means nothing to another chunking.
     """
 
     def __init__(self, model: ChunkedModel):
         self._model_ref = lambda: model  # not an attribute Keras or TF would track
 
+    def _chunking(self) -> list:
+        config = self._model_ref().chain.config
+        return [config.chunk_size, config.mode, config.backprop_chunks]
+
     def serialize(self) -> bytes:
         model = self._model_ref()
-        arrays, layout = {}, {"position": list(model.stream_position), "carry": None}
+        layout = {"position": list(model.stream_position), "chunking": self._chunking(),
+                  "context": None}
+        arrays = {}
         if model._carry is not None:
             if model.distribute_strategy.num_replicas_in_sync > 1:
                 raise ValueError(STREAM_CHECKPOINT_MSG)
-            carry = tf.nest.map_structure(lambda v: _local(model.distribute_strategy, v),
-                                          model._carry)
-            layout["carry"] = tf.nest.map_structure(lambda _: None, carry)
-            for index, leaf in enumerate(tf.nest.flatten(carry)):
-                arrays[f"leaf_{index}"] = leaf.numpy()
-                layout.setdefault("dtypes", []).append(leaf.dtype.name)
+            carry, final = tf.nest.map_structure(
+                lambda v: _local(model.distribute_strategy, v), (model._carry, model._final_state))
+            layout["context"] = sorted(carry.context)
+            for name, value in [("state", carry.state), ("final", final),
+                                ("context", carry.context)]:
+                arrays.update({f"{name}_{i}": leaf.numpy()
+                               for i, leaf in enumerate(tf.nest.flatten(value))})
         buffer = io.BytesIO()
         np.savez(buffer, layout=np.array(json.dumps(layout)), **arrays)
         return buffer.getvalue()
@@ -474,12 +461,25 @@ class _StreamState(tf.train.experimental.PythonState):
         model = self._model_ref()
         stored = np.load(io.BytesIO(string_value))
         layout = json.loads(str(stored["layout"]))
+        saved = layout.get("chunking")
+        if saved is not None and saved != self._chunking():
+            raise ValueError(f"this checkpoint's carried stream state was saved by a chain with "
+                             f"(chunk_size, mode, backprop_chunks) = {tuple(saved)}, but this "
+                             f"model's chain has {tuple(self._chunking())}. Restore it into a "
+                             "model with the same chunking, or call model.reset_state() and "
+                             "restore without the stream state.")
         model._position = StreamPosition(*layout["position"])
-        if layout["carry"] is None:
+        if layout["context"] is None:
             model.reset_state()
             return
-        leaves = [tf.constant(stored[f"leaf_{i}"], dtype)
-                  for i, dtype in enumerate(layout["dtypes"])]
-        model._carry = tf.nest.pack_sequence_as(layout["carry"], leaves)
-        model._final_state = _per_replica_state(model, model.distribute_strategy, model._carry)
+
+        def leaves(name):
+            return [tf.constant(stored[key]) for key in sorted(
+                (k for k in stored.files if k.startswith(name + "_")),
+                key=lambda k: int(k.rsplit("_", 1)[1]))]
+
+        structure = model.chain.initial_state(1)
+        model._carry = StreamCarry(tf.nest.pack_sequence_as(structure, leaves("state")),
+                                   dict(zip(layout["context"], leaves("context"))))
+        model._final_state = tf.nest.pack_sequence_as(structure, leaves("final"))
         model._resume_pending = True

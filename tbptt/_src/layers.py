@@ -12,6 +12,7 @@ packed end to end), `mask` keeps a row's state through step t (padding). With fl
 runs step by step.
 """
 
+import abc
 from typing import NamedTuple, Optional
 
 import tensorflow as tf
@@ -20,13 +21,9 @@ from tbptt._src import compat
 
 
 def runner_for(cell):
-    """The fastest exact runner for `cell`: hoisted for stock Keras GRU/LSTM cells."""
-    kind = type(cell)
-    if kind is compat.keras.layers.GRUCell:
-        return _GRURunner(cell)
-    if kind is compat.keras.layers.LSTMCell:
-        return _LSTMRunner(cell)
-    return _CellRunner(cell)
+    """The fastest exact runner for `cell`: hoisted for stock Keras GRU/LSTM cells (exactly
+    these classes: a subclass may change `call`), the cell itself otherwise."""
+    return _RUNNERS.get(type(cell), _CellRunner)(cell)
 
 
 class StepFlags(NamedTuple):
@@ -88,6 +85,35 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
     return (outputs[0].stack() if with_outputs else None), states
 
 
+def unroll(step, inputs: tf.Tensor, state) -> tuple:
+    """Runs a core `step(x_t, state) -> (y_t, state)` over the time axis of `inputs`.
+
+    Args:
+      step: one time step; `state` is any nest of ``[B, ...]`` tensors, returned in the same
+        structure.
+      inputs: ``[B, T, F]``.
+      state: the state entering the first step.
+
+    Returns:
+      ``(outputs [B, T, U], final state)``.
+
+    Example, a counter core with a closed form:
+
+    >>> import tensorflow as tf
+    >>> outputs, count = unroll(lambda x, s: (x + s, s + 1), tf.ones([1, 4, 1]), tf.zeros([1, 1]))
+    >>> outputs[0, :, 0].numpy().tolist(), float(count[0, 0])
+    ([1.0, 2.0, 3.0, 4.0], 4.0)
+    """
+    def flat_step(x, leaves):
+        y, new_state = step(x, tf.nest.pack_sequence_as(state, leaves))
+        tf.nest.assert_same_structure(state, new_state)
+        return y, tf.nest.flatten(new_state)
+
+    outputs, leaves = unroll_time_major(flat_step, time_major(tf.convert_to_tensor(inputs)),
+                                        tf.nest.flatten(state), with_outputs=True)
+    return time_major(outputs), tf.nest.pack_sequence_as(state, leaves)
+
+
 def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
                with_outputs: bool = True, flags: Optional[StepFlags] = None):
     """All layers over one chunk.
@@ -139,9 +165,13 @@ class _CellRunner:
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
 
 
-class _FusedRunner:
+class _FusedRunner(abc.ABC):
     """A stock Keras cell whose input projection is hoisted; the time loop has a hand-written
-    backward when its activations are the defaults (tanh, sigmoid), autodiff otherwise."""
+    backward when its activations are the defaults (tanh, sigmoid), autodiff otherwise.
+
+    A subclass says how the cell's weights split into the projection and the recurrent part, and
+    gives one step (for flags and other activations) and the fused sequence.
+    """
 
     def __init__(self, cell):
         self._cell = cell
@@ -165,8 +195,24 @@ class _FusedRunner:
         recurrent_bias = self._recurrent_bias()
         if with_outputs and flags is None and self._default_activations():
             return self._fused(xs, states, recurrent_kernel, recurrent_bias)
-        step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)
+        step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
+
+    @abc.abstractmethod
+    def _input_bias(self):
+        """The bias added to the hoisted projection, or None."""
+
+    @abc.abstractmethod
+    def _recurrent_bias(self):
+        """The bias added to the recurrent matmul inside the loop, or None."""
+
+    @abc.abstractmethod
+    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+        """One step on a projected input: ``(output, new states)``."""
+
+    @abc.abstractmethod
+    def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
+        """The whole loop with its hand-written backward: ``(outputs [K, B, U], states)``."""
 
 
 class _GRURunner(_FusedRunner):
@@ -219,7 +265,14 @@ class _LSTMRunner(_FusedRunner):
         return outputs, [h, c]
 
 
-# -- one step on a projected input, shared by the runners and the hand-written loops ---------
+_RUNNERS = {compat.keras.layers.GRUCell: _GRURunner, compat.keras.layers.LSTMCell: _LSTMRunner}
+
+
+# -- one step on a projected input, and its backward ----------------------------------------------
+#
+# The forward of a step serves the runners (step by step, autodiff) and the hand-written loops;
+# each backward below is the exact transpose of the step above it for sigmoid/tanh, written out
+# so that a loop's backward keeps only the gates (see `_gru_sequence`).
 
 
 def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation,
@@ -249,6 +302,51 @@ def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activat
     return z * h + (1 - z) * hh, z, r, hh, aux
 
 
+class GRUKernels(NamedTuple):
+    """The recurrent kernel ``[U, 3U]`` and its gate and candidate columns, split once."""
+
+    whole: tf.Tensor
+    gates: tf.Tensor
+    candidate: tf.Tensor
+
+
+def _gru_kernels(recurrent_kernel) -> GRUKernels:
+    units = recurrent_kernel.shape[0]
+    return GRUKernels(recurrent_kernel, recurrent_kernel[:, :2 * units],
+                      recurrent_kernel[:, 2 * units:])
+
+
+def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_after: bool):
+    """The transpose of a sigmoid/tanh `_gru_step` at one step.
+
+    Args:
+      dh: dLoss/dh_t ``[B, U]`` (this step's output gradient plus the carried one).
+      h_prev, z, r, hh, aux: the step's input state and what `_gru_step` returned.
+
+    Returns:
+      ``(dh_prev [B, U], d_x [B, 3U], d_inner)``: the gradients of the state entering the step,
+      of the projected input, and of the recurrent matmul's output (``[B, 3U]`` reset_after, else
+      the gates' ``[B, 2U]``), from which the loop forms dW = sum_t h_{t-1}^T d_inner_t.
+    """
+    d_pre_candidate = dh * (1 - z) * (1 - hh * hh)
+    dz = dh * (h_prev - hh)
+    dh_prev = dh * z
+    if reset_after:
+        dr = d_pre_candidate * aux
+    else:
+        d_reset_state = tf.matmul(d_pre_candidate, kernels.candidate, transpose_b=True)
+        dr = d_reset_state * h_prev
+        dh_prev += d_reset_state * r
+    d_gates = tf.concat([dz * z * (1 - z), dr * r * (1 - r)], axis=1)
+    if reset_after:
+        d_inner = tf.concat([d_gates, d_pre_candidate * r], axis=1)
+        dh_prev += tf.matmul(d_inner, kernels.whole, transpose_b=True)
+    else:
+        d_inner = d_gates
+        dh_prev += tf.matmul(d_inner, kernels.gates, transpose_b=True)
+    return dh_prev, tf.concat([d_gates, d_pre_candidate], axis=1), d_inner
+
+
 def _lstm_step(x, h, c, recurrent_kernel, activation, recurrent_activation):
     """Keras `LSTMCell.call` on ``x = inputs @ kernel + bias`` ``[B, 4U]``.
 
@@ -262,11 +360,28 @@ def _lstm_step(x, h, c, recurrent_kernel, activation, recurrent_activation):
     return o * activation_c, c, i, f, o, g, activation_c
 
 
+def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
+    """The transpose of a sigmoid/tanh `_lstm_step` at one step.
+
+    Args:
+      dh, dc: dLoss/dh_t (output gradient plus carried) and the carried dLoss/dc_t ``[B, U]``.
+      c_prev, i, f, o, g, tanh_c: the step's input cell state and what `_lstm_step` returned.
+
+    Returns:
+      ``(dh_prev, dc_prev [B, U], d_x [B, 4U])``: d_x is also the gradient of the recurrent
+      matmul's output, so dW = sum_t h_{t-1}^T d_x_t.
+    """
+    dc = dc + dh * o * (1 - tanh_c * tanh_c)
+    d_x = tf.concat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                     dh * tanh_c * o * (1 - o)], axis=1)
+    return tf.matmul(d_x, recurrent_kernel, transpose_b=True), dc * f, d_x
+
+
 # -- hand-written backward passes of whole time loops ---------------------------------------
 #
 # Autodiff of a tf.while_loop pushes every intermediate of every step onto a stack and pops it
 # in a loop of one gradient op per forward op. Here the forward keeps only the gates, and the
-# backward loop does the recurrent part alone: the weight gradients are one matmul over all
+# backward loop runs the step backward alone: the weight gradients are one matmul over all
 # steps after the loop (sum_t h_{t-1}^T @ d_inner_t = H_prev^T @ D_inner).
 
 
@@ -299,11 +414,8 @@ def _gru_sequence(reset_after: bool):
 
     @tf.custom_gradient
     def gru_sequence(projected, h0, recurrent_kernel, recurrent_bias):
-        units = recurrent_kernel.shape[0]
         steps = tf.shape(projected)[0]
         xs = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
-        gate_kernel = recurrent_kernel[:, :2 * units]
-        candidate_kernel = recurrent_kernel[:, 2 * units:]
 
         def body(t, h, saved):
             values = _gru_step(xs.read(t), h, recurrent_kernel, recurrent_bias, reset_after,
@@ -316,55 +428,46 @@ def _gru_sequence(reset_after: bool):
         outputs, *gates = [array.stack() for array in saved]  # z, r, hh, aux: [K, B, U]
 
         def grad(d_outputs, d_last):
-            d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
-            d_last = tf.zeros_like(h0) if d_last is None else d_last
-            previous = _previous(h0, outputs)
-            step_values = _unstacked([d_outputs, previous] + gates)
-
-            def back(i, dh, d_projected, d_inner):
-                t = steps - 1 - i
-                d_output, h_prev, z, r, hh, aux = _reads(step_values, t)
-                dh = dh + d_output
-                d_pre_candidate = dh * (1 - z) * (1 - hh * hh)
-                dz = dh * (h_prev - hh)
-                dh_prev = dh * z
-                if reset_after:
-                    dr = d_pre_candidate * aux
-                    d_inner_candidate = d_pre_candidate * r
-                else:
-                    d_reset_state = tf.matmul(d_pre_candidate, candidate_kernel,
-                                              transpose_b=True)
-                    dr = d_reset_state * h_prev
-                    dh_prev += d_reset_state * r
-                d_gates = tf.concat([dz * z * (1 - z), dr * r * (1 - r)], axis=1)
-                if reset_after:
-                    d_in = tf.concat([d_gates, d_inner_candidate], axis=1)
-                    dh_prev += tf.matmul(d_in, recurrent_kernel, transpose_b=True)
-                else:
-                    d_in = d_gates
-                    dh_prev += tf.matmul(d_in, gate_kernel, transpose_b=True)
-                d_projected = d_projected.write(
-                    t, tf.concat([d_gates, d_pre_candidate], axis=1))
-                return i + 1, dh_prev, d_projected, d_inner.write(t, d_in)
-
-            _, d_h0, d_projected, d_inner = tf.while_loop(
-                lambda i, *_: i < steps, back,
-                (tf.constant(0), d_last) + tuple(_arrays(outputs.dtype, steps, 2)))
-            d_projected, d_inner = d_projected.stack(), d_inner.stack()
-            d_kernel = tf.matmul(_flat_steps(previous), _flat_steps(d_inner), transpose_a=True)
-            if reset_after:
-                d_bias = tf.reduce_sum(_flat_steps(d_inner), axis=0)
-            else:
-                d_candidate = tf.matmul(_flat_steps(gates[3]),
-                                        _flat_steps(d_projected[..., 2 * units:]),
-                                        transpose_a=True)
-                d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
-                d_bias = tf.zeros_like(recurrent_bias)
-            return d_projected, d_h0, d_kernel, d_bias
+            return _gru_sequence_backward(d_outputs, d_last, h0, outputs, gates,
+                                          recurrent_kernel, recurrent_bias, reset_after)
 
         return (outputs, h_last), grad
 
     return gru_sequence
+
+
+def _gru_sequence_backward(d_outputs, d_last, h0, outputs, gates, recurrent_kernel,
+                           recurrent_bias, reset_after: bool):
+    """The gradients of `_gru_sequence`'s inputs: `_gru_step_backward` over the steps in
+    reverse, then the recurrent weights' gradients as one matmul over all steps."""
+    steps = tf.shape(outputs)[0]
+    d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+    d_last = tf.zeros_like(h0) if d_last is None else d_last
+    previous = _previous(h0, outputs)
+    step_values = _unstacked([d_outputs, previous] + gates)
+    kernels = _gru_kernels(recurrent_kernel)
+
+    def back(i, dh, d_projected, d_inner):
+        t = steps - 1 - i
+        d_output, h_prev, z, r, hh, aux = _reads(step_values, t)
+        dh_prev, d_x, d_in = _gru_step_backward(dh + d_output, h_prev, z, r, hh, aux, kernels,
+                                                reset_after)
+        return i + 1, dh_prev, d_projected.write(t, d_x), d_inner.write(t, d_in)
+
+    _, d_h0, d_projected, d_inner = tf.while_loop(
+        lambda i, *_: i < steps, back,
+        (tf.constant(0), d_last) + tuple(_arrays(outputs.dtype, steps, 2)))
+    d_projected, d_inner = d_projected.stack(), d_inner.stack()
+    d_kernel = tf.matmul(_flat_steps(previous), _flat_steps(d_inner), transpose_a=True)
+    if reset_after:
+        d_bias = tf.reduce_sum(_flat_steps(d_inner), axis=0)
+    else:  # the candidate's recurrent term multiplies the reset state r * h (gates[3])
+        units = recurrent_kernel.shape[0]
+        d_candidate = tf.matmul(_flat_steps(gates[3]), _flat_steps(d_projected[..., 2 * units:]),
+                                transpose_a=True)
+        d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
+        d_bias = tf.zeros_like(recurrent_bias)
+    return d_projected, d_h0, d_kernel, d_bias
 
 
 @tf.custom_gradient
@@ -391,13 +494,10 @@ def _lstm_sequence(projected, h0, c0, recurrent_kernel):
 
         def back(k, dh, dc, d_projected):
             t = steps - 1 - k
-            d_output, c_prev, i, f, o, g, tanh_c = _reads(step_values, t)
-            dh = dh + d_output
-            dc = dc + dh * o * (1 - tanh_c * tanh_c)
-            dz = tf.concat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
-                            dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=1)
-            dh_prev = tf.matmul(dz, recurrent_kernel, transpose_b=True)
-            return k + 1, dh_prev, dc * f, d_projected.write(t, dz)
+            d_output, c_prev, *step_gates = _reads(step_values, t)
+            dh_prev, dc_prev, d_x = _lstm_step_backward(dh + d_output, dc, c_prev, *step_gates,
+                                                        recurrent_kernel)
+            return k + 1, dh_prev, dc_prev, d_projected.write(t, d_x)
 
         _, d_h0, d_c0, d_projected = tf.while_loop(
             lambda k, *_: k < steps, back,

@@ -5,6 +5,9 @@ chunk `[start, stop)` on demand; a one-pass iterator cannot.
 """
 
 import collections.abc
+import contextlib
+import itertools
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -73,9 +76,33 @@ def as_source(name: str, value):
     return None
 
 
-def read_window(source: Callable[[], ChunkSource], start, stop, spec: tf.TensorSpec):
-    """The chunk [start, stop) of the source that `source()` returns when the graph runs."""
-    chunk = tf.numpy_function(lambda a, b: source().read(a, b).astype(spec.dtype.as_numpy_dtype),
-                              [start, stop], spec.dtype, stateful=False)
+# The sources of the calls running now, by handle. A compiled function receives a source's
+# handle as a value and looks it up when the graph reads a window: nothing about one call is
+# stored on a chain, so concurrent calls with their own sources cannot see each other's.
+_LIVE = {}
+_LIVE_LOCK = threading.Lock()
+_HANDLES = itertools.count(1)
+
+
+@contextlib.contextmanager
+def live(sources: dict):
+    """Registers `sources` ({name: ChunkSource}) for one call; yields {name: handle tensor}."""
+    with _LIVE_LOCK:
+        handles = {name: next(_HANDLES) for name in sources}
+        _LIVE.update({handles[name]: source for name, source in sources.items()})
+    try:
+        yield {name: tf.constant(handle, tf.int64) for name, handle in handles.items()}
+    finally:
+        with _LIVE_LOCK:
+            for handle in handles.values():
+                _LIVE.pop(handle, None)
+
+
+def read_window(handle: tf.Tensor, start, stop, spec: tf.TensorSpec) -> tf.Tensor:
+    """The window [start, stop) of the live source `handle`, when the graph runs."""
+    def read(handle, start, stop):
+        return _LIVE[int(handle)].read(start, stop).astype(spec.dtype.as_numpy_dtype)
+
+    chunk = tf.numpy_function(read, [handle, start, stop], spec.dtype, stateful=False)
     chunk.set_shape(spec.shape)
     return chunk

@@ -14,6 +14,7 @@ from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import LossFn
 
@@ -103,9 +104,7 @@ class StageChain(tf.Module):
         self._recompute = bool(recompute)
         self._devices = list(devices) if devices is not None else [None] * len(stages)
         self._compiled = bool(compiled)
-        if not isinstance(check_numerics, bool):
-            raise TypeError(checks.BOOL_MSG.format(name="check_numerics", value=check_numerics))
-        self._check_numerics = check_numerics
+        self._check_numerics = checks.boolean("check_numerics", check_numerics)
         self._built = False
         self._functions = compiling.FunctionCache(lambda name: 1)
 
@@ -121,13 +120,7 @@ class StageChain(tf.Module):
     @property
     def trainable_variables(self) -> list:
         """All stages' trainable variables in stage order (a shared one listed once)."""
-        variables, seen = [], set()
-        for stage_variables in self.stage_variables:
-            for v in stage_variables:
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    variables.append(v)
-        return variables
+        return compat.unique([v for variables in self.stage_variables for v in variables])
 
     def split_grads(self, grads: Sequence) -> list:
         """`grads` (aligned with `trainable_variables`) as one list per stage, aligned with
@@ -181,7 +174,8 @@ class StageChain(tf.Module):
         loss_fn = checks.loss_function(loss_fn, with_weight=sample_weight is not None)
         x = checks.as_tensor("x", x)
         if x.shape.rank == 0:
-            raise ValueError(checks.STAGE_INPUT_MSG.format(shape=x.shape.as_list()))
+            raise ValueError("x must have a batch axis first (shape [batch, ...]), got a "
+                             "scalar (shape []).")
         args = {"x": x, "y": checks.batch_like("y", y, x)}
         if sample_weight is not None:
             args["sample_weight"] = checks.batch_like("sample_weight", sample_weight, x)
@@ -190,11 +184,8 @@ class StageChain(tf.Module):
                                  self._compiled)
         loss, grads, boundary_grads, input_grad, non_finite = fn(args)
         if non_finite is not None:
-            if not tf.executing_eagerly():
-                loss, grads = checks.assert_finite_in_graph(non_finite, (loss, grads),
-                                                            unit="stage")
-            else:
-                checks.raise_if_non_finite(non_finite.numpy(), unit="stage", carried="activation")
+            loss, grads = checks.report_non_finite(non_finite, (loss, grads), unit="stage",
+                                                   carried="activation")
         return StageResult(loss, grads, boundary_grads, input_grad)
 
     def _gradients_impl(self, args: dict, loss_fn: LossFn):
@@ -218,15 +209,19 @@ class StageChain(tf.Module):
             return run
 
         structures[0] = args["x"]
-        loss_dtype = tf.float64 if args["x"].dtype == tf.float64 else tf.float32
-        result = chain_lib.static_value_and_gradients(
+        linearized, found = chain_lib.static_forward(
             [stage_fn(i) for i in range(len(self._stages))], tf.nest.flatten(args["x"]),
-            self.stage_variables, vjp_lib.get_linearize(self._backend), loss_dtype=loss_dtype,
-            recompute=self._recompute, check_numerics=self._check_numerics)
-        grads = self._merge(result.grads)
+            self.stage_variables, vjp_lib.get_linearize(self._backend),
+            recompute=self._recompute, check=self._check_numerics)
+        result = chain_lib.static_backward(linearized, schedules.Exact(),
+                                           chain_lib.loss_dtype_for(args["x"].dtype))
+        if self._check_numerics:
+            for k, (carry_grad, grads) in enumerate(zip(result.carry_grads, result.grads)):
+                found = chain_lib.note_non_finite(found, k, carry_grad=carry_grad, grads=grads)
         carried = [tf.nest.pack_sequence_as(structures[k], g)
                    for k, g in enumerate(result.carry_grads)]
-        return result.loss, grads, carried[1:], carried[0], result.non_finite
+        return (result.loss, self._merge(result.grads), carried[1:], carried[0],
+                found if self._check_numerics else None)
 
     def _snapshot_or_restore(self, index: int, saved: dict) -> None:
         """First run of a stage: remember its non-trainable variables (BatchNorm statistics,

@@ -5,8 +5,8 @@ A segment is `fn(primals) -> outputs` over flat lists of tensors that also reads
 `pullback(cotangent_sets, want_primal_grads)` gives, for each set of output cotangents c,
 `(d_variables, d_primals)` = (dOut/dW)^T c, (dOut/dprimals)^T c. No Jacobian is ever formed: each
 product is one ordinary backward pass, seeded with c as `output_gradients` (eager) or `grad_ys`
-(graph). `vjp(...)` is the two in one call, for segments that are recomputed in the backward pass;
-keeping the pullback instead keeps the segment's activations alive until it is called.
+(graph). Keeping the pullback keeps the segment's activations alive until it is called; a
+segment recomputed in the backward pass is linearized there.
 
 A cotangent entry of None means "this output is not differentiated" (cheaper than a zero seed);
 an output of None is never differentiated. Gradients that do not reach a source come back as
@@ -24,6 +24,8 @@ BACKENDS = ("eager", "graph")
 
 SegmentFn = Callable[[list], list]
 Pullback = Callable[[Sequence, Sequence[bool]], list]
+# gradient(ys, sources, seeds) -> one gradient (or None) per source.
+Gradient = Callable[[list, list, list], list]
 
 
 def _targets(outputs: list, cotangents: Sequence) -> tuple[list, list]:
@@ -40,8 +42,24 @@ def _zeros_for_none(grads: Sequence, sources: Sequence) -> list:
     ]
 
 
-def _split(grads: list, num_variables: int, want_primals: bool):
-    return grads[:num_variables], (grads[num_variables:] if want_primals else None)
+def pullback_of(outputs: list, variables: Sequence, primals: Sequence,
+                gradient: Gradient) -> Pullback:
+    """The pullback of `outputs` with respect to `variables` and `primals`, for one backend's
+    `gradient`: one backward pass per cotangent set, d_primals only where wanted (else None)."""
+    variables, primals = list(variables), list(primals)
+
+    def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool]) -> list:
+        results = []
+        for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
+            ys, seeds = _targets(outputs, cotangents)
+            sources = variables + (primals if want_primals else [])
+            grads = gradient(ys, sources, seeds) if ys else [None] * len(sources)
+            grads = _zeros_for_none(grads, sources)
+            d_vars, d_primals = grads[:len(variables)], grads[len(variables):]
+            results.append((d_vars, d_primals if want_primals else None))
+        return results
+
+    return pullback
 
 
 def tape_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bool = False):
@@ -57,39 +75,28 @@ def tape_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bo
         tape.watch(primals)
         outputs = fn(primals)
 
-    def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool]) -> list:
-        results = []
-        for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
-            ys, seeds = _targets(outputs, cotangents)
-            sources = list(variables) + (primals if want_primals else [])
-            grads = tape.gradient(ys, sources, output_gradients=seeds) if ys else [None] * len(
-                sources)
-            results.append(_split(_zeros_for_none(grads, sources), len(variables), want_primals))
-        return results
+    def gradient(ys, sources, seeds):
+        return tape.gradient(ys, sources, output_gradients=seeds)
 
-    return outputs, pullback
+    return outputs, pullback_of(outputs, variables, primals, gradient)
 
 
-def graph_vjp(ys: list, cotangents: Sequence, variables: list, primals: list,
-              stop_at_primals: bool = False):
-    """One product on tensors already in a graph: `tf.gradients(..., grad_ys=...)`.
+def graph_pullback(outputs: list, variables: Sequence, primals: Sequence,
+                   stop_at_primals: bool = False) -> Pullback:
+    """`tf.gradients(ys, xs, grad_ys=...)` on tensors already in a graph.
 
-    Args:
-      ys: output tensors; cotangents: one seed each, or None to leave that output out.
-      variables: variables to differentiate (Keras 3 variables are unwrapped).
-      primals: tensors to differentiate; `stop_at_primals` also stops back-propagation there
-        (`stop_gradients`), so the product covers only the graph between primals and outputs.
-
-    Returns:
-      ``(d_variables, d_primals)``, zeros where an output does not reach a source.
+    `stop_at_primals` also stops back-propagation at the primals (`stop_gradients`), so each
+    product covers only the graph between the primals and the outputs: how a chunk of a TF1
+    graph that already holds every chunk is cut out. Keras 3 variables are unwrapped, since
+    `tf.gradients` differentiates with respect to `tf.Variable` handles only.
     """
-    ys, seeds = _targets(ys, cotangents)
-    sources = [compat.tf_variable(v) for v in variables] + list(primals)
-    if not ys:
-        return _split(_zeros_for_none([None] * len(sources), sources), len(variables), True)
-    grads = tf.gradients(ys, sources, grad_ys=seeds,
-                         stop_gradients=list(primals) if stop_at_primals else None)
-    return _split(_zeros_for_none(grads, sources), len(variables), True)
+    stop = list(primals) if stop_at_primals else None
+
+    def gradient(ys, sources, seeds):
+        sources = [compat.tf_variable(s) for s in sources]
+        return tf.gradients(ys, sources, grad_ys=seeds, stop_gradients=stop)
+
+    return pullback_of(outputs, variables, primals, gradient)
 
 
 def gradients_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bool = False):
@@ -99,37 +106,9 @@ def gradients_linearize(fn: SegmentFn, primals: list, variables: list, persisten
         raise RuntimeError("backend='graph' needs graph mode: run it inside a tf.function.")
     primals = [tf.identity(p) for p in primals]
     outputs = fn(primals)
-
-    def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool]) -> list:
-        results = []
-        for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
-            d_vars, d_primals = graph_vjp(outputs, cotangents, variables,
-                                          primals if want_primals else [])
-            results.append((d_vars, d_primals if want_primals else None))
-        return results
-
-    return outputs, pullback
+    return outputs, graph_pullback(outputs, variables, primals)
 
 
 def get_linearize(backend: str):
     """`linearize(fn, primals, variables, persistent) -> (outputs, pullback)` for `backend`."""
     return {"eager": tape_linearize, "graph": gradients_linearize}[backend]
-
-
-def get_vjp(backend: str):
-    """`vjp(fn, primals, variables, cotangent_sets, want_primal_grads) -> (outputs, results)`:
-    forward and pullback in one call, for a segment recomputed in the backward pass."""
-    linearize = get_linearize(backend)
-
-    def vjp(fn: SegmentFn, primals: list, variables: list, cotangent_sets: Sequence,
-            want_primal_grads: Sequence[bool]):
-        outputs, pullback = linearize(fn, primals, variables,
-                                      persistent=len(cotangent_sets) > 1)
-        return outputs, pullback(cotangent_sets, want_primal_grads)
-
-    return vjp
-
-
-# The backends' VJPs under their own names, for callers that pick one directly.
-tape_vjp = get_vjp("eager")
-gradients_vjp = get_vjp("graph")

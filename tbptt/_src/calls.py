@@ -1,0 +1,146 @@
+"""One call of a recurrent chain, checked and laid out in Python before anything is traced.
+
+A call becomes `Prepared(args, sources, static)`: `args` is a dict of tensors (the compiled
+function's only argument, with batch and time left unknown in its signature), `sources` the
+chunk sources to register for the call (`sources.live`), and `static` what keys the compiled
+function besides the argument specs (the loss function, the sources' specs).
+"""
+
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+from tbptt._src import checks
+from tbptt._src import chunking
+from tbptt._src import sources as sources_lib
+from tbptt._src.config import ChainConfig
+from tbptt._src.stack import CellStack
+
+
+class Prepared(NamedTuple):
+    args: dict
+    sources: dict
+    static: tuple
+
+
+def keras_mask(inputs):
+    """The mask Keras attaches to a layer's outputs (`Masking`, `Embedding(mask_zero=True)`)."""
+    return getattr(inputs, "_keras_mask", None)
+
+
+def relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
+    """Batch and time unknown: one trace serves sources of any batch size and length."""
+    return tf.TensorSpec([None, None] + spec.shape[2:].as_list(), spec.dtype)
+
+
+def source_spec(source, dtype: tf.DType, sequence: bool = True) -> tf.TensorSpec:
+    """What a chunk source stands for: a spec of its whole shape, floats in the chain's dtype."""
+    if sequence and len(source.shape) != 3:
+        raise ValueError(checks.INPUTS_RANK_MSG.format(shape=list(source.shape)))
+    return tf.TensorSpec(source.shape, dtype if source.dtype.is_floating else source.dtype)
+
+
+def batch_size(inputs):
+    """The static batch size, or a scalar tensor where it is unknown (inside a tf.function)."""
+    return inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
+
+
+def chunk_size_for(config: ChainConfig, stack: CellStack, shape: tf.TensorShape) -> tf.Tensor:
+    """The chunk size for inputs of `shape`, as a tensor: any T is served by one trace."""
+    if config.chunk_size != "auto":
+        return tf.constant(config.chunk_size, tf.int32)
+    if shape[1] is None:
+        raise ValueError(f"chunk_size='auto' picks the chunk size from the sequence length, "
+                         f"which is unknown here (inputs of shape {shape.as_list()} inside a "
+                         "tf.function). Give the inputs a static time dimension or pass an "
+                         "int chunk_size.")
+    return tf.constant(plan_for(config, stack, shape[1], shape[0] or 1).chunk_size, tf.int32)
+
+
+def plan_for(config: ChainConfig, stack: CellStack, steps: int, batch: int,
+             features: Optional[int] = None) -> chunking.ChunkPlan:
+    """`chunking.plan` for this chain's configuration and state size."""
+    features = stack.features if features is None else features
+    return chunking.plan(steps, chunk_size=config.chunk_size, levels=config.levels,
+                         memory_budget=config.memory_budget, batch=batch,
+                         state_floats=stack.state_floats, features=int(features or 0),
+                         itemsize=stack.dtype.size)
+
+
+def flag_args(inputs, reset, mask) -> dict:
+    """reset and mask checked against inputs' [B, T], as bool tensors (absent when None)."""
+    return {name: checks.step_flags(name, value, inputs)
+            for name, value in [("reset", reset), ("mask", mask)] if value is not None}
+
+
+def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, reset,
+                 mask) -> Prepared:
+    """`chain(inputs, ...)`: in-memory inputs run as one chunk; a source chunk by chunk."""
+    mask = keras_mask(inputs) if mask is None else mask
+    source = sources_lib.as_source("inputs", inputs)
+    if source is None:
+        inputs = checks.sequence_inputs(inputs, stack.dtype)
+        args = {"inputs": inputs}
+        static = None
+    else:
+        inputs = source_spec(source, stack.dtype)
+        args = {"chunk_size": chunk_size_for(config, stack, inputs.shape),
+                "steps": tf.constant(inputs.shape[1], tf.int32)}
+        static = relaxed_spec(inputs)
+    stack.build(inputs.shape)
+    args.update(flag_args(inputs, reset, mask))
+    args["state"] = stack.leaves("initial_state", initial_state, batch_size(inputs))
+    return Prepared(args, {} if source is None else {"inputs": source}, (static,))
+
+
+def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_fn, *,
+                  initial_state=None, final_state_grad=None, sample_weight=None, reset=None,
+                  mask=None, context_steps=None, state_name: str = "initial_state") -> Prepared:
+    """`value_and_gradients` and `stream_step`: every argument checked, sources split off."""
+    mask = keras_mask(inputs) if mask is None else mask
+    loss_fn = checks.loss_function(
+        loss_fn, with_weight=sample_weight is not None or mask is not None)
+    args, sources = _per_step_args(stack, inputs, targets, sample_weight)
+    args.update(flag_args(args["inputs"], reset, mask))
+    stack.build(args["inputs"].shape)
+    batch = batch_size(args["inputs"])
+    args["chunk_size"] = chunk_size_for(config, stack, args["inputs"].shape)
+    args["state"] = stack.leaves(state_name, initial_state, batch)
+    if final_state_grad is not None:
+        if not config.schedule.accepts_final_state_grad:
+            raise ValueError("final_state_grad would be dropped at the first cut with "
+                             "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to "
+                             "carry it back, mode='exact', or pass None.")
+        args["final_state_grad"] = stack.leaves("final_state_grad", final_state_grad, batch)
+    if context_steps is not None:
+        args["context_steps"] = tf.convert_to_tensor(context_steps, tf.int32)
+    # Sources stay out of the compiled function's tensors: it is traced for their specs and
+    # reads the source whose handle it is given, so a new file costs no trace.
+    source_specs = tuple((name, relaxed_spec(args.pop(name))) for name in sorted(sources))
+    if sources:
+        args["steps"] = tf.constant(sources["inputs"].shape[1], tf.int32)
+    return Prepared(args, sources, (loss_fn, source_specs))
+
+
+def _per_step_args(stack: CellStack, inputs, targets, sample_weight) -> tuple[dict, dict]:
+    """inputs, targets and sample_weight checked: tensors, or the specs of chunk sources."""
+    sources = {name: source for name, source in [
+        ("inputs", sources_lib.as_source("inputs", inputs)),
+        ("targets", sources_lib.as_source("targets", targets)),
+        ("sample_weight", sources_lib.as_source("sample_weight", sample_weight))]
+        if source is not None}
+    inputs = source_spec(sources["inputs"], stack.dtype) if "inputs" in sources else (
+        checks.sequence_inputs(inputs, stack.dtype))
+    args = {"inputs": inputs}
+    for name, value in [("targets", targets), ("sample_weight", sample_weight)]:
+        if value is not None:
+            value = source_spec(sources[name], stack.dtype, False) if name in sources else value
+            args[name] = checks.per_step(name, value, inputs, stack.dtype)
+    return args, sources
+
+
+def steps_of(call: Prepared):
+    """T of a prepared call: static, or None inside a tf.function with an unknown length."""
+    if "steps" in call.args:
+        return int(call.args["steps"])
+    return call.args["inputs"].shape[1]

@@ -1,0 +1,123 @@
+"""A recurrent chain's configuration: one frozen value, validated where it is made."""
+
+import dataclasses
+import numbers
+from typing import Optional, Union
+
+import tensorflow as tf
+
+from tbptt._src import checks
+from tbptt._src import schedules
+from tbptt._src import vjp as vjp_lib
+
+MODES = ("exact", "truncated")
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainConfig:
+    """How a `RecurrentChain` cuts, differentiates and reports.
+
+    Attributes:
+      chunk_size: time steps per chunk (the backward keeps one chunk's activations alive plus
+        one state per chunk), or "auto": about sqrt(T) per call (T^(1/3) with levels=2), or the
+        largest chunk within `memory_budget` (see `RecurrentChain.chunk_plan`).
+      mode: "exact" (full-BPTT gradient) or "truncated" (see `backprop_chunks`).
+      backprop_chunks: with mode="truncated", how many chunks a loss term back-propagates
+        through: 1 is Keras `stateful=True`, m is TBPTT(k1=chunk_size, k2=m*chunk_size).
+      backend: "eager" (`GradientTape`) or "graph" (`tf.gradients` in a graph).
+      reduction: "sum" (total = sum of chunk losses) or "mean" (each chunk's loss weighted by
+        its share of the T steps: a per-element mean loss gives the whole-sequence mean).
+      dtype: dtype of the state and computation; None takes the first cell's.
+      compiled: run the chunk loops in a `tf.function` (default); False runs them eagerly step
+        by step, for debugging (eager backend only).
+      levels: 1 keeps a state at every cut; 2 (exact mode) keeps one every ~sqrt(T/K) chunks
+        and recomputes the others group by group in the backward pass: memory of about T^(1/3)
+        states for one more forward pass.
+      memory_budget: with chunk_size="auto", the bytes the backward may keep alive; the largest
+        chunk size that fits is taken (ValueError when none does).
+      check_numerics: test every chunk's carried state, loss, carried dLoss/dstate and weight
+        gradients for NaN/Inf in `value_and_gradients`, and raise `tbptt.NonFiniteError`
+        naming the chunk where one first appeared (inside a tf.function:
+        `tf.errors.InvalidArgumentError`). Off, a non-finite loss is returned as it is.
+
+    Every field is checked when the value is made, `_replace` included, so a config that exists
+    is valid:
+
+    >>> config = ChainConfig(chunk_size=100)
+    >>> config._replace(mode="truncated", backprop_chunks=2).schedule
+    Truncated(2)
+    """
+
+    chunk_size: Union[int, str]
+    mode: str = "exact"
+    backprop_chunks: int = 1
+    backend: str = "eager"
+    reduction: str = "sum"
+    dtype: Optional[tf.DType] = None
+    compiled: bool = True
+    levels: int = 1
+    memory_budget: Optional[float] = None
+    check_numerics: bool = False
+
+    def __post_init__(self):
+        checks.choice("mode", self.mode, MODES)
+        checks.choice("backend", self.backend, vjp_lib.BACKENDS)
+        checks.choice("reduction", self.reduction, REDUCTIONS)
+        self._set("chunk_size", _chunk_size(self.chunk_size))
+        self._set("memory_budget", _memory_budget(self.memory_budget, self.chunk_size))
+        self._set("backprop_chunks", checks.positive_int(
+            "backprop_chunks", self.backprop_chunks,
+            hint="; it counts the chunks a loss back-propagates through (1 = Keras "
+                 "stateful=True)"))
+        if self.mode == "exact" and self.backprop_chunks != 1:
+            raise ValueError(
+                f"backprop_chunks={self.backprop_chunks} only applies to mode='truncated'; "
+                "mode='exact' back-propagates through every chunk. Pass mode='truncated' or "
+                "leave backprop_chunks at 1.")
+        if self.levels not in (1, 2) or isinstance(self.levels, bool):
+            raise ValueError(f"levels must be 1 or 2, got {self.levels!r}.")
+        if self.levels == 2 and self.mode != "exact":
+            raise ValueError("levels=2 only applies to mode='exact'; mode='truncated' keeps at "
+                             "most backprop_chunks chunks alive already. Leave levels at 1.")
+        if self.backend == "graph" and not self.compiled:
+            raise ValueError(checks.COMPILED_GRAPH_MSG)
+        self._set("compiled", bool(self.compiled))
+        checks.boolean("check_numerics", self.check_numerics)
+        self._set("dtype", None if self.dtype is None else tf.as_dtype(self.dtype))
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # normalizing a frozen field once, when made
+
+    def _replace(self, **changes) -> "ChainConfig":
+        """A copy with `changes`, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def schedule(self) -> schedules.Schedule:
+        """The truncation schedule of `mode`, `backprop_chunks` and `levels`."""
+        return schedules.schedule_for(self.mode, self.backprop_chunks, self.levels)
+
+
+def _chunk_size(value):
+    """A positive int or "auto"."""
+    if value == "auto":
+        return value
+    if checks.is_int(value) and value >= 1:
+        return int(value)
+    raise (ValueError if checks.is_int(value) or isinstance(value, str) else TypeError)(
+        f"chunk_size must be a positive int (time steps per chunk) or 'auto', got {value!r}. "
+        "For example chunk_size=100, or 'auto' for about sqrt(T).")
+
+
+def _memory_budget(value, chunk_size):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise (ValueError if isinstance(value, numbers.Real) and not isinstance(value, bool)
+               else TypeError)(f"memory_budget must be a positive number of bytes (or None), "
+                               f"got {value!r}.")
+    if chunk_size != "auto":
+        raise ValueError(f"memory_budget only applies with chunk_size='auto'; got chunk_size="
+                         f"{chunk_size!r}. Pass chunk_size='auto' or drop memory_budget.")
+    return float(value)

@@ -1,0 +1,170 @@
+"""The time axis as a chain: chunks of a sequence run by a core, as `chain.Segments`.
+
+```
+inputs [B, T, F] -> chunks [B, K, F] (the last one shorter when T does not divide)
+segment k:  (y_k, s_k) = core(x_k, s_{k-1});   L_k = weight_k * loss_fn(targets_k, y_k[, w_k])
+```
+
+A core is anything with the contract `core(x [B, K, F], state, *, training, flags,
+with_outputs) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a `CellStack`,
+or `as_core(fn)` of a plain `fn(x, state) -> (y, state)`.
+
+Per-step values arrive in `args` (a dict of tensors: "inputs", "targets", "sample_weight",
+"reset", "mask", "context_steps", "steps") or as `SourceReader`s, which read a window of a chunk
+source registered for the call (`sources.py`): the compiled function gets the source's handle as
+a value, never an object stored on the chain.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import tensorflow as tf
+
+from tbptt._src import chain as chain_lib
+from tbptt._src import checks
+from tbptt._src import layers
+from tbptt._src import sources as sources_lib
+
+PER_STEP_ARGS = ("inputs", "targets", "sample_weight", "reset", "mask")
+
+
+class SourceReader(NamedTuple):
+    """A chunk source inside the compiled function: its handle and the spec of a window."""
+
+    handle: tf.Tensor
+    spec: tf.TensorSpec
+
+    def read(self, start, stop) -> tf.Tensor:
+        return sources_lib.read_window(self.handle, start, stop, self.spec)
+
+
+def as_core(fn: Callable) -> Callable:
+    """A plain `fn(x [B, K, F], state) -> (y [B, K, O], state)` as a core (no flags)."""
+
+    def core(x, state, *, training=True, flags=None, with_outputs=True):
+        del training
+        if flags is not None:
+            raise ValueError("reset and mask need a stack of cells (they act step by step); "
+                             "a plain core sees whole chunks.")
+        y, state = fn(x, list(state))
+        return (y if with_outputs else None), list(state)
+
+    return core
+
+
+def steps(args: dict):
+    """T: static for chunk sources, else read from the inputs."""
+    return args["steps"] if "steps" in args else tf.shape(args["inputs"])[1]
+
+
+def window(value, start, stop):
+    """Steps [start, stop) of a per-step value ``[B, T, ...]`` or a `SourceReader`."""
+    if isinstance(value, SourceReader):
+        return value.read(start, stop)
+    return value[:, start:stop]
+
+
+def chunk_flags(args: dict, start, stop) -> Optional[layers.StepFlags]:
+    """The chunk's reset and mask, time-major; None when neither is set."""
+    if "reset" not in args and "mask" not in args:
+        return None
+    return layers.StepFlags(*[layers.time_major(window(args[name], start, stop))
+                              if name in args else None for name in ("reset", "mask")])
+
+
+def masked_weight(sample_weight, mask, dtype):
+    """sample_weight ``[B, t, ...]`` times mask ``[B, t]`` (None where both are None).
+
+    The mask is reshaped to broadcast against the weight's trailing axes: ``[B, t, 1]`` times
+    ``[B, t]`` would broadcast to ``[B, t, t]``.
+    """
+    if mask is None:
+        return sample_weight
+    mask = tf.cast(mask, dtype)
+    if sample_weight is None:
+        return mask
+    sample_weight = tf.cast(sample_weight, dtype)
+    return sample_weight * tf.reshape(mask, tf.concat(
+        [tf.shape(mask), tf.ones([sample_weight.shape.rank - 2], tf.int32)], 0))
+
+
+def chunk_weights(args: dict, size, reduction: str, dtype: tf.DType) -> Callable:
+    """`weight(k)`, the factor on chunk k's loss.
+
+    sum: 1. mean: the chunk's share of the T steps, so that per-element mean losses give the
+    whole-sequence mean; with a mask, of the unmasked steps (a per-element mean loss counts
+    masked elements with weight 0 in its denominator; this rescales to the masked mean).
+    Context chunks (streaming) weigh 0 and do not count in the mean.
+    """
+    total = steps(args)
+    context = args.get("context_steps", tf.zeros([], tf.int32))
+    if reduction == "sum":
+        denominator = tf.ones([], dtype)
+    elif "mask" in args:
+        unmasked = tf.reduce_sum(tf.cast(args["mask"][:, context:], dtype))
+        denominator = unmasked / tf.cast(tf.shape(args["mask"])[0], dtype)
+    else:
+        denominator = tf.cast(total - context, dtype)
+
+    def weight(k):
+        share = tf.ones([], dtype) if reduction == "sum" else tf.math.divide_no_nan(
+            tf.cast(tf.minimum((k + 1) * size, total) - k * size, dtype), denominator)
+        return tf.where(k * size < context, tf.zeros([], dtype), share)
+
+    return weight
+
+
+def segments(core, args: dict, loss_fn: Callable, reduction: str,
+             loss_dtype: tf.DType) -> chain_lib.Segments:
+    """The chunks of one sequence as chain segments over the flat state.
+
+    Args:
+      core: see the module docstring.
+      args: the per-step values, "chunk_size" (a scalar tensor) and, for streaming,
+        "context_steps" (leading steps that add no loss).
+      loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
+      reduction: "sum" or "mean" (see `chunk_weights`).
+      loss_dtype: the dtype every chunk loss is computed and weighted in.
+    """
+    size, total = args["chunk_size"], steps(args)
+    weight = chunk_weights(args, size, reduction, loss_dtype)
+
+    def bounds(k):
+        return k * size, tf.minimum((k + 1) * size, total)
+
+    def advance(k, state):
+        start, stop = bounds(k)
+        return core(window(args["inputs"], start, stop), state,
+                    flags=chunk_flags(args, start, stop), with_outputs=False)[1]
+
+    def segment(k, state):
+        start, stop = bounds(k)
+        predictions, state = core(window(args["inputs"], start, stop), state,
+                                  flags=chunk_flags(args, start, stop))
+        loss_args = [window(args["targets"], start, stop), predictions]
+        sample_weight = masked_weight(
+            window(args["sample_weight"], start, stop) if "sample_weight" in args else None,
+            window(args["mask"], start, stop) if "mask" in args else None, predictions.dtype)
+        if sample_weight is not None:
+            loss_args.append(sample_weight)
+        loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), loss_dtype)
+        return loss * weight(k), state
+
+    return chain_lib.Segments((total + size - 1) // size, advance, segment)
+
+
+def forward(core, args: dict, training: bool, dtype: tf.DType):
+    """The plain forward over chunks (inputs read from a source window by window): outputs
+    ``[B, T, O]`` of `dtype` gathered chunk by chunk, and the final flat state."""
+    size, total = args["chunk_size"], steps(args)
+
+    def body(k, state, outputs):
+        start, stop = k * size, tf.minimum((k + 1) * size, total)
+        predictions, state = core(window(args["inputs"], start, stop), state,
+                                  training=training, flags=chunk_flags(args, start, stop))
+        return k + 1, state, outputs.write(k, layers.time_major(predictions))
+
+    outputs = tf.TensorArray(dtype, size=(total + size - 1) // size, infer_shape=False,
+                             element_shape=tf.TensorShape([None, None, None]))
+    _, state, outputs = tf.while_loop(lambda k, *_: k * size < total, body,
+                                      (tf.constant(0), list(args["state"]), outputs))
+    return layers.time_major(outputs.concat()), state

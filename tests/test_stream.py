@@ -1,0 +1,120 @@
+"""chain.stream_step: TBPTT(K, mK) across consecutive windows, exactly, for every m."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tbptt
+from conftest import assert_all_close, l1_loss, make_sequence
+from references import forward, truncated_reference
+
+K, WINDOW, WINDOWS = 3, 6, 4  # windows of two chunks; m = 4 reaches two windows back
+F64 = 1e-10
+
+
+def chain_for(m, backend="eager", **kwargs):
+    cells = [keras.layers.GRUCell(5, dtype="float64"), keras.layers.LSTMCell(3, dtype="float64")]
+    return tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"), chunk_size=K,
+                                mode="truncated", backprop_chunks=m, backend=backend,
+                                dtype="float64", **kwargs)
+
+
+def stream(batch=2):
+    x = make_sequence(batch, WINDOW * WINDOWS, 4, "float64")
+    y = make_sequence(batch, WINDOW * WINDOWS, 2, "float64", offset=0.5)
+    return x, y
+
+
+def weighted_l1(y_true, y_pred, sample_weight):
+    return tf.reduce_sum(tf.cast(sample_weight, y_pred.dtype)[..., None]
+                         * tf.sqrt(tf.square(y_true - y_pred) + 1e-3))
+
+
+def run_stream(chain, x, y, loss_fn=l1_loss, **per_step):
+    """The summed loss and gradients of stream_step over the windows, and the last carry."""
+    carry, loss, grads = None, 0.0, None
+    for start in range(0, x.shape[1], WINDOW):
+        window = slice(start, start + WINDOW)
+        result, carry = chain.stream_step(
+            x[:, window], y[:, window], loss_fn, carry,
+            **{name: value[:, window] for name, value in per_step.items()})
+        loss += result.loss
+        grads = result.grads if grads is None else [g + d for g, d in zip(grads, result.grads)]
+    return loss, grads, carry, result
+
+
+@pytest.mark.parametrize("backend", ["eager", "graph"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_stream_steps_equal_one_call_over_the_whole_stream(m, backend):
+    x, y = stream()
+    chain = chain_for(m, backend)
+    loss, grads, carry, last = run_stream(chain, x, y)
+    whole = chain.value_and_gradients(x, y, l1_loss)
+    assert_all_close([loss] + grads, [whole.loss] + whole.grads, F64, "one call")
+    # ... and both equal TBPTT(K, mK) written out with per-chunk tapes.
+    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, m,
+                                                 chain.initial_state(x.shape[0]))
+    assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64, "per-chunk tapes")
+    _, final_state = forward(chain, x)
+    assert_all_close(last.final_state, final_state, F64, "final state")
+    context_steps = min(m - 1, x.shape[1] // K) * K
+    assert [v.shape[1] for v in carry.context.values()] == [context_steps] * len(carry.context)
+
+
+def test_stream_without_the_context_is_different():
+    """The equality above could hold vacuously if the carried context changed nothing."""
+    x, y = stream()
+    chain = chain_for(3)
+    loss, grads, _, _ = run_stream(chain, x, y)
+    cold = [chain.value_and_gradients(x[:, s:s + WINDOW], y[:, s:s + WINDOW], l1_loss).grads
+            for s in range(0, x.shape[1], WINDOW)]
+    cold = [tf.add_n(list(parts)) for parts in zip(*cold)]
+    assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(grads, cold)) > 1e-3
+
+
+def test_hand_chained_final_state_grad_is_not_tbptt_for_m_3():
+    """Why stream_step exists: m >= 3 ages cannot travel in one final_state_grad."""
+    x, y = stream()
+    chain = chain_for(3)
+    first = chain.value_and_gradients(x[:, WINDOW:], y[:, WINDOW:], l1_loss,
+                                      forward(chain, x[:, :WINDOW])[1])
+    second = chain.value_and_gradients(x[:, :WINDOW], y[:, :WINDOW], l1_loss,
+                                       final_state_grad=first.initial_state_grad)
+    whole = chain.value_and_gradients(x, y, l1_loss)
+    chained = [a + b for a, b in zip(first.grads, second.grads)]
+    assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(chained, whole.grads)) > 1e-6
+
+
+def test_stream_with_flags_and_weights_equals_one_call():
+    x, y = stream()
+    rng = np.random.RandomState(0)
+    flags = {"sample_weight": rng.rand(*x.shape[:2]),
+             "reset": rng.rand(*x.shape[:2]) < 0.1,
+             "mask": rng.rand(*x.shape[:2]) < 0.9}
+    chain = chain_for(3)
+    loss, grads, _, _ = run_stream(chain, x, y, weighted_l1, **flags)
+    whole = chain.value_and_gradients(x, y, weighted_l1, **flags)
+    assert_all_close([loss] + grads, [whole.loss] + whole.grads, F64)
+
+
+def test_exact_mode_carries_the_state_only():
+    x, y = stream()
+    chain = chain_for(3).with_config(mode="exact", backprop_chunks=1)
+    _, _, carry, last = run_stream(chain, x, y)
+    assert carry.context == {}
+    assert_all_close(carry.state, forward(chain, x)[1], F64)
+    assert_all_close(carry.state, last.final_state, 0.0)
+
+
+def test_stream_refuses_windows_that_are_not_whole_chunks_and_goes_on():
+    x, y = stream()
+    chain = chain_for(2)
+    result, carry = chain.stream_step(x[:, :WINDOW], y[:, :WINDOW], l1_loss)
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        chain.stream_step(x[:, :WINDOW + 1], y[:, :WINDOW + 1], l1_loss, carry)
+    with pytest.raises(ValueError, match="same arguments"):
+        chain.stream_step(x[:, :WINDOW], y[:, :WINDOW], l1_loss, carry,
+                          sample_weight=np.ones(x[:, :WINDOW].shape[:2]))
+    again, _ = chain.stream_step(x[:, WINDOW:2 * WINDOW], y[:, WINDOW:2 * WINDOW], l1_loss, carry)
+    assert np.isfinite(float(again.loss))
