@@ -299,3 +299,26 @@ def test_bad_arguments_are_refused_with_clear_errors():
     with pytest.raises(ValueError, match="reset must have shape"):
         model.fit({"inputs": x, "reset": np.zeros([B, T, 1], bool)}, y, batch_size=B, verbose=0)
     model.fit(x, y, batch_size=B, verbose=0)  # still usable
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.parametrize("chunks", [1, 2, 3, 4, 5])
+def test_float64_fit_stays_float64(chunks, reduction):
+    """One float64 fit step equals SGD on value_and_gradients to float64 rounding, whatever the
+    chunks' shares of the mean (a float32 cast anywhere shows up as ~1e-8)."""
+    x, y = (a.astype("float64") for a in _data(steps=chunks * K))
+    chain = _chain(dtype="float64")
+    ref = _twin(chain, dtype="float64", reduction="sum" if reduction == "sum" else "mean")
+    model = tbptt.keras.ChunkedModel(chain)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.MeanSquaredError(reduction=reduction))  # float32 as given
+    result = ref.value_and_gradients(
+        x, y, keras.losses.MeanSquaredError(reduction=reduction, dtype="float64"))
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(B)
+    history = model.fit(data, verbose=0)
+    assert result.loss.dtype == tf.float64
+    np.testing.assert_allclose(history.history["loss"][0], float(result.loss), rtol=1e-12)
+    lr = float(model.optimizer.learning_rate.numpy())  # Keras keeps it in float32: 0.1 + 1e-9
+    _assert_close(_weights(chain), [w.numpy() - lr * g.numpy()
+                                    for w, g in zip(ref.trainable_variables, result.grads)],
+                  tol=1e-12)

@@ -34,10 +34,15 @@ def relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
 
 
 def source_spec(source, dtype: tf.DType, sequence: bool = True) -> tf.TensorSpec:
-    """What a chunk source stands for: a spec of its whole shape, floats in the chain's dtype."""
+    """What a chunk source stands for: a spec of its whole shape, in the chain's dtype where an
+    in-memory array would be cast to it (floats; for the inputs, integers too)."""
     if sequence and len(source.shape) != 3:
         raise ValueError(checks.INPUTS_RANK_MSG.format(shape=list(source.shape)))
-    return tf.TensorSpec(source.shape, dtype if source.dtype.is_floating else source.dtype)
+    if not (source.dtype.is_floating or source.dtype.is_integer or source.dtype == tf.bool):
+        raise TypeError(f"{source.name}: a chunk source must hold numbers, got dtype "
+                        f"{source.dtype.name}.")
+    cast = source.dtype.is_floating or (sequence and source.dtype.is_integer)
+    return tf.TensorSpec(source.shape, dtype if cast else source.dtype)
 
 
 def batch_size(inputs):
@@ -54,7 +59,8 @@ def chunk_size_for(config: ChainConfig, stack: CellStack, shape: tf.TensorShape)
                          f"which is unknown here (inputs of shape {shape.as_list()} inside a "
                          "tf.function). Give the inputs a static time dimension or pass an "
                          "int chunk_size.")
-    return tf.constant(plan_for(config, stack, shape[1], shape[0] or 1).chunk_size, tf.int32)
+    return tf.constant(plan_for(config, stack, shape[1], shape[0] or 1, shape[-1]).chunk_size,
+                       tf.int32)
 
 
 def plan_for(config: ChainConfig, stack: CellStack, steps: int, batch: int,
@@ -87,9 +93,9 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
         args = {"chunk_size": chunk_size_for(config, stack, inputs.shape),
                 "steps": tf.constant(inputs.shape[1], tf.int32)}
         static = relaxed_spec(inputs)
-    stack.build(inputs.shape)
     args.update(flag_args(inputs, reset, mask))
     args["state"] = stack.leaves("initial_state", initial_state, batch_size(inputs))
+    stack.build(inputs.shape)  # last: a refused call leaves the chain unbuilt
     return Prepared(args, {} if source is None else {"inputs": source}, (static,))
 
 
@@ -102,7 +108,6 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
         loss_fn, with_weight=sample_weight is not None or mask is not None)
     args, sources = _per_step_args(stack, inputs, targets, sample_weight)
     args.update(flag_args(args["inputs"], reset, mask))
-    stack.build(args["inputs"].shape)
     batch = batch_size(args["inputs"])
     args["chunk_size"] = chunk_size_for(config, stack, args["inputs"].shape)
     args["state"] = stack.leaves(state_name, initial_state, batch)
@@ -116,14 +121,19 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
         args["context_steps"] = tf.convert_to_tensor(context_steps, tf.int32)
     # Sources stay out of the compiled function's tensors: it is traced for their specs and
     # reads the source whose handle it is given, so a new file costs no trace.
+    inputs_shape = args["inputs"].shape
     source_specs = tuple((name, relaxed_spec(args.pop(name))) for name in sorted(sources))
     if sources:
         args["steps"] = tf.constant(sources["inputs"].shape[1], tf.int32)
+    stack.build(inputs_shape)  # last: a refused call leaves the chain unbuilt
     return Prepared(args, sources, (loss_fn, source_specs))
 
 
 def _per_step_args(stack: CellStack, inputs, targets, sample_weight) -> tuple[dict, dict]:
     """inputs, targets and sample_weight checked: tensors, or the specs of chunk sources."""
+    if targets is None:
+        raise ValueError("targets must be given: [batch, time, ...] values that loss_fn "
+                         "compares with the predictions.")
     sources = {name: source for name, source in [
         ("inputs", sources_lib.as_source("inputs", inputs)),
         ("targets", sources_lib.as_source("targets", targets)),

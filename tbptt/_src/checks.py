@@ -57,6 +57,10 @@ def choice(name: str, value, choices) -> str:
 
 def as_tensor(name: str, value, dtype=None) -> tf.Tensor:
     """`value` as a tensor; floating values are cast to `dtype` (when given)."""
+    if isinstance(value, (tf.RaggedTensor, tf.SparseTensor)):
+        raise TypeError(f"{name} is a {type(value).__name__}: pad it to a dense [batch, time, "
+                        "...] tensor (value.to_tensor()) and pass mask=... ([B, T], False on "
+                        "the padding).")
     try:
         tensor = tf.convert_to_tensor(value)
     except (TypeError, ValueError) as error:
@@ -97,6 +101,11 @@ def per_step(name: str, value, inputs: tf.Tensor, dtype) -> tf.Tensor:
     dims are inputs' [B, T]."""
     if not isinstance(value, tf.TensorSpec):
         value = as_tensor(name, value, dtype)
+    if value.dtype.is_complex or not (value.dtype.is_floating or value.dtype.is_integer
+                                      or value.dtype == tf.bool):
+        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype.name}. Split "
+                        "complex values into real and imaginary features (tf.math.real, "
+                        "tf.math.imag) or encode them as numbers first.")
     expected = inputs.shape[:2].as_list()
     if _leading_dims_differ(expected, _shape(value)):
         raise ValueError(f"{name} must share [batch, time] = {expected} with inputs (one entry "
@@ -176,7 +185,15 @@ def loss_function(loss_fn, with_weight: bool = False):
 
 
 def scalar_loss(loss: tf.Tensor) -> tf.Tensor:
+    if loss is None or isinstance(loss, dict):
+        raise TypeError(f"loss_fn must return a scalar tensor per chunk, got "
+                        f"{type(loss).__name__}. Return the total, e.g. tf.reduce_sum of the "
+                        "per-step losses.")
     loss = tf.convert_to_tensor(loss)
+    if not loss.dtype.is_floating:
+        raise TypeError(f"loss_fn must return a float scalar (the value to differentiate), got "
+                        f"dtype {loss.dtype.name}: an integer loss has no gradient. Compute it "
+                        "in floats, e.g. tf.cast(..., tf.float32).")
     if loss.shape.rank != 0:
         raise ValueError(f"loss_fn must return a scalar per chunk, got shape {_shape(loss)}. "
                          "Reduce it, e.g. with tf.reduce_sum or a Keras loss with its default "

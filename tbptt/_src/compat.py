@@ -65,6 +65,34 @@ def call_layer(layer, *args, training: bool):
     return layer(*args)
 
 
+def check_owns_its_variables(what: str, part, run):
+    """Runs `run()` (a first call of `part`) and refuses a part that reads trainable variables
+    it does not list: the chain trains `part.trainable_variables`, so those would never train.
+    Returns what `run()` returned."""
+    with tf.GradientTape(watch_accessed_variables=True) as tape:
+        result = run()
+    listed = {id(tf_variable(v)) for v in trainable_variables_of(part)}
+    hidden = [v for v in tape.watched_variables()
+              if v.trainable and id(tf_variable(v)) not in listed]
+    if hidden:
+        names = ", ".join(sorted({v.name for v in hidden}))
+        raise TypeError(
+            f"{what} reads trainable variables that it does not list as its own ({names}): the "
+            "chain trains the variables its parts list, so these would never be trained. Pass "
+            "the Keras layer or tf.Module that owns them (the layer itself rather than "
+            "lambda h: layer(h); several layers as keras.Sequential([...])).")
+    return result
+
+
+def sublayers(layer) -> list:
+    """`layer` and the layers inside it (Keras models, wrappers such as TimeDistributed)."""
+    found = [layer]
+    for inner in list(getattr(layer, "layers", None) or []) + [getattr(layer, "layer", None)]:
+        if inner is not None and inner is not layer:
+            found.extend(sublayers(inner))
+    return found
+
+
 def unique(variables) -> list:
     """`variables` in order, each once (a layer shared by two parts is listed once)."""
     seen, result = set(), []

@@ -106,7 +106,42 @@ def _checked(chunk_losses, boundary_states, final_state_grad):
         final_state_grad = [tf.zeros_like(s) for s in flat_states[-1]]
     else:
         final_state_grad = _flat("final_state_grad", final_state_grad, boundary_states[0])
-    return [tf.convert_to_tensor(loss) for loss in chunk_losses], flat_states, final_state_grad
+        for index, (grad, state) in enumerate(zip(final_state_grad, flat_states[-1])):
+            if not grad.shape.is_compatible_with(state.shape):
+                raise ValueError(f"final_state_grad: entry {index} must have the shape of the "
+                                 f"last state, {state.shape.as_list()}, got "
+                                 f"{grad.shape.as_list()}.")
+    chunk_losses = [tf.convert_to_tensor(loss) for loss in chunk_losses]
+    for k, loss in enumerate(chunk_losses):
+        if loss.shape.rank not in (None, 0):
+            raise ValueError(f"chunk_losses[{k}] must be a scalar, got shape "
+                             f"{loss.shape.as_list()}. Reduce it, e.g. with tf.reduce_sum.")
+        if not _depends_on([loss] + flat_states[k + 1], flat_states[k]):
+            raise ValueError(
+                f"neither chunk_losses[{k}] nor boundary_states[{k + 1}] depends on "
+                f"boundary_states[{k}]: each chunk's outputs must be computed from the state "
+                "before it, or the gradient cannot cross the cut. Pass the states in order "
+                "(the initial state, then the state each chunk returns), the very tensors "
+                "the chunks use.")
+    return chunk_losses, flat_states, final_state_grad
+
+
+def _depends_on(outputs: list, sources: list) -> bool:
+    """Whether any of `outputs` is computed from any of `sources` (a walk up the graph)."""
+    targets = {id(s) for s in sources}
+    if any(id(t) in targets for t in outputs):
+        return True
+    seen, pending = set(), [t.op for t in outputs]
+    while pending:
+        op = pending.pop()
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        for tensor in op.inputs:
+            if id(tensor) in targets or any(tensor is s for s in sources):
+                return True
+            pending.append(tensor.op)
+    return False
 
 
 def _flat(name: str, state, reference) -> list:

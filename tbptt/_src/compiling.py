@@ -1,15 +1,28 @@
-"""Compiling a chain's entry points once per argument structure, with relaxed shapes."""
+"""Compiling a chain's entry points once per argument structure, with relaxed shapes.
 
+The compiled functions are kept in a bounded cache, least recently used first out, keyed by the
+call's kind, its static values and its argument specs. A Keras loss in the static values is
+keyed by its class and config, so a new `keras.losses.MeanSquaredError()` per call (an everyday
+pattern) shares one trace with the last one instead of tracing again. What a trace reads from a
+Python object is frozen into it: a loss or head whose Python attributes change between calls
+keeps the values of its first trace (use a `tf.Variable` for what changes).
+"""
+
+import collections
+import threading
 import warnings
 from typing import Callable
 
 import tensorflow as tf
 
-# After this many distinct compiled functions on one object, something is retracing per call.
+from tbptt._src import compat
+
+# Held while variables are built (a chain's first call), so that threads build them once.
+BUILD_LOCK = threading.RLock()
+# After this many compiled functions on one object, something is retracing per call.
 MANY_COMPILES = 16
-MANY_COMPILES_MSG = ("this chain has compiled {count} functions: each new loss_fn object (a "
-                     "lambda made inside a loop, say), new dtype or new feature size costs a "
-                     "trace. Create loss_fn once and pass the same object every call.")
+# The compiled functions kept per object; older ones are dropped (and retraced if called again).
+MAX_FUNCTIONS = 32
 
 
 def signature(args: dict, unknown_dims: Callable[[str], int]) -> dict:
@@ -24,16 +37,52 @@ def signature(args: dict, unknown_dims: Callable[[str], int]) -> dict:
             for name, value in args.items()}
 
 
+def static_key(value):
+    """A hashable key for a static value: a Keras loss by its class and attribute values (so
+    equal losses share a trace and losses that differ in any setting do not), other unhashable
+    objects by identity (the cache entry keeps them alive, so the identity is not reused)."""
+    if isinstance(value, tuple):
+        return tuple(static_key(v) for v in value)
+    if isinstance(value, compat.keras.losses.Loss):
+        try:
+            return ("keras loss", type(value), _plain(vars(value)))
+        except TypeError:
+            pass  # an attribute that is no plain value (a tensor, a variable): by identity
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return value
+
+
+def _plain(value):
+    """`value` as a hashable tree of plain values; TypeError for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
+    if callable(value) and hasattr(value, "__qualname__") and not hasattr(value, "__self__"):
+        return ("function", value)  # a module-level function: the same object each time
+    if type(value).__name__.endswith("DTypePolicy"):
+        return ("dtype policy", value.name)
+    raise TypeError(f"not a plain value: {type(value).__name__}")
+
+
 class FunctionCache:
-    """`impl(args, static)` compiled once per (kind, static, argument specs).
+    """`impl(args, static)` compiled once per (kind, static, argument specs), LRU-bounded.
 
     Batch (and time) dims are unknown in the signature, so one trace serves every batch size and
-    sequence length.
+    sequence length. Safe to call from several threads.
     """
 
     def __init__(self, unknown_dims: Callable[[str], int]):
         self._unknown_dims = unknown_dims
-        self._functions = {}
+        self._functions = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._compiled = 0
+        self._dropped_traces = 0
 
     def get(self, kind: str, impl, static, compiled: bool = True):
         if not compiled:
@@ -41,21 +90,36 @@ class FunctionCache:
 
         def call(args: dict):
             specs = signature(args, self._unknown_dims)
-            key = (kind, static, tuple((name, tuple(tf.nest.flatten(s)))
-                                       for name, s in sorted(specs.items())))
-            function = self._functions.get(key)
-            if function is None:
-                # The loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
-                # converting the Keras layers and user functions inside only gets in the way.
-                function = tf.function(lambda a: impl(a, static), input_signature=[specs],
-                                       autograph=False)
-                self._functions[key] = function
-                if len(self._functions) == MANY_COMPILES:
-                    warnings.warn(MANY_COMPILES_MSG.format(count=MANY_COMPILES), stacklevel=4)
-            return function(args)
+            key = (kind, static_key(static), tuple(
+                (name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items())))
+            return self._function(key, impl, static, specs)(args)
 
         return call
 
+    def _function(self, key, impl, static, specs):
+        with self._lock:
+            function = self._functions.get(key)
+            if function is not None:
+                self._functions.move_to_end(key)
+                return function
+            # The loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
+            # converting the Keras layers and user functions inside only gets in the way.
+            function = tf.function(lambda a: impl(a, static), input_signature=[specs],
+                                   autograph=False)
+            self._functions[key] = function
+            self._compiled += 1
+            if len(self._functions) > MAX_FUNCTIONS:
+                _, dropped = self._functions.popitem(last=False)
+                self._dropped_traces += dropped.experimental_get_tracing_count()
+        if self._compiled == MANY_COMPILES:
+            warnings.warn(f"this chain has compiled {MANY_COMPILES} functions: each new loss_fn "
+                          "that is not an equal Keras loss (a lambda made inside a loop, say), "
+                          "new dtype or new feature size costs a trace. Create loss_fn once and "
+                          "pass the same object every call.", stacklevel=5)
+        return function
+
     @property
     def trace_count(self) -> int:
-        return sum(f.experimental_get_tracing_count() for f in self._functions.values())
+        with self._lock:
+            return self._dropped_traces + sum(
+                f.experimental_get_tracing_count() for f in self._functions.values())

@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src import timechain
@@ -115,6 +116,7 @@ class ChunkedModel(keras.Model):
             raise TypeError(checks.CHAIN_MSG.format(value=chain))
         if stateful and chain.config.schedule.context_chunks:
             check_window(chain.config, None)  # refuses chunk_size="auto"
+        _refuse_activity_regularizers(chain)
         super().__init__(**kwargs)
         self._chain = chain
         self._train_chain = chain  # the chain with the compiled loss's reduction (`compile`)
@@ -170,6 +172,8 @@ class ChunkedModel(keras.Model):
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         self._chunk_loss = _ChunkLoss(self)
+        if self._chunk_loss.dtype == tf.float64:  # Keras logs the loss in float32 otherwise
+            self._loss_tracker = keras.metrics.Mean(name="loss", dtype="float64")
         reduction = self._chunk_loss.reduction
         self._train_chain = self._chain if self._chain.reduction == reduction else (
             self._chain.with_config(reduction=reduction))
@@ -183,7 +187,7 @@ class ChunkedModel(keras.Model):
 
     def _train_step(self, data, carry: Optional[StreamCarry]):
         """One step on one replica: returns (logs, the carry for the next step, final state)."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = _unpack(data)
         inputs, flags = _split_inputs(x)
         chain = self._train_chain
         if self.stateful:
@@ -196,18 +200,20 @@ class ChunkedModel(keras.Model):
         y_pred = None
         if self._compile_metrics is not None:  # as Keras does: predictions before the update
             y_pred = _predictions(chain, carry, inputs, flags)
-        self.optimizer.apply_gradients(zip(result.grads, chain.trainable_variables))
-        loss = result.loss / tf.cast(self._chunk_loss.scale(), result.loss.dtype)
+        grads, penalty = _with_weight_penalty(self, result.grads, chain.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
+        loss = result.loss / tf.cast(self._chunk_loss.scale(), result.loss.dtype) + penalty
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
         logs = self.compute_metrics(x, y, y_pred, sample_weight=timechain.masked_weight(
             sample_weight, flags.get("mask"), chain.state_dtype))
         return logs, new_carry, result.final_state
 
     def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = _unpack(data)
         inputs, flags = _split_inputs(x)
         y_pred, _ = self._chain(inputs, training=False, **flags)
         loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
+        loss += _with_weight_penalty(self, [], [])[1]
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
         return self.compute_metrics(x, y, y_pred, sample_weight=timechain.masked_weight(
             sample_weight, flags.get("mask"), self._chain.state_dtype))
@@ -235,7 +241,7 @@ class ChunkedModel(keras.Model):
                     if logs is None:
                         raise
                     break
-                self._check_stream_batch(data)
+                _check_stream_batch(self, data)
                 logs, self._carry, final_state = step(data, self._carry)
                 self._final_state = _local_state(strategy, final_state)
                 self._position = StreamPosition(self._position.epoch, self._position.batch + 1)
@@ -256,22 +262,13 @@ class ChunkedModel(keras.Model):
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def _check_stream_batch(self, data) -> None:
-        """Before a stateful step: the window fits the carried context, the batch the state."""
-        first = _local(self.distribute_strategy, tf.nest.flatten(data)[0])
-        if self._chain.config.schedule.context_chunks:
-            check_window(self._chain.config, first.shape[1])
-        if self._carry is None:
-            return
-        carried = _local(self.distribute_strategy, tf.nest.flatten(self._carry.state)[0])
-        if first.shape[0] != carried.shape[0]:
-            warnings.warn(BATCH_CHANGED_MSG.format(got=first.shape[0], carried=carried.shape[0]),
-                          stacklevel=3)
-            self.reset_state()
-
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
         start (not at the start of an epoch resumed from a checkpoint)."""
+        if kwargs.get("class_weight") is not None:
+            raise ValueError("ChunkedModel.fit does not take class_weight (a chunked loss sees "
+                             "steps, not samples): pass a sample_weight [B, T] built from the "
+                             "class of each step instead.")
         with self._fresh_steps_after_an_error():
             return self._fit(*args, **kwargs)
 
@@ -327,11 +324,12 @@ class _EpochStart(keras.callbacks.Callback):
 class _ChunkLoss:
     """The compiled loss as the chain's per-chunk `loss_fn`, scaled for the optimizer's loss
     scale (mixed precision) and for the replicas of a tf.distribute strategy (whose gradients
-    are summed)."""
+    are summed). It computes in the chain's loss dtype: float64 for a float64 chain."""
 
     def __init__(self, model: ChunkedModel):
         self._model = model
-        self._loss = _keras_loss(model.loss)
+        self.dtype = chain_lib.loss_dtype_for(model.chain.dtype)
+        self._loss = _keras_loss(model.loss, self.dtype)
         reduction = getattr(self._loss, "reduction", None)
         if reduction not in ("sum_over_batch_size", "sum"):
             raise ValueError(REDUCTION_MSG.format(value=reduction))
@@ -339,8 +337,8 @@ class _ChunkLoss:
 
     def scale(self) -> tf.Tensor:
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        optimizer_scale = self._model.optimizer.scale_loss(tf.ones([], tf.float32))
-        return tf.cast(optimizer_scale, tf.float32) / replicas
+        optimizer_scale = self._model.optimizer.scale_loss(tf.ones([], self.dtype))
+        return tf.cast(optimizer_scale, self.dtype) / replicas
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         return self._unscaled(y_true, y_pred, sample_weight) * self.scale()
@@ -349,18 +347,19 @@ class _ChunkLoss:
         """The loss of one replica's rows. Keras 3 divides mean-reduced losses by the number
         of replicas itself (`scale_loss_for_distribution`); that is undone here so that
         `scale` is the one place where replicas are counted."""
-        loss = tf.cast(self._loss(y_true, y_pred, sample_weight), tf.float32)
+        loss = tf.cast(self._loss(y_true, y_pred, sample_weight), self.dtype)
         keras_scaling = getattr(_keras_loss_module, "scale_loss_for_distribution", None)
         if self.reduction == "mean" and keras_scaling is not None:
-            loss /= tf.cast(keras_scaling(tf.ones([], tf.float32)), tf.float32)
+            loss /= tf.cast(keras_scaling(tf.ones([], self.dtype)), self.dtype)
         return loss
 
     def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
         """The loss of a whole sequence in one piece, as the chain would weigh it."""
-        loss = self._unscaled(y_true, y_pred, timechain.masked_weight(sample_weight, mask, tf.float32))
+        loss = self._unscaled(y_true, y_pred,
+                              timechain.masked_weight(sample_weight, mask, self.dtype))
         if self.reduction == "mean" and mask is not None:
-            mask = tf.cast(mask, tf.float32)
-            loss *= tf.math.divide_no_nan(tf.cast(tf.size(mask), tf.float32),
+            mask = tf.cast(mask, self.dtype)
+            loss *= tf.math.divide_no_nan(tf.cast(tf.size(mask), self.dtype),
                                           tf.reduce_sum(mask))
         return loss
 
@@ -368,22 +367,39 @@ class _ChunkLoss:
 class _FunctionLoss(keras.losses.Loss):
     """A function loss (per-step values) as a Keras loss with the default mean reduction."""
 
-    def __init__(self, fn):
-        super().__init__(name=getattr(fn, "__name__", "loss"))
+    def __init__(self, fn, dtype: tf.DType):
+        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype.name)
         self._fn = fn
 
     def call(self, y_true, y_pred):
         return self._fn(y_true, y_pred)
 
 
-def _keras_loss(loss):
+def _keras_loss(loss, dtype: tf.DType):
+    """The compiled loss as a Keras loss computing in `dtype` (Keras computes losses in floatx,
+    float32, unless told: a float64 chain's losses would lose half their digits)."""
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
-        return loss
+        if tf.as_dtype(loss.dtype) == dtype or dtype != tf.float64:
+            return loss
+        try:
+            return type(loss).from_config({**loss.get_config(), "dtype": dtype.name})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the compiled loss {loss.name!r} computes in {loss.dtype}, but the "
+                             f"chain is float64 and the loss could not be remade in float64 "
+                             f"({error}). Pass it with dtype='float64'.") from None
     if callable(loss):
-        return _FunctionLoss(loss)
+        return _FunctionLoss(loss, dtype)
     raise ValueError(LOSS_MSG.format(value=loss))
+
+
+def _unpack(data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if y is None:
+        raise ValueError("ChunkedModel needs targets y [B, T, ...] to train and evaluate: "
+                         "fit(x, y), or a dataset of (x, y) pairs.")
+    return x, y, sample_weight
 
 
 def _split_inputs(x):
@@ -393,6 +409,46 @@ def _split_inputs(x):
     if "inputs" not in x or set(x) - {"inputs", "reset", "mask"}:
         raise ValueError(INPUTS_MSG.format(keys=sorted(x)))
     return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
+
+
+def _check_stream_batch(model: ChunkedModel, data) -> None:
+    """Before a stateful step: the window fits the carried context, the batch the state."""
+    first = _local(model.distribute_strategy, tf.nest.flatten(data)[0])
+    if model._chain.config.schedule.context_chunks:
+        check_window(model._chain.config, first.shape[1])
+    if model._carry is None:
+        return
+    carried = _local(model.distribute_strategy, tf.nest.flatten(model._carry.state)[0])
+    if first.shape[0] != carried.shape[0]:
+        warnings.warn(BATCH_CHANGED_MSG.format(got=first.shape[0], carried=carried.shape[0]),
+                      stacklevel=3)
+        model.reset_state()
+
+
+def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> tuple:
+    """The layers' weight regularization (`model.losses`), added once per step as Keras's own
+    train_step adds it: ``(grads + its gradients, the penalty)``."""
+    dtype = model._chunk_loss.dtype
+    if not model.losses:
+        return grads, tf.zeros([], dtype)
+    with tf.GradientTape() as tape:
+        penalty = tf.cast(tf.add_n(model.losses), dtype)
+        scaled = penalty * model._chunk_loss.scale()
+    extra = tape.gradient(scaled, variables) if variables else []
+    return [g if e is None else g + tf.cast(e, g.dtype) for g, e in zip(grads, extra)], penalty
+
+
+def _refuse_activity_regularizers(chain: RecurrentChain) -> None:
+    """Activity penalties are added while a layer runs, once per chunk inside the compiled
+    chunk loop, where fit cannot collect them: refused rather than silently left out."""
+    for part in chain.cells + ([chain.head] if chain.head is not None else []):
+        for layer in compat.sublayers(part):
+            if getattr(layer, "activity_regularizer", None) is not None or (
+                    type(layer).__name__ == "ActivityRegularization"):
+                raise ValueError(
+                    f"{layer.name} has an activity regularizer, which ChunkedModel cannot add "
+                    "(it is computed inside each chunk). Add the penalty to the loss instead, "
+                    "or regularize the weights (kernel_regularizer works).")
 
 
 def _predictions(chain: RecurrentChain, carry: Optional[StreamCarry], inputs, flags: dict):

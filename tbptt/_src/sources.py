@@ -7,6 +7,7 @@ chunk `[start, stop)` on demand; a one-pass iterator cannot.
 import collections.abc
 import contextlib
 import itertools
+import numbers
 import threading
 from typing import Callable, Sequence
 
@@ -42,6 +43,9 @@ class ChunkSource:
           name: used in error messages.
         """
         self.fetch = fetch
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
+            raise TypeError(f"{name}: shape must be whole numbers [batch, time, ...], got "
+                            f"{tuple(shape)!r}.")
         self.shape = tuple(int(d) for d in shape)
         self.dtype = tf.as_dtype(dtype)
         self.name = name
@@ -49,7 +53,13 @@ class ChunkSource:
             raise ValueError(SHAPE_MSG.format(name=name, shape=self.shape))
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        chunk = np.asarray(self.fetch(int(start), int(stop)), dtype=self.dtype.as_numpy_dtype)
+        chunk = self.fetch(int(start), int(stop))
+        try:
+            chunk = np.asarray(chunk, dtype=self.dtype.as_numpy_dtype)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{self.name}: fetch({start}, {stop}) must return numbers "
+                            f"convertible to {self.dtype.name}, got {type(chunk).__name__}: "
+                            f"{error}") from None
         expected = (self.shape[0], int(stop) - int(start)) + self.shape[2:]
         if chunk.shape != expected:
             raise ValueError(FETCH_MSG.format(name=self.name, start=start, stop=stop,
@@ -65,7 +75,7 @@ def as_source(name: str, value):
     """
     if isinstance(value, ChunkSource):
         return value
-    if isinstance(value, (tf.Tensor, tf.Variable)) or (
+    if isinstance(value, (tf.Tensor, tf.Variable, tf.RaggedTensor, tf.SparseTensor)) or (
             isinstance(value, np.ndarray) and not isinstance(value, np.memmap)):
         return None
     if isinstance(value, collections.abc.Iterator):
@@ -80,6 +90,7 @@ def as_source(name: str, value):
 # handle as a value and looks it up when the graph reads a window: nothing about one call is
 # stored on a chain, so concurrent calls with their own sources cannot see each other's.
 _LIVE = {}
+_ERRORS = {}  # handle -> the exception a fetch raised, re-raised to the caller as it was
 _LIVE_LOCK = threading.Lock()
 _HANDLES = itertools.count(1)
 
@@ -92,16 +103,26 @@ def live(sources: dict):
         _LIVE.update({handles[name]: source for name, source in sources.items()})
     try:
         yield {name: tf.constant(handle, tf.int64) for name, handle in handles.items()}
+    except tf.errors.OpError as error:
+        raised = [_ERRORS[h] for h in handles.values() if h in _ERRORS]
+        if raised:  # the source's own exception, not TensorFlow's wrapper of it
+            raise raised[0] from error
+        raise
     finally:
         with _LIVE_LOCK:
             for handle in handles.values():
                 _LIVE.pop(handle, None)
+                _ERRORS.pop(handle, None)
 
 
 def read_window(handle: tf.Tensor, start, stop, spec: tf.TensorSpec) -> tf.Tensor:
     """The window [start, stop) of the live source `handle`, when the graph runs."""
     def read(handle, start, stop):
-        return _LIVE[int(handle)].read(start, stop).astype(spec.dtype.as_numpy_dtype)
+        try:
+            return _LIVE[int(handle)].read(start, stop).astype(spec.dtype.as_numpy_dtype)
+        except Exception as error:
+            _ERRORS[int(handle)] = error
+            raise
 
     chunk = tf.numpy_function(read, [handle, start, stop], spec.dtype, stateful=False)
     chunk.set_shape(spec.shape)

@@ -12,6 +12,7 @@ under mixed precision), and building the variables. The chunk is run layer by la
 fastest exact runner for each cell (`layers.py`).
 """
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -19,6 +20,7 @@ import tensorflow as tf
 
 from tbptt._src import checks
 from tbptt._src import compat
+from tbptt._src import compiling
 from tbptt._src import layers
 
 keras = compat.keras
@@ -99,7 +101,26 @@ class CellStack(tf.Module):
             return self.zeros(batch)
         static_batch = batch if isinstance(batch, int) else None
         leaves = checks.state_leaves(name, state, self.leaf_shapes, static_batch)
+        self._check_structure(name, state)
         return [tf.cast(leaf, self.state_dtype) for leaf in leaves]
+
+    def _check_structure(self, name: str, state) -> None:
+        """The nest must be the state's own (lists for tuples allowed), or for one layer that
+        layer's entry: a flat list for stacked multi-part states could be read in the wrong
+        order without a shape to tell."""
+        packed = self.pack([0] * len(self.leaf_shapes))
+        candidates = [packed] + ([packed[0]] if len(packed) == 1 else [])
+        for structure in candidates:
+            try:
+                tf.nest.assert_same_structure(structure, state, check_types=False)
+                return
+            except (TypeError, ValueError):
+                pass
+        raise ValueError(f"{name} must have the structure of chain.initial_state(batch_size): "
+                         f"one entry per layer, a tuple for multi-part states, here "
+                         f"{tf.nest.map_structure(lambda _: '*', packed)}; got "
+                         f"{tf.nest.map_structure(lambda _: '*', state)}. Pass the state the "
+                         "chain returned, or pack yours like initial_state.")
 
     def _per_layer(self, leaves: list) -> list:
         return [list(s) if isinstance(s, tuple) else [s] for s in self.pack(list(leaves))]
@@ -109,21 +130,49 @@ class CellStack(tf.Module):
     def build(self, input_shape) -> None:
         """Creates the variables for inputs ``[B, T, F]`` (only F matters), once."""
         features = tf.TensorShape(input_shape)[-1]
+        with compiling.BUILD_LOCK:  # threads making the first call build the variables once
+            self._build(features, input_shape)
+
+    def _build(self, features, input_shape) -> None:
         if self.features is not None:
-            if features != self.features:
+            if features is not None and features != self.features:
                 raise ValueError(f"inputs must have {self.features} features (the chain was "
                                  f"built for that), got shape {list(input_shape)}. Make a new "
                                  "chain for a different feature size.")
             return
+        if features is None:
+            raise ValueError(f"inputs must have a known feature size (the last axis) to build "
+                             f"the chain's variables, got shape {list(input_shape)}. Call "
+                             "chain.build([None, None, features]) first, or give the inputs a "
+                             "static last dimension.")
         with tf.init_scope():  # Variables are made eagerly, even from inside a tf.function.
-            # One step through each cell itself: the fast runners read built weights.
-            x = tf.zeros([1, features], self.dtype)
-            zeros = [tf.zeros((1,) + shape, self.dtype) for shape in self.leaf_shapes]
-            for cell, states in zip(self._cells, self._per_layer(zeros)):
-                x, _ = compat.call_layer(cell, x, states, training=False)
+            top = self._run_parts(features, owned=False)
             if self._head is not None:
-                compat.call_layer(self._head, x[:, None], training=False)
+                _check_head_acts_step_by_step(self._head, top.shape[-1], self.dtype)
+        # Again outside init_scope, which pauses tapes: which variables does each part read?
+        self._run_parts(features, owned=True)
         self.features = features
+
+    def _run_parts(self, features: int, *, owned: bool) -> tf.Tensor:
+        """One step through each cell itself (the fast runners read built weights) and the
+        head, on zeros; returns the top output ``[1, U]``. `owned`: refuse a part that reads
+        variables it does not list; else check the states each cell returns."""
+        x = tf.zeros([1, features], self.dtype)
+        zeros = [tf.zeros((1,) + shape, self.dtype) for shape in self.leaf_shapes]
+        for index, (cell, states) in enumerate(zip(self._cells, self._per_layer(zeros))):
+            run = functools.partial(compat.call_layer, cell, x, states, training=False)
+            if owned:
+                x, _ = compat.check_owns_its_variables(f"cells[{index}]", cell, run)
+            else:
+                x, new_states = run()
+                _check_new_states(index, cell, states, new_states)
+        if self._head is not None:
+            run = functools.partial(compat.call_layer, self._head, x[:, None], training=False)
+            if owned:
+                compat.check_owns_its_variables("head", self._head, run)
+            else:
+                run()
+        return x
 
     def __call__(self, x: tf.Tensor, leaves: list, *, training: bool = True,
                  flags: Optional[layers.StepFlags] = None, with_outputs: bool = True):
@@ -153,12 +202,56 @@ class CellStack(tf.Module):
         return top, leaves
 
 
+def _check_new_states(index: int, cell, states: list, new_states) -> None:
+    """A cell must return states shaped as its `state_size` says (the chain lays them out)."""
+    got = [tuple(t.shape.as_list()) for t in tf.nest.flatten(new_states)]
+    expected = [tuple(t.shape.as_list()) for t in states]
+    if got != expected:
+        raise ValueError(f"cells[{index}] ({type(cell).__name__}) returned states of shapes "
+                         f"{got}, but its state_size {cell.state_size!r} says {expected}. "
+                         "Make state_size describe the states call() returns.")
+
+
+HEAD_RULE = ("The head runs on one chunk at a time, so it must act step by step: a Dense, an "
+             "MLP, an activation, LayerNormalization. Put layers that look across time steps "
+             "(Conv1D, an RNN with return_sequences, attention, BatchNormalization) in a cell or "
+             "after the chain, outside the chunked gradient.")
+
+
+def _check_head_acts_step_by_step(head, units: int, dtype: tf.DType) -> None:
+    """A head must map each step on its own: the head of a chunk must equal the heads of its
+    halves, or the chunked gradient would belong to another function."""
+    for layer in compat.sublayers(head):
+        if "BatchNormalization" in type(layer).__name__:
+            raise ValueError(f"the head contains {type(layer).__name__}, which in training "
+                             f"normalizes over the chunk's steps. {HEAD_RULE}")
+    x = tf.cast(tf.random.stateless_normal([2, 6, units], [7, 11]), dtype)
+    whole = compat.call_layer(head, x, training=False)
+    if not isinstance(whole, tf.Tensor) or whole.shape.rank is None or whole.shape.rank < 2 or (
+            whole.shape[:2] != x.shape[:2]):
+        raise ValueError(f"the head must return one tensor [batch, steps, ...] with the steps "
+                         f"of its input: for [2, 6, {units}] it returned "
+                         f"{getattr(whole, 'shape', type(whole).__name__)}. {HEAD_RULE}")
+    halves = tf.concat([compat.call_layer(head, x[:, :3], training=False),
+                        compat.call_layer(head, x[:, 3:], training=False)], axis=1)
+    error = float(tf.reduce_max(tf.abs(tf.cast(whole - halves, tf.float64))))
+    scale = 1.0 + float(tf.reduce_max(tf.abs(tf.cast(whole, tf.float64))))
+    if error > (1e-9 if dtype == tf.float64 else 1e-4) * scale:
+        raise ValueError(f"the head looks across time steps: on a chunk it gives another result "
+                         f"than on the chunk's two halves (max difference {error:.3g}). "
+                         f"{HEAD_RULE}")
+
+
 def _checked_cells(cells) -> list:
     if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence) or not cells:
         raise TypeError(f"cells must be a non-empty sequence of RNN cells (each with "
                         f"`state_size` and call(inputs, states) -> (output, new_states)), got "
                         f"{cells!r}.")
     for index, cell in enumerate(cells):
+        if hasattr(cell, "cell") and hasattr(cell, "return_sequences"):
+            raise TypeError(f"cells[{index}] is a whole RNN layer ({type(cell).__name__}), not a "
+                            "cell: pass its cell, e.g. keras.layers.GRUCell(units) instead of "
+                            "keras.layers.GRU(units); the chain runs the time loop itself.")
         if not hasattr(cell, "state_size") or not callable(cell):
             raise TypeError(f"cells[{index}] must be an RNN cell with `state_size` that is "
                             f"callable as cell(inputs, states) -> (output, new_states), got "

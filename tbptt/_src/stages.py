@@ -6,6 +6,7 @@ stage, never a Jacobian). The result equals one tape over the joined model.
 """
 
 import contextlib
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import tensorflow as tf
@@ -153,10 +154,46 @@ class StageChain(tf.Module):
         return x
 
     def _build_for(self, x: tf.Tensor) -> None:
-        if not self._built:
+        with compiling.BUILD_LOCK:  # threads making the first call build the variables once
+            if self._built:
+                return
+            zeros = tf.zeros([1] + x.shape.as_list()[1:], x.dtype)
             with tf.init_scope():  # variables are made eagerly, even inside a tf.function
-                self._forward(tf.zeros([1] + x.shape.as_list()[1:], x.dtype), training=False)
+                value = zeros
+                for index in range(len(self._stages)):
+                    output = self._run_stage(index, value, training=False)  # builds it
+                    if self._recompute:
+                        self._check_reruns_alike(index, value)
+                    value = output
+            # Again outside init_scope, which pauses tapes: which variables does a stage read?
+            value = zeros
+            for index, stage in enumerate(self._stages):
+                value = compat.check_owns_its_variables(
+                    f"stages[{index}]", stage,
+                    functools.partial(self._run_stage, index, value, training=False))
             self._built = True
+
+    def _check_reruns_alike(self, index: int, value) -> None:
+        """With recompute, a stage runs twice per step: the re-run must compute what the first
+        run did. Keras layers' random seeds and statistics are restored before it; randomness
+        from elsewhere (a tf.random.Generator, tf.random.uniform) would be drawn again."""
+        value = tf.nest.map_structure(
+            lambda v: tf.cast(tf.random.stateless_normal(tf.shape(v), [3, 5]), v.dtype)
+            if v.dtype.is_floating else v, value)
+        saved = {}
+        runs = []
+        for _ in range(2):
+            self._snapshot_or_restore(index, saved)
+            runs.append(tf.nest.flatten(self._run_stage(index, value, training=True)))
+        self._snapshot_or_restore(index, saved)
+        if any(a.dtype.is_floating and not bool(tf.reduce_all(tf.equal(a, b)))
+               for a, b in zip(*runs)):
+            raise ValueError(
+                f"stages[{index}] gives another result when run again on the same input, so "
+                "recompute=True (which re-runs it in the backward pass) would differentiate "
+                "another function. Draw its randomness from Keras layers (Dropout, "
+                "GaussianNoise), whose seeds are restored before the re-run, or use "
+                "recompute=False.")
 
     @tf.autograph.experimental.do_not_convert
     def value_and_gradients(self, x, y, loss_fn: LossFn, sample_weight=None) -> StageResult:
