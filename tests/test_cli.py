@@ -30,6 +30,27 @@ def test_console_script_help():
     assert out.returncode == 0 and "demo" in out.stdout
 
 
+def test_help_and_version_do_not_import_tensorflow():
+    code = ("import sys\nfrom tbptt._src import cli\n"
+            "for argv in (['--help'], ['--version'], ['reproduce', '--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("False"), out.stdout
+    assert "tbptt 0.1.0" in out.stdout
+    assert "cut into two models" in out.stdout  # each experiment says what it is
+
+
+def test_commands_are_quiet_unless_verbose():
+    args = [sys.executable, "-m", "tbptt._src.cli", "diagnose", "--train-steps", "0",
+            "--length", "10", "--delay", "5", "--chunk-sizes", "4", "--backprop-chunks", "1",
+            "--plot", "", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "I0000" not in out.stderr and "E0000" not in out.stderr, out.stderr
+
+
 def test_echo_batch_targets_are_the_delayed_inputs():
     import numpy as np
     x, y, w = demo.echo_batch(np.random.RandomState(0), 4, 12, 5)

@@ -1,6 +1,11 @@
-"""The `tbptt` console script."""
+"""The `tbptt` console script.
+
+Arguments are parsed before TensorFlow is imported, so `--help` and `--version` answer at once;
+TensorFlow's start-up log lines are silenced unless `--verbose` is given.
+"""
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,19 +14,26 @@ from typing import Optional, Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tbptt", description=(
+    import tbptt  # the package's __init__ imports no TensorFlow
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="tbptt", formatter_class=defaults, description=(
         "Exact and truncated back-propagation through time over chunks of long sequences."))
+    parser.add_argument("--version", action="version", version=f"tbptt {tbptt.__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up log lines")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="exact vs truncated gradients on a delayed echo")
+    demo = commands.add_parser("demo", formatter_class=defaults,
+                               help="exact vs truncated gradients on a delayed echo")
     demo.add_argument("--steps", type=int, default=400, help="training steps per run")
     demo.add_argument("--delay", type=int, default=8, help="echo delay in time steps")
     demo.add_argument("--chunk-size", type=int, default=4, help="time steps per chunk")
     demo.add_argument("--length", type=int, default=48, help="sequence length T")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed of weights and data")
     demo.add_argument("--plot", default="tbptt-demo.png", help="PNG path ('' for none)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     diagnose = commands.add_parser(
-        "diagnose", help="how much gradient truncation loses, on the demo's model")
+        "diagnose", formatter_class=defaults,
+        help="how much gradient truncation loses, on the demo's model")
     diagnose.add_argument("--train-steps", type=int, default=200,
                           help="exact training steps before measuring (0: untrained)")
     diagnose.add_argument("--delay", type=int, default=8, help="echo delay in time steps")
@@ -30,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--backprop-chunks", type=_ints, default=(1, 2, 3, 4),
                           help="comma-separated truncation depths m (TBPTT(K, mK))")
     diagnose.add_argument("--length", type=int, default=48, help="sequence length T")
-    diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument("--seed", type=int, default=0, help="random seed of weights and data")
     diagnose.add_argument("--plot", default="tbptt-diagnose.png", help="PNG path ('' for none)")
     diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
-    reproduce = commands.add_parser("reproduce", help="re-run a seed experiment from examples/")
+    reproduce = commands.add_parser(
+        "reproduce", help="re-run one of the experiments the library grew from",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="experiments (scripts in the source tree's examples/ folder):\n" + "\n".join(
+            f"  {name:15} {about}" for name, (_, about) in sorted(EXPERIMENTS.items())))
     reproduce.add_argument("experiment", choices=sorted(EXPERIMENTS))
     return parser
 
@@ -52,15 +68,18 @@ def _ints(text: str) -> tuple:
 # Experiment name -> script in the source tree's examples/ folder. Each runs in a fresh process:
 # the TF1 ones must set TF_USE_LEGACY_KERAS before TensorFlow is imported.
 EXPERIMENTS = {
-    "gru-500-500": "gru_500_500.py",
-    "gru-minibatch": "gru_minibatch.py",
-    "cnn-split": "cnn_split.py",
+    "gru-500-500": ("gru_500_500.py", "TF1 graph: dLoss/d(initial state) of a 1,000-step GRU "
+                    "cut into two 500-step halves, chunked vs one tf.gradients"),
+    "gru-minibatch": ("gru_minibatch.py", "TF1 graph: GRU 64+32 over mini-batches, the "
+                      "gradient carried from one mini-batch into the one before"),
+    "cnn-split": ("cnn_split.py", "a CNN cut into two models trained with separate tapes, "
+                  "equal to the joined model (vs the Jacobian method)"),
 }
 
 
 def _reproduce(experiment: str) -> int:
     examples = Path(__file__).resolve().parents[2] / "examples"
-    script = examples / EXPERIMENTS[experiment]
+    script = examples / EXPERIMENTS[experiment][0]
     if not script.is_file():
         print(f"tbptt reproduce: {script} not found. The experiments are scripts in the source "
               "tree's examples/ folder: install from a checkout (pip install -e .).",
@@ -69,11 +88,33 @@ def _reproduce(experiment: str) -> int:
     return subprocess.run([sys.executable, str(script)], cwd=str(examples)).returncode
 
 
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool):
+    """Standard error sent to /dev/null (TensorFlow's C++ start-up lines bypass Python)."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.command in ("demo", "diagnose"):
+        with _quiet_stderr(not args.verbose):
+            from tbptt._src import demo
+            import tensorflow as tf
+            tf.config.list_logical_devices()  # device set-up logs here (cuInit, say)
     if args.command == "demo":
-        from tbptt._src import demo
         if not 0 < args.chunk_size < args.delay < args.length:
             print("tbptt demo: need 0 < --chunk-size < --delay < --length", file=sys.stderr)
             return 2
@@ -81,7 +122,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  length=args.length, seed=args.seed, plot_path=args.plot or None,
                  quiet=args.quiet)
     elif args.command == "diagnose":
-        from tbptt._src import demo
         if args.train_steps < 0 or not 0 < args.delay < args.length:
             print("tbptt diagnose: need --train-steps >= 0 and 0 < --delay < --length",
                   file=sys.stderr)
