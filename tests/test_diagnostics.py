@@ -121,3 +121,16 @@ def test_a_chain_is_required_and_auto_needs_sizes():
     auto = tbptt.StatefulGRUChain(3, chunk_size="auto")
     with pytest.raises(ValueError, match="chunk_sizes must be given"):
         tbptt.diagnostics.truncation_report(auto, x, y, l1_loss)
+
+
+def test_the_report_says_what_it_computes(capsys):
+    chain = make_chain()
+    x, y = data()
+    tbptt.diagnostics.truncation_report(chain, x, y, l1_loss, backprop_chunks=[1, 2],
+                                        reach_chunks=1, verbose=1)
+    err = capsys.readouterr().err
+    assert "[1/4] truncation report: the exact gradient" in err
+    assert "[3/4] truncation report: TBPTT(K=3, m=2)" in err
+    tbptt.diagnostics.truncation_report(chain, x, y, l1_loss, backprop_chunks=[1],
+                                        reach_chunks=1, verbose=0)
+    assert capsys.readouterr().err == ""

@@ -150,7 +150,8 @@ def diagnose(*, train_steps: int = 200, delay: int = 8, chunk_sizes=(2, 4, 8),
         chain = make_chain("exact", chunk_size=chunk_sizes[0], units=units, seed=seed)
     inputs, targets, weights = echo_batch(np.random.RandomState(seed + 2), batch, length, delay)
     report = truncation_report(chain, inputs, targets, LOSS, chunk_sizes=list(chunk_sizes),
-                               backprop_chunks=list(backprop_chunks), sample_weight=weights)
+                               backprop_chunks=list(backprop_chunks), sample_weight=weights,
+                               verbose=0 if quiet else 1)
     print(f"\n{delay}-step delayed echo, GRU {units}, trained {train_steps} steps\n")
     print(report.table())
     if plot_path:

@@ -13,6 +13,7 @@ The exact gradient does not depend on K, so it is computed once.
 """
 
 import math
+import sys
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -136,7 +137,7 @@ class TruncationReport(NamedTuple):
 def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
                       chunk_sizes=None, backprop_chunks: Sequence[int] = (1, 2, 4), *,
                       initial_state=None, sample_weight=None,
-                      reach_chunks: Optional[int] = None) -> TruncationReport:
+                      reach_chunks: Optional[int] = None, verbose="auto") -> TruncationReport:
     """Measures how far truncated gradients are from the exact one, on `chain`'s weights.
 
     The chain is not changed: chains sharing its cells and head run each setting.
@@ -150,6 +151,8 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
       backprop_chunks: the truncation depths m to try (TBPTT(K, mK)).
       reach_chunks: how many chunks back to follow the carried gradient; None: twice the
         largest m, at least 4.
+      verbose: 1 shows on standard error what is being computed, step i of n (each setting
+        runs the whole sequence); 0 shows nothing; "auto" shows it on a terminal.
 
     Returns:
       `TruncationReport`; print it, or `.plot(path)`.
@@ -168,21 +171,44 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
     chunk_sizes, depths, reach_chunks = _settings(chain, chunk_sizes, backprop_chunks,
                                                   reach_chunks)
     call = dict(initial_state=initial_state, sample_weight=sample_weight)
+    progress = _Progress(1 + len(chunk_sizes) * (len(depths) + 1), verbose)
 
+    progress.step("the exact gradient")
     exact = _variant(chain, chunk_sizes[0], "exact", 1)
     reference = exact.value_and_gradients(inputs, targets, loss_fn, **call)
     exact_flat = _flat(reference.grads)
     rows, reach = [], {}
     for size in chunk_sizes:
         for m in depths:
+            progress.step(f"TBPTT(K={size}, m={m})")
             grads = _variant(chain, size, "truncated", m).value_and_gradients(
                 inputs, targets, loss_fn, **call).grads
             rows.append(_compare(size, m, _flat(grads), exact_flat))
+        progress.step(f"the reach of dLoss/dstate, K={size}")
         reach[size] = _reach(_variant(chain, size, "truncated", reach_chunks + 1), inputs,
                              targets, loss_fn, call)
+    progress.done()
     shape = tuple(getattr(inputs, "shape", None) or np.shape(inputs))  # arrays, chunk sources
     return TruncationReport(rows, reach, float(np.linalg.norm(exact_flat)), int(shape[1]),
                             int(shape[0]))
+
+
+class _Progress:
+    """One line on standard error, rewritten per step: ``[i/n] what``."""
+
+    def __init__(self, total: int, verbose):
+        self._total, self._done = total, 0
+        self._on = sys.stderr.isatty() if verbose == "auto" else bool(verbose)
+
+    def step(self, what: str) -> None:
+        self._done += 1
+        if self._on:
+            print(f"\r[{self._done}/{self._total}] truncation report: {what}\033[K", end="",
+                  file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self._on:
+            print(file=sys.stderr, flush=True)
 
 
 def _settings(chain, chunk_sizes, backprop_chunks, reach_chunks) -> tuple:
