@@ -9,7 +9,8 @@ import numbers
 import tensorflow as tf
 
 INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
-                   "Add a time axis with x[:, None, :] or a feature axis with x[..., None].")
+                   "One sequence [time, features] needs a batch axis: x[None]; a batch of "
+                   "one-feature sequences [batch, time] needs a feature axis: x[..., None].")
 CHAIN_MSG = "chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}."
 COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
                       "compiled=True, or use backend='eager' with compiled=False to debug.")
