@@ -239,10 +239,6 @@ _NUMERICS_HINT = {
     "grads": ("Every {carried}, loss and carried gradient is finite: a weight gradient of this "
               "{unit} overflowed (a derivative that is infinite at a finite point)."),
 }
-NON_FINITE_MSG = ("check_numerics: NaN or Inf in {what}. {hint} First appearance of each: "
-                  "{findings}.")
-NON_FINITE_GRAPH_MSG = ("check_numerics: NaN or Inf found. The {unit} index where each first "
-                        "appeared (-1 = none) for (state, loss, dLoss/dstate, weight gradients):")
 
 
 def raise_if_non_finite(found, *, unit: str = "chunk", carried: str = "state", chunk_size=None,
@@ -265,20 +261,19 @@ def raise_if_non_finite(found, *, unit: str = "chunk", carried: str = "state", c
     if last is not None and steps is not None:
         last = min(last, steps - 1)
     steps = "" if last is None else f" (steps {index * chunk_size} to {last})"
-    message = (("check_numerics: NaN or Inf in {what}. {hint} First appearance of each: "
-                  "{findings}.")).format(
-        what=_NUMERICS_WHAT[kind].format(unit=unit, carried=carried, index=index, steps=steps),
-        hint=_NUMERICS_HINT[kind].format(unit=unit, carried=carried),
-        findings=", ".join(f"{name} at {unit} {i}" for name, i in findings.items()))
+    what = _NUMERICS_WHAT[kind].format(unit=unit, carried=carried, index=index, steps=steps)
+    hint = _NUMERICS_HINT[kind].format(unit=unit, carried=carried)
+    first = ", ".join(f"{name} at {unit} {i}" for name, i in findings.items())
+    message = f"check_numerics: NaN or Inf in {what}. {hint} First appearance of each: {first}."
     raise NonFiniteError(message, kind, index, findings)
 
 
 def assert_finite_in_graph(found, tensors, *, unit: str = "chunk"):
     """Inside a graph: `tensors` made to depend on an assertion that `found` holds no finding
     (tf.errors.InvalidArgumentError naming the indices when the graph runs)."""
-    check = tf.debugging.Assert(tf.reduce_all(found < 0),
-                                [(("check_numerics: NaN or Inf found. The {unit} index where each first "
-                        "appeared (-1 = none) for (state, loss, dLoss/dstate, weight gradients):")).format(unit=unit), found],
+    message = (f"check_numerics: NaN or Inf found. The {unit} index where each first appeared "
+               "(-1 = none) for (state, loss, dLoss/dstate, weight gradients):")
+    check = tf.debugging.Assert(tf.reduce_all(found < 0), [message, found],
                                 summarize=len(NUMERICS_NAMES))
     with tf.control_dependencies([check]):
         return tf.nest.map_structure(tf.identity, tensors)

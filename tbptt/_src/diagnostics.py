@@ -140,19 +140,17 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
                       reach_chunks: Optional[int] = None, verbose="auto") -> TruncationReport:
     """Measures how far truncated gradients are from the exact one, on `chain`'s weights.
 
-    The chain is not changed: chains sharing its cells and head run each setting.
+    The chain is not changed: variants sharing its weights (`with_config`) run each setting.
 
     Args:
       chain: a built or unbuilt `RecurrentChain`; its cells, head, backend and reduction are
         used, whatever its own mode.
-      inputs, targets, loss_fn, initial_state, sample_weight: as in `value_and_gradients`; a
-        batch that looks like the training data.
+      inputs, targets, loss_fn, initial_state, sample_weight: a batch like the training data.
       chunk_sizes: an int or ints K to try; None takes the chain's.
       backprop_chunks: the truncation depths m to try (TBPTT(K, mK)).
       reach_chunks: how many chunks back to follow the carried gradient; None: twice the
         largest m, at least 4.
-      verbose: 1 shows on standard error what is being computed, step i of n (each setting
-        runs the whole sequence); 0 shows nothing; "auto" shows it on a terminal.
+      verbose: 1 shows the step being computed on standard error; "auto": on a terminal.
 
     Returns:
       `TruncationReport`; print it, or `.plot(path)`.
@@ -172,18 +170,13 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
                                                   reach_chunks)
     call = dict(initial_state=initial_state, sample_weight=sample_weight)
     progress = _Progress(1 + len(chunk_sizes) * (len(depths) + 1), verbose)
-
     progress.step("the exact gradient")
     exact = _variant(chain, chunk_sizes[0], "exact", 1)
-    reference = exact.value_and_gradients(inputs, targets, loss_fn, **call)
-    exact_flat = _flat(reference.grads)
+    exact_flat = _flat(exact.value_and_gradients(inputs, targets, loss_fn, **call).grads)
     rows, reach = [], {}
     for size in chunk_sizes:
-        for m in depths:
-            progress.step(f"TBPTT(K={size}, m={m})")
-            grads = _variant(chain, size, "truncated", m).value_and_gradients(
-                inputs, targets, loss_fn, **call).grads
-            rows.append(_compare(size, m, _flat(grads), exact_flat))
+        rows += _rows_for(chain, size, depths, exact_flat, progress, inputs, targets, loss_fn,
+                          call)
         progress.step(f"the reach of dLoss/dstate, K={size}")
         reach[size] = _reach(_variant(chain, size, "truncated", reach_chunks + 1), inputs,
                              targets, loss_fn, call)
@@ -191,6 +184,18 @@ def truncation_report(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
     shape = tuple(getattr(inputs, "shape", None) or np.shape(inputs))  # arrays, chunk sources
     return TruncationReport(rows, reach, float(np.linalg.norm(exact_flat)), int(shape[1]),
                             int(shape[0]))
+
+
+def _rows_for(chain, size: int, depths, exact_flat, progress, inputs, targets, loss_fn,
+              call: dict) -> list:
+    """One row per truncation depth m at chunk size `size`."""
+    rows = []
+    for m in depths:
+        progress.step(f"TBPTT(K={size}, m={m})")
+        grads = _variant(chain, size, "truncated", m).value_and_gradients(
+            inputs, targets, loss_fn, **call).grads
+        rows.append(_compare(size, m, _flat(grads), exact_flat))
+    return rows
 
 
 class _Progress:
