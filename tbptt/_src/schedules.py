@@ -45,8 +45,10 @@ class Schedule:
         raise NotImplementedError
 
     def initial_carried(self, final_carry_grad: list) -> list:
-        """The cotangents entering the last segment, by age."""
-        raise NotImplementedError
+        """The cotangents entering the last segment, by age: one from outside counts as having
+        crossed one cut already (age 1); the older ages start at zero."""
+        zeros = [tf.zeros_like(c) for c in final_carry_grad]
+        return [final_carry_grad] + [list(zeros) for _ in range(self.carried_ages - 1)]
 
     def context_start(self, count):
         """The segment where the context a streaming step keeps starts, or None."""
@@ -93,9 +95,6 @@ class Exact(Schedule):
 
     def seeds(self, carried: list, num_leaves: int) -> tuple[list, list]:
         return [[1.0] + list(carried[0])], [True]
-
-    def initial_carried(self, final_carry_grad: list) -> list:
-        return [final_carry_grad]
 
     def __repr__(self) -> str:
         return "Exact()"
@@ -177,10 +176,6 @@ class Truncated(Schedule):
     def seeds(self, carried: list, num_leaves: int) -> tuple[list, list]:
         seeds = [[1.0] + [None] * num_leaves] + [[None] + list(age) for age in carried]
         return seeds, [True] * len(carried) + [False]
-
-    def initial_carried(self, final_carry_grad: list) -> list:
-        zeros = [[tf.zeros_like(c) for c in final_carry_grad] for _ in range(self.m - 2)]
-        return [final_carry_grad] + zeros
 
     def context_start(self, count):
         return tf.maximum(count - self.context_chunks, 0) if self.context_chunks else None
