@@ -134,8 +134,8 @@ def test_exact_matches_finite_differences(kind):
 # -- truncated mode == per-chunk tapes with stop_gradient at the cut ------------------------------
 
 
-@pytest.mark.parametrize("m,backend,kind", [(1, "eager", "gru"), (1, "graph", "lstm"),
-                                            (2, "eager", "stacked"), (2, "graph", "gru"),
+@pytest.mark.parametrize("m,backend,kind", [(2, "eager", "stacked"), (1, "eager", "gru"),
+                                            (1, "graph", "lstm"), (2, "graph", "gru"),
                                             (3, "eager", "lstm"), (3, "graph", "custom")])
 def test_truncated_matches_stop_gradient_reference(m, backend, kind):
     x, y = data(steps=14)
@@ -225,6 +225,25 @@ def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
     assert_all_close(result.initial_state_grad, state_grad, F64)
 
 
+@pytest.mark.parametrize("loss,summed", [
+    (float64_loss(keras.losses.MeanSquaredError), False),
+    (keras.losses.MeanSquaredError(reduction="sum", dtype="float64"), True),
+    (l1_loss, True)])
+def test_the_default_reduction_follows_the_loss_whatever_the_chunk_size(loss, summed):
+    """reduction="auto": a Keras mean loss gives the whole-sequence mean, a summed loss the sum;
+    neither the loss nor the gradient depends on the chunk size."""
+    x, y = data(steps=13)
+    chain = chain_for("gru", 4, chunk_size=5)
+    assert chain.reduction == "auto"
+    expected_loss, expected_grads, _, _ = full_bptt(chain, x, y, loss)  # one tape, whole sequence
+    for size in (5, 2, 13):
+        result = chain.with_config(chunk_size=size).value_and_gradients(x, y, loss)
+        assert_all_close([result.loss] + result.grads, [expected_loss] + expected_grads, F64,
+                         f"chunk_size={size}")
+        explicit = chain.with_config(chunk_size=size, reduction="sum" if summed else "mean")
+        assert_all_close(result.grads, explicit.value_and_gradients(x, y, loss).grads, 1e-15)
+
+
 def test_sum_reduction_with_sample_weight():
     x, y = data(steps=11)
     weights = np.linspace(0.0, 1.0, 33).reshape(3, 11)
@@ -241,6 +260,7 @@ def test_sum_reduction_with_sample_weight():
 # -- float32 at seed 001's shapes ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seed_001_shapes_float32():
     """B=34, F=200, GRU 64+32, Dense 3, L1 loss: exact chunked == one tape, in float32."""
     x = make_sequence(34, 300, 200)
@@ -265,6 +285,7 @@ def test_one_trace_serves_every_length_and_batch():
     assert chain.trace_count == 1
 
 
+@pytest.mark.slow
 def test_a_new_loss_fn_every_call_warns_about_retracing():
     x, y = data(steps=5)
     chain = chain_for("gru", 4, chunk_size=4)

@@ -11,7 +11,9 @@ from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 
 MODES = ("exact", "truncated")
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("auto", "sum", "mean")
+# Keras loss reductions that average over the elements (Keras 3, and tf.keras's "auto").
+MEAN_LOSS_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +28,10 @@ class ChainConfig:
       backprop_chunks: with mode="truncated", how many chunks a loss term back-propagates
         through: 1 is Keras `stateful=True`, m is TBPTT(k1=chunk_size, k2=m*chunk_size).
       backend: "eager" (`GradientTape`) or "graph" (`tf.gradients` in a graph).
-      reduction: "sum" (total = sum of chunk losses) or "mean" (each chunk's loss weighted by
-        its share of the T steps: a per-element mean loss gives the whole-sequence mean).
+      reduction: "sum" (total = sum of chunk losses), "mean" (each chunk's loss weighted by
+        its share of the T steps: a per-element mean loss gives the whole-sequence mean) or
+        "auto" (the default): the loss's own, so that the scale never depends on the chunk
+        size (see `reduction_for`).
       dtype: dtype of the state and computation; None takes the first cell's.
       compiled: run the chunk loops in a `tf.function` (default); False runs them eagerly step
         by step, for debugging (eager backend only).
@@ -53,7 +57,7 @@ class ChainConfig:
     mode: str = "exact"
     backprop_chunks: int = 1
     backend: str = "eager"
-    reduction: str = "sum"
+    reduction: str = "auto"
     dtype: Optional[tf.DType] = None
     compiled: bool = True
     levels: int = 1
@@ -92,6 +96,26 @@ class ChainConfig:
     def _replace(self, **changes) -> "ChainConfig":
         """A copy with `changes`, validated again."""
         return dataclasses.replace(self, **changes)
+
+    def reduction_for(self, loss_fn) -> str:
+        """The reduction of a call with `loss_fn`: `reduction` when it is "sum" or "mean";
+        with "auto", "mean" for a loss that averages over its elements (a Keras loss with its
+        default reduction: the total is then the whole-sequence mean) and "sum" for any other
+        (a plain function returns its chunk's total: the total is the sum).
+
+        >>> import keras
+        >>> config = ChainConfig(chunk_size=10)
+        >>> config.reduction_for(keras.losses.MeanSquaredError())
+        'mean'
+        >>> config.reduction_for(keras.losses.MeanSquaredError(reduction="sum"))
+        'sum'
+        >>> config.reduction_for(lambda y_true, y_pred: tf.reduce_sum(y_pred - y_true))
+        'sum'
+        """
+        if self.reduction != "auto":
+            return self.reduction
+        own = getattr(loss_fn, "reduction", None)
+        return "mean" if isinstance(own, str) and own in MEAN_LOSS_REDUCTIONS else "sum"
 
     @property
     def schedule(self) -> schedules.Schedule:

@@ -30,6 +30,7 @@ import tensorflow as tf
 from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
+from tbptt._src import saving
 from tbptt._src import timechain
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StreamCarry
@@ -68,7 +69,8 @@ class StreamPosition(NamedTuple):
     batch: int
 
 
-class ChunkedModel(keras.Model):
+@saving.register
+class ChunkedModel(saving.SavableModel, keras.Model):
     """A Keras model around a chain; `fit` trains it with the chain's chunked gradient.
 
     ```
@@ -172,8 +174,10 @@ class ChunkedModel(keras.Model):
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         self._chunk_loss = _ChunkLoss(self)
-        if self._chunk_loss.dtype == tf.float64:  # Keras logs the loss in float32 otherwise
-            self._loss_tracker = keras.metrics.Mean(name="loss", dtype="float64")
+        if self._chunk_loss.dtype == tf.float64:  # Keras logs the loss in float32 otherwise.
+            # Untracked, as Keras sets its own in `compile`: a loaded model is built by now.
+            object.__setattr__(self, "_loss_tracker",
+                               keras.metrics.Mean(name="loss", dtype="float64"))
         reduction = self._chunk_loss.reduction
         self._train_chain = self._chain if self._chain.reduction == reduction else (
             self._chain.with_config(reduction=reduction))

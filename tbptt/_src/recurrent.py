@@ -17,6 +17,7 @@ from tbptt._src import checks
 from tbptt._src import chunking
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import saving
 from tbptt._src import sources as sources_lib
 from tbptt._src import timechain
 from tbptt._src import vjp as vjp_lib
@@ -63,7 +64,8 @@ def _stack_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._stack, name), doc=doc)
 
 
-class RecurrentChain(tf.Module):
+@saving.register
+class RecurrentChain(saving.SerializableChain, tf.Module):
     """Stacked RNN cells and a head, trained over time chunks with carried state and gradient.
 
     ```
@@ -89,7 +91,7 @@ class RecurrentChain(tf.Module):
 
     def __init__(self, cells: Sequence, *, chunk_size: Union[int, str], head=None,
                  mode: str = "exact", backprop_chunks: int = 1, backend: str = "eager",
-                 reduction: str = "sum", dtype=None, compiled: bool = True, levels: int = 1,
+                 reduction: str = "auto", dtype=None, compiled: bool = True, levels: int = 1,
                  memory_budget: Optional[float] = None, check_numerics: bool = False,
                  name: Optional[str] = None):
         """Creates the chain.
@@ -137,7 +139,7 @@ class RecurrentChain(tf.Module):
     mode = _config_field("mode", "'exact' or 'truncated'.")
     backprop_chunks = _config_field("backprop_chunks", "Chunks a loss reaches back (truncated).")
     backend = _config_field("backend", "'eager' (GradientTape) or 'graph' (tf.gradients).")
-    reduction = _config_field("reduction", "'sum' or 'mean' over the chunk losses.")
+    reduction = _config_field("reduction", "'auto' (the loss's own), 'sum' or 'mean'.")
     levels = _config_field("levels", "1, or 2 for two-level checkpointing.")
     memory_budget = _config_field("memory_budget", "Bytes for chunk_size='auto', or None.")
     check_numerics = _config_field("check_numerics", "Whether NaN/Inf are looked for.")
@@ -147,6 +149,7 @@ class RecurrentChain(tf.Module):
                                "float32 under mixed precision.")
     cells = _stack_field("cells", "The cells, bottom layer first.")
     head = _stack_field("head", "The head, or None.")
+    features = _stack_field("features", "The inputs' feature size F once built, else None.")
     trainable_variables = _stack_field("trainable_variables", "Cells' variables bottom to "
                                        "top, then the head's; available once built.")
 
@@ -321,7 +324,8 @@ def _gradients(stack: CellStack, config: ChainConfig, args: dict, static) -> _Ru
     for name, spec in source_specs:  # read chunk by chunk from the source given
         args[name] = timechain.SourceReader(args["sources"][name], spec)
     loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
-    segments = timechain.segments(stack, args, loss_fn, config.reduction, loss_dtype)
+    segments = timechain.segments(stack, args, loss_fn, config.reduction_for(loss_fn),
+                                  loss_dtype)
     keep_at = config.schedule.context_start(segments.count) if "context_steps" in args else None
     result = config.schedule.run(
         segments, args["state"], stack.trainable_variables,
@@ -411,6 +415,7 @@ def _unknown_dims(name: str) -> int:
     return 2 if name in timechain.PER_STEP_ARGS else 1
 
 
+@saving.register
 class StatefulGRUChain(RecurrentChain):
     """Stacked Keras `GRUCell`s and a head, trained over time chunks.
 
@@ -448,3 +453,6 @@ class StatefulGRUChain(RecurrentChain):
     @property
     def units(self) -> tuple:
         return self._units
+
+    def _layers_config(self) -> dict:
+        return {"units": self.units, "head": self.head}

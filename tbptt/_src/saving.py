@@ -1,0 +1,141 @@
+"""Keras serialization of chains: `get_config`/`from_config`, so that a `ChunkedModel` saves
+as a whole (`model.save("m.keras")`, `keras.models.load_model`, `ModelCheckpoint`).
+
+A chain's config is its constructor's keywords: the `ChainConfig` fields, a name, and its
+layers (cells or units, and the head) as Keras serializes them. Weights are not in it: Keras
+saves them from the layers a `ChunkedModel` tracks.
+"""
+
+import dataclasses
+import json
+import re
+import zipfile
+
+from tbptt._src import compat
+
+keras = compat.keras
+
+HEAD_MSG = ("only a chain whose head is a Keras layer (or None) can be saved as a whole; this "
+            "head is {value!r}. Save the weights instead (model.save_weights(...), or "
+            "tf.train.Checkpoint), or make the head a Keras layer.")
+
+
+def register(cls):
+    """Registers `cls` with Keras under the package "tbptt", so `load_model` finds it."""
+    register_with_keras = getattr(getattr(keras, "saving", None),
+                                  "register_keras_serializable", None)
+    if register_with_keras is None:  # pragma: no cover - Keras 2 before 2.13
+        return cls
+    return register_with_keras(package="tbptt")(cls)
+
+
+class SerializableChain:
+    """`get_config`/`from_config` for a chain: what its constructor takes, layers serialized.
+
+    `_layers_config` names the layers, as the constructor takes them besides the `ChainConfig`
+    fields (a subclass made from `units` overrides it).
+    """
+
+    def _layers_config(self) -> dict:
+        return {"cells": self.cells, "head": self.head}
+
+    def get_config(self) -> dict:
+        config = {field.name: getattr(self.config, field.name)
+                  for field in dataclasses.fields(self.config)}
+        config["dtype"] = config["dtype"].name
+        config["name"] = self.name
+        for key, value in self._layers_config().items():
+            config[key] = _serialize(key, value)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        for key in ("cells", "head"):
+            if key in config:
+                config[key] = _deserialize(config[key])
+        return cls(**config)
+
+
+def _serialize(key: str, value):
+    if isinstance(value, (list, tuple)) and key == "cells":
+        return [_serialize("cell", cell) for cell in value]
+    if key == "units" or value is None:
+        return list(value) if isinstance(value, tuple) else value
+    if not compat.is_keras_layer(value):
+        if key == "head":
+            raise TypeError(HEAD_MSG.format(value=value))
+        raise TypeError(f"only Keras cells can be saved as a whole; this {key} is {value!r}.")
+    return keras.saving.serialize_keras_object(value)
+
+
+def _deserialize(value):
+    if isinstance(value, list):
+        return [_deserialize(item) for item in value]
+    return None if value is None else keras.saving.deserialize_keras_object(value)
+
+
+class SavableModel:
+    """Whole-model saving for `tbptt.keras.ChunkedModel`: its config is its chain's config and
+    `stateful`; its build config is the chain's feature size, so a loaded model is built (and
+    its optimizer restored) before Keras reads the weights into it."""
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "trainable": self.trainable, "stateful": self.stateful,
+                "chain": keras.saving.serialize_keras_object(self.chain)}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        return cls(keras.saving.deserialize_keras_object(config.pop("chain")), **config)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; a model not built yet is first built for the inputs the
+        file's weights were made for, and a compiled one's optimizer too (so that its state,
+        saved with the weights, is restored)."""
+        if not self.built:
+            self.build([None, None, saved_features(str(filepath), self.chain.cells[0])])
+        if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        return super().load_weights(filepath, *args, **kwargs)
+
+    def get_build_config(self):
+        return {"input_shape": [None, None, self.chain.features]} if self.chain.built else None
+
+    def build_from_config(self, config) -> None:
+        if config:
+            self.build(config["input_shape"])
+
+    def compile_from_config(self, config) -> None:
+        """Compiles as the saved model was, and builds the optimizer so that its variables
+        (moments, iterations) are restored too."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+
+def saved_features(path: str, first_cell) -> int:
+    """The feature size F a saved `ChunkedModel` was built for: its build config in a ".keras"
+    file; in a ".weights.h5" file, the rows of its first cell's input kernel (Keras stores
+    a list's layers by class name, the first of a class without a suffix)."""
+    features = None
+    if path.endswith(".keras") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            build = json.loads(archive.read("config.json")).get("build_config") or {}
+        features = (build.get("input_shape") or [None])[-1]
+    elif path.endswith(".h5"):
+        import h5py  # a Keras 3 dependency
+
+        with h5py.File(path, "r") as weights:
+            kernel = weights.get(f"chain_layers/{_snake_case(type(first_cell).__name__)}/vars/0")
+            features = kernel.shape[0] if kernel is not None and len(kernel.shape) == 2 else None
+    if not features:
+        raise ValueError(f"cannot tell from {path!r} which feature size F the weights are for. "
+                         "Build the model before loading: model.build([None, None, F]).")
+    return int(features)
+
+
+def _snake_case(name: str) -> str:
+    """Keras's own naming of a layer in a weights file: GRUCell -> gru_cell."""
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", re.sub(r"\W+", "", name))
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()

@@ -1,0 +1,130 @@
+"""Whole-model Keras saving: `.keras` files, weights files, ModelCheckpoint and fresh models."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tbptt
+
+pytestmark = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
+                                reason="ChunkedModel needs Keras 3")
+
+B, T, F = 4, 12, 3
+
+
+def _data(seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=[B, T, F]).astype(dtype), rng.normal(size=[B, T, 2]).astype(dtype)
+
+
+def _model(stateful=False, dtype=None, mode="exact", backprop_chunks=1):
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(5, reset_after=False),
+                                  keras.layers.LSTMCell(4)], head=keras.layers.Dense(2),
+                                 chunk_size=4, mode=mode, backprop_chunks=backprop_chunks,
+                                 dtype=dtype)
+    model = tbptt.keras.ChunkedModel(chain, stateful=stateful)
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.MeanSquaredError(dtype=dtype), metrics=["mae"])
+    return model
+
+
+def _trained(**kwargs):
+    keras.utils.set_random_seed(1)
+    model = _model(**kwargs)
+    x, y = _data(dtype=kwargs.get("dtype") or "float32")
+    model.fit(x, y, batch_size=2, shuffle=False, verbose=0)  # the optimizer has moments now
+    return model, x, y
+
+
+def _assert_same_next_step(model, other, x, y):
+    """Predictions now, and weights and loss after one more step, equal bit for bit."""
+    np.testing.assert_array_equal(model.predict(x, verbose=0), other.predict(x, verbose=0))
+    first = model.fit(x, y, batch_size=2, shuffle=False, verbose=0).history["loss"]
+    second = other.fit(x, y, batch_size=2, shuffle=False, verbose=0).history["loss"]
+    assert first == second
+    assert len(model.weights) == len(other.weights)
+    for a, b in zip(model.weights, other.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"stateful": True, "mode": "truncated",
+                                         "backprop_chunks": 2}])
+def test_keras_file_round_trip_predicts_and_trains_on_identically(tmp_path, kwargs):
+    model, x, y = _trained(**kwargs)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects: tbptt registers its classes
+    assert type(loaded) is tbptt.keras.ChunkedModel and loaded.stateful == model.stateful
+    assert loaded.chain.config == model.chain.config
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    _assert_same_next_step(model, loaded, x, y)
+
+
+@pytest.mark.slow
+def test_float64_model_stays_float64_through_a_keras_file(tmp_path):
+    model, x, y = _trained(dtype="float64")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.chain.dtype == tf.float64
+    assert {v.dtype for v in loaded.weights if "iteration" not in v.path} == {"float64"}
+    _assert_same_next_step(model, loaded, x, y)
+
+
+def test_load_weights_into_a_fresh_model(tmp_path):
+    model, x, y = _trained()
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    fresh = _model()  # not built: the feature size comes from the file
+    assert not fresh.built
+    fresh.load_weights(path)  # the optimizer's state too: the next step is the same
+    _assert_same_next_step(model, fresh, x, y)
+    fresh_from_keras_file = _model()
+    model.save(tmp_path / "m.keras")
+    fresh_from_keras_file.load_weights(tmp_path / "m.keras")
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  fresh_from_keras_file.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("name", ["best.keras", "best.weights.h5"])
+def test_model_checkpoint(tmp_path, name):
+    model, x, y = _trained()
+    path = str(tmp_path / name)
+    checkpoint = keras.callbacks.ModelCheckpoint(path, save_weights_only=name.endswith(".h5"))
+    model.fit(x, y, batch_size=2, shuffle=False, verbose=0, callbacks=[checkpoint])
+    if name.endswith(".keras"):
+        loaded = keras.models.load_model(path)
+    else:
+        loaded = _model()
+        loaded.load_weights(path)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+def test_chain_configs_round_trip():
+    head = keras.layers.Dense(3, activation="tanh")
+    chain = tbptt.StatefulGRUChain((6, 4), head=head, chunk_size="auto", mode="truncated",
+                                   backprop_chunks=3, reduction="mean", dtype="float64",
+                                   memory_budget=1e6, name="my_chain")
+    config = keras.saving.serialize_keras_object(chain)
+    again = keras.saving.deserialize_keras_object(config)
+    assert type(again) is tbptt.StatefulGRUChain and again.name == "my_chain"
+    assert again.config == chain.config and again.units == (6, 4)
+    assert again.head.get_config() == head.get_config() and again.head is not head
+
+
+def test_a_head_that_is_not_a_keras_layer_cannot_be_saved_whole(tmp_path):
+    chain = tbptt.StatefulGRUChain(4, head=lambda h: h * 2.0, chunk_size=3)
+    with pytest.raises(TypeError, match="head is a Keras layer.*save_weights"):
+        chain.get_config()
+
+
+def test_load_weights_without_a_readable_feature_size_asks_for_build(tmp_path):
+    model = _model()
+    model.build([None, None, F])
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    other = tbptt.keras.ChunkedModel(tbptt.RecurrentChain(  # a cell the file does not hold
+        [keras.layers.SimpleRNNCell(5)], chunk_size=4))
+    with pytest.raises(ValueError, match=r"model.build\(\[None, None, F\]\)"):
+        other.load_weights(path)
