@@ -81,3 +81,18 @@ def _seed():
 # tbptt.keras.ChunkedModel needs Keras 3; CI's TF 2.15 leg runs the core tests with Keras 2.
 needs_keras3 = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
                                   reason="tbptt.keras needs Keras 3")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
+def pytest_collection_modifyitems(config, items):
+    """The default suite runs the first case of each parametrized test; the further cases are
+    marked `slow` (and `more_cases`), and run with `pytest -m slow` (as CI does)."""
+    seen = set()
+    for item in items:
+        if getattr(item, "callspec", None) is None:
+            continue
+        function = (item.nodeid.split("[")[0])
+        if function in seen:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.more_cases)
+        seen.add(function)

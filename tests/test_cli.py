@@ -41,6 +41,7 @@ def test_help_and_version_do_not_import_tensorflow():
     assert "cut into two models" in out.stdout  # each experiment says what it is
 
 
+@pytest.mark.slow
 def test_commands_are_quiet_unless_verbose():
     args = [sys.executable, "-m", "tbptt._src.cli", "diagnose", "--train-steps", "0",
             "--length", "10", "--delay", "5", "--chunk-sizes", "4", "--backprop-chunks", "1",
@@ -65,6 +66,7 @@ def test_demo_shows_exact_learning_what_truncated_cannot():
     assert final["truncated"] < 0.75
 
 
+@pytest.mark.slow
 def test_diagnose_runs_on_the_demo_model_and_writes_a_plot(tmp_path, capsys):
     path = tmp_path / "diagnose.png"
     code = cli.main(["diagnose", "--train-steps", "2", "--length", "16", "--delay", "5",

@@ -24,6 +24,7 @@ def run(args, legacy=True):
     return out.returncode, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(LEGACY_CELLS_HERE, reason="collected directly in this process")
 def test_tf1_graph_suite_in_a_legacy_keras_process():
     code, output = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -55,6 +55,7 @@ def test_star_import_does_not_shadow_keras():
     assert tbptt.keras.ChunkedModel and tbptt.data.stream_windows  # still reachable
 
 
+@pytest.mark.slow
 def test_another_keras_backend_is_refused_by_name():
     code = "import tbptt; tbptt.RecurrentChain"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

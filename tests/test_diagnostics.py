@@ -30,6 +30,7 @@ def flat(grads):
     return np.concatenate([np.ravel(g) for g in grads])
 
 
+@pytest.mark.slow
 def test_rows_match_per_chunk_tapes():
     chain = make_chain("stacked")  # a GRU under an LSTM
     x, y = data()
@@ -77,6 +78,7 @@ def test_reach_matches_one_tape_per_cut_and_age():
     np.testing.assert_allclose(report.reach[K], expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_enough_chunks_back_is_the_exact_gradient_and_the_report_reads(tmp_path):
     chain = make_chain()
     x, y = data()
@@ -123,6 +125,7 @@ def test_a_chain_is_required_and_auto_needs_sizes():
         tbptt.diagnostics.truncation_report(auto, x, y, l1_loss)
 
 
+@pytest.mark.slow
 def test_the_report_says_what_it_computes(capsys):
     chain = make_chain()
     x, y = data()

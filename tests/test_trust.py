@@ -101,6 +101,7 @@ def test_threads_making_the_first_call_build_the_variables_once():
 # -- the compile cache -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_equal_keras_losses_share_one_trace_and_the_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(compiling, "MAX_FUNCTIONS", 3)
     chain = gru()
@@ -215,6 +216,7 @@ def test_fit_refuses_activity_regularizers():
         tbptt.keras.ChunkedModel(chain)
 
 
+@pytest.mark.slow
 @needs_keras3
 def test_a_stream_checkpoint_is_refused_by_another_chunking(tmp_path):
     x, y = (a.astype("float32") for a in data(steps=8))
