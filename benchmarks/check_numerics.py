@@ -21,8 +21,10 @@ import tbptt  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="sequence length T")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=1000,
+                        help="sequence length T (default: 1000)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed steps of each setting after the warm-up (default: 7)")
     args = parser.parse_args()
     rng = np.random.RandomState(0)
     x = rng.randn(34, args.steps, 200).astype("float32")

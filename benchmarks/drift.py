@@ -111,8 +111,12 @@ def plot(rows, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 3000, 10000])
-    parser.add_argument("--out", default=str(HERE / "drift"), help="path stem for .md and .png")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 3000, 10000],
+                        metavar="T", help="sequence lengths, one row each (default: "
+                        "%(default)s)")
+    parser.add_argument("--out", default=str(HERE / "drift"),
+                        help="path stem for the .md table and .png plot (default: "
+                        "benchmarks/drift)")
     args = parser.parse_args()
     rows = []
     for steps in args.steps:

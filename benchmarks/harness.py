@@ -138,10 +138,40 @@ def plot(rows: list, key: str, methods, path: str, xlabel: str, xlog: bool = Fal
 
 
 def save(rows: list, name: str, text: str, key: str, methods, xlabel: str,
-         xlog: bool = False) -> None:
-    """Prints the table and writes benchmarks/NAME.md and benchmarks/NAME.png."""
+         xlog: bool = False, update_readme: bool = False, plot_fn=None) -> None:
+    """Prints the table and writes NAME.md and NAME.png to benchmarks/results/ (not tracked);
+    `plot_fn(path)` draws the plot instead of `plot` when given.
+
+    With `update_readme`, the table also replaces the README's between the lines
+    ``<!-- NAME -->`` and ``<!-- /NAME -->`` and goes to the tracked benchmarks/NAME.md.
+    """
     print(text)
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, f"{name}.md"), "w") as f:
+    results = os.path.join(here, "results")
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(text + "\n")
-    plot(rows, key, methods, os.path.join(here, f"{name}.png"), xlabel, xlog=xlog)
+    image = os.path.join(results, f"{name}.png")
+    if plot_fn is not None:
+        plot_fn(image)
+    else:
+        plot(rows, key, methods, image, xlabel, xlog=xlog)
+    print(f"wrote benchmarks/results/{name}.md and .png")
+    if update_readme:
+        with open(os.path.join(here, f"{name}.md"), "w") as f:
+            f.write(text + "\n")
+        replace_in_readme(name, text)
+
+
+def replace_in_readme(name: str, text: str) -> None:
+    """Puts `text` between the README's ``<!-- name -->`` and ``<!-- /name -->`` lines."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path) as f:
+        readme = f.read()
+    start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md has no {start.strip()} ... {end} lines to put the table in")
+    before, rest = readme.split(start, 1)
+    with open(path, "w") as f:
+        f.write(before + start + text + "\n" + end + rest.split(end, 1)[1])
+    print(f"updated README.md ({name}) and benchmarks/{name}.md")

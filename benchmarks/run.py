@@ -24,7 +24,8 @@ Activation memory is how much more a step's RSS grows at the longest T of the sp
 at the shortest (fixed costs such as tracing cancel out); T >= 16k runs one repeat, and recompute_grad
 stops at 4k (its Python loop over chunks is unrolled: the trace grows with T).
 
-Writes benchmarks/results_speed.md and results_scale.md (tables) and a PNG plot of each.
+Writes benchmarks/results/results_speed.md and results_scale.md (tables) and a PNG plot of
+each; with --update-readme also the README's tables and the tracked benchmarks/results_*.md.
 """
 
 import argparse
@@ -177,15 +178,25 @@ def activation_table(rows: list, short: int, long: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="speed at T = 1000, 2000; scale at T = 16k, 64k")
-    parser.add_argument("--speed", type=int, nargs="*", default=[1000, 2000, 4000, 16_000])
-    parser.add_argument("--scale", type=int, nargs="*",
-                        default=[16_000, 64_000, 256_000, 1_000_000])
-    parser.add_argument("--repeats", type=int, default=5)
+                        help="speed at T = 1000, 2000; scale at T = 16k, 64k (a few minutes)")
+    parser.add_argument("--speed", type=int, nargs="*", default=[1000, 2000, 4000, 16_000],
+                        metavar="T", help="sequence lengths of the speed sweep; none skips it "
+                        "(default: %(default)s)")
+    parser.add_argument("--scale", type=int, nargs="*", metavar="T",
+                        default=[16_000, 64_000, 256_000, 1_000_000],
+                        help="sequence lengths of the scale sweep; none skips it "
+                        "(default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per row after the warm-up, T < 16k (default: 5)")
     parser.add_argument("--cap-gb", type=float, default=12.0,
-                        help="stop a process whose RSS passes this (full BPTT at long T)")
+                        help="stop a process whose RSS passes this many GB (full BPTT at long "
+                        "T; default: 12)")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also put the tables in README.md and benchmarks/results_*.md")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -211,7 +222,8 @@ def main() -> None:
         text = markdown_table(rows, "T", "T", "full_bptt")
         if sweep == "speed" and len(lengths) > 1:
             text += "\n\n" + activation_table(rows, min(lengths), max(lengths))
-        save(rows, f"results_{sweep}", text, "T", methods, "T", xlog=True)
+        save(rows, f"results_{sweep}", text, "T", methods, "T", xlog=True,
+             update_readme=args.update_readme)
 
 
 if __name__ == "__main__":

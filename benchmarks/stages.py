@@ -7,7 +7,8 @@ returns the parameter gradients and dL/dx (StageChain's `input_grad`).
 
     python benchmarks/stages.py            # sizes 10, 32, 64
 
-Writes benchmarks/stages.md and benchmarks/stages.png.
+Writes benchmarks/results/stages.md and stages.png; with --update-readme also the README's
+table and the tracked benchmarks/stages.md.
 """
 
 import argparse
@@ -70,9 +71,15 @@ def make_step(method: str, size: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 32, 64])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 32, 64], metavar="PIXELS",
+                        help="image sizes, one row per method each (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed steps per row after the warm-up (default: 7)")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also put the table in README.md and benchmarks/stages.md")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -92,7 +99,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     save(rows, "stages", markdown_table(rows, "size", "image", "joined_tape", ms=True), "size",
-         METHODS, "image size")
+         METHODS, "image size", update_readme=args.update_readme)
 
 
 if __name__ == "__main__":
