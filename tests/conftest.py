@@ -24,13 +24,13 @@ def l1_loss(y_true, y_pred):
     return tf.reduce_sum(tf.sqrt(tf.square(y_true - y_pred) + 1e-3))
 
 
-def float64_loss(loss_class):
+def float64_loss(loss_class, **kwargs):
     """A Keras loss computing in float64 (Keras 3 casts to floatx unless told; Keras 2 keeps the
     inputs' dtype and takes no `dtype`)."""
     try:
-        return loss_class(dtype="float64")
+        return loss_class(dtype="float64", **kwargs)
     except TypeError:
-        return loss_class()
+        return loss_class(**kwargs)
 
 
 def sum_squares(y_true, y_pred):

@@ -45,6 +45,7 @@ def test_exact_gradient_whatever_the_chunking(kwargs):
     assert_all_close(result.initial_state_grad, state_grad, F64, "initial_state_grad")
 
 
+@pytest.mark.slow
 def test_auto_is_about_sqrt_t_and_one_trace_serves_every_length():
     chain = gru_chain(chunk_size="auto")
     for steps in (10, 50, 101):
@@ -110,6 +111,7 @@ def test_bad_chunking_configuration(kwargs, error, match):
         gru_chain(**kwargs)
 
 
+@pytest.mark.slow
 def test_two_level_float32_long_sequence_matches_one_level():
     chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=10)
     two = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=10, levels=2)

@@ -42,6 +42,7 @@ def test_reproduce_seed_001(experiment, expected):
     assert expected in output
 
 
+@pytest.mark.slow
 def test_backprop_chunks_in_a_tf_function_equals_one_tape():
     """The same grad_ys chain over Keras cells in a tf.function graph (no TF1 cells needed)."""
     cell, dense = keras.layers.GRUCell(5), keras.layers.Dense(2)

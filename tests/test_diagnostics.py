@@ -50,6 +50,7 @@ def test_rows_match_per_chunk_tapes():
     assert report.exact_grad_norm == pytest.approx(np.linalg.norm(exact), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_reach_matches_one_tape_per_cut_and_age():
     """Age a at cut k: d(loss of chunk k+a-1)/d(state entering chunk k), RMS over the cuts."""
     chain = make_chain("lstm")

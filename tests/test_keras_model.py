@@ -249,6 +249,7 @@ def test_reset_and_mask_in_fit_data_equal_separate_sequences():
                                     for w, g in zip(ref.trainable_variables, grads)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_keeps_float32_state_and_gradients_close_to_float32(policy):
     x, y = _data(batch=8, steps=16)

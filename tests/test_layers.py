@@ -123,11 +123,14 @@ def test_the_hand_written_backward_is_used():
             loss = tf.reduce_sum(outputs * weights)
         return tape.gradient(loss, x)
 
-    graph = grads.get_concrete_function(x).graph
-    ops = [op.type for op in graph.get_operations()]
-    names = " ".join(op.name for op in graph.get_operations())
+    graph = grads.get_concrete_function(x).graph.as_graph_def()
+    nodes = list(graph.node) + [node for f in graph.library.function for node in f.node_def]
+    ops = [node.op for node in nodes]
+    names = " ".join(node.name for node in nodes)
     assert ops.count("While") + ops.count("StatelessWhile") == 2  # forward loop, written backward
     assert "gradients/while" not in names.lower()
+    compiled = [f for f in graph.library.function if f.attr["_XlaMustCompile"].b]
+    assert len(compiled) == 2  # each loop compiled with XLA
 
 
 # -- each step's backward against a tape over its forward ----------------------------------------
@@ -148,8 +151,9 @@ def test_gru_step_backward_is_the_transpose_of_the_step(reset_after):
                                                 reset_after, tf.tanh, tf.sigmoid)
     expected = tape.gradient(h_new, [x, h, kernel, bias], output_gradients=dh,
                              unconnected_gradients="zero")
-    dh_prev, d_x, d_inner = layers._gru_step_backward(
-        dh, h, z, r, hh, aux, layers._gru_kernels(kernel), reset_after)
+    dh_prev, d_step = layers._gru_step_backward(
+        dh, h, z, r, hh, aux, layers._gru_kernels(kernel, reset_after), reset_after)
+    d_x, d_inner = layers._gru_step_parts(d_step, 4, reset_after)
     d_kernel = tf.matmul(h, d_inner, transpose_a=True)  # the gates' (or all) columns
     if not reset_after:  # the candidate's columns multiply the reset state r * h
         d_kernel = tf.concat([d_kernel, tf.matmul(aux, d_x[:, 8:], transpose_a=True)], axis=1)

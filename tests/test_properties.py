@@ -70,7 +70,7 @@ def check(config):
     assert_all_close(result.initial_state_grad, state_grad, 1e-9, str(config))
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(configs)
 def test_random_configurations(config):
     check(config)

@@ -227,7 +227,7 @@ def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
 
 @pytest.mark.parametrize("loss,summed", [
     (float64_loss(keras.losses.MeanSquaredError), False),
-    (keras.losses.MeanSquaredError(reduction="sum", dtype="float64"), True),
+    (float64_loss(keras.losses.MeanSquaredError, reduction="sum"), True),
     (l1_loss, True)])
 def test_the_default_reduction_follows_the_loss_whatever_the_chunk_size(loss, summed):
     """reduction="auto": a Keras mean loss gives the whole-sequence mean, a summed loss the sum;

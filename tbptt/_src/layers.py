@@ -7,12 +7,18 @@ instead of K small ones, forward and backward. Only the recurrent half stays in 
 
 Any other cell runs as itself, one `cell(x_t, states)` call per step.
 
+The time loops of stock cells (sigmoid/tanh activations, no flags) are compiled with XLA, each
+loop on its own (`_compiled`): XLA fuses a step's element-wise ops into a few kernels and runs
+the loop without TensorFlow's per-op cost, which at these sizes is most of a step. The chunk
+loops around them stay in TensorFlow.
+
 Per-step flags (`StepFlags`): `reset` gives a row a fresh zero state before step t (episodes
 packed end to end), `mask` keeps a row's state through step t (padding). With flags, every cell
 runs step by step.
 """
 
 import abc
+import functools
 from typing import NamedTuple, Optional
 
 import tensorflow as tf
@@ -65,8 +71,8 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
 
     With `flags`, each step is `flagged` with the step's reset and mask.
     """
-    steps = tf.shape(xs)[0]
-    inputs = tf.TensorArray(xs.dtype, size=steps).unstack(xs)
+    steps = _length(xs)
+    inputs = _readable(xs)
     outputs = tf.TensorArray(xs.dtype, size=steps) if with_outputs else None
     with_flags = flagged(step) if flags is not None else None
     flag_arrays = [None if f is None else tf.TensorArray(tf.bool, size=steps).unstack(f)
@@ -190,10 +196,14 @@ class _FusedRunner(abc.ABC):
         return _project(xs, self._weight("kernel"), self._input_bias(), batch_major)
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None):
+        """The layer over ``xs [K, B, 3U or 4U]`` (projected): the compiled loop with its
+        written-out backward for sigmoid/tanh cells without flags (a forward that only carries
+        the state runs it too: the same program, so the same state to the last bit); the
+        step loop otherwise."""
         del training  # dropout is refused by the chain; nothing else depends on it
         recurrent_kernel = self._weight("recurrent_kernel")
         recurrent_bias = self._recurrent_bias()
-        if with_outputs and flags is None and self._default_activations():
+        if flags is None and self._default_activations():
             return self._fused(xs, states, recurrent_kernel, recurrent_bias)
         step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
@@ -303,17 +313,19 @@ def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activat
 
 
 class GRUKernels(NamedTuple):
-    """The recurrent kernel ``[U, 3U]`` and its gate and candidate columns, split once."""
+    """The recurrent kernel ``U [U, 3U]`` as the step backward uses it, made once per loop."""
 
-    whole: tf.Tensor
-    gates: tf.Tensor
-    candidate: tf.Tensor
+    back: tf.Tensor  # [U, 4U] (gates, 0, candidate) reset_after, else [U, 3U] (gates, 0)
+    candidate: tf.Tensor  # [U, U]: the candidate's columns
 
 
-def _gru_kernels(recurrent_kernel) -> GRUKernels:
+def _gru_kernels(recurrent_kernel, reset_after: bool) -> GRUKernels:
+    """`back` is laid out like `_gru_step_backward`'s ``d_step``, with zeros where a column of
+    d_step does not enter the recurrent matmul: ``d_step @ back^T = d_inner @ U_used^T``."""
     units = recurrent_kernel.shape[0]
-    return GRUKernels(recurrent_kernel, recurrent_kernel[:, :2 * units],
-                      recurrent_kernel[:, 2 * units:])
+    gates, candidate = recurrent_kernel[:, :2 * units], recurrent_kernel[:, 2 * units:]
+    parts = [gates, tf.zeros_like(candidate)] + ([candidate] if reset_after else [])
+    return GRUKernels(tf.concat(parts, axis=1), candidate)
 
 
 def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_after: bool):
@@ -324,9 +336,11 @@ def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_aft
       h_prev, z, r, hh, aux: the step's input state and what `_gru_step` returned.
 
     Returns:
-      ``(dh_prev [B, U], d_x [B, 3U], d_inner)``: the gradients of the state entering the step,
-      of the projected input, and of the recurrent matmul's output (``[B, 3U]`` reset_after, else
-      the gates' ``[B, 2U]``), from which the loop forms dW = sum_t h_{t-1}^T d_inner_t.
+      ``(dh_prev [B, U], d_step)``: the gradient of the state entering the step, and the
+      step's other gradients in one tensor (one write per step in a loop; `_gru_step_parts`
+      splits them): the projected input's ``[B, 3U]``, then with reset_after the candidate's
+      recurrent term's ``[B, U]`` (the recurrent matmul's output gradient is columns 0:2U and
+      3U:4U); without, the recurrent matmul's is the first 2U columns.
     """
     d_pre_candidate = dh * (1 - z) * (1 - hh * hh)
     dz = dh * (h_prev - hh)
@@ -337,14 +351,17 @@ def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_aft
         d_reset_state = tf.matmul(d_pre_candidate, kernels.candidate, transpose_b=True)
         dr = d_reset_state * h_prev
         dh_prev += d_reset_state * r
-    d_gates = tf.concat([dz * z * (1 - z), dr * r * (1 - r)], axis=1)
-    if reset_after:
-        d_inner = tf.concat([d_gates, d_pre_candidate * r], axis=1)
-        dh_prev += tf.matmul(d_inner, kernels.whole, transpose_b=True)
-    else:
-        d_inner = d_gates
-        dh_prev += tf.matmul(d_inner, kernels.gates, transpose_b=True)
-    return dh_prev, tf.concat([d_gates, d_pre_candidate], axis=1), d_inner
+    d_step = tf.concat([dz * z * (1 - z), dr * r * (1 - r), d_pre_candidate]
+                       + ([d_pre_candidate * r] if reset_after else []), axis=1)
+    return dh_prev + tf.matmul(d_step, kernels.back, transpose_b=True), d_step
+
+
+def _gru_step_parts(d_step: tf.Tensor, units: int, reset_after: bool) -> tuple:
+    """`_gru_step_backward`'s d_step ``[..., 4U or 3U]`` -> (the projected input's gradient
+    ``[..., 3U]``, the recurrent matmul's output gradient ``[..., 3U or 2U]``)."""
+    gates = d_step[..., :2 * units]
+    inner = tf.concat([gates, d_step[..., 3 * units:]], axis=-1) if reset_after else gates
+    return d_step[..., :3 * units], inner
 
 
 def _lstm_step(x, h, c, recurrent_kernel, activation, recurrent_activation):
@@ -385,17 +402,28 @@ def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
 # steps after the loop (sum_t h_{t-1}^T @ d_inner_t = H_prev^T @ D_inner).
 
 
-def _reads(arrays: list, t) -> list:
-    return [array.read(t) for array in arrays]
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, **static):
+    """`fn(*tensors, **static)` compiled with XLA: one `tf.function` per static setting, shared
+    by every chain (traced per shape and dtype). Its inputs are cut from any tape: the loops it
+    runs are differentiated by their written-out backward, and a tape recording inside would
+    ask XLA for autodiff accumulators it cannot size."""
+    compiled = tf.function(functools.partial(fn, **static), jit_compile=True, autograph=False)
+
+    def call(*args):
+        return compiled(*[tf.stop_gradient(a) for a in args])
+
+    return call
 
 
-def _unstacked(stacked: list) -> list:
-    """One TensorArray per ``[K, ...]`` tensor, to read step t of each in a loop."""
-    return [tf.TensorArray(s.dtype, size=tf.shape(s)[0]).unstack(s) for s in stacked]
+def _readable(stacked: tf.Tensor) -> tf.TensorArray:
+    """A ``[K, ...]`` tensor as a TensorArray, to read step t of it in a loop."""
+    return tf.TensorArray(stacked.dtype, size=_length(stacked)).unstack(stacked)
 
 
-def _arrays(dtype, steps, count: int) -> list:
-    return [tf.TensorArray(dtype, size=steps) for _ in range(count)]
+def _length(stacked: tf.Tensor):
+    """The leading dimension: a Python int when it is known (XLA needs fixed list sizes)."""
+    return stacked.shape[0] if stacked.shape[0] is not None else tf.shape(stacked)[0]
 
 
 def _previous(first: tf.Tensor, stacked: tf.Tensor) -> tf.Tensor:
@@ -408,103 +436,133 @@ def _flat_steps(stacked: tf.Tensor) -> tf.Tensor:
     return tf.reshape(stacked, [-1, tf.shape(stacked)[-1]])
 
 
+def _gru_loop(projected, h0, recurrent_kernel, recurrent_bias, reset_after: bool):
+    """`_gru_step` over ``projected [K, B, 3U]``: ``(saved [K, B, 5U], h_K)``, where each step
+    saved (h, z, r, hh, aux) in one write."""
+    steps = _length(projected)
+    xs = _readable(projected)
+
+    def body(t, h, saved):
+        values = _gru_step(xs.read(t), h, recurrent_kernel, recurrent_bias, reset_after,
+                           tf.tanh, tf.sigmoid)
+        return t + 1, values[0], saved.write(t, tf.concat(values, axis=1))
+
+    _, h_last, saved = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (tf.constant(0), h0, tf.TensorArray(projected.dtype, size=steps)))
+    return saved.stack(), h_last
+
+
 def _gru_sequence(reset_after: bool):
     """``(projected [K, B, 3U], h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias [3U])
-    -> (outputs [K, B, U], h_K)`` for sigmoid/tanh GRUs, with its backward written out."""
+    -> (outputs [K, B, U], h_K)`` for sigmoid/tanh GRUs, with its backward written out; the
+    forward loop and the backward loop are each compiled with XLA."""
 
     @tf.custom_gradient
     def gru_sequence(projected, h0, recurrent_kernel, recurrent_bias):
-        steps = tf.shape(projected)[0]
-        xs = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
-
-        def body(t, h, saved):
-            values = _gru_step(xs.read(t), h, recurrent_kernel, recurrent_bias, reset_after,
-                               tf.tanh, tf.sigmoid)
-            return t + 1, values[0], [a.write(t, v) for a, v in zip(saved, values)]
-
-        _, h_last, saved = tf.while_loop(
-            lambda t, *_: t < steps, body,
-            (tf.constant(0), h0, _arrays(projected.dtype, steps, 5)))
-        outputs, *gates = [array.stack() for array in saved]  # z, r, hh, aux: [K, B, U]
+        saved, h_last = _compiled(_gru_loop, reset_after=reset_after)(
+            projected, h0, recurrent_kernel, recurrent_bias)
+        outputs = saved[..., :recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_last):
-            return _gru_sequence_backward(d_outputs, d_last, h0, outputs, gates,
-                                          recurrent_kernel, recurrent_bias, reset_after)
+            d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+            d_last = tf.zeros_like(h0) if d_last is None else d_last
+            return _compiled(_gru_sequence_backward, reset_after=reset_after)(
+                d_outputs, d_last, h0, saved, recurrent_kernel, recurrent_bias)
 
         return (outputs, h_last), grad
 
     return gru_sequence
 
 
-def _gru_sequence_backward(d_outputs, d_last, h0, outputs, gates, recurrent_kernel,
-                           recurrent_bias, reset_after: bool):
+def _gru_sequence_backward(d_outputs, d_last, h0, saved, recurrent_kernel, recurrent_bias,
+                           reset_after: bool):
     """The gradients of `_gru_sequence`'s inputs: `_gru_step_backward` over the steps in
-    reverse, then the recurrent weights' gradients as one matmul over all steps."""
-    steps = tf.shape(outputs)[0]
-    d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
-    d_last = tf.zeros_like(h0) if d_last is None else d_last
+    reverse (one read and one write per step), then the recurrent weights' gradients as one
+    matmul over all steps."""
+    units = recurrent_kernel.shape[0]
+    steps = _length(saved)
+    outputs = saved[..., :units]
     previous = _previous(h0, outputs)
-    step_values = _unstacked([d_outputs, previous] + gates)
-    kernels = _gru_kernels(recurrent_kernel)
+    step_values = _readable(tf.concat([d_outputs, previous, saved[..., units:]], axis=-1))
+    kernels = _gru_kernels(recurrent_kernel, reset_after)
 
-    def back(i, dh, d_projected, d_inner):
+    def back(i, dh, d_steps):
         t = steps - 1 - i
-        d_output, h_prev, z, r, hh, aux = _reads(step_values, t)
-        dh_prev, d_x, d_in = _gru_step_backward(dh + d_output, h_prev, z, r, hh, aux, kernels,
-                                                reset_after)
-        return i + 1, dh_prev, d_projected.write(t, d_x), d_inner.write(t, d_in)
+        d_output, h_prev, z, r, hh, aux = tf.split(step_values.read(t), 6, axis=1)
+        dh_prev, d_step = _gru_step_backward(dh + d_output, h_prev, z, r, hh, aux, kernels,
+                                             reset_after)
+        return i + 1, dh_prev, d_steps.write(t, d_step)
 
-    _, d_h0, d_projected, d_inner = tf.while_loop(
+    _, d_h0, d_steps = tf.while_loop(
         lambda i, *_: i < steps, back,
-        (tf.constant(0), d_last) + tuple(_arrays(outputs.dtype, steps, 2)))
-    d_projected, d_inner = d_projected.stack(), d_inner.stack()
+        (tf.constant(0), d_last, tf.TensorArray(saved.dtype, size=steps)))
+    d_projected, d_inner = _gru_step_parts(d_steps.stack(), units, reset_after)
     d_kernel = tf.matmul(_flat_steps(previous), _flat_steps(d_inner), transpose_a=True)
     if reset_after:
         d_bias = tf.reduce_sum(_flat_steps(d_inner), axis=0)
-    else:  # the candidate's recurrent term multiplies the reset state r * h (gates[3])
-        units = recurrent_kernel.shape[0]
-        d_candidate = tf.matmul(_flat_steps(gates[3]), _flat_steps(d_projected[..., 2 * units:]),
-                                transpose_a=True)
+    else:  # the candidate's recurrent term multiplies the reset state r * h (aux)
+        d_candidate = tf.matmul(_flat_steps(saved[..., 4 * units:]),
+                                _flat_steps(d_projected[..., 2 * units:]), transpose_a=True)
         d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
         d_bias = tf.zeros_like(recurrent_bias)
     return d_projected, d_h0, d_kernel, d_bias
 
 
-@tf.custom_gradient
-def _lstm_sequence(projected, h0, c0, recurrent_kernel):
-    """``(projected [K, B, 4U], h0, c0 [B, U], recurrent_kernel [U, 4U])
-    -> (outputs [K, B, U], h_K, c_K)`` for sigmoid/tanh LSTMs, with its backward written out."""
-    steps = tf.shape(projected)[0]
-    xs = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
+def _lstm_loop(projected, h0, c0, recurrent_kernel):
+    """`_lstm_step` over ``projected [K, B, 4U]``: ``(saved [K, B, 7U], h_K, c_K)``, where each
+    step saved (h, c, i, f, o, g, tanh(c)) in one write."""
+    steps = _length(projected)
+    xs = _readable(projected)
 
     def body(t, h, c, saved):
         values = _lstm_step(xs.read(t), h, c, recurrent_kernel, tf.tanh, tf.sigmoid)
-        return t + 1, values[0], values[1], [a.write(t, v) for a, v in zip(saved, values)]
+        return t + 1, values[0], values[1], saved.write(t, tf.concat(values, axis=1))
 
     _, h_last, c_last, saved = tf.while_loop(
         lambda t, *_: t < steps, body,
-        (tf.constant(0), h0, c0, _arrays(projected.dtype, steps, 7)))
-    outputs, cells, *gates = [array.stack() for array in saved]  # i, f, o, g, tanh(c)
+        (tf.constant(0), h0, c0, tf.TensorArray(projected.dtype, size=steps)))
+    return saved.stack(), h_last, c_last
+
+
+def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, h0, c0, saved, recurrent_kernel):
+    """The gradients of `_lstm_sequence`'s inputs: `_lstm_step_backward` over the steps in
+    reverse, then the recurrent kernel's gradient as one matmul over all steps."""
+    units = recurrent_kernel.shape[0]
+    steps = _length(saved)
+    outputs = saved[..., :units]
+    c_previous = _previous(c0, saved[..., units:2 * units])
+    step_values = _readable(tf.concat([d_outputs, c_previous, saved[..., 2 * units:]], axis=-1))
+
+    def back(k, dh, dc, d_projected):
+        t = steps - 1 - k
+        d_output, c_prev, *step_gates = tf.split(step_values.read(t), 7, axis=1)
+        dh_prev, dc_prev, d_x = _lstm_step_backward(dh + d_output, dc, c_prev, *step_gates,
+                                                    recurrent_kernel)
+        return k + 1, dh_prev, dc_prev, d_projected.write(t, d_x)
+
+    _, d_h0, d_c0, d_projected = tf.while_loop(
+        lambda k, *_: k < steps, back,
+        (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=steps)))
+    d_projected = d_projected.stack()
+    d_kernel = tf.matmul(_flat_steps(_previous(h0, outputs)), _flat_steps(d_projected),
+                         transpose_a=True)
+    return d_projected, d_h0, d_c0, d_kernel
+
+
+@tf.custom_gradient
+def _lstm_sequence(projected, h0, c0, recurrent_kernel):
+    """``(projected [K, B, 4U], h0, c0 [B, U], recurrent_kernel [U, 4U])
+    -> (outputs [K, B, U], h_K, c_K)`` for sigmoid/tanh LSTMs, with its backward written out;
+    both loops compiled with XLA, as in `_gru_sequence`."""
+    saved, h_last, c_last = _compiled(_lstm_loop)(projected, h0, c0, recurrent_kernel)
+    outputs = saved[..., :recurrent_kernel.shape[0]]
 
     def grad(d_outputs, d_h_last, d_c_last):
         d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
         d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
         d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
-        step_values = _unstacked([d_outputs, _previous(c0, cells)] + gates)
-
-        def back(k, dh, dc, d_projected):
-            t = steps - 1 - k
-            d_output, c_prev, *step_gates = _reads(step_values, t)
-            dh_prev, dc_prev, d_x = _lstm_step_backward(dh + d_output, dc, c_prev, *step_gates,
-                                                        recurrent_kernel)
-            return k + 1, dh_prev, dc_prev, d_projected.write(t, d_x)
-
-        _, d_h0, d_c0, d_projected = tf.while_loop(
-            lambda k, *_: k < steps, back,
-            (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(outputs.dtype, size=steps)))
-        d_projected = d_projected.stack()
-        d_kernel = tf.matmul(_flat_steps(_previous(h0, outputs)), _flat_steps(d_projected),
-                             transpose_a=True)
-        return d_projected, d_h0, d_c0, d_kernel
+        return _compiled(_lstm_sequence_backward)(d_outputs, d_h_last, d_c_last, h0, c0, saved,
+                                                  recurrent_kernel)
 
     return (outputs, h_last, c_last), grad
