@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from harness import save  # noqa: E402 (benchmarks/ is the script folder)
+from harness import replace_in_readme, save  # noqa: E402 (benchmarks/ is the script folder)
 
 SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
 METHODS = ("keras_full", "tbptt_exact", "tbptt_exact_graph", "tbptt_truncated", "jax_full",
@@ -264,11 +264,33 @@ def tables(rows: list, peak: float) -> str:
                      f"| {row['loss']:.6g} | {gflops:.1f} | {gflops / peak:.1%} |")
     lines.append(f"\nOne [2048, 2048] float32 matmul in the same process: {peak:.1f} GFLOP/s.")
     times = {(r["cell"], r["T"], r["method"]): r["time"] for r in rows}
+    repeats = {(r["cell"], r["T"]): r["repeats"] for r in rows}
     for cell, steps, method in times:
+        if repeats[cell, steps] < 3:
+            continue  # one or two samples say nothing about a few percent
         if method == "tbptt_fit" and (cell, steps, "tbptt_apply") in times:
             extra = times[cell, steps, "tbptt_fit"] / times[cell, steps, "tbptt_apply"] - 1
             lines.append(f"{cell.upper()}, T={steps}: a ChunkedModel training step takes "
                          f"{extra:+.1%} over value_and_gradients + apply_gradients.")
+    return "\n".join(lines)
+
+
+def summary(rows: list, peak: float) -> str:
+    """The README's short table: tbptt exact beside the others, per cell and T."""
+    lines = ["| cell | T | Keras full BPTT (s) | tbptt exact (s) | x Keras | x JAX full "
+             "| x JAX checkpointed | share of matmul peak: tbptt / JAX full |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    times = {(r["cell"], r["T"], r["method"]): r["time"] for r in rows}
+    share = lambda cell, steps, method: (  # noqa: E731
+        step_flops(cell, steps, method) / times[cell, steps, method] / 1e9 / peak)
+    for cell, steps in dict.fromkeys((r["cell"], r["T"]) for r in rows):
+        exact = times[cell, steps, "tbptt_exact"]
+        lines.append(
+            f"| {cell.upper()} | {steps:,} | {times[cell, steps, 'keras_full']:.3f} | {exact:.3f} "
+            f"| {exact / times[cell, steps, 'keras_full']:.2f} "
+            f"| {exact / times[cell, steps, 'jax_full']:.2f} "
+            f"| {exact / times[cell, steps, 'jax_checkpoint']:.2f} "
+            f"| {share(cell, steps, 'tbptt_exact'):.0%} / {share(cell, steps, 'jax_full'):.0%} |")
     return "\n".join(lines)
 
 
@@ -322,16 +344,21 @@ def main() -> None:
             rng = np.random.default_rng(0)
             x = rng.normal(size=[SETUP["batch"], steps, SETUP["features"]]).astype("float32")
             y = rng.normal(size=[SETUP["batch"], steps, SETUP["labels"]]).astype("float32")
-            measured = round_robin(make_steps(cell, args.methods, x), x, y,
-                                   args.repeats if steps < 16_000 else 1)
+            repeats = args.repeats if steps < 16_000 else 1
+            measured = round_robin(make_steps(cell, args.methods, x), x, y, repeats)
             for method, result in measured.items():
-                rows.append(dict(result, cell=cell, T=steps, method=method))
+                rows.append(dict(result, cell=cell, T=steps, method=method, repeats=repeats))
                 print(rows[-1], flush=True)
-    text = tables(rows, matmul_gflops())
-    save(rows, "peers", text, None, None, None, update_readme=args.update_readme,
-         plot_fn=lambda path: plot(rows, path))
+    peak = matmul_gflops()
+    text = tables(rows, peak)
+    save(rows, "peers", text, None, None, None, plot_fn=lambda path: plot(rows, path))
     if args.update_readme:
         here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "peers.md"), "w") as f:
+            f.write(text + "\n")
+        replace_in_readme("peers", summary(rows, peak))
+        print("updated README.md (peers) and benchmarks/peers.md")
+        os.makedirs(os.path.join(os.path.dirname(here), "docs"), exist_ok=True)
         shutil.copy(os.path.join(here, "results", "peers.png"),
                     os.path.join(os.path.dirname(here), "docs", "peers.png"))
 
