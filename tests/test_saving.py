@@ -128,3 +128,28 @@ def test_load_weights_without_a_readable_feature_size_asks_for_build(tmp_path):
         [keras.layers.SimpleRNNCell(5)], chunk_size=4))
     with pytest.raises(ValueError, match=r"model.build\(\[None, None, F\]\)"):
         other.load_weights(path)
+
+
+def test_a_stage_chain_rebuilt_from_its_config_and_checkpoint_gives_the_same_gradients(
+        tmp_path):
+    keras.utils.set_random_seed(2)
+    chain = tbptt.StageChain([keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)],
+                             recompute=True, name="stages")
+    x, y = np.ones([3, 4], "float32"), np.zeros([3, 2], "float32")
+    expected = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError())
+    path = tf.train.Checkpoint(chain=chain).write(str(tmp_path / "ckpt"))
+
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(chain))
+    assert type(again) is tbptt.StageChain and again.get_config() == chain.get_config()
+    again(x)  # builds the stages' variables, so that the checkpoint restores into them
+    tf.train.Checkpoint(chain=again).read(path).assert_consumed()
+    result = again.value_and_gradients(x, y, keras.losses.MeanSquaredError())
+    np.testing.assert_array_equal(result.loss, expected.loss)
+    for a, b in zip(result.grads, expected.grads):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_stage_that_is_not_a_keras_layer_has_no_config():
+    chain = tbptt.StageChain([keras.layers.Dense(2), lambda a: a * 2.0])
+    with pytest.raises(TypeError, match=r"stages\[1\] is .*tf.train.Checkpoint"):
+        chain.get_config()

@@ -57,6 +57,31 @@ class SerializableChain:
         return cls(**config)
 
 
+class SerializableStages:
+    """`get_config`/`from_config` for a `StageChain` whose stages are Keras layers: the
+    architecture and options, not the weights (`tf.train.Checkpoint(chain=chain)` holds those;
+    `chain.stage_variables` lists them per stage)."""
+
+    def get_config(self) -> dict:
+        stages = []
+        for index, stage in enumerate(self.stages):
+            if not compat.is_keras_layer(stage):
+                raise TypeError(STAGE_MSG.format(index=index, value=stage))
+            stages.append(keras.saving.serialize_keras_object(stage))
+        return dict(self._options, stages=stages, name=self.name)
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        config["stages"] = _deserialize(config["stages"])
+        return cls(**config)
+
+
+STAGE_MSG = ("only a StageChain whose stages are Keras layers has a config; stages[{index}] is "
+             "{value!r}. Rebuild the chain in code and restore its weights with "
+             "tf.train.Checkpoint(chain=chain).")
+
+
 def _serialize(key: str, value):
     if isinstance(value, (list, tuple)) and key == "cells":
         return [_serialize("cell", cell) for cell in value]

@@ -15,6 +15,7 @@ from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import saving
 from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import LossFn
@@ -51,7 +52,8 @@ class StageResult(NamedTuple):
     input_grad: tf.Tensor
 
 
-class StageChain(tf.Module):
+@saving.register
+class StageChain(saving.SerializableStages, tf.Module):
     """Stages run in order, each differentiated with its own tape (or tf.gradients).
 
     ```
@@ -112,6 +114,13 @@ class StageChain(tf.Module):
     @property
     def stages(self) -> list:
         return list(self._stages)
+
+    @property
+    def _options(self) -> dict:
+        """The constructor's keywords besides `stages` and `name` (for `get_config`)."""
+        return {"backend": self._backend, "recompute": self._recompute,
+                "devices": self._devices, "compiled": self._compiled,
+                "check_numerics": self._check_numerics}
 
     @property
     def stage_variables(self) -> list:
