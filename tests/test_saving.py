@@ -153,3 +153,20 @@ def test_a_stage_that_is_not_a_keras_layer_has_no_config():
     chain = tbptt.StageChain([keras.layers.Dense(2), lambda a: a * 2.0])
     with pytest.raises(TypeError, match=r"stages\[1\] is .*tf.train.Checkpoint"):
         chain.get_config()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tbptt.StatefulGRUChain(4, chunk_size=3),
+    lambda: tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)])
+def test_a_mixed_precision_chain_reloads_with_float32_weights(make):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        chain = make()
+        again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(chain))
+        x = np.ones([2, 5, 3], "float32")
+        for c in (chain, again):
+            outputs, _ = c(x)
+            assert outputs.dtype == tf.float16
+            assert {tf.as_dtype(v.dtype) for v in c.trainable_variables} == {tf.float32}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

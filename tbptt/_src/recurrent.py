@@ -114,6 +114,9 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
 
     def _setup(self, stack: CellStack, config: ChainConfig) -> None:
         self._stack = stack
+        # The dtype asked for (None: the cells'), which a saved config keeps: the resolved one
+        # would turn mixed-precision cells into pure float16 ones on loading.
+        self._requested_dtype = config.dtype
         self._config = config._replace(dtype=stack.dtype)
         self._functions = compiling.FunctionCache(_unknown_dims)
 
@@ -127,7 +130,8 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         """
         chain = RecurrentChain.__new__(RecurrentChain)
         tf.Module.__init__(chain, name=self.name)
-        chain._setup(self._stack, self._config._replace(**changes))
+        chain._setup(self._stack,
+                     self._config._replace(dtype=self._requested_dtype)._replace(**changes))
         return chain
 
     @property

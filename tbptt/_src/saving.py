@@ -42,7 +42,7 @@ class SerializableChain:
     def get_config(self) -> dict:
         config = {field.name: getattr(self.config, field.name)
                   for field in dataclasses.fields(self.config)}
-        config["dtype"] = config["dtype"].name
+        config["dtype"] = None if self._requested_dtype is None else self._requested_dtype.name
         config["name"] = self.name
         for key, value in self._layers_config().items():
             config[key] = _serialize(key, value)
