@@ -337,6 +337,9 @@ def main() -> None:
                         help="also put the table in README.md, benchmarks/peers.md and "
                              "docs/peers.png")
     args = parser.parse_args()
+    if any(steps % SETUP["chunk"] for steps in args.steps):
+        parser.error(f"every T must be a multiple of the chunk size {SETUP['chunk']} "
+                     f"(jax_checkpoint scans whole chunks); got {args.steps}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rows = []
     for cell in args.cells:

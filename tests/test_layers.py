@@ -78,11 +78,23 @@ def hoisted_run(cell):
 @pytest.mark.parametrize("graph", [False, True], ids=["tape", "tf_gradients"])
 @pytest.mark.parametrize("kind", sorted(CELLS))
 def test_hoisted_runner_equals_keras_cell(kind, graph):
+    """With the time loops compiled by XLA (the default)."""
     cell, rnn = random_cell(kind, 4)
     x, states, weights = problem(cell)
     expected = value_and_grads(keras_run(rnn), cell, x, states, weights, graph)
     actual = value_and_grads(hoisted_run(cell), cell, x, states, weights, graph)
     assert len(actual) == len(expected)
+    assert_all_close(actual, expected, 1e-12, kind)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["tape", "tf_gradients"])
+@pytest.mark.parametrize("kind", ["gru", "gru_reset_before", "lstm"])
+def test_loops_without_xla_equal_keras_cell(kind, graph, monkeypatch):
+    monkeypatch.setenv("TBPTT_XLA", "0")
+    cell, rnn = random_cell(kind, 4)
+    x, states, weights = problem(cell)
+    expected = value_and_grads(keras_run(rnn), cell, x, states, weights, graph)
+    actual = value_and_grads(hoisted_run(cell), cell, x, states, weights, graph)
     assert_all_close(actual, expected, 1e-12, kind)
 
 
@@ -96,6 +108,34 @@ def test_float32_hoisted_runner_equals_keras_cell():
     expected = value_and_grads(keras_run(rnn), cell, x, states, weights, False)
     actual = value_and_grads(hoisted_run(cell), cell, x, states, weights, False)
     assert_all_close(actual, expected, 1e-5, "float32")
+
+
+@pytest.mark.parametrize("kind,xla", [("gru", True), ("lstm", False), ("gru_relu", True)])
+def test_second_derivatives_are_refused_by_compiled_loops_and_exact_elsewhere(kind, xla,
+                                                                              monkeypatch):
+    """A gradient penalty: the XLA-compiled loops raise instead of returning a partial answer;
+    the same loops without XLA (TBPTT_XLA=0), and a cell stepped under autodiff, give Keras's
+    own second derivative."""
+    if not xla:
+        monkeypatch.setenv("TBPTT_XLA", "0")
+    cell, rnn = random_cell(kind, 4)
+    x, states, weights = problem(cell)
+
+    def penalty_gradient(run):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                outputs, _ = run(x, states)
+                loss = tf.reduce_sum(outputs * weights)
+            grads = inner.gradient(loss, cell.trainable_variables)
+            penalty = tf.add_n([tf.reduce_sum(g * g) for g in grads])
+        return outer.gradient(penalty, cell.trainable_variables)
+
+    if kind == "gru" and xla:
+        with pytest.raises(NotImplementedError, match="TBPTT_XLA=0"):
+            penalty_gradient(hoisted_run(cell))
+    else:
+        assert_all_close(penalty_gradient(hoisted_run(cell)), penalty_gradient(keras_run(rnn)),
+                         1e-12, kind)
 
 
 def test_only_stock_cells_are_hoisted():

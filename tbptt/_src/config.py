@@ -13,7 +13,7 @@ from tbptt._src import vjp as vjp_lib
 MODES = ("exact", "truncated")
 REDUCTIONS = ("auto", "sum", "mean")
 # Keras loss reductions that average over the elements (Keras 3, and tf.keras's "auto").
-MEAN_LOSS_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "auto")
+MEAN_LOSS_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,9 @@ class ChainConfig:
       backend: "eager" (`GradientTape`) or "graph" (`tf.gradients` in a graph).
       reduction: "sum" (total = sum of chunk losses), "mean" (each chunk's loss weighted by
         its share of the T steps: a per-element mean loss gives the whole-sequence mean) or
-        "auto" (the default): the loss's own, so that the scale never depends on the chunk
-        size (see `reduction_for`).
+        "auto" (the default): the loss's own, so that a Keras loss's scale does not depend on
+        the chunk size (see `reduction_for`; a plain function is summed, so it should return
+        its chunk's total, not a mean).
       dtype: dtype of the state and computation; None takes the first cell's.
       compiled: run the chunk loops in a `tf.function` (default); False runs them eagerly step
         by step, for debugging (eager backend only).
@@ -115,6 +116,13 @@ class ChainConfig:
         if self.reduction != "auto":
             return self.reduction
         own = getattr(loss_fn, "reduction", None)
+        if own == "mean_with_sample_weight":
+            raise ValueError(
+                "reduction='auto' cannot follow loss_fn's reduction 'mean_with_sample_weight': "
+                "it divides each chunk by that chunk's sum of weights, and chunks weighed by "
+                "their steps do not give the whole-sequence weighted mean. Give the loss "
+                "reduction='sum' (and divide by the total weight yourself) or "
+                "'sum_over_batch_size', or pass the chain's reduction explicitly.")
         return "mean" if isinstance(own, str) and own in MEAN_LOSS_REDUCTIONS else "sum"
 
     @property

@@ -19,6 +19,7 @@ runs step by step.
 
 import abc
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import tensorflow as tf
@@ -130,10 +131,11 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
       xs: the chunk's inputs, batch-major ``[B, K, F]``.
       training: passed to cells that run as themselves.
       with_outputs: whether the top layer's outputs are needed (a forward that only carries
-        the state skips writing them).
+        the state lets a step loop skip writing them).
 
     Returns:
-      ``(top outputs [K, B, U] time-major or None, new states per layer)``.
+      ``(top outputs [K, B, U] time-major, or None when not needed and not made, new states
+      per layer)``.
     """
     new_states = []
     for index, (runner, layer_states) in enumerate(zip(runners, states)):
@@ -313,7 +315,7 @@ def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activat
 
 
 class GRUKernels(NamedTuple):
-    """The recurrent kernel ``U [U, 3U]`` as the step backward uses it, made once per loop."""
+    """The recurrent kernel ``[U, 3U]`` laid out as the step backward uses it, once per loop."""
 
     back: tf.Tensor  # [U, 4U] (gates, 0, candidate) reset_after, else [U, 3U] (gates, 0)
     candidate: tf.Tensor  # [U, U]: the candidate's columns
@@ -402,16 +404,38 @@ def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
 # steps after the loop (sum_t h_{t-1}^T @ d_inner_t = H_prev^T @ D_inner).
 
 
-@functools.lru_cache(maxsize=None)
+XLA_VARIABLE = "TBPTT_XLA"
+
+
 def _compiled(fn, **static):
+    """`fn(*tensors, **static)` compiled with XLA, or as it is with ``TBPTT_XLA=0`` in the
+    environment (read when a chain is traced): a device without an XLA compiler, or second
+    derivatives, which the uncompiled loops support."""
+    if os.environ.get(XLA_VARIABLE, "1") == "0":
+        return functools.partial(fn, **static)
+    return _xla_compiled(fn, **static)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_compiled(fn, **static):
     """`fn(*tensors, **static)` compiled with XLA: one `tf.function` per static setting, shared
-    by every chain (traced per shape and dtype). Its inputs are cut from any tape: the loops it
-    runs are differentiated by their written-out backward, and a tape recording inside would
-    ask XLA for autodiff accumulators it cannot size."""
+    by every chain (traced per shape and dtype; XLA compiles once per new shape).
+
+    A tape never sees inside: the loops it runs are differentiated by their written-out
+    backward (a tape recording inside would ask XLA for autodiff accumulators it cannot size),
+    and differentiating the call itself, which only a second derivative does, raises."""
     compiled = tf.function(functools.partial(fn, **static), jit_compile=True, autograph=False)
 
+    @tf.custom_gradient
     def call(*args):
-        return compiled(*[tf.stop_gradient(a) for a in args])
+        def no_second_order(*_):
+            raise NotImplementedError(
+                "second derivatives through a stock GRUCell/LSTMCell layer need its time loops "
+                "without XLA: the compiled loops are differentiated by their written-out "
+                "backward, which is not itself differentiable. For a gradient of a gradient (a "
+                "gradient penalty, a Hessian-vector product), set the environment variable "
+                "TBPTT_XLA=0 before the chain is first called.")
+        return compiled(*[tf.stop_gradient(a) for a in args]), no_second_order
 
     return call
 

@@ -15,10 +15,6 @@ from tbptt._src import compat
 
 keras = compat.keras
 
-HEAD_MSG = ("only a chain whose head is a Keras layer (or None) can be saved as a whole; this "
-            "head is {value!r}. Save the weights instead (model.save_weights(...), or "
-            "tf.train.Checkpoint), or make the head a Keras layer.")
-
 
 def register(cls):
     """Registers `cls` with Keras under the package "tbptt", so `load_model` finds it."""
@@ -66,7 +62,10 @@ class SerializableStages:
         stages = []
         for index, stage in enumerate(self.stages):
             if not compat.is_keras_layer(stage):
-                raise TypeError(STAGE_MSG.format(index=index, value=stage))
+                raise TypeError(
+                    f"only a StageChain whose stages are Keras layers has a config; "
+                    f"stages[{index}] is {stage!r}. Rebuild the chain in code and restore its "
+                    f"weights with tf.train.Checkpoint(chain=chain).")
             stages.append(keras.saving.serialize_keras_object(stage))
         return dict(self._options, stages=stages, name=self.name)
 
@@ -77,9 +76,6 @@ class SerializableStages:
         return cls(**config)
 
 
-STAGE_MSG = ("only a StageChain whose stages are Keras layers has a config; stages[{index}] is "
-             "{value!r}. Rebuild the chain in code and restore its weights with "
-             "tf.train.Checkpoint(chain=chain).")
 
 
 def _serialize(key: str, value):
@@ -89,7 +85,10 @@ def _serialize(key: str, value):
         return list(value) if isinstance(value, tuple) else value
     if not compat.is_keras_layer(value):
         if key == "head":
-            raise TypeError(HEAD_MSG.format(value=value))
+            raise TypeError(
+                f"only a chain whose head is a Keras layer (or None) can be saved as a whole; "
+                f"this head is {value!r}. Save the weights instead (model.save_weights(...), or "
+                f"tf.train.Checkpoint), or make the head a Keras layer.")
         raise TypeError(f"only Keras cells can be saved as a whole; this {key} is {value!r}.")
     return keras.saving.serialize_keras_object(value)
 
