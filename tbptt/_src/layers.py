@@ -315,19 +315,16 @@ def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activat
 
 
 class GRUKernels(NamedTuple):
-    """The recurrent kernel ``[U, 3U]`` laid out as the step backward uses it, once per loop."""
+    """The recurrent kernel ``[U, 3U]`` split as the step backward uses it, once per loop."""
 
-    back: tf.Tensor  # [U, 4U] (gates, 0, candidate) reset_after, else [U, 3U] (gates, 0)
+    inner: tf.Tensor  # the columns the recurrent matmul uses: [U, 3U] reset_after, else gates'
     candidate: tf.Tensor  # [U, U]: the candidate's columns
 
 
 def _gru_kernels(recurrent_kernel, reset_after: bool) -> GRUKernels:
-    """`back` is laid out like `_gru_step_backward`'s ``d_step``, with zeros where a column of
-    d_step does not enter the recurrent matmul: ``d_step @ back^T = d_inner @ U_used^T``."""
     units = recurrent_kernel.shape[0]
-    gates, candidate = recurrent_kernel[:, :2 * units], recurrent_kernel[:, 2 * units:]
-    parts = [gates, tf.zeros_like(candidate)] + ([candidate] if reset_after else [])
-    return GRUKernels(tf.concat(parts, axis=1), candidate)
+    inner = recurrent_kernel if reset_after else recurrent_kernel[:, :2 * units]
+    return GRUKernels(inner, recurrent_kernel[:, 2 * units:])
 
 
 def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_after: bool):
@@ -340,9 +337,9 @@ def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_aft
     Returns:
       ``(dh_prev [B, U], d_step)``: the gradient of the state entering the step, and the
       step's other gradients in one tensor (one write per step in a loop; `_gru_step_parts`
-      splits them): the projected input's ``[B, 3U]``, then with reset_after the candidate's
-      recurrent term's ``[B, U]`` (the recurrent matmul's output gradient is columns 0:2U and
-      3U:4U); without, the recurrent matmul's is the first 2U columns.
+      splits them). Its first columns are the recurrent matmul's output gradient ``d_inner``
+      (gates, then with reset_after the candidate's recurrent term), then the candidate's
+      pre-activation gradient: ``[B, 4U]`` reset_after, else ``[B, 3U]``.
     """
     d_pre_candidate = dh * (1 - z) * (1 - hh * hh)
     dz = dh * (h_prev - hh)
@@ -353,17 +350,20 @@ def _gru_step_backward(dh, h_prev, z, r, hh, aux, kernels: GRUKernels, reset_aft
         d_reset_state = tf.matmul(d_pre_candidate, kernels.candidate, transpose_b=True)
         dr = d_reset_state * h_prev
         dh_prev += d_reset_state * r
-    d_step = tf.concat([dz * z * (1 - z), dr * r * (1 - r), d_pre_candidate]
-                       + ([d_pre_candidate * r] if reset_after else []), axis=1)
-    return dh_prev + tf.matmul(d_step, kernels.back, transpose_b=True), d_step
+    d_inner = tf.concat([dz * z * (1 - z), dr * r * (1 - r)]
+                        + ([d_pre_candidate * r] if reset_after else []), axis=1)
+    dh_prev += tf.matmul(d_inner, kernels.inner, transpose_b=True)
+    return dh_prev, tf.concat([d_inner, d_pre_candidate], axis=1)
 
 
 def _gru_step_parts(d_step: tf.Tensor, units: int, reset_after: bool) -> tuple:
     """`_gru_step_backward`'s d_step ``[..., 4U or 3U]`` -> (the projected input's gradient
-    ``[..., 3U]``, the recurrent matmul's output gradient ``[..., 3U or 2U]``)."""
-    gates = d_step[..., :2 * units]
-    inner = tf.concat([gates, d_step[..., 3 * units:]], axis=-1) if reset_after else gates
-    return d_step[..., :3 * units], inner
+    ``[..., 3U]``: gates then candidate, the recurrent matmul's output gradient ``[..., 3U
+    or 2U]``)."""
+    inner = d_step[..., :-units]
+    if not reset_after:
+        return d_step, inner
+    return tf.concat([d_step[..., :2 * units], d_step[..., 3 * units:]], axis=-1), inner
 
 
 def _lstm_step(x, h, c, recurrent_kernel, activation, recurrent_activation):
