@@ -360,7 +360,6 @@ def main() -> None:
         with open(os.path.join(here, "peers.md"), "w") as f:
             f.write(text + "\n")
         replace_in_readme("peers", summary(rows, peak))
-        print("updated README.md (peers) and benchmarks/peers.md")
         os.makedirs(os.path.join(os.path.dirname(here), "docs"), exist_ok=True)
         shutil.copy(os.path.join(here, "results", "peers.png"),
                     os.path.join(os.path.dirname(here), "docs", "peers.png"))
