@@ -76,8 +76,6 @@ class SerializableStages:
         return cls(**config)
 
 
-
-
 def _serialize(key: str, value):
     if isinstance(value, (list, tuple)) and key == "cells":
         return [_serialize("cell", cell) for cell in value]
