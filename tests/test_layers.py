@@ -110,11 +110,11 @@ def test_float32_hoisted_runner_equals_keras_cell():
     assert_all_close(actual, expected, 1e-5, "float32")
 
 
-@pytest.mark.parametrize("kind,xla", [("gru", True), ("lstm", False), ("gru_relu", True)])
-def test_second_derivatives_are_refused_by_compiled_loops_and_exact_elsewhere(kind, xla,
-                                                                              monkeypatch):
-    """A gradient penalty: the XLA-compiled loops raise instead of returning a partial answer;
-    the same loops without XLA (TBPTT_XLA=0), and a cell stepped under autodiff, give Keras's
+@pytest.mark.parametrize("kind,xla", [("gru", True), ("lstm", False), ("gru_relu", True),
+                                      ("lstm", True), ("gru_reset_before", True)])
+def test_second_derivatives_equal_keras(kind, xla, monkeypatch):
+    """A gradient penalty: the XLA-compiled loops (whose first derivative is written out), the
+    same loops without XLA (TBPTT_XLA=0), and a cell stepped under autodiff all give Keras's
     own second derivative."""
     if not xla:
         monkeypatch.setenv("TBPTT_XLA", "0")
@@ -130,12 +130,8 @@ def test_second_derivatives_are_refused_by_compiled_loops_and_exact_elsewhere(ki
             penalty = tf.add_n([tf.reduce_sum(g * g) for g in grads])
         return outer.gradient(penalty, cell.trainable_variables)
 
-    if kind == "gru" and xla:
-        with pytest.raises(NotImplementedError, match="TBPTT_XLA=0"):
-            penalty_gradient(hoisted_run(cell))
-    else:
-        assert_all_close(penalty_gradient(hoisted_run(cell)), penalty_gradient(keras_run(rnn)),
-                         1e-12, kind)
+    assert_all_close(penalty_gradient(hoisted_run(cell)), penalty_gradient(keras_run(rnn)),
+                     1e-12, kind)
 
 
 def test_only_stock_cells_are_hoisted():

@@ -84,6 +84,8 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
     """`chain(inputs, ...)`: in-memory inputs run as one chunk; a source chunk by chunk."""
     mask = keras_mask(inputs) if mask is None else mask
     source = sources_lib.as_source("inputs", inputs)
+    if source is not None:
+        _sources_outside_xla()
     if source is None:
         inputs = checks.sequence_inputs(inputs, stack.dtype)
         args = {"inputs": inputs}
@@ -107,6 +109,11 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
     loss_fn = checks.loss_function(
         loss_fn, with_weight=sample_weight is not None or mask is not None)
     args, sources = _per_step_args(stack, inputs, targets, sample_weight)
+    if sources:
+        _sources_outside_xla()
+    if config.check_numerics:
+        checks.outside_xla("check_numerics=True", "its assertions would be left out. Check "
+                           "numerics in a call outside jit_compile.")
     args.update(flag_args(args["inputs"], reset, mask))
     batch = batch_size(args["inputs"])
     args["chunk_size"] = chunk_size_for(config, stack, args["inputs"].shape)
@@ -127,6 +134,11 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
         args["steps"] = tf.constant(sources["inputs"].shape[1], tf.int32)
     stack.build(inputs_shape)  # last: a refused call leaves the chain unbuilt
     return Prepared(args, sources, (loss_fn, source_specs))
+
+
+def _sources_outside_xla() -> None:
+    checks.outside_xla("a chunk source", "it is read by tf.numpy_function, which XLA cannot "
+                       "compile. Pass in-memory tensors, or call the chain outside jit_compile.")
 
 
 def _per_step_args(stack: CellStack, inputs, targets, sample_weight) -> tuple[dict, dict]:

@@ -45,11 +45,21 @@ Linearized = Callable[[], tuple]
 
 
 class Segments(NamedTuple):
-    """A chain of `count` segments over a flat list of carried tensors."""
+    """A chain of `count` segments over a flat list of carried tensors.
+
+    `bound` (None: `count`) is a bound of `count` that XLA can evaluate when it compiles the
+    loops (the chunk count of a group of the two-level chain is not): it sizes the loops'
+    TensorArrays and iteration counts inside a user's `jit_compile=True`.
+    """
 
     count: tf.Tensor
     advance: Advance
     segment: Segment
+    bound: Optional[tf.Tensor] = None
+
+    @property
+    def most(self) -> tf.Tensor:
+        return self.count if self.bound is None else self.bound
 
 
 class ChainGradients(NamedTuple):
@@ -155,7 +165,7 @@ def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
     rather than read from the TensorArray: executing eagerly, a TensorArray element can be read
     only once.
     """
-    boundaries = [tf.TensorArray(c.dtype, size=segments.count if keep else 0,
+    boundaries = [tf.TensorArray(c.dtype, size=segments.most if keep else 0,
                                  element_shape=c.shape) for c in carry]
     kept = list(carry)
 
@@ -174,7 +184,7 @@ def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
     count, carry, boundaries, kept, found = tf.while_loop(
         lambda k, *_: k < segments.count, body,
         (tf.constant(0), list(carry), boundaries, kept, no_findings()),
-        parallel_iterations=PARALLEL_SEGMENTS)
+        parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
     kept = select(count, carry, kept) if keep_at is not None else None
     return carry, (boundaries if keep else None), kept, found
 
@@ -213,7 +223,7 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
         lambda i, *_: i < segments.count, body,
         (tf.constant(0), carried, [tf.zeros_like(v) for v in variables],
          tf.zeros([], loss_dtype), no_findings() if found is None else found, norms),
-        parallel_iterations=PARALLEL_SEGMENTS)
+        parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
     return Backward(loss, grads, carried, found, norms.stack() if record else None)
 
 
@@ -239,7 +249,7 @@ def one_sweep(segments: Segments, carry: list, variables: list, linearize, sched
         lambda k, *_: k < segments.count, body,
         (tf.constant(0), list(carry), [tf.zeros_like(v) for v in variables],
          tf.zeros([], loss_dtype), no_findings()),
-        parallel_iterations=PARALLEL_SEGMENTS)
+        parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
     return ChainGradients(loss, grads, final_carry, [tf.zeros_like(c) for c in carry],
                           non_finite=found if check else None)
 

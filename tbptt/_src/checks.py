@@ -8,12 +8,23 @@ import numbers
 
 import tensorflow as tf
 
+from tbptt._src import compat
+
 INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
                    "One sequence [time, features] needs a batch axis: x[None]; a batch of "
                    "one-feature sequences [batch, time] needs a feature axis: x[..., None].")
 CHAIN_MSG = "chain must be a tbptt.RecurrentChain (or StatefulGRUChain), got {value!r}."
 COMPILED_GRAPH_MSG = ("backend='graph' runs tf.gradients, which needs a graph: leave "
                       "compiled=True, or use backend='eager' with compiled=False to debug.")
+
+
+def outside_xla(what: str, fix: str) -> None:
+    """Refuses `what` inside a function that XLA compiles as a whole (`jit_compile=True`),
+    which cannot run it and would leave it out (an assertion) or fail deep inside XLA."""
+    if compat.in_xla_context():
+        raise ValueError(f"{what} cannot run inside a function compiled with XLA "
+                         f"(jit_compile=True): {fix} The chain's own time loops are compiled "
+                         "with XLA already, so jit_compile=False costs little.")
 
 
 def is_int(value) -> bool:

@@ -3,6 +3,9 @@
 import os
 
 import tensorflow as tf
+# TensorFlow's own test for an XLA cluster being built (what tf.while_loop asks); no public API
+# says whether the graph being traced is compiled by XLA as a whole.
+from tensorflow.python.ops import control_flow_util as _control_flow_util
 
 _BACKEND_MSG = ("tbptt runs on TensorFlow, but Keras is set to the {backend!r} backend (the "
                 "KERAS_BACKEND environment variable or ~/.keras/keras.json). Set "
@@ -112,3 +115,11 @@ def is_mixed_precision(layer) -> bool:
     policy = getattr(layer, "dtype_policy", None)
     name = getattr(policy, "name", policy)
     return isinstance(name, str) and name.startswith("mixed_")
+
+
+def in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA as a whole (a user's
+    `tf.function(jit_compile=True)`, Keras's `jit_compile=True`)."""
+    if tf.executing_eagerly():
+        return False
+    return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

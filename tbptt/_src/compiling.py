@@ -16,6 +16,7 @@ from typing import Callable
 import tensorflow as tf
 
 from tbptt._src import compat
+from tbptt._src import layers
 
 # Held while variables are built (a chain's first call), so that threads build them once.
 BUILD_LOCK = threading.RLock()
@@ -90,7 +91,8 @@ class FunctionCache:
 
         def call(args: dict):
             specs = signature(args, self._unknown_dims)
-            key = (kind, static_key(static), tuple(
+            # A trace made for one context is wrong in another (see `layers.in_xla_context`).
+            key = (kind, static_key(static), layers.loops_compiled_alone(), tuple(
                 (name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items())))
             return self._function(key, impl, static, specs)(args)
 

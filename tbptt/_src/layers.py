@@ -67,10 +67,12 @@ def time_major(xs: tf.Tensor) -> tf.Tensor:
 
 
 def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-                      flags: Optional[StepFlags] = None):
+                      flags: Optional[StepFlags] = None, max_steps=None):
     """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``.
 
-    With `flags`, each step is `flagged` with the step's reset and mask.
+    With `flags`, each step is `flagged` with the step's reset and mask. `max_steps` bounds K
+    where K is unknown when the loop is traced (a chunk of a longer sequence): autodiff inside
+    XLA sizes its accumulators with it.
     """
     steps = _length(xs)
     inputs = _readable(xs)
@@ -88,7 +90,8 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
         return (t + 1, list(states)) + ((outputs[0].write(t, y),) if with_outputs else ())
 
     loop_vars = (tf.constant(0), list(states)) + ((outputs,) if with_outputs else ())
-    _, states, *outputs = tf.while_loop(lambda t, *_: t < steps, body, loop_vars)
+    _, states, *outputs = tf.while_loop(lambda t, *_: t < steps, body, loop_vars,
+                                        maximum_iterations=steps if max_steps is None else max_steps)
     return (outputs[0].stack() if with_outputs else None), states
 
 
@@ -122,7 +125,7 @@ def unroll(step, inputs: tf.Tensor, state) -> tuple:
 
 
 def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
-               with_outputs: bool = True, flags: Optional[StepFlags] = None):
+               with_outputs: bool = True, flags: Optional[StepFlags] = None, max_steps=None):
     """All layers over one chunk.
 
     Args:
@@ -132,6 +135,8 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
       training: passed to cells that run as themselves.
       with_outputs: whether the top layer's outputs are needed (a forward that only carries
         the state lets a step loop skip writing them).
+      flags: the chunk's per-step reset and mask (None: no flags).
+      max_steps: a bound of K (see `unroll_time_major`), or None.
 
     Returns:
       ``(top outputs [K, B, U] time-major, or None when not needed and not made, new states
@@ -142,7 +147,7 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
         projected = runner.project(xs, batch_major=index == 0)
         keep = with_outputs or index < len(runners) - 1
         xs, layer_states = runner.run(projected, layer_states, training=training,
-                                      with_outputs=keep, flags=flags)
+                                      with_outputs=keep, flags=flags, max_steps=max_steps)
         new_states.append(layer_states)
     return xs, new_states
 
@@ -166,11 +171,13 @@ class _CellRunner:
     def project(self, xs, batch_major: bool):
         return time_major(xs) if batch_major else xs
 
-    def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None):
+    def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
+            max_steps=None):
         def step(x, states):
             y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
             return y, tf.nest.flatten(new_states)
-        return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
+        return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
+                                 max_steps=max_steps)
 
 
 class _FusedRunner(abc.ABC):
@@ -197,7 +204,8 @@ class _FusedRunner(abc.ABC):
     def project(self, xs, batch_major: bool):
         return _project(xs, self._weight("kernel"), self._input_bias(), batch_major)
 
-    def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None):
+    def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
+            max_steps=None):
         """The layer over ``xs [K, B, 3U or 4U]`` (projected): the compiled loop with its
         written-out backward for sigmoid/tanh cells without flags (a forward that only carries
         the state runs it too: the same program, so the same state to the last bit); the
@@ -208,7 +216,8 @@ class _FusedRunner(abc.ABC):
         if flags is None and self._default_activations():
             return self._fused(xs, states, recurrent_kernel, recurrent_bias)
         step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
-        return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags)
+        return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
+                                 max_steps=max_steps)
 
     @abc.abstractmethod
     def _input_bias(self):
@@ -407,35 +416,54 @@ def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
 XLA_VARIABLE = "TBPTT_XLA"
 
 
+def in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA as a whole (a user's
+    `tf.function(jit_compile=True)`, Keras's `jit_compile=True`)."""
+    return compat.in_xla_context()
+
+
+def loops_compiled_alone() -> bool:
+    """Whether the time loops traced now are compiled with XLA on their own: not with
+    ``TBPTT_XLA=0`` in the environment (a device without an XLA compiler), and not inside a
+    function that XLA compiles as a whole, where a compiled function nested in the cluster sees
+    the chunk's dynamic length as a padded bound and returns wrong values (the enclosing
+    cluster compiles the plain loop anyway). Part of every compiled chain function's key."""
+    return os.environ.get(XLA_VARIABLE, "1") != "0" and not in_xla_context()
+
+
 def _compiled(fn, **static):
-    """`fn(*tensors, **static)` compiled with XLA, or as it is with ``TBPTT_XLA=0`` in the
-    environment (read when a chain is traced): a device without an XLA compiler, or second
-    derivatives, which the uncompiled loops support."""
-    if os.environ.get(XLA_VARIABLE, "1") == "0":
-        return functools.partial(fn, **static)
-    return _xla_compiled(fn, **static)
+    """`fn(*tensors, **static)` compiled with XLA where `loops_compiled_alone`, else as it is,
+    behind the same gradient (see `_loop_function`)."""
+    return _loop_function(fn, loops_compiled_alone(), **static)
 
 
 @functools.lru_cache(maxsize=None)
-def _xla_compiled(fn, **static):
-    """`fn(*tensors, **static)` compiled with XLA: one `tf.function` per static setting, shared
-    by every chain (traced per shape and dtype; XLA compiles once per new shape).
+def _loop_function(fn, jit: bool, **static):
+    """`fn(*tensors, **static)` (with `jit`, compiled with XLA: one `tf.function` per static
+    setting, shared by every chain, traced per shape and dtype) that no tape sees inside.
 
-    A tape never sees inside: the loops it runs are differentiated by their written-out
-    backward (a tape recording inside would ask XLA for autodiff accumulators it cannot size),
-    and differentiating the call itself, which only a second derivative does, raises."""
-    compiled = tf.function(functools.partial(fn, **static), jit_compile=True, autograph=False)
+    A tape recording inside would make TensorFlow keep every step's intermediates for
+    autodiff (accumulators that XLA cannot size). The loops run here are differentiated by
+    their written-out backward; only a second derivative (a gradient penalty, or TensorFlow
+    preparing one for a persistent tape or a SavedModel) differentiates the call itself, and
+    gets the autodiff of the same loop run without XLA: the exact derivative, at the speed of
+    the step-by-step loop."""
+    plain = functools.partial(fn, **static)
+    run = tf.function(plain, jit_compile=True, autograph=False) if jit else plain
 
     @tf.custom_gradient
     def call(*args):
-        def no_second_order(*_):
-            raise NotImplementedError(
-                "second derivatives through a stock GRUCell/LSTMCell layer need its time loops "
-                "without XLA: the compiled loops are differentiated by their written-out "
-                "backward, which is not itself differentiable. For a gradient of a gradient (a "
-                "gradient penalty, a Hessian-vector product), set the environment variable "
-                "TBPTT_XLA=0 before the chain is first called.")
-        return compiled(*[tf.stop_gradient(a) for a in args]), no_second_order
+        outputs = run(*[tf.stop_gradient(a) for a in args])
+
+        def grad(*d_outputs):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                again = tf.nest.flatten(plain(*args))
+            seeds = [tf.zeros_like(y) if d is None else d for y, d in zip(again, d_outputs)]
+            grads = tape.gradient(again, list(args), output_gradients=seeds)
+            return [tf.zeros_like(a) if g is None else g for a, g in zip(args, grads)]
+
+        return outputs, grad
 
     return call
 

@@ -325,8 +325,9 @@ def _gradients(stack: CellStack, config: ChainConfig, args: dict, static) -> _Ru
     """The compiled body of `value_and_gradients`: the time chain run with the schedule."""
     loss_fn, source_specs, record = static
     args = dict(args)
+    run = sources_lib.run_token() if source_specs else None
     for name, spec in source_specs:  # read chunk by chunk from the source given
-        args[name] = timechain.SourceReader(args["sources"][name], spec)
+        args[name] = timechain.SourceReader(args["sources"][name], run, spec)
     loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
     segments = timechain.segments(stack, args, loss_fn, config.reduction_for(loss_fn),
                                   loss_dtype)
@@ -350,7 +351,8 @@ def _forward(stack: CellStack, args: dict, static):
     if source is None:
         flags = timechain.chunk_flags(args, 0, tf.shape(args["inputs"])[1])
         return stack(args["inputs"], args["state"], training=training, flags=flags)
-    args = {**args, "inputs": timechain.SourceReader(args["sources"]["inputs"], source)}
+    args = {**args, "inputs": timechain.SourceReader(args["sources"]["inputs"],
+                                                     sources_lib.run_token(), source)}
     return timechain.forward(stack, args, training, stack.dtype)
 
 

@@ -137,7 +137,7 @@ class TwoLevel(Exact):
             lambda i, *_: i < groups.count, body,
             (tf.constant(0), list(final_carry_grad), [tf.zeros_like(v) for v in variables],
              tf.zeros([], loss_dtype), chain_lib.no_findings()),
-            parallel_iterations=chain_lib.PARALLEL_SEGMENTS)
+            parallel_iterations=chain_lib.PARALLEL_SEGMENTS, maximum_iterations=groups.count)
         return chain_lib.ChainGradients(loss, grads, final_carry, initial_carry_grad,
                                         non_finite=found if check_numerics else None)
 
@@ -150,7 +150,7 @@ def _group(segments: chain_lib.Segments, group, j) -> chain_lib.Segments:
     first = j * group
     return chain_lib.Segments(tf.minimum(group, segments.count - first),
                               lambda k, c: segments.advance(first + k, c),
-                              lambda k, c: segments.segment(first + k, c))
+                              lambda k, c: segments.segment(first + k, c), bound=group)
 
 
 class Truncated(Schedule):

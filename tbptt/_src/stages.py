@@ -218,6 +218,9 @@ class StageChain(saving.SerializableStages, tf.Module):
           `StageResult(loss, grads, boundary_grads, input_grad)`.
         """
         loss_fn = checks.loss_function(loss_fn, with_weight=sample_weight is not None)
+        if self._check_numerics:
+            checks.outside_xla("check_numerics=True", "its assertions would be left out. "
+                               "Check numerics in a call outside jit_compile.")
         x = checks.as_tensor("x", x)
         if x.shape.rank == 0:
             raise ValueError("x must have a batch axis first (shape [batch, ...]), got a "

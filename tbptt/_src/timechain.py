@@ -6,7 +6,7 @@ segment k:  (y_k, s_k) = core(x_k, s_{k-1});   L_k = weight_k * loss_fn(targets_
 ```
 
 A core is anything with the contract `core(x [B, K, F], state, *, training, flags,
-with_outputs) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a `CellStack`,
+with_outputs, max_steps) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a `CellStack`,
 or `as_core(fn)` of a plain `fn(x, state) -> (y, state)`.
 
 Per-step values arrive in `args` (a dict of tensors: "inputs", "targets", "sample_weight",
@@ -28,20 +28,22 @@ PER_STEP_ARGS = ("inputs", "targets", "sample_weight", "reset", "mask")
 
 
 class SourceReader(NamedTuple):
-    """A chunk source inside the compiled function: its handle and the spec of a window."""
+    """A chunk source inside the compiled function: its handle, the run reading it (see
+    `sources.run_token`) and the spec of a window."""
 
     handle: tf.Tensor
+    run: tf.Tensor
     spec: tf.TensorSpec
 
     def read(self, start, stop) -> tf.Tensor:
-        return sources_lib.read_window(self.handle, start, stop, self.spec)
+        return sources_lib.read_window(self.handle, self.run, start, stop, self.spec)
 
 
 def as_core(fn: Callable) -> Callable:
     """A plain `fn(x [B, K, F], state) -> (y [B, K, O], state)` as a core (no flags)."""
 
-    def core(x, state, *, training=True, flags=None, with_outputs=True):
-        del training
+    def core(x, state, *, training=True, flags=None, with_outputs=True, max_steps=None):
+        del training, max_steps
         if flags is not None:
             raise ValueError("reset and mask need a stack of cells (they act step by step); "
                              "a plain core sees whole chunks.")
@@ -134,12 +136,12 @@ def segments(core, args: dict, loss_fn: Callable, reduction: str,
     def advance(k, state):
         start, stop = bounds(k)
         return core(window(args["inputs"], start, stop), state,
-                    flags=chunk_flags(args, start, stop), with_outputs=False)[1]
+                    flags=chunk_flags(args, start, stop), with_outputs=False, max_steps=size)[1]
 
     def segment(k, state):
         start, stop = bounds(k)
         predictions, state = core(window(args["inputs"], start, stop), state,
-                                  flags=chunk_flags(args, start, stop))
+                                  flags=chunk_flags(args, start, stop), max_steps=size)
         loss_args = [window(args["targets"], start, stop), predictions]
         sample_weight = masked_weight(
             window(args["sample_weight"], start, stop) if "sample_weight" in args else None,
@@ -160,7 +162,8 @@ def forward(core, args: dict, training: bool, dtype: tf.DType):
     def body(k, state, outputs):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
         predictions, state = core(window(args["inputs"], start, stop), state,
-                                  training=training, flags=chunk_flags(args, start, stop))
+                                  training=training, flags=chunk_flags(args, start, stop),
+                                  max_steps=size)
         return k + 1, state, outputs.write(k, layers.time_major(predictions))
 
     outputs = tf.TensorArray(dtype, size=(total + size - 1) // size, infer_shape=False,
