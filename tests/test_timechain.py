@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tbptt
 from tbptt._src import schedules
+from tbptt._src import losses
 from tbptt._src import timechain
 from tbptt._src import vjp as vjp_lib
 
@@ -51,7 +52,7 @@ def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
     args = {"inputs": x, "targets": y, "chunk_size": tf.constant(4), "state": s0}
 
     def compute():
-        segments = timechain.segments(core, args, loss_fn, "sum", tf.float64)
+        segments = timechain.segments(core, args, loss_fn, losses.Reduction("sum"), tf.float64)
         return schedules.Exact().run(segments, s0, list(module.trainable_variables),
                                      vjp_lib.get_linearize(backend), loss_dtype=tf.float64)
 

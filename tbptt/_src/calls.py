@@ -12,6 +12,8 @@ import tensorflow as tf
 
 from tbptt._src import checks
 from tbptt._src import chunking
+from tbptt._src import compat
+from tbptt._src import losses
 from tbptt._src import sources as sources_lib
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
@@ -21,11 +23,6 @@ class Prepared(NamedTuple):
     args: dict
     sources: dict
     static: tuple
-
-
-def keras_mask(inputs):
-    """The mask Keras attaches to a layer's outputs (`Masking`, `Embedding(mask_zero=True)`)."""
-    return getattr(inputs, "_keras_mask", None)
 
 
 def relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
@@ -82,7 +79,7 @@ def flag_args(inputs, reset, mask) -> dict:
 def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, reset,
                  mask) -> Prepared:
     """`chain(inputs, ...)`: in-memory inputs run as one chunk; a source chunk by chunk."""
-    mask = keras_mask(inputs) if mask is None else mask
+    mask = compat.keras_mask(inputs) if mask is None else mask
     source = sources_lib.as_source("inputs", inputs)
     if source is not None:
         _sources_outside_xla()
@@ -105,10 +102,11 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
                   initial_state=None, final_state_grad=None, sample_weight=None, reset=None,
                   mask=None, context_steps=None, state_name: str = "initial_state") -> Prepared:
     """`value_and_gradients` and `stream_step`: every argument checked, sources split off."""
-    mask = keras_mask(inputs) if mask is None else mask
+    mask = compat.keras_mask(inputs) if mask is None else mask
     loss_fn = checks.loss_function(
         loss_fn, with_weight=sample_weight is not None or mask is not None)
     args, sources = _per_step_args(stack, inputs, targets, sample_weight)
+    _check_whole_counts(losses.reduction_of(config.reduction, loss_fn), sources)
     if sources:
         _sources_outside_xla()
     if config.check_numerics:
@@ -134,6 +132,18 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
         args["steps"] = tf.constant(sources["inputs"].shape[1], tf.int32)
     stack.build(inputs_shape)  # last: a refused call leaves the chain unbuilt
     return Prepared(args, sources, (loss_fn, source_specs))
+
+
+def _check_whole_counts(reduction: losses.Reduction, sources: dict) -> None:
+    """A mean over kept labels or over sample weights needs the whole sequence's count before
+    the first chunk's gradient: the values it counts must be in memory."""
+    needs = {"kept": "targets", "weights": "sample_weight"}.get(reduction.share)
+    if needs in sources:
+        raise ValueError(
+            f"loss_fn averages over the {'kept labels' if needs == 'targets' else 'sample weights'}"
+            f" of the whole sequence, which the chain counts before the first chunk: pass "
+            f"{needs} in memory (not as a chunk source), or give the loss reduction='sum' and "
+            "divide by the count yourself.")
 
 
 def _sources_outside_xla() -> None:

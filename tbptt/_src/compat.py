@@ -123,3 +123,9 @@ def in_xla_context() -> bool:
     if tf.executing_eagerly():
         return False
     return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def keras_mask(x):
+    """The mask Keras attaches to a tensor (`Masking`, `Embedding(mask_zero=True)`, a loss's
+    own values with `ignore_class`), or None."""
+    return getattr(x, "_keras_mask", None)

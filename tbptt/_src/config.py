@@ -7,13 +7,12 @@ from typing import Optional, Union
 import tensorflow as tf
 
 from tbptt._src import checks
+from tbptt._src import losses
 from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 
 MODES = ("exact", "truncated")
 REDUCTIONS = ("auto", "sum", "mean")
-# Keras loss reductions that average over the elements (Keras 3, and tf.keras's "auto").
-MEAN_LOSS_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +98,11 @@ class ChainConfig:
         return dataclasses.replace(self, **changes)
 
     def reduction_for(self, loss_fn) -> str:
-        """The reduction of a call with `loss_fn`: `reduction` when it is "sum" or "mean";
-        with "auto", "mean" for a loss that averages over its elements (a Keras loss with its
-        default reduction: the total is then the whole-sequence mean) and "sum" for any other
-        (a plain function returns its chunk's total: the total is the sum).
+        """How a call with `loss_fn` adds its chunk losses: `reduction` when it is "sum" or
+        "mean"; with "auto", "mean" for a Keras loss that averages (the total is then the
+        whole-sequence mean, over the kept labels with ignore_class, over the sample weights
+        with "mean_with_sample_weight") and "sum" for any other (a plain function returns its
+        chunk's total: the total is the sum). See `tbptt._src.losses`.
 
         >>> import keras
         >>> config = ChainConfig(chunk_size=10)
@@ -113,17 +113,7 @@ class ChainConfig:
         >>> config.reduction_for(lambda y_true, y_pred: tf.reduce_sum(y_pred - y_true))
         'sum'
         """
-        if self.reduction != "auto":
-            return self.reduction
-        own = getattr(loss_fn, "reduction", None)
-        if own == "mean_with_sample_weight":
-            raise ValueError(
-                "reduction='auto' cannot follow loss_fn's reduction 'mean_with_sample_weight': "
-                "it divides each chunk by that chunk's sum of weights, and chunks weighed by "
-                "their steps do not give the whole-sequence weighted mean. Give the loss "
-                "reduction='sum' (and divide by the total weight yourself) or "
-                "'sum_over_batch_size', or pass the chain's reduction explicitly.")
-        return "mean" if isinstance(own, str) and own in MEAN_LOSS_REDUCTIONS else "sum"
+        return losses.reduction_of(self.reduction, loss_fn).combine
 
     @property
     def schedule(self) -> schedules.Schedule:

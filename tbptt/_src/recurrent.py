@@ -17,6 +17,7 @@ from tbptt._src import checks
 from tbptt._src import chunking
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import losses
 from tbptt._src import saving
 from tbptt._src import sources as sources_lib
 from tbptt._src import timechain
@@ -329,8 +330,8 @@ def _gradients(stack: CellStack, config: ChainConfig, args: dict, static) -> _Ru
     for name, spec in source_specs:  # read chunk by chunk from the source given
         args[name] = timechain.SourceReader(args["sources"][name], run, spec)
     loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
-    segments = timechain.segments(stack, args, loss_fn, config.reduction_for(loss_fn),
-                                  loss_dtype)
+    segments = timechain.segments(stack, args, loss_fn,
+                                  losses.reduction_of(config.reduction, loss_fn), loss_dtype)
     keep_at = config.schedule.context_start(segments.count) if "context_steps" in args else None
     result = config.schedule.run(
         segments, args["state"], stack.trainable_variables,

@@ -22,6 +22,7 @@ import tensorflow as tf
 from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import layers
+from tbptt._src import losses
 from tbptt._src import sources as sources_lib
 
 PER_STEP_ARGS = ("inputs", "targets", "sample_weight", "reset", "mask")
@@ -89,33 +90,56 @@ def masked_weight(sample_weight, mask, dtype):
         [tf.shape(mask), tf.ones([sample_weight.shape.rank - 2], tf.int32)], 0))
 
 
-def chunk_weights(args: dict, size, reduction: str, dtype: tf.DType) -> Callable:
-    """`weight(k)`, the factor on chunk k's loss.
+def chunk_weights(args: dict, size, reduction: losses.Reduction, dtype: tf.DType) -> Callable:
+    """`weight(k)`, the factor on chunk k's loss (see `losses.Reduction`).
 
-    sum: 1. mean: the chunk's share of the T steps, so that per-element mean losses give the
-    whole-sequence mean; with a mask, of the unmasked steps (a per-element mean loss counts
-    masked elements with weight 0 in its denominator; this rescales to the masked mean).
-    Context chunks (streaming) weigh 0 and do not count in the mean.
+    sum: 1. mean: what chunk k's own loss is divided by, over what the loss of the whole
+    sequence is divided by, so that the weighted chunk losses add up to the whole's:
+
+    ```
+    steps:    t_k / T                          (with a mask: over the unmasked steps per row)
+    kept:     kept_k / kept                    kept labels, as a Keras loss with ignore_class
+    weights:  sum(w_k) / sum(w)                the sample weights ("mean_with_sample_weight")
+    ```
+
+    Context chunks (streaming) weigh 0 and do not count in the whole.
     """
     total = steps(args)
     context = args.get("context_steps", tf.zeros([], tf.int32))
-    if reduction == "sum":
-        denominator = tf.ones([], dtype)
-    elif "mask" in args:
-        unmasked = tf.reduce_sum(tf.cast(args["mask"][:, context:], dtype))
-        denominator = unmasked / tf.cast(tf.shape(args["mask"])[0], dtype)
-    else:
-        denominator = tf.cast(total - context, dtype)
+    zero, one = tf.zeros([], dtype), tf.ones([], dtype)
+    if reduction.combine == "sum":
+        return lambda k: tf.where(k * size < context, zero, one)
+    chunk_count, whole = _share_counts(args, reduction, dtype, context, total)
 
     def weight(k):
-        share = tf.ones([], dtype) if reduction == "sum" else tf.math.divide_no_nan(
-            tf.cast(tf.minimum((k + 1) * size, total) - k * size, dtype), denominator)
-        return tf.where(k * size < context, tf.zeros([], dtype), share)
+        start, stop = k * size, tf.minimum((k + 1) * size, total)
+        share = tf.math.divide_no_nan(chunk_count(start, stop), whole)
+        return tf.where(start < context, zero, share)
 
     return weight
 
 
-def segments(core, args: dict, loss_fn: Callable, reduction: str,
+def _share_counts(args: dict, reduction: losses.Reduction, dtype, context, total):
+    """``(count(start, stop), whole)``: what a chunk's loss is divided by, and the whole's."""
+    share = reduction.share
+    if share == "weights" and "sample_weight" not in args and "mask" not in args:
+        share = "steps"  # Keras divides by the element count when no weight is given
+    if share == "kept":
+        kept = tf.cast(losses.kept_labels(args["targets"], reduction.ignore_class), dtype)
+        unmasked = kept * tf.cast(args["mask"], dtype) if "mask" in args else kept
+        return (lambda a, b: tf.reduce_sum(kept[:, a:b])), tf.reduce_sum(unmasked[:, context:])
+    if share == "weights":
+        weights = tf.cast(masked_weight(args.get("sample_weight"), args.get("mask"), dtype),
+                          dtype)
+        return (lambda a, b: tf.reduce_sum(weights[:, a:b])), tf.reduce_sum(weights[:, context:])
+    steps_of = lambda a, b: tf.cast(b - a, dtype)  # noqa: E731
+    if "mask" not in args:
+        return steps_of, tf.cast(total - context, dtype)
+    unmasked = tf.reduce_sum(tf.cast(args["mask"][:, context:], dtype))
+    return steps_of, unmasked / tf.cast(tf.shape(args["mask"])[0], dtype)
+
+
+def segments(core, args: dict, loss_fn: Callable, reduction: losses.Reduction,
              loss_dtype: tf.DType) -> chain_lib.Segments:
     """The chunks of one sequence as chain segments over the flat state.
 
@@ -124,7 +148,7 @@ def segments(core, args: dict, loss_fn: Callable, reduction: str,
       args: the per-step values, "chunk_size" (a scalar tensor) and, for streaming,
         "context_steps" (leading steps that add no loss).
       loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
-      reduction: "sum" or "mean" (see `chunk_weights`).
+      reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
     """
     size, total = args["chunk_size"], steps(args)
@@ -143,6 +167,7 @@ def segments(core, args: dict, loss_fn: Callable, reduction: str,
         predictions, state = core(window(args["inputs"], start, stop), state,
                                   flags=chunk_flags(args, start, stop), max_steps=size)
         loss_args = [window(args["targets"], start, stop), predictions]
+        losses.check_per_step(reduction, *loss_args)
         sample_weight = masked_weight(
             window(args["sample_weight"], start, stop) if "sample_weight" in args else None,
             window(args["mask"], start, stop) if "mask" in args else None, predictions.dtype)
