@@ -110,6 +110,17 @@ def unique(variables) -> list:
     return result
 
 
+def has_own_dtype(layer) -> bool:
+    """Whether a Keras layer was given a dtype policy other than the global one."""
+    policy = getattr(layer, "dtype_policy", None)
+    name = getattr(policy, "name", policy)
+    if KERAS_MAJOR >= 3:
+        default = keras.config.dtype_policy().name
+    else:  # pragma: no cover - Keras 2 only.
+        default = tf.keras.mixed_precision.global_policy().name
+    return isinstance(name, str) and name != default
+
+
 def is_mixed_precision(layer) -> bool:
     """Whether a Keras layer computes in a 16-bit float with float32 variables."""
     policy = getattr(layer, "dtype_policy", None)

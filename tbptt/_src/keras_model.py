@@ -30,8 +30,8 @@ import tensorflow as tf
 from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import compat
+from tbptt._src import losses
 from tbptt._src import saving
-from tbptt._src import timechain
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import StreamCarry
 from tbptt._src.recurrent import check_window
@@ -39,18 +39,13 @@ from tbptt._src.recurrent import join_context
 
 keras = compat.keras
 
-try:  # Keras 3's loss module, for its own distribution scaling (see _ChunkLoss._unscaled).
-    from keras.src.losses import loss as _keras_loss_module
-except ImportError:  # pragma: no cover - Keras 2: ChunkedModel refuses to run there.
-    _keras_loss_module = None
-
 KERAS3_MSG = ("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found Keras {version}. "
               "With Keras 2, call chain.value_and_gradients in your own training loop.")
 LOSS_MSG = ("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
             "name or a function loss_fn(y_true, y_pred) -> per-step values; got {value!r}.")
 REDUCTION_MSG = ("the compiled loss must reduce to a scalar per chunk: reduction "
-                 "'sum_over_batch_size' (the default: whole-sequence mean) or 'sum', "
-                 "got {value!r}.")
+                 "'sum_over_batch_size' (the default: whole-sequence mean), 'sum' or "
+                 "'mean_with_sample_weight', got {value!r}.")
 INPUTS_MSG = ("x must be inputs [B, T, F] or a dict with 'inputs' and optionally 'reset' and "
               "'mask' ([B, T] bool), got a dict with keys {keys}.")
 BATCH_CHANGED_MSG = ("ChunkedModel(stateful=True): a batch of {got} rows follows {carried} "
@@ -178,9 +173,9 @@ class ChunkedModel(saving.SavableModel, keras.Model):
             # Untracked, as Keras sets its own in `compile`: a loaded model is built by now.
             object.__setattr__(self, "_loss_tracker",
                                keras.metrics.Mean(name="loss", dtype="float64"))
-        reduction = self._chunk_loss.reduction
-        self._train_chain = self._chain if self._chain.reduction == reduction else (
-            self._chain.with_config(reduction=reduction))
+        # The compiled loss says how its chunk losses add up, as in a chain's reduction="auto".
+        self._train_chain = self._chain if self._chain.reduction == "auto" else (
+            self._chain.with_config(reduction="auto"))
         self.train_function = None
 
     # -- training ------------------------------------------------------------------------------
@@ -206,10 +201,10 @@ class ChunkedModel(saving.SavableModel, keras.Model):
             y_pred = _predictions(chain, carry, inputs, flags)
         grads, penalty = _with_weight_penalty(self, result.grads, chain.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
-        loss = result.loss / tf.cast(self._chunk_loss.scale(), result.loss.dtype) + penalty
+        loss = self._chunk_loss.logged(result.loss) + penalty
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=timechain.masked_weight(
-            sample_weight, flags.get("mask"), chain.state_dtype))
+        logs = self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
+                                    sample_weight=sample_weight)
         return logs, new_carry, result.final_state
 
     def test_step(self, data):
@@ -219,8 +214,8 @@ class ChunkedModel(saving.SavableModel, keras.Model):
         loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
         loss += _with_weight_penalty(self, [], [])[1]
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
-        return self.compute_metrics(x, y, y_pred, sample_weight=timechain.masked_weight(
-            sample_weight, flags.get("mask"), self._chain.state_dtype))
+        return self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
+                                    sample_weight=sample_weight)
 
     def make_train_function(self, force: bool = False):
         if not self.stateful:
@@ -325,47 +320,47 @@ class _EpochStart(keras.callbacks.Callback):
         self.model._epoch_start(epoch)
 
 
-class _ChunkLoss:
-    """The compiled loss as the chain's per-chunk `loss_fn`, scaled for the optimizer's loss
-    scale (mixed precision) and for the replicas of a tf.distribute strategy (whose gradients
-    are summed). It computes in the chain's loss dtype: float64 for a float64 chain."""
+class _ChunkLoss(keras.losses.Loss):
+    """The compiled loss as the chain's per-chunk `loss_fn`: the Keras loss itself (which, as
+    in Keras's own `train_step`, divides a mean by the replicas of a tf.distribute strategy,
+    whose gradients are summed), times the optimizer's loss scale (mixed precision). It
+    computes in the chain's loss dtype (float64 for a float64 chain) and shows the chain its
+    reduction and kept labels, so the chunk losses add up as the loss of the whole sequence
+    would (see `tbptt._src.losses`)."""
 
     def __init__(self, model: ChunkedModel):
-        self._model = model
-        self.dtype = chain_lib.loss_dtype_for(model.chain.dtype)
-        self._loss = _keras_loss(model.loss, self.dtype)
-        reduction = getattr(self._loss, "reduction", None)
-        if reduction not in ("sum_over_batch_size", "sum"):
+        dtype = chain_lib.loss_dtype_for(model.chain.dtype)
+        self._model_ref = lambda: model  # not an attribute Keras would track
+        self.inner = _keras_loss(model.loss, dtype)
+        reduction = getattr(self.inner, "reduction", None)
+        if reduction in (None, "none"):
             raise ValueError(REDUCTION_MSG.format(value=reduction))
-        self.reduction = "sum" if reduction == "sum" else "mean"
+        super().__init__(name=self.inner.name, reduction=reduction, dtype=dtype.name)
+        self.ignore_class = getattr(self.inner, "ignore_class", None)
+        self.combine = losses.reduction_of("auto", self).combine
 
     def scale(self) -> tf.Tensor:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        optimizer_scale = self._model.optimizer.scale_loss(tf.ones([], self.dtype))
-        return tf.cast(optimizer_scale, self.dtype) / replicas
+        """The optimizer's loss scale."""
+        scale = self._model_ref().optimizer.scale_loss(tf.ones([], self.dtype))
+        return tf.cast(scale, self.dtype)
+
+    def call(self, y_true, y_pred):
+        return self.inner.call(y_true, y_pred)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        return self._unscaled(y_true, y_pred, sample_weight) * self.scale()
+        return tf.cast(self.inner(y_true, y_pred, sample_weight), self.dtype) * self.scale()
 
-    def _unscaled(self, y_true, y_pred, sample_weight) -> tf.Tensor:
-        """The loss of one replica's rows. Keras 3 divides mean-reduced losses by the number
-        of replicas itself (`scale_loss_for_distribution`); that is undone here so that
-        `scale` is the one place where replicas are counted."""
-        loss = tf.cast(self._loss(y_true, y_pred, sample_weight), self.dtype)
-        keras_scaling = getattr(_keras_loss_module, "scale_loss_for_distribution", None)
-        if self.reduction == "mean" and keras_scaling is not None:
-            loss /= tf.cast(keras_scaling(tf.ones([], self.dtype)), self.dtype)
-        return loss
+    def logged(self, total: tf.Tensor) -> tf.Tensor:
+        """The chain's total loss as Keras logs a loss: without the loss scale, and times
+        the replicas (Keras's own `unscale_loss_for_distribution`)."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return total / tf.cast(self.scale(), total.dtype) * replicas
 
     def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
-        """The loss of a whole sequence in one piece, as the chain would weigh it."""
-        loss = self._unscaled(y_true, y_pred,
-                              timechain.masked_weight(sample_weight, mask, self.dtype))
-        if self.reduction == "mean" and mask is not None:
-            mask = tf.cast(mask, self.dtype)
-            loss *= tf.math.divide_no_nan(tf.cast(tf.size(mask), self.dtype),
-                                          tf.reduce_sum(mask))
-        return loss
+        """The loss of a whole sequence in one piece as Keras computes and logs it, a mask
+        attached to the predictions (the chain's chunk losses add up to it)."""
+        loss = self.inner(y_true, _with_keras_mask(y_pred, mask), sample_weight)
+        return self.logged(tf.cast(loss, self.dtype) * self.scale())
 
 
 class _FunctionLoss(keras.losses.Loss):
@@ -429,15 +424,27 @@ def _check_stream_batch(model: ChunkedModel, data) -> None:
         model.reset_state()
 
 
+def _with_keras_mask(y_pred, mask):
+    """The predictions with `mask` as their Keras mask, as a masked Keras model hands them to
+    its loss and metrics (which then count the unmasked steps only)."""
+    if mask is None or y_pred is None:
+        return y_pred
+    y_pred = tf.identity(y_pred)
+    y_pred._keras_mask = tf.cast(mask, tf.bool)
+    return y_pred
+
+
 def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> tuple:
     """The layers' weight regularization (`model.losses`), added once per step as Keras's own
-    train_step adds it: ``(grads + its gradients, the penalty)``."""
+    train_step adds it (its share of each replica: the replicas' gradients are summed):
+    ``(grads + its gradients, the penalty)``."""
     dtype = model._chunk_loss.dtype
     if not model.losses:
         return grads, tf.zeros([], dtype)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
         penalty = tf.cast(tf.add_n(model.losses), dtype)
-        scaled = penalty * model._chunk_loss.scale()
+        scaled = penalty * model._chunk_loss.scale() / replicas
     extra = tape.gradient(scaled, variables) if variables else []
     return [g if e is None else g + tf.cast(e, g.dtype) for g, e in zip(grads, extra)], penalty
 

@@ -273,11 +273,16 @@ def _checked_cells(cells) -> list:
 
 
 def _resolve_dtype(cells: list, head, dtype) -> tf.DType:
-    """The compute dtype; unbuilt Keras layers are set to it, built ones must have it."""
+    """The compute dtype; unbuilt Keras cells are set to it, built ones must have it. The head
+    follows too, unless it was given a dtype of its own (a float32 output layer under mixed
+    precision, as Keras advises): Keras casts its inputs."""
     if dtype is None:
         dtype = compat.compute_dtype(cells[0]) or keras.backend.floatx()
     dtype = tf.as_dtype(dtype)
-    for what, layer in [(f"cells[{i}]", c) for i, c in enumerate(cells)] + [("head", head)]:
+    parts = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
+    if not (compat.is_keras_layer(head) and compat.has_own_dtype(head)):
+        parts.append(("head", head))
+    for what, layer in parts:
         if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype or (
                 compat.is_mixed_precision(layer)):
             continue
