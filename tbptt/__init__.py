@@ -24,7 +24,7 @@ _PUBLIC = {
     "StageChain": "tbptt._src.stages",
     "StageResult": "tbptt._src.stages",
     "StatefulGRUChain": "tbptt._src.recurrent",
-    "StreamCarry": "tbptt._src.recurrent",
+    "StreamCarry": "tbptt._src.streaming",
     "compat": "tbptt.compat",
     "data": "tbptt.data",
     "diagnostics": "tbptt.diagnostics",
@@ -141,7 +141,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from tbptt._src.checks import NonFiniteError  # noqa: F401
     from tbptt._src.config import ChainConfig  # noqa: F401
     from tbptt._src.layers import unroll  # noqa: F401
-    from tbptt._src.recurrent import RecurrentChain, StatefulGRUChain, StreamCarry  # noqa: F401
+    from tbptt._src.recurrent import RecurrentChain, StatefulGRUChain  # noqa: F401
+    from tbptt._src.streaming import StreamCarry  # noqa: F401
     from tbptt._src.sources import ChunkSource  # noqa: F401
     from tbptt._src.stages import StageChain, StageResult, split_sequential  # noqa: F401
     from tbptt._src.types import ChainResult  # noqa: F401

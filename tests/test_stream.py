@@ -121,3 +121,35 @@ def test_stream_refuses_windows_that_are_not_whole_chunks_and_goes_on():
                           sample_weight=np.ones(x[:, :WINDOW].shape[:2]))
     again, _ = chain.stream_step(x[:, WINDOW:2 * WINDOW], y[:, WINDOW:2 * WINDOW], l1_loss, carry)
     assert np.isfinite(float(again.loss))
+
+
+def _carry_after_one_window(chain):
+    x, y = stream()
+    return chain.stream_step(x[:, :WINDOW], y[:, :WINDOW], l1_loss)[1], x, y
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], y[:, 6:], l1_loss, tuple(carry)),
+     TypeError, "carry must be the tbptt.StreamCarry"),
+    (lambda carry, x, y: tbptt.RecurrentChain(
+        [keras.layers.GRUCell(5, dtype="float64"), keras.layers.LSTMCell(3, dtype="float64")],
+        chunk_size=4, mode="truncated", backprop_chunks=2, dtype="float64").stream_step(
+            x[:, 4:8], y[:, 4:8], l1_loss, carry), ValueError, "another chunking"),
+    (lambda carry, x, y: chain_for(2).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry),
+     ValueError, r"holds 6 steps.*at most 1 of them \(3 steps\)"),
+    (lambda carry, x, y: chain_for(1).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry),
+     ValueError, "keeps none"),
+    (lambda carry, x, y: chain_for(3).stream_step(x[:1, 6:], y[:1, 6:], l1_loss, carry),
+     ValueError, "holds 2 streams, but this window has 1 rows"),
+    (lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], None, l1_loss, carry),
+     ValueError, "targets must be given"),
+    (lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry,
+                                                  sample_weight=np.ones([2, 6])),
+     ValueError, "same arguments"),
+])
+def test_a_carry_that_does_not_fit_the_chain_or_the_window_is_refused(make, error, match):
+    """A carry of another chain (chunking, streams) would silently drop the window's first
+    losses or splice other streams; each is named before anything runs."""
+    carry, x, y = _carry_after_one_window(chain_for(3))
+    with pytest.raises(error, match=match):
+        make(carry, x, y)

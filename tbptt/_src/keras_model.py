@@ -33,9 +33,9 @@ from tbptt._src import compat
 from tbptt._src import losses
 from tbptt._src import saving
 from tbptt._src.recurrent import RecurrentChain
-from tbptt._src.recurrent import StreamCarry
-from tbptt._src.recurrent import check_window
-from tbptt._src.recurrent import join_context
+from tbptt._src.streaming import StreamCarry
+from tbptt._src.streaming import check_window
+from tbptt._src.streaming import join_context
 
 keras = compat.keras
 

@@ -20,28 +20,15 @@ from tbptt._src import compiling
 from tbptt._src import losses
 from tbptt._src import saving
 from tbptt._src import sources as sources_lib
+from tbptt._src import streaming
 from tbptt._src import timechain
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
+from tbptt._src.streaming import StreamCarry
 from tbptt._src.types import ChainResult, LossFn, State
 
 keras = compat.keras
-
-
-class StreamCarry(NamedTuple):
-    """What one `stream_step` hands to the next: a value, not a variable.
-
-    Attributes:
-      state: the state entering `context` (the final state when there is no context).
-      context: name -> ``[B, c, ...]``: the last `backprop_chunks - 1` chunks of the previous
-        windows ("inputs", "targets" and the flags and weights given), re-run in front of the
-        next window so that its gradients reach back into them; empty in exact mode and with
-        backprop_chunks=1.
-    """
-
-    state: State
-    context: dict
 
 
 class _Run(NamedTuple):
@@ -290,17 +277,12 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         Returns:
           ``(ChainResult, StreamCarry)``; the result's loss covers this window's own steps.
         """
-        per_step = {name: value for name, value in [
-            ("inputs", inputs), ("targets", targets), ("sample_weight", sample_weight),
-            ("reset", reset), ("mask", mask)] if value is not None}
-        call = _stream_call(self._config, self._stack, loss_fn, carry, per_step)
+        per_step = {"inputs": inputs, "targets": targets, "sample_weight": sample_weight,
+                    "reset": reset, "mask": mask}
+        call = streaming.stream_call(self._config, self._stack, loss_fn, carry, per_step)
         run = self._run(call)
-        result = self._result(run)
-        if "context_steps" not in call.args:
-            return result, StreamCarry(result.final_state, {})
-        context = {name: call.args[name][:, run.kept_from:]
-                   for name in timechain.PER_STEP_ARGS if name in call.args}
-        return result, StreamCarry(self._stack.pack(list(run.kept_state)), context)
+        return self._result(run), streaming.next_carry(
+            call, self._stack.pack(list(run.kept_state)), run.kept_from)
 
     def _run(self, call: calls.Prepared, record: bool = False) -> _Run:
         fn = self._functions.get("value_and_gradients", self._gradients_impl,
@@ -363,58 +345,6 @@ def carried_grad_norms(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
     age (what the loss `a` chunks ahead sends back; column a-1), for diagnostics."""
     prepared = calls.gradient_call(chain.config, chain._stack, inputs, targets, loss_fn, **call)
     return np.asarray(chain._run(prepared, record=True).carry_grad_norms, "float64")
-
-
-def _stream_call(config: ChainConfig, stack: CellStack, loss_fn, carry, per_step: dict):
-    """A stream step's call: the carried context (if the schedule keeps one) in front."""
-    context_chunks = config.schedule.context_chunks
-    if context_chunks:
-        check_window(config, _time_steps(per_step["inputs"]))
-        context = {} if carry is None else carry.context
-        if context and set(context) != set(per_step):
-            raise ValueError(f"stream_step: this window gives {sorted(per_step)}, but the carry "
-                             f"holds the context of {sorted(context)}. Pass the same arguments "
-                             "(targets, sample_weight, reset, mask) at every step.")
-        per_step = join_context(context, per_step, stack.dtype)
-    return calls.gradient_call(
-        config, stack, per_step.pop("inputs"), per_step.pop("targets"), loss_fn,
-        initial_state=None if carry is None else carry.state,
-        context_steps=_context_steps(carry) if context_chunks else None,
-        state_name="carry.state", **per_step)
-
-
-def join_context(context: dict, per_step: dict, dtype: tf.DType) -> dict:
-    """A window's per-step values as tensors, each with its carried context (if any) in front."""
-    per_step = {name: checks.as_tensor(name, value, dtype) for name, value in per_step.items()}
-    return {name: tf.concat([context[name], tf.cast(value, context[name].dtype)], axis=1)
-            if name in context else value for name, value in per_step.items()}
-
-
-def _context_steps(carry: Optional[StreamCarry]):
-    if carry is None or not carry.context:
-        return 0
-    return tf.shape(carry.context["inputs"])[1]
-
-
-def _time_steps(value) -> Optional[int]:
-    """T of a ``[B, T, ...]`` value where it is known."""
-    shape = tf.TensorShape(getattr(value, "shape", None) or np.shape(value))
-    return shape[1] if shape.rank is not None and shape.rank >= 2 else None
-
-
-def check_window(config: ChainConfig, steps) -> None:
-    """A stream with a carried context counts it in chunks: windows must be whole chunks."""
-    m = config.backprop_chunks
-    if config.chunk_size == "auto":
-        raise ValueError("stateful streaming with mode='truncated', backprop_chunks > 1 needs a "
-                         "fixed int chunk_size (the carried context is counted in chunks), got "
-                         "'auto'.")
-    if steps is not None and steps % config.chunk_size:
-        raise ValueError(
-            f"streaming with mode='truncated', backprop_chunks={m} carries the last {m - 1} "
-            f"chunks of each window into the next one, so every window must be a whole number "
-            f"of chunks: got a window of T={steps} steps with chunk_size={config.chunk_size}. "
-            "Make the window a multiple of chunk_size.")
 
 
 def _unknown_dims(name: str) -> int:
