@@ -10,6 +10,7 @@ keeps the values of its first trace (use a `tf.Variable` for what changes).
 
 import collections
 import threading
+import types
 import warnings
 from typing import Callable
 
@@ -39,9 +40,11 @@ def signature(args: dict, unknown_dims: Callable[[str], int]) -> dict:
 
 
 def static_key(value):
-    """A hashable key for a static value: a Keras loss by its class and attribute values (so
-    equal losses share a trace and losses that differ in any setting do not), other unhashable
-    objects by identity (the cache entry keeps them alive, so the identity is not reused)."""
+    """A hashable key for a static value: a Keras loss by its class and attribute values, a
+    Python function by its code and the values it closes over and defaults to (so equal losses
+    share a trace and losses that differ in any setting do not: a lambda made anew in a loop
+    is one trace), other unhashable objects by identity (the cache entry keeps them alive, so
+    the identity is not reused)."""
     if isinstance(value, tuple):
         return tuple(static_key(v) for v in value)
     if isinstance(value, compat.keras.losses.Loss):
@@ -49,11 +52,34 @@ def static_key(value):
             return ("keras loss", type(value), _plain(vars(value)))
         except TypeError:
             pass  # an attribute that is no plain value (a tensor, a variable): by identity
+    if isinstance(value, types.FunctionType):
+        return ("function", value.__code__, id(value.__globals__), static_key(tuple(
+            cell.cell_contents for cell in value.__closure__ or ())),
+            static_key(tuple(value.__defaults__ or ())),
+            static_key(tuple(sorted((value.__kwdefaults__ or {}).items()))))
     try:
         hash(value)
     except TypeError:
         return ("object", id(value))
     return value
+
+
+def kind_of(value):
+    """What a loss is apart from its values: a Keras loss's class, a function's code; None
+    for anything else. Two losses of one kind with other values trace twice."""
+    if isinstance(value, compat.keras.losses.Loss):
+        return type(value)
+    if isinstance(value, types.FunctionType):
+        return value.__code__
+    return None
+
+
+def _kinds(static):
+    """`static` with each loss replaced by its kind (see `kind_of`)."""
+    if isinstance(static, tuple):
+        return tuple(_kinds(v) for v in static)
+    kind = kind_of(static)
+    return static_key(static) if kind is None else ("kind", kind)
 
 
 def _plain(value):
@@ -84,6 +110,8 @@ class FunctionCache:
         self._lock = threading.Lock()
         self._compiled = 0
         self._dropped_traces = 0
+        self._variants = {}  # the key apart from loss values -> the last full key
+        self._warned = False
 
     def get(self, kind: str, impl, static, compiled: bool = True):
         if not compiled:
@@ -92,8 +120,10 @@ class FunctionCache:
         def call(args: dict):
             specs = signature(args, self._unknown_dims)
             # A trace made for one context is wrong in another (see `layers.in_xla_context`).
-            key = (kind, static_key(static), layers.loops_compiled_alone(), tuple(
-                (name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items())))
+            shapes = tuple((name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items()))
+            context = (kind, layers.loops_compiled_alone(), shapes)
+            key = (static_key(static),) + context
+            self._note_variant((_kinds(static),) + context, key, static)
             return self._function(key, impl, static, specs)(args)
 
         return call
@@ -119,6 +149,24 @@ class FunctionCache:
                           "new dtype or new feature size costs a trace. Create loss_fn once and "
                           "pass the same object every call.", stacklevel=5)
         return function
+
+    def _note_variant(self, variant, key, static) -> None:
+        """Warns, once, when a static value of a kind traced before comes with other values:
+        a loss made anew with another setting each call retraces every call."""
+        with self._lock:
+            last = self._variants.get(variant)
+            self._variants[variant] = key
+            if last is None or last == key or self._warned:
+                return
+            self._warned = True
+        names = [getattr(v, "__name__", type(v).__name__) for v in tf.nest.flatten(static)
+                 if kind_of(v) is not None]
+        warnings.warn(f"loss_fn ({', '.join(names)}) is of the kind traced before but with "
+                      "other values (another setting, or another value it closes over): each "
+                      "new value traces the chain again (about a second) and keeps memory "
+                      "that TensorFlow does not give back. Put what changes in a tf.Variable "
+                      "that loss_fn reads, and pass the same loss_fn every call.",
+                      stacklevel=5)
 
     @property
     def trace_count(self) -> int:

@@ -8,7 +8,7 @@ instead of K small ones, forward and backward. Only the recurrent half stays in 
 Any other cell runs as itself, one `cell(x_t, states)` call per step.
 
 The time loops of stock cells (sigmoid/tanh activations, no flags) are compiled with XLA, each
-loop on its own (`_compiled`): XLA fuses a step's element-wise ops into a few kernels and runs
+loop on its own (`_loop_function`): XLA fuses a step's element-wise ops into a few kernels and runs
 the loop without TensorFlow's per-op cost, which at these sizes is most of a step. The chunk
 loops around them stay in TensorFlow.
 
@@ -214,7 +214,11 @@ class _FusedRunner(abc.ABC):
         recurrent_kernel = self._weight("recurrent_kernel")
         recurrent_bias = self._recurrent_bias()
         if flags is None and self._default_activations():
-            return self._fused(xs, states, recurrent_kernel, recurrent_bias)
+            length = _length(xs)
+            outputs, states = self._fused(_padded_steps(xs, length, max_steps),
+                                          tf.convert_to_tensor(length, tf.int32), states,
+                                          recurrent_kernel, recurrent_bias)
+            return outputs[:length], states
         step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  max_steps=max_steps)
@@ -232,8 +236,9 @@ class _FusedRunner(abc.ABC):
         """One step on a projected input: ``(output, new states)``."""
 
     @abc.abstractmethod
-    def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
-        """The whole loop with its hand-written backward: ``(outputs [K, B, U], states)``."""
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias):
+        """The first `length` steps of ``xs [P, B, G]`` (padded), with the loop's hand-written
+        backward: ``(outputs [P, B, U], states)``, the outputs past `length` zero."""
 
 
 class _GRURunner(_FusedRunner):
@@ -256,11 +261,11 @@ class _GRURunner(_FusedRunner):
                       cell.activation, cell.recurrent_activation)[0]
         return h, [h]
 
-    def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias):
         if recurrent_bias is None:
             recurrent_bias = tf.zeros([recurrent_kernel.shape[-1]], recurrent_kernel.dtype)
-        outputs, h = _gru_sequence(self._cell.reset_after)(xs, states[0], recurrent_kernel,
-                                                           recurrent_bias)
+        outputs, h = _gru_sequence(self._cell.reset_after, loops_compiled_alone())(
+            xs, length, states[0], recurrent_kernel, recurrent_bias)
         return outputs, [h]
 
 
@@ -280,9 +285,10 @@ class _LSTMRunner(_FusedRunner):
                           cell.recurrent_activation)[:2]
         return h, [h, c]
 
-    def _fused(self, xs, states, recurrent_kernel, recurrent_bias):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias):
         del recurrent_bias
-        outputs, h, c = _lstm_sequence(xs, states[0], states[1], recurrent_kernel)
+        outputs, h, c = _lstm_sequence(loops_compiled_alone())(xs, length, states[0],
+                                                              states[1], recurrent_kernel)
         return outputs, [h, c]
 
 
@@ -431,12 +437,6 @@ def loops_compiled_alone() -> bool:
     return os.environ.get(XLA_VARIABLE, "1") != "0" and not in_xla_context()
 
 
-def _compiled(fn, **static):
-    """`fn(*tensors, **static)` compiled with XLA where `loops_compiled_alone`, else as it is,
-    behind the same gradient (see `_loop_function`)."""
-    return _loop_function(fn, loops_compiled_alone(), **static)
-
-
 @functools.lru_cache(maxsize=None)
 def _loop_function(fn, jit: bool, **static):
     """`fn(*tensors, **static)` (with `jit`, compiled with XLA: one `tf.function` per static
@@ -456,12 +456,14 @@ def _loop_function(fn, jit: bool, **static):
         outputs = run(*[tf.stop_gradient(a) for a in args])
 
         def grad(*d_outputs):
+            floats = [a for a in args if a.dtype.is_floating]  # not the steps to run
             with tf.GradientTape() as tape:
-                tape.watch(args)
+                tape.watch(floats)
                 again = tf.nest.flatten(plain(*args))
             seeds = [tf.zeros_like(y) if d is None else d for y, d in zip(again, d_outputs)]
-            grads = tape.gradient(again, list(args), output_gradients=seeds)
-            return [tf.zeros_like(a) if g is None else g for a, g in zip(args, grads)]
+            grads = iter(tape.gradient(again, floats, output_gradients=seeds))
+            return [(lambda g: tf.zeros_like(a) if g is None else g)(next(grads))
+                    if a.dtype.is_floating else None for a in args]
 
         return outputs, grad
 
@@ -478,6 +480,21 @@ def _length(stacked: tf.Tensor):
     return stacked.shape[0] if stacked.shape[0] is not None else tf.shape(stacked)[0]
 
 
+def _padded_steps(xs: tf.Tensor, length, max_steps) -> tf.Tensor:
+    """``xs [K, B, G]`` padded with zero steps to the chunk size `max_steps`, so that every
+    chunk of a call, the last and shorter one too, is one shape that XLA compiles once; or,
+    for a whole sequence, to the power of two at or above K (few shapes for many lengths).
+    The loops run the first K steps only."""
+    if max_steps is None:
+        target = tf.cast(2.0 ** tf.math.ceil(tf.math.log(tf.cast(length, tf.float64))
+                                             / tf.math.log(tf.constant(2.0, tf.float64))),
+                         tf.int32)
+        target = tf.maximum(target, tf.cast(length, tf.int32))  # rounding at exact powers
+    else:
+        target = tf.maximum(tf.cast(max_steps, tf.int32), tf.cast(length, tf.int32))
+    return tf.pad(xs, [[0, target - length], [0, 0], [0, 0]])
+
+
 def _previous(first: tf.Tensor, stacked: tf.Tensor) -> tf.Tensor:
     """``[first, stacked[0], ..., stacked[K-2]]``: the value entering each step."""
     return tf.concat([first[None], stacked[:-1]], axis=0)
@@ -488,10 +505,11 @@ def _flat_steps(stacked: tf.Tensor) -> tf.Tensor:
     return tf.reshape(stacked, [-1, tf.shape(stacked)[-1]])
 
 
-def _gru_loop(projected, h0, recurrent_kernel, recurrent_bias, reset_after: bool):
-    """`_gru_step` over ``projected [K, B, 3U]``: ``(saved [K, B, 5U], h_K)``, where each step
-    saved (h, z, r, hh, aux) in one write."""
-    steps = _length(projected)
+def _gru_loop(projected, length, h0, recurrent_kernel, recurrent_bias, reset_after: bool):
+    """`_gru_step` over the first `length` steps of ``projected [P, B, 3U]``:
+    ``(saved [P, B, 5U], h_length)``, where each step saved (h, z, r, hh, aux) in one write
+    (zeros past `length`)."""
+    steps = length
     xs = _readable(projected)
 
     def body(t, h, saved):
@@ -501,39 +519,44 @@ def _gru_loop(projected, h0, recurrent_kernel, recurrent_bias, reset_after: bool
 
     _, h_last, saved = tf.while_loop(
         lambda t, *_: t < steps, body,
-        (tf.constant(0), h0, tf.TensorArray(projected.dtype, size=steps)))
+        (tf.constant(0), h0, tf.TensorArray(projected.dtype, size=_length(projected))))
     return saved.stack(), h_last
 
 
-def _gru_sequence(reset_after: bool):
-    """``(projected [K, B, 3U], h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias [3U])
-    -> (outputs [K, B, U], h_K)`` for sigmoid/tanh GRUs, with its backward written out; the
-    forward loop and the backward loop are each compiled with XLA."""
+@functools.lru_cache(maxsize=None)
+def _gru_sequence(reset_after: bool, jit: bool):
+    """``(projected [P, B, 3U], length, h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias
+    [3U]) -> (outputs [P, B, U], h_length)`` for sigmoid/tanh GRUs over the first `length`
+    steps (outputs past them zero), with its backward written out; with
+    `jit` (see `loops_compiled_alone`), the forward loop and the backward loop are each compiled
+    with XLA."""
 
     @tf.custom_gradient
-    def gru_sequence(projected, h0, recurrent_kernel, recurrent_bias):
-        saved, h_last = _compiled(_gru_loop, reset_after=reset_after)(
-            projected, h0, recurrent_kernel, recurrent_bias)
+    def gru_sequence(projected, length, h0, recurrent_kernel, recurrent_bias):
+        saved, h_last = _loop_function(_gru_loop, jit, reset_after=reset_after)(
+            projected, length, h0, recurrent_kernel, recurrent_bias)
         outputs = saved[..., :recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_last = tf.zeros_like(h0) if d_last is None else d_last
-            return _compiled(_gru_sequence_backward, reset_after=reset_after)(
-                d_outputs, d_last, h0, saved, recurrent_kernel, recurrent_bias)
+            d_projected, d_h0, d_kernel, d_bias = _loop_function(
+                _gru_sequence_backward, jit, reset_after=reset_after)(
+                    d_outputs, d_last, length, h0, saved, recurrent_kernel, recurrent_bias)
+            return d_projected, None, d_h0, d_kernel, d_bias
 
         return (outputs, h_last), grad
 
     return gru_sequence
 
 
-def _gru_sequence_backward(d_outputs, d_last, h0, saved, recurrent_kernel, recurrent_bias,
-                           reset_after: bool):
+def _gru_sequence_backward(d_outputs, d_last, length, h0, saved, recurrent_kernel,
+                           recurrent_bias, reset_after: bool):
     """The gradients of `_gru_sequence`'s inputs: `_gru_step_backward` over the steps in
     reverse (one read and one write per step), then the recurrent weights' gradients as one
-    matmul over all steps."""
+    matmul over all steps (the padded steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
-    steps = _length(saved)
+    steps = length
     outputs = saved[..., :units]
     previous = _previous(h0, outputs)
     step_values = _readable(tf.concat([d_outputs, previous, saved[..., units:]], axis=-1))
@@ -548,7 +571,7 @@ def _gru_sequence_backward(d_outputs, d_last, h0, saved, recurrent_kernel, recur
 
     _, d_h0, d_steps = tf.while_loop(
         lambda i, *_: i < steps, back,
-        (tf.constant(0), d_last, tf.TensorArray(saved.dtype, size=steps)))
+        (tf.constant(0), d_last, tf.TensorArray(saved.dtype, size=_length(saved))))
     d_projected, d_inner = _gru_step_parts(d_steps.stack(), units, reset_after)
     d_kernel = tf.matmul(_flat_steps(previous), _flat_steps(d_inner), transpose_a=True)
     if reset_after:
@@ -561,10 +584,11 @@ def _gru_sequence_backward(d_outputs, d_last, h0, saved, recurrent_kernel, recur
     return d_projected, d_h0, d_kernel, d_bias
 
 
-def _lstm_loop(projected, h0, c0, recurrent_kernel):
-    """`_lstm_step` over ``projected [K, B, 4U]``: ``(saved [K, B, 7U], h_K, c_K)``, where each
-    step saved (h, c, i, f, o, g, tanh(c)) in one write."""
-    steps = _length(projected)
+def _lstm_loop(projected, length, h0, c0, recurrent_kernel):
+    """`_lstm_step` over the first `length` steps of ``projected [P, B, 4U]``:
+    ``(saved [P, B, 7U], h_length, c_length)``, where each step saved (h, c, i, f, o, g,
+    tanh(c)) in one write (zeros past `length`)."""
+    steps = length
     xs = _readable(projected)
 
     def body(t, h, c, saved):
@@ -573,15 +597,17 @@ def _lstm_loop(projected, h0, c0, recurrent_kernel):
 
     _, h_last, c_last, saved = tf.while_loop(
         lambda t, *_: t < steps, body,
-        (tf.constant(0), h0, c0, tf.TensorArray(projected.dtype, size=steps)))
+        (tf.constant(0), h0, c0, tf.TensorArray(projected.dtype, size=_length(projected))))
     return saved.stack(), h_last, c_last
 
 
-def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, h0, c0, saved, recurrent_kernel):
+def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, length, h0, c0, saved,
+                            recurrent_kernel):
     """The gradients of `_lstm_sequence`'s inputs: `_lstm_step_backward` over the steps in
-    reverse, then the recurrent kernel's gradient as one matmul over all steps."""
+    reverse, then the recurrent kernel's gradient as one matmul over all steps (the padded
+    steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
-    steps = _length(saved)
+    steps = length
     outputs = saved[..., :units]
     c_previous = _previous(c0, saved[..., units:2 * units])
     step_values = _readable(tf.concat([d_outputs, c_previous, saved[..., 2 * units:]], axis=-1))
@@ -595,26 +621,34 @@ def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, h0, c0, saved, recurr
 
     _, d_h0, d_c0, d_projected = tf.while_loop(
         lambda k, *_: k < steps, back,
-        (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=steps)))
+        (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=_length(saved))))
     d_projected = d_projected.stack()
     d_kernel = tf.matmul(_flat_steps(_previous(h0, outputs)), _flat_steps(d_projected),
                          transpose_a=True)
     return d_projected, d_h0, d_c0, d_kernel
 
 
-@tf.custom_gradient
-def _lstm_sequence(projected, h0, c0, recurrent_kernel):
-    """``(projected [K, B, 4U], h0, c0 [B, U], recurrent_kernel [U, 4U])
-    -> (outputs [K, B, U], h_K, c_K)`` for sigmoid/tanh LSTMs, with its backward written out;
-    both loops compiled with XLA, as in `_gru_sequence`."""
-    saved, h_last, c_last = _compiled(_lstm_loop)(projected, h0, c0, recurrent_kernel)
-    outputs = saved[..., :recurrent_kernel.shape[0]]
+@functools.lru_cache(maxsize=None)
+def _lstm_sequence(jit: bool):
+    """``(projected [P, B, 4U], length, h0, c0 [B, U], recurrent_kernel [U, 4U])
+    -> (outputs [P, B, U], h_length, c_length)`` for sigmoid/tanh LSTMs over the first `length`
+    steps, with its backward written out; both loops compiled with XLA with `jit`, as in
+    `_gru_sequence`."""
 
-    def grad(d_outputs, d_h_last, d_c_last):
-        d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
-        d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
-        d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
-        return _compiled(_lstm_sequence_backward)(d_outputs, d_h_last, d_c_last, h0, c0, saved,
-                                                  recurrent_kernel)
+    @tf.custom_gradient
+    def lstm_sequence(projected, length, h0, c0, recurrent_kernel):
+        saved, h_last, c_last = _loop_function(_lstm_loop, jit)(projected, length, h0, c0,
+                                                                 recurrent_kernel)
+        outputs = saved[..., :recurrent_kernel.shape[0]]
 
-    return (outputs, h_last, c_last), grad
+        def grad(d_outputs, d_h_last, d_c_last):
+            d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+            d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
+            d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
+            d_projected, d_h0, d_c0, d_kernel = _loop_function(_lstm_sequence_backward, jit)(
+                d_outputs, d_h_last, d_c_last, length, h0, c0, saved, recurrent_kernel)
+            return d_projected, None, d_h0, d_c0, d_kernel
+
+        return (outputs, h_last, c_last), grad
+
+    return lstm_sequence

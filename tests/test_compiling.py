@@ -1,0 +1,81 @@
+"""The compile cache: what shares a trace, what warns, and memory that stays flat over many
+calls (RSS measured over thousands of calls, not timed)."""
+
+import gc
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tbptt
+from conftest import assert_all_close
+from references import full_bptt
+
+
+def chain(chunk_size=5):
+    return tbptt.RecurrentChain([keras.layers.GRUCell(8, dtype="float64")],
+                                head=keras.layers.Dense(2, dtype="float64"),
+                                chunk_size=chunk_size, dtype="float64")
+
+
+def data(steps=20):
+    rng = np.random.RandomState(steps)
+    return rng.randn(2, steps, 3), rng.randn(2, steps, 2)
+
+
+def resident_mb() -> float:
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2 ** 20
+
+
+def scaled_squares(scale):
+    return lambda a, b: scale * tf.reduce_sum(tf.square(a - b))
+
+
+def test_a_lambda_made_anew_each_call_is_one_trace_and_right():
+    model = chain()
+    x, y = data()
+    for _ in range(3):
+        result = model.value_and_gradients(x, y, scaled_squares(2.0))
+    assert model.trace_count == 1
+    expected = full_bptt(model, x, y, lambda a, b: 2.0 * tf.reduce_sum(tf.square(a - b)))
+    assert_all_close([result.loss] + result.grads, [expected[0]] + expected[1], 1e-10)
+    # ... and closing over another value, it is another function: traced, and warned of.
+    with pytest.warns(UserWarning, match="kind traced before but with other values"):
+        other = model.value_and_gradients(x, y, scaled_squares(3.0))
+    np.testing.assert_allclose(float(other.loss), 1.5 * float(result.loss), rtol=1e-12)
+
+
+def test_a_keras_loss_annealed_each_call_warns_at_once():
+    model = chain()
+    x, y = data()
+    model.value_and_gradients(x, y, keras.losses.Huber(delta=1.0, dtype="float64"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.value_and_gradients(x, y, keras.losses.Huber(delta=0.5, dtype="float64"))
+    assert [w for w in caught if "tf.Variable" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_new_loss_objects_and_new_lengths():
+    model = chain(chunk_size=50)
+    x, y = data(120)
+    for _ in range(20):  # warm: the traces and XLA programs every later call reuses
+        model.value_and_gradients(x, y, lambda a, b: tf.reduce_sum(tf.square(a - b)))
+        model.value_and_gradients(x, y, keras.losses.MeanSquaredError(dtype="float64"))
+    start = resident_mb()
+    for _ in range(1000):
+        model.value_and_gradients(x, y, lambda a, b: tf.reduce_sum(tf.square(a - b)))
+        model.value_and_gradients(x, y, keras.losses.MeanSquaredError(dtype="float64"))
+    after_losses = resident_mb()
+    loss = keras.losses.MeanSquaredError(dtype="float64")
+    for steps in range(51, 551):  # 500 lengths: every last chunk length from 1 to 50
+        model.value_and_gradients(*data(steps), loss)
+        model(data(steps)[0])
+    after_lengths = resident_mb()
+    assert after_losses - start < 50, (start, after_losses)
+    assert after_lengths - after_losses < 50, (after_losses, after_lengths)
+    assert model.trace_count <= 4
