@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tbptt  # noqa: E402
+from harness import positive_int  # noqa: E402 (benchmarks/ is the script folder)
 
 HERE = Path(__file__).resolve().parent
 UNITS, FEATURES, BATCH, CHUNK = 32, 8, 4, 100
@@ -111,7 +112,7 @@ def plot(rows, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 3000, 10000],
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1000, 3000, 10000],
                         metavar="T", help="sequence lengths, one row each (default: "
                         "%(default)s)")
     parser.add_argument("--out", default=str(HERE / "drift"),

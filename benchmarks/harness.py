@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: one process per measurement, medians of repeated steps."""
 
+import argparse
 import json
 import os
 import resource
@@ -175,3 +176,24 @@ def replace_in_readme(name: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(before + start + text + "\n" + end + rest.split(end, 1)[1])
     print(f"updated README.md ({name}) and benchmarks/{name}.md")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, or the option's error naming what came."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value

@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from harness import replace_in_readme, save  # noqa: E402 (benchmarks/ is the script folder)
+from harness import positive_int, replace_in_readme, save  # noqa: E402 (benchmarks/ is the script folder)
 
 SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
 METHODS = ("keras_full", "tbptt_exact", "tbptt_exact_graph", "tbptt_truncated", "jax_full",
@@ -325,13 +325,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 4000, 16_000],
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1000, 4000, 16_000],
                         metavar="T", help="sequence lengths (default: %(default)s)")
     parser.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=sorted(GATES),
                         help="cell kinds, a table each (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         metavar="METHOD", help="methods to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed rounds after the warm-up; T >= 16000 runs one (default: 5)")
     parser.add_argument("--update-readme", action="store_true",
                         help="also put the table in README.md, benchmarks/peers.md and "

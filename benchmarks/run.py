@@ -31,7 +31,8 @@ each; with --update-readme also the README's tables and the tracked benchmarks/r
 import argparse
 import json
 
-from harness import markdown_table, measure, run_worker, save  # noqa: E402 (benchmarks/ is the script folder)
+from harness import (markdown_table, measure, positive_float, positive_int,  # noqa: E402
+                     run_worker, save)  # (benchmarks/ is the script folder)
 
 SPEED = ("full_bptt", "exact_eager", "exact_graph", "recompute_grad", "truncated", "keras_loop")
 SCALE = ("full_bptt", "exact_auto", "exact_levels2")
@@ -183,16 +184,16 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="speed at T = 1000, 2000; scale at T = 16k, 64k (a few minutes)")
-    parser.add_argument("--speed", type=int, nargs="*", default=[1000, 2000, 4000, 16_000],
+    parser.add_argument("--speed", type=positive_int, nargs="*", default=[1000, 2000, 4000, 16_000],
                         metavar="T", help="sequence lengths of the speed sweep; none skips it "
                         "(default: %(default)s)")
-    parser.add_argument("--scale", type=int, nargs="*", metavar="T",
+    parser.add_argument("--scale", type=positive_int, nargs="*", metavar="T",
                         default=[16_000, 64_000, 256_000, 1_000_000],
                         help="sequence lengths of the scale sweep; none skips it "
                         "(default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed steps per row after the warm-up, T < 16k (default: 5)")
-    parser.add_argument("--cap-gb", type=float, default=12.0,
+    parser.add_argument("--cap-gb", type=positive_float, default=12.0,
                         help="stop a process whose RSS passes this many GB (full BPTT at long "
                         "T; default: 12)")
     parser.add_argument("--update-readme", action="store_true",

@@ -14,7 +14,7 @@ table and the tracked benchmarks/stages.md.
 import argparse
 import json
 
-from harness import markdown_table, measure, run_worker, save  # noqa: E402 (benchmarks/ is the script folder)
+from harness import markdown_table, measure, positive_int, run_worker, save  # noqa: E402 (benchmarks/ is the script folder)
 
 METHODS = ("joined_tape", "stage_chain", "stage_chain_recompute", "jacobian")
 BATCH = 32
@@ -74,9 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 32, 64], metavar="PIXELS",
+    parser.add_argument("--sizes", type=positive_int, nargs="*", default=[10, 32, 64], metavar="PIXELS",
                         help="image sizes, one row per method each (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=7,
+    parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed steps per row after the warm-up (default: 7)")
     parser.add_argument("--update-readme", action="store_true",
                         help="also put the table in README.md and benchmarks/stages.md")

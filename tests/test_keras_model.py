@@ -323,3 +323,69 @@ def test_float64_fit_stays_float64(chunks, reduction):
     _assert_close(_weights(chain), [w.numpy() - lr * g.numpy()
                                     for w, g in zip(ref.trainable_variables, result.grads)],
                   tol=1e-12)
+
+
+def test_metrics_with_a_mask_count_the_real_steps_as_keras_does():
+    """Keras hands a masked model's loss and metrics the mask with the predictions: both are
+    means over the real steps. Compared with a plain Keras model (Masking, GRU, Dense)."""
+    x, y = _data()
+    mask = np.ones([B, T], bool)
+    mask[:, 8:] = False
+    mask[1, 5:] = False
+    x = np.where(mask[..., None], x, 0.0).astype("float32")
+    chain = _chain()
+    model = tbptt.keras.ChunkedModel(chain)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", metrics=["mae"])
+    plain = keras.Sequential([keras.Input((None, F)), keras.layers.Masking(0.0),
+                              keras.layers.GRU(5, return_sequences=True), keras.layers.Dense(O)])
+    for target, source in zip(plain.trainable_variables, chain.trainable_variables):
+        target.assign(source)
+    plain.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", metrics=["mae"])
+    ours = model.fit({"inputs": x, "mask": mask}, y, batch_size=B, verbose=0).history
+    theirs = plain.fit(x, y, batch_size=B, verbose=0).history
+    for name in ("loss", "mae"):
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, err_msg=name)
+    ours = model.evaluate({"inputs": x, "mask": mask}, y, verbose=0, return_dict=True)
+    theirs = plain.evaluate(x, y, verbose=0, return_dict=True)
+    for name in ("loss", "mae"):
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, err_msg=name)
+
+
+MIXED_SCRIPT = """
+import sys
+import keras, numpy as np, tbptt
+model = keras.models.load_model(sys.argv[1])
+assert model.chain.head.dtype_policy.name == "float32", model.chain.head.dtype_policy.name
+print(np.abs(model.predict(np.load(sys.argv[2]), verbose=0) - np.load(sys.argv[3])).max())
+"""
+
+
+@pytest.mark.slow
+def test_a_float32_head_under_mixed_precision_stays_float32_and_loads_elsewhere(tmp_path):
+    """Keras's advice, an output layer in float32 under mixed_float16: the chain keeps it so,
+    and the saved model loads in a process that uses float32 (a subprocess)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        chain = tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2, dtype="float32"),
+                                       chunk_size=K)
+        model = tbptt.keras.ChunkedModel(chain)
+        model.compile(optimizer="sgd", loss="mse")
+        x, y = _data()
+        model.fit(x, y, batch_size=B, verbose=0)
+        assert chain.head.dtype_policy.name == "float32"
+        assert chain(x)[0].dtype == tf.float32 and chain.cells[0].compute_dtype == "float16"
+        model.save(tmp_path / "m.keras")
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "p.npy", model.predict(x, verbose=0))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    script = tmp_path / "load.py"
+    script.write_text(MIXED_SCRIPT)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "m.keras"),
+                          str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-2  # float16 cells there, float32 here

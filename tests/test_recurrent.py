@@ -287,11 +287,16 @@ def test_one_trace_serves_every_length_and_batch():
 
 @pytest.mark.slow
 def test_a_new_loss_fn_every_call_warns_about_retracing():
+    """An equal function made anew is one trace; one closing over a new value each call
+    traces each call, and says so at once."""
     x, y = data(steps=5)
     chain = chain_for("gru", 4, chunk_size=4)
-    with pytest.warns(UserWarning, match="pass the same object every call"):
-        for _ in range(16):
-            chain.value_and_gradients(x, y, lambda a, b: sum_squares(a, b))
+    for _ in range(3):
+        chain.value_and_gradients(x, y, lambda a, b: sum_squares(a, b))
+    assert chain.trace_count == 1
+    with pytest.warns(UserWarning, match="pass the same loss_fn every call"):
+        for scale in (1.0, 2.0):
+            chain.value_and_gradients(x, y, lambda a, b, s=scale: s * sum_squares(a, b))
 
 
 def test_inside_a_users_tf_function_equals_eager_call():

@@ -356,3 +356,48 @@ def test_an_unknown_feature_size_inside_a_tf_function_is_named():
     chain.build([None, None, F])
     np.testing.assert_allclose(forward(make_sequence(B, T, F, "float64")),
                                chain(make_sequence(B, T, F, "float64"))[0], rtol=1e-12)
+
+
+# -- ways past the refusal checks, closed -----------------------------------------------------------
+
+
+def test_a_head_reaching_further_than_a_short_probe_is_refused_at_the_chain_s_cuts():
+    """A dilated causal convolution reaches 6 steps back: a probe of 6 steps cut in halves
+    never saw it; the head is checked on two chunks of the chain's own length."""
+    head = keras.layers.Conv1D(2, 2, dilation_rate=6, padding="causal", dtype="float64")
+    x, y = data()
+    with pytest.raises(ValueError, match="looks across time steps"):
+        gru(head=head, chunk_size=4).value_and_gradients(x, y, l1_loss)
+
+
+class TrainingOnlyHidden(keras.layers.Layer):
+    """Reads a variable it does not list, and only in training, as the gradient runs it."""
+
+    def __init__(self, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = [hidden]  # a list: Keras does not track it
+
+    def call(self, h, training=False):
+        return h * self.hidden[0] if training else h
+
+
+def test_a_part_reading_unlisted_variables_only_in_training_is_refused():
+    hidden = tf.Variable(2.0, dtype=tf.float64)
+    x, y = data()
+    with pytest.raises(TypeError, match="reads trainable variables that it does not list"):
+        gru(head=TrainingOnlyHidden(hidden, dtype="float64")).value_and_gradients(x, y,
+                                                                                 l1_loss)
+
+
+def test_the_ownership_check_leaves_moving_statistics_and_seeds_as_they_were():
+    """The check runs the parts with training=True; what that changes is put back."""
+    noise = keras.layers.GaussianNoise(0.1, seed=3, dtype="float64")
+    head = keras.Sequential([keras.layers.Dense(2, dtype="float64"), noise])
+    chain = gru(head=head)
+    chain.build([None, None, F])
+    before = [v.numpy().copy() for v in head.non_trainable_variables]
+    fresh = keras.Sequential([keras.layers.Dense(2, dtype="float64"),
+                              keras.layers.GaussianNoise(0.1, seed=3, dtype="float64")])
+    fresh.build([None, None, 4])
+    assert [v.numpy().tolist() for v in fresh.non_trainable_variables] == [
+        b.tolist() for b in before]

@@ -94,7 +94,7 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
         static = relaxed_spec(inputs)
     args.update(flag_args(inputs, reset, mask))
     args["state"] = stack.leaves("initial_state", initial_state, batch_size(inputs))
-    stack.build(inputs.shape)  # last: a refused call leaves the chain unbuilt
+    stack.build(inputs.shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
     return Prepared(args, {} if source is None else {"inputs": source}, (static,))
 
 
@@ -130,7 +130,7 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
     source_specs = tuple((name, relaxed_spec(args.pop(name))) for name in sorted(sources))
     if sources:
         args["steps"] = tf.constant(sources["inputs"].shape[1], tf.int32)
-    stack.build(inputs_shape)  # last: a refused call leaves the chain unbuilt
+    stack.build(inputs_shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
     return Prepared(args, sources, (loss_fn, source_specs))
 
 

@@ -24,25 +24,25 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", formatter_class=defaults,
                                help="exact vs truncated gradients on a delayed echo")
-    demo.add_argument("--steps", type=int, default=400, help="training steps per run")
-    demo.add_argument("--delay", type=int, default=8, help="echo delay in time steps")
-    demo.add_argument("--chunk-size", type=int, default=4, help="time steps per chunk")
-    demo.add_argument("--length", type=int, default=48, help="sequence length T")
-    demo.add_argument("--seed", type=int, default=0, help="random seed of weights and data")
+    demo.add_argument("--steps", type=positive_int, default=400, help="training steps per run")
+    demo.add_argument("--delay", type=positive_int, default=8, help="echo delay in time steps")
+    demo.add_argument("--chunk-size", type=positive_int, default=4, help="time steps per chunk")
+    demo.add_argument("--length", type=positive_int, default=48, help="sequence length T")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed of weights and data")
     demo.add_argument("--plot", default="tbptt-demo.png", help="PNG path ('' for none)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     diagnose = commands.add_parser(
         "diagnose", formatter_class=defaults,
         help="how much gradient truncation loses, on the demo's model")
-    diagnose.add_argument("--train-steps", type=int, default=200,
+    diagnose.add_argument("--train-steps", type=non_negative_int, default=200,
                           help="exact training steps before measuring (0: untrained)")
-    diagnose.add_argument("--delay", type=int, default=8, help="echo delay in time steps")
+    diagnose.add_argument("--delay", type=positive_int, default=8, help="echo delay in time steps")
     diagnose.add_argument("--chunk-sizes", type=_ints, default=(2, 4, 8),
                           help="comma-separated chunk sizes K to compare")
     diagnose.add_argument("--backprop-chunks", type=_ints, default=(1, 2, 3, 4),
                           help="comma-separated truncation depths m (TBPTT(K, mK))")
-    diagnose.add_argument("--length", type=int, default=48, help="sequence length T")
-    diagnose.add_argument("--seed", type=int, default=0, help="random seed of weights and data")
+    diagnose.add_argument("--length", type=positive_int, default=48, help="sequence length T")
+    diagnose.add_argument("--seed", type=non_negative_int, default=0, help="random seed of weights and data")
     diagnose.add_argument("--plot", default="tbptt-diagnose.png", help="PNG path ('' for none)")
     diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
     reproduce = commands.add_parser(
@@ -52,6 +52,25 @@ def _parser() -> argparse.ArgumentParser:
             f"  {name:15} {about}" for name, (_, about) in sorted(EXPERIMENTS.items())))
     reproduce.add_argument("experiment", choices=sorted(EXPERIMENTS))
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, or the option's error naming what came."""
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+    return value
 
 
 def _ints(text: str) -> tuple:

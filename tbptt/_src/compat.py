@@ -6,6 +6,9 @@ import tensorflow as tf
 # TensorFlow's own test for an XLA cluster being built (what tf.while_loop asks); no public API
 # says whether the graph being traced is compiled by XLA as a whole.
 from tensorflow.python.ops import control_flow_util as _control_flow_util
+# Pauses every tape of the thread; the public `GradientTape.stop_recording` pauses one tape,
+# and the chain does not hold the user's.
+from tensorflow.python.eager import record as _record
 
 _BACKEND_MSG = ("tbptt runs on TensorFlow, but Keras is set to the {backend!r} backend (the "
                 "KERAS_BACKEND environment variable or ~/.keras/keras.json). Set "
@@ -71,13 +74,21 @@ def call_layer(layer, *args, training: bool):
 def check_owns_its_variables(what: str, part, run):
     """Runs `run()` (a first call of `part`) and refuses a part that reads trainable variables
     it does not list: the chain trains `part.trainable_variables`, so those would never train.
-    Returns what `run()` returned."""
+    Returns what `run()` returned. The part's non-trainable variables (moving statistics,
+    Keras 3 seed generators) are restored afterwards: the check leaves the model as it was.
+
+    What this proves: the variables this one run reads are listed. What it cannot see: a
+    variable read only on other inputs or in a branch that Python takes on other values."""
     if tf.distribute.has_strategy():
         # Under a strategy a tape sees per-device copies of the variables; the check is made
         # where it can be exact, outside one.
         return run()
+    state = list(getattr(part, "non_trainable_variables", None) or [])
+    saved = [tf.identity(v) for v in state]
     with tf.GradientTape(watch_accessed_variables=True) as tape:
         result = run()
+    for variable, value in zip(state, saved):
+        variable.assign(value)
     listed = {id(tf_variable(v)) for v in trainable_variables_of(part)}
     hidden = [v for v in tape.watched_variables()
               if v.trainable and id(tf_variable(v)) not in listed]
@@ -140,3 +151,9 @@ def keras_mask(x):
     """The mask Keras attaches to a tensor (`Masking`, `Embedding(mask_zero=True)`, a loss's
     own values with `ignore_class`), or None."""
     return getattr(x, "_keras_mask", None)
+
+
+def unrecorded():
+    """A context in which no tape of this thread records, new tapes included (so nothing may
+    be traced in it that differentiates with a tape of its own)."""
+    return _record.stop_recording()

@@ -113,7 +113,12 @@ class FunctionCache:
         self._variants = {}  # the key apart from loss values -> the last full key
         self._warned = False
 
-    def get(self, kind: str, impl, static, compiled: bool = True):
+    def get(self, kind: str, impl, static, compiled: bool = True, recorded: bool = True):
+        """`impl(args, static)`, compiled unless `compiled` is False. With `recorded` False the
+        call is a value to the caller's tapes (a chunked gradient): no tape around it records
+        it, so TensorFlow does not prepare the gradient of the whole compiled chain (minutes
+        of tracing under a persistent tape) that nobody takes. It is traced first, outside
+        that pause, since the chain's own tapes must record inside."""
         if not compiled:
             return lambda args: impl(args, static)
 
@@ -124,7 +129,12 @@ class FunctionCache:
             context = (kind, layers.loops_compiled_alone(), shapes)
             key = (static_key(static),) + context
             self._note_variant((_kinds(static),) + context, key, static)
-            return self._function(key, impl, static, specs)(args)
+            function = self._function(key, impl, static, specs)
+            if recorded:
+                return function(args)
+            concrete = function.get_concrete_function(args)
+            with compat.unrecorded():
+                return concrete(args)
 
         return call
 

@@ -451,19 +451,24 @@ def _loop_function(fn, jit: bool, **static):
     plain = functools.partial(fn, **static)
     run = tf.function(plain, jit_compile=True, autograph=False) if jit else plain
 
+    @tf.function(autograph=False)  # shapes kept: the loops read static sizes
+    def vjp(args, seeds):
+        floats = [a for a in args if a.dtype.is_floating]  # not the steps to run
+        with tf.GradientTape() as tape:
+            tape.watch(floats)
+            again = tf.nest.flatten(plain(*args))
+        grads = tape.gradient(again, floats, output_gradients=seeds)
+        return [tf.zeros_like(a) if g is None else g for a, g in zip(floats, grads)]
+
     @tf.custom_gradient
     def call(*args):
         outputs = run(*[tf.stop_gradient(a) for a in args])
 
         def grad(*d_outputs):
-            floats = [a for a in args if a.dtype.is_floating]  # not the steps to run
-            with tf.GradientTape() as tape:
-                tape.watch(floats)
-                again = tf.nest.flatten(plain(*args))
-            seeds = [tf.zeros_like(y) if d is None else d for y, d in zip(again, d_outputs)]
-            grads = iter(tape.gradient(again, floats, output_gradients=seeds))
-            return [(lambda g: tf.zeros_like(a) if g is None else g)(next(grads))
-                    if a.dtype.is_floating else None for a in args]
+            seeds = [tf.zeros_like(y) if d is None else d
+                     for y, d in zip(tf.nest.flatten(outputs), d_outputs)]
+            floats = iter(vjp(list(args), seeds))
+            return [next(floats) if a.dtype.is_floating else None for a in args]
 
         return outputs, grad
 

@@ -174,7 +174,7 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
 
     def build(self, input_shape) -> None:
         """Creates the variables for inputs of shape ``[B, T, F]`` (only F matters)."""
-        self._stack.build(input_shape)
+        self._stack.build(input_shape, self._config.chunk_size)
 
     # The chunk and time loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
     # converting the Keras calls inside would only get in the way inside a user's tf.function.
@@ -286,7 +286,8 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
 
     def _run(self, call: calls.Prepared, record: bool = False) -> _Run:
         fn = self._functions.get("value_and_gradients", self._gradients_impl,
-                                 call.static + (record,), self._config.compiled)
+                                 call.static + (record,), self._config.compiled,
+                                 recorded=False)
         with sources_lib.live(call.sources) as handles:
             run = fn({**call.args, "sources": handles})
         if run.non_finite is None:

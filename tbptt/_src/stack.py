@@ -127,13 +127,15 @@ class CellStack(tf.Module):
 
     # -- building and running ------------------------------------------------------------------
 
-    def build(self, input_shape) -> None:
-        """Creates the variables for inputs ``[B, T, F]`` (only F matters), once."""
+    def build(self, input_shape, chunk_size=None) -> None:
+        """Creates the variables for inputs ``[B, T, F]`` (only F matters), once; the head is
+        checked on chunks of `chunk_size` steps (None or "auto": 64)."""
         features = tf.TensorShape(input_shape)[-1]
+        reach = chunk_size if checks.is_int(chunk_size) else HEAD_PROBE_STEPS
         with compiling.BUILD_LOCK:  # threads making the first call build the variables once
-            self._build(features, input_shape)
+            self._build(features, input_shape, reach)
 
-    def _build(self, features, input_shape) -> None:
+    def _build(self, features, input_shape, reach: int) -> None:
         if self.features is not None:
             if features is not None and features != self.features:
                 raise ValueError(f"inputs must have {self.features} features (the chain was "
@@ -148,7 +150,7 @@ class CellStack(tf.Module):
         with tf.init_scope():  # Variables are made eagerly, even from inside a tf.function.
             top = self._run_parts(features, owned=False)
             if self._head is not None:
-                _check_head_acts_step_by_step(self._head, top.shape[-1], self.dtype)
+                _check_head_acts_step_by_step(self._head, top.shape[-1], self.dtype, reach)
         # Again outside init_scope, which pauses tapes: which variables does each part read?
         self._run_parts(features, owned=True)
         self.features = features
@@ -156,18 +158,19 @@ class CellStack(tf.Module):
     def _run_parts(self, features: int, *, owned: bool) -> tf.Tensor:
         """One step through each cell itself (the fast runners read built weights) and the
         head, on zeros; returns the top output ``[1, U]``. `owned`: refuse a part that reads
-        variables it does not list; else check the states each cell returns."""
+        variables it does not list, run as the gradient runs it (training=True; moving
+        statistics and seeds are restored after); else check the states each cell returns."""
         x = tf.zeros([1, features], self.dtype)
         zeros = [tf.zeros((1,) + shape, self.dtype) for shape in self.leaf_shapes]
         for index, (cell, states) in enumerate(zip(self._cells, self._per_layer(zeros))):
-            run = functools.partial(compat.call_layer, cell, x, states, training=False)
+            run = functools.partial(compat.call_layer, cell, x, states, training=owned)
             if owned:
                 x, _ = compat.check_owns_its_variables(f"cells[{index}]", cell, run)
             else:
                 x, new_states = run()
                 _check_new_states(index, cell, states, new_states)
         if self._head is not None:
-            run = functools.partial(compat.call_layer, self._head, x[:, None], training=False)
+            run = functools.partial(compat.call_layer, self._head, x[:, None], training=owned)
             if owned:
                 compat.check_owns_its_variables("head", self._head, run)
             else:
@@ -214,35 +217,46 @@ def _check_new_states(index: int, cell, states: list, new_states) -> None:
                          "Make state_size describe the states call() returns.")
 
 
+# The chunk length a head is checked on when the chain's is not fixed ("auto").
+HEAD_PROBE_STEPS = 64
+
 HEAD_RULE = ("The head runs on one chunk at a time, so it must act step by step: a Dense, an "
              "MLP, an activation, LayerNormalization. Put layers that look across time steps "
              "(Conv1D, an RNN with return_sequences, attention, BatchNormalization) in a cell or "
              "after the chain, outside the chunked gradient.")
 
 
-def _check_head_acts_step_by_step(head, units: int, dtype: tf.DType) -> None:
-    """A head must map each step on its own: the head of a chunk must equal the heads of its
-    halves, or the chunked gradient would belong to another function."""
+def _check_head_acts_step_by_step(head, units: int, dtype: tf.DType, reach: int) -> None:
+    """A head must map each step on its own: on two chunks of the chain's length, the head of
+    the whole must equal the heads of the pieces cut as the chain cuts (and one step), or the
+    chunked gradient would belong to another function.
+
+    What this proves: on these inputs, with training=False, no output depends on a step more
+    than one cut away within 2 * `reach` steps. What it cannot see: a head that mixes steps
+    only in training (BatchNormalization is refused by name), or only further back than
+    2 * `reach` steps, or only on other inputs."""
     for layer in compat.sublayers(head):
         if "BatchNormalization" in type(layer).__name__:
             raise ValueError(f"the head contains {type(layer).__name__}, which in training "
                              f"normalizes over the chunk's steps. {HEAD_RULE}")
-    x = tf.cast(tf.random.stateless_normal([2, 6, units], [7, 11]), dtype)
+    steps = 2 * max(int(reach), 3)
+    x = tf.cast(tf.random.stateless_normal([2, steps, units], [7, 11]), dtype)
     whole = compat.call_layer(head, x, training=False)
     if not isinstance(whole, tf.Tensor) or whole.shape.rank is None or whole.shape.rank < 2 or (
             whole.shape[:2] != x.shape[:2]):
         raise ValueError(f"the head must return one tensor [batch, steps, ...] with the steps "
-                         f"of its input: for [2, 6, {units}] it returned "
+                         f"of its input: for [2, {steps}, {units}] it returned "
                          f"{getattr(whole, 'shape', type(whole).__name__)}. {HEAD_RULE}")
-    halves = tf.concat([compat.call_layer(head, x[:, :3], training=False),
-                        compat.call_layer(head, x[:, 3:], training=False)], axis=1)
-    error = float(tf.reduce_max(tf.abs(tf.cast(whole - halves, tf.float64))))
+    cuts = [0, 1, steps // 2, steps]
+    pieces = tf.concat([compat.call_layer(head, x[:, a:b], training=False)
+                        for a, b in zip(cuts[:-1], cuts[1:])], axis=1)
+    error = float(tf.reduce_max(tf.abs(tf.cast(whole - pieces, tf.float64))))
     scale = 1.0 + float(tf.reduce_max(tf.abs(tf.cast(whole, tf.float64))))
     tolerance = {tf.float64: 1e-9, tf.float32: 1e-4}.get(dtype, 1e-2)  # 16-bit: coarse
     if error > tolerance * scale:
-        raise ValueError(f"the head looks across time steps: on a chunk it gives another result "
-                         f"than on the chunk's two halves (max difference {error:.3g}). "
-                         f"{HEAD_RULE}")
+        raise ValueError(f"the head looks across time steps: on two chunks of {steps // 2} "
+                         f"steps it gives another result than on the pieces the chain cuts "
+                         f"(max difference {error:.3g}). {HEAD_RULE}")
 
 
 def _checked_cells(cells) -> list:

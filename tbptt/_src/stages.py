@@ -230,7 +230,7 @@ class StageChain(saving.SerializableStages, tf.Module):
             args["sample_weight"] = checks.batch_like("sample_weight", sample_weight, x)
         self._build_for(x)
         fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
-                                 self._compiled)
+                                 self._compiled, recorded=False)
         loss, grads, boundary_grads, input_grad, non_finite = fn(args)
         if non_finite is not None:
             loss, grads = checks.report_non_finite(non_finite, (loss, grads), unit="stage",
