@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--delay", type=positive_int, default=8, help="echo delay in time steps")
     demo.add_argument("--chunk-size", type=positive_int, default=4, help="time steps per chunk")
     demo.add_argument("--length", type=positive_int, default=48, help="sequence length T")
-    demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed of weights and data")
+    demo.add_argument("--seed", type=non_negative_int, default=0,
+                      help="random seed of weights and data")
     demo.add_argument("--plot", default="tbptt-demo.png", help="PNG path ('' for none)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     diagnose = commands.add_parser(
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--backprop-chunks", type=_ints, default=(1, 2, 3, 4),
                           help="comma-separated truncation depths m (TBPTT(K, mK))")
     diagnose.add_argument("--length", type=positive_int, default=48, help="sequence length T")
-    diagnose.add_argument("--seed", type=non_negative_int, default=0, help="random seed of weights and data")
+    diagnose.add_argument("--seed", type=non_negative_int, default=0,
+                          help="random seed of weights and data")
     diagnose.add_argument("--plot", default="tbptt-diagnose.png", help="PNG path ('' for none)")
     diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
     reproduce = commands.add_parser(

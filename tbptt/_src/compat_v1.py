@@ -16,16 +16,6 @@ from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.types import State
 
-GRAPH_ONLY_MSG = ("backprop_chunks builds graph tensors with tf.gradients: call it while building "
-                  "a graph (TF1-style code under tf.Graph().as_default(), or in a tf.function). "
-                  "In eager code use tbptt.RecurrentChain.value_and_gradients.")
-BOUNDARIES_MSG = ("boundary_states must hold one state per cut, len(chunk_losses) + 1 = {expected} "
-                  "(the initial state, then the state after each chunk), got {got}.")
-STRUCTURE_MSG = ("{name} must have the structure of boundary_states[0] ({expected} tensors), "
-                 "got {got} tensors.")
-TF1_GRU_SHAPES_MSG = ("TF1 GRUCell weights must be gates kernel [in+units, 2*units], gates bias "
-                      "[2*units], candidate kernel [in+units, units], candidate bias [units]; got "
-                      "{shapes}.")
 
 
 class BackpropChunksResult(NamedTuple):
@@ -93,13 +83,17 @@ def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence
 def _checked(chunk_losses, boundary_states, final_state_grad):
     """The losses as tensors, the states and final_state_grad as flat lists, checked."""
     if tf.executing_eagerly():
-        raise RuntimeError(GRAPH_ONLY_MSG)
+        raise RuntimeError("backprop_chunks builds graph tensors with tf.gradients: call it while "
+                           "building a graph (TF1-style code under tf.Graph().as_default(), or in "
+                           "a tf.function). In eager code use "
+                           "tbptt.RecurrentChain.value_and_gradients.")
     chunk_losses, boundary_states = list(chunk_losses), list(boundary_states)
     if not chunk_losses:
         raise ValueError("chunk_losses must hold at least one chunk's loss, got none.")
     if len(boundary_states) != len(chunk_losses) + 1:
-        raise ValueError(BOUNDARIES_MSG.format(expected=len(chunk_losses) + 1,
-                                               got=len(boundary_states)))
+        raise ValueError("boundary_states must hold one state per cut, len(chunk_losses) + 1 = "
+                         f"{len(chunk_losses) + 1} (the initial state, then the state after each "
+                         f"chunk), got {len(boundary_states)}.")
     flat_states = [_flat("boundary_states[%d]" % k, s, boundary_states[0])
                    for k, s in enumerate(boundary_states)]
     if final_state_grad is None:
@@ -147,7 +141,8 @@ def _depends_on(outputs: list, sources: list) -> bool:
 def _flat(name: str, state, reference) -> list:
     leaves, expected = tf.nest.flatten(state), tf.nest.flatten(reference)
     if len(leaves) != len(expected):
-        raise ValueError(STRUCTURE_MSG.format(name=name, expected=len(expected), got=len(leaves)))
+        raise ValueError(f"{name} must have the structure of boundary_states[0] ({len(expected)} "
+                         f"tensors), got {len(leaves)} tensors.")
     return [tf.convert_to_tensor(leaf) for leaf in leaves]
 
 
@@ -186,7 +181,9 @@ def gru_weights_from_tf1(gates_kernel, gates_bias, candidate_kernel, candidate_b
     inputs = gates_kernel.shape[0] - units if gates_kernel.ndim == 2 else -1
     expected = [(inputs + units, 2 * units), (2 * units,), (inputs + units, units), (units,)]
     if inputs < 1 or [a.shape for a in arrays] != expected:
-        raise ValueError(TF1_GRU_SHAPES_MSG.format(shapes=[a.shape for a in arrays]))
+        raise ValueError("TF1 GRUCell weights must be gates kernel [in+units, 2*units], gates "
+                         "bias [2*units], candidate kernel [in+units, units], candidate bias "
+                         f"[units]; got {[a.shape for a in arrays]}.")
     reset, update = gates_kernel[:, :units], gates_kernel[:, units:]
     zrh = np.concatenate([update, reset, candidate_kernel], axis=1)  # [in + units, 3 units]
     bias = np.concatenate([gates_bias[units:], gates_bias[:units], candidate_bias])

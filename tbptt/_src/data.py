@@ -17,14 +17,8 @@ import tensorflow as tf
 
 from tbptt._src import checks
 
-STREAM_RANK_MSG = "{name} must have a time axis first (shape [N, ...]), got a scalar."
-STREAM_LENGTH_MSG = ("{name} has {steps} steps, too few for batch_size={batch} lanes of at least "
-                     "one window of {window} steps (needs >= {needed}).")
-TARGETS_LENGTH_MSG = "targets must have the {expected} steps of the stream, got {got}."
 EPISODES_MSG = ("episodes must be a non-empty sequence of arrays [T_i, ...] with the same "
                 "trailing shape, got {value}.")
-EPISODE_TARGETS_MSG = ("targets must be one array per episode with the episode's length: "
-                       "episode {index} has {expected} steps, its targets {got}.")
 
 
 def lanes(stream, batch_size: int) -> np.ndarray:
@@ -36,7 +30,7 @@ def lanes(stream, batch_size: int) -> np.ndarray:
     """
     stream = np.asarray(stream)
     if stream.ndim == 0:
-        raise ValueError(STREAM_RANK_MSG.format(name="stream"))
+        raise ValueError("stream must have a time axis first (shape [N, ...]), got a scalar.")
     length = stream.shape[0] // checks.positive_int("batch_size", batch_size)
     return stream[:batch_size * length].reshape((batch_size, length) + stream.shape[1:])
 
@@ -66,13 +60,15 @@ def stream_windows(inputs, targets=None, *, batch_size: int, window: int,
     inputs = np.asarray(inputs)
     steps = inputs.shape[0] if inputs.ndim else 0
     if steps < batch_size * window:
-        raise ValueError(STREAM_LENGTH_MSG.format(name="inputs", steps=steps, batch=batch_size,
-                                                  window=window, needed=batch_size * window))
+        raise ValueError(f"inputs has {steps} steps, too few for batch_size={batch_size} lanes "
+                         f"of at least one window of {window} steps (needs >= "
+                         f"{batch_size * window}).")
     arrays = [lanes(inputs, batch_size)]
     if targets is not None:
         targets = np.asarray(targets)
         if targets.ndim == 0 or targets.shape[0] != steps:
-            raise ValueError(TARGETS_LENGTH_MSG.format(expected=steps, got=targets.shape[:1]))
+            raise ValueError(f"targets must have the {steps} steps of the stream, got "
+                             f"{targets.shape[:1]}.")
         arrays.append(lanes(targets, batch_size))
     return _windows(arrays, window, drop_remainder)
 
@@ -130,9 +126,10 @@ def episode_windows(episodes: Sequence, targets: Optional[Sequence] = None, *, b
                 t.ndim == 0 or t.shape[0] != e.shape[0] for t, e in zip(targets, episodes)):
             index = next((i for i, (t, e) in enumerate(zip(targets, episodes))
                           if t.ndim == 0 or t.shape[0] != e.shape[0]), len(targets))
-            raise ValueError(EPISODE_TARGETS_MSG.format(
-                index=index, expected=episodes[min(index, len(episodes) - 1)].shape[0],
-                got=targets[index].shape[:1] if index < len(targets) else "missing"))
+            steps = episodes[min(index, len(episodes) - 1)].shape[0]
+            got = targets[index].shape[:1] if index < len(targets) else "missing"
+            raise ValueError("targets must be one array per episode with the episode's length: "
+                             f"episode {index} has {steps} steps, its targets {got}.")
     order = [[] for _ in range(batch_size)]
     lengths = [0] * batch_size
     for index, episode in enumerate(episodes):

@@ -24,8 +24,6 @@ from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.recurrent import carried_grad_norms
 from tbptt._src.types import LossFn
 
-AUTO_MSG = ("chunk_sizes must be given when the chain's chunk_size is 'auto' (the report "
-            "compares fixed chunkings), e.g. chunk_sizes=[50, 100, 200].")
 SIGNIFICANT = 1e-2  # a carried gradient below 1% of its size one chunk back is "noise"
 CLOSE = 0.1  # a truncated gradient within 10% (relative error) of the exact one is "close"
 
@@ -222,7 +220,9 @@ def _settings(chain, chunk_sizes, backprop_chunks, reach_chunks) -> tuple:
         raise TypeError(checks.CHAIN_MSG.format(value=chain))
     if chunk_sizes is None:
         if chain.chunk_size == "auto":
-            raise ValueError(AUTO_MSG)
+            raise ValueError("chunk_sizes must be given when the chain's chunk_size is 'auto' "
+                             "(the report compares fixed chunkings), e.g. chunk_sizes=[50, 100, "
+                             "200].")
         chunk_sizes = chain.chunk_size
     chunk_sizes = checks.positive_ints("chunk_sizes", chunk_sizes)
     depths = checks.positive_ints("backprop_chunks", backprop_chunks)

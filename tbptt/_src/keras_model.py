@@ -39,22 +39,6 @@ from tbptt._src.streaming import join_context
 
 keras = compat.keras
 
-KERAS3_MSG = ("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found Keras {version}. "
-              "With Keras 2, call chain.value_and_gradients in your own training loop.")
-LOSS_MSG = ("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
-            "name or a function loss_fn(y_true, y_pred) -> per-step values; got {value!r}.")
-REDUCTION_MSG = ("the compiled loss must reduce to a scalar per chunk: reduction "
-                 "'sum_over_batch_size' (the default: whole-sequence mean), 'sum' or "
-                 "'mean_with_sample_weight', got {value!r}.")
-INPUTS_MSG = ("x must be inputs [B, T, F] or a dict with 'inputs' and optionally 'reset' and "
-              "'mask' ([B, T] bool), got a dict with keys {keys}.")
-BATCH_CHANGED_MSG = ("ChunkedModel(stateful=True): a batch of {got} rows follows {carried} "
-                     "carried streams; the carried state is reset. Use batches of one size "
-                     "(drop_remainder=True) to carry the state through.")
-SHUFFLE_MSG = ("fit(shuffle=True) on a stateful ChunkedModel reorders the rows between batches, "
-               "so the carried state enters other streams; pass shuffle=False.")
-STREAM_CHECKPOINT_MSG = ("the carried state of a tf.distribute replica cannot be checkpointed "
-                         "as one value; checkpoint at an epoch end (after reset_state()).")
 
 
 class StreamPosition(NamedTuple):
@@ -108,7 +92,9 @@ class ChunkedModel(saving.SavableModel, keras.Model):
           **kwargs: passed to `keras.Model` (name, ...).
         """
         if compat.KERAS_MAJOR < 3:
-            raise ImportError(KERAS3_MSG.format(version=keras.__version__))
+            raise ImportError("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found "
+                              f"Keras {keras.__version__}. With Keras 2, call "
+                              "chain.value_and_gradients in your own training loop.")
         if not isinstance(chain, RecurrentChain):
             raise TypeError(checks.CHAIN_MSG.format(value=chain))
         if stateful and chain.config.schedule.context_chunks:
@@ -297,7 +283,9 @@ class ChunkedModel(saving.SavableModel, keras.Model):
             bound.pop("self")
             # Rows are streams: shuffling them between batches would splice unrelated streams.
             if bound.setdefault("shuffle", False):
-                warnings.warn(SHUFFLE_MSG, stacklevel=2)
+                warnings.warn("fit(shuffle=True) on a stateful ChunkedModel reorders the rows "
+                              "between batches, so the carried state enters other streams; pass "
+                              "shuffle=False.", stacklevel=2)
             callbacks = bound.get("callbacks") or []
             if isinstance(callbacks, keras.callbacks.CallbackList):
                 callbacks.append(_EpochStart())
@@ -334,7 +322,9 @@ class _ChunkLoss(keras.losses.Loss):
         self.inner = _keras_loss(model.loss, dtype)
         reduction = getattr(self.inner, "reduction", None)
         if reduction in (None, "none"):
-            raise ValueError(REDUCTION_MSG.format(value=reduction))
+            raise ValueError("the compiled loss must reduce to a scalar per chunk: reduction "
+                             "'sum_over_batch_size' (the default: whole-sequence mean), 'sum' or "
+                             f"'mean_with_sample_weight', got {reduction!r}.")
         super().__init__(name=self.inner.name, reduction=reduction, dtype=dtype.name)
         self.ignore_class = getattr(self.inner, "ignore_class", None)
         self.combine = losses.reduction_of("auto", self).combine
@@ -390,7 +380,9 @@ def _keras_loss(loss, dtype: tf.DType):
                              f"({error}). Pass it with dtype='float64'.") from None
     if callable(loss):
         return _FunctionLoss(loss, dtype)
-    raise ValueError(LOSS_MSG.format(value=loss))
+    raise ValueError("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
+                     "name or a function loss_fn(y_true, y_pred) -> per-step values; got "
+                     f"{loss!r}.")
 
 
 def _unpack(data):
@@ -406,7 +398,8 @@ def _split_inputs(x):
     if not isinstance(x, dict):
         return x, {}
     if "inputs" not in x or set(x) - {"inputs", "reset", "mask"}:
-        raise ValueError(INPUTS_MSG.format(keys=sorted(x)))
+        raise ValueError("x must be inputs [B, T, F] or a dict with 'inputs' and optionally "
+                         f"'reset' and 'mask' ([B, T] bool), got a dict with keys {sorted(x)}.")
     return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
 
 
@@ -419,7 +412,9 @@ def _check_stream_batch(model: ChunkedModel, data) -> None:
         return
     carried = _local(model.distribute_strategy, tf.nest.flatten(model._carry.state)[0])
     if first.shape[0] != carried.shape[0]:
-        warnings.warn(BATCH_CHANGED_MSG.format(got=first.shape[0], carried=carried.shape[0]),
+        warnings.warn(f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows follows "
+                      f"{carried.shape[0]} carried streams; the carried state is reset. Use "
+                      "batches of one size (drop_remainder=True) to carry the state through.",
                       stacklevel=3)
         model.reset_state()
 
@@ -512,7 +507,9 @@ class _StreamState(tf.train.experimental.PythonState):
         arrays = {}
         if model._carry is not None:
             if model.distribute_strategy.num_replicas_in_sync > 1:
-                raise ValueError(STREAM_CHECKPOINT_MSG)
+                raise ValueError("the carried state of a tf.distribute replica cannot be "
+                                 "checkpointed as one value; checkpoint at an epoch end (after "
+                                 "reset_state()).")
             carry, final = tf.nest.map_structure(
                 lambda v: _local(model.distribute_strategy, v), (model._carry, model._final_state))
             layout["context"] = sorted(carry.context)

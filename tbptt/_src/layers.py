@@ -90,8 +90,9 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
         return (t + 1, list(states)) + ((outputs[0].write(t, y),) if with_outputs else ())
 
     loop_vars = (tf.constant(0), list(states)) + ((outputs,) if with_outputs else ())
+    bound = steps if max_steps is None else max_steps
     _, states, *outputs = tf.while_loop(lambda t, *_: t < steps, body, loop_vars,
-                                        maximum_iterations=steps if max_steps is None else max_steps)
+                                        maximum_iterations=bound)
     return (outputs[0].stack() if with_outputs else None), states
 
 

@@ -17,12 +17,6 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-ONE_PASS_MSG = ("{name} is a one-pass iterator ({type}): the backward pass reads chunks again, "
-                "in reverse order, so it needs random access. Pass an array-like (np.memmap, an "
-                "h5py or zarr array) or tbptt.ChunkSource(fetch, shape) with fetch(start, stop) "
-                "-> the steps [start, stop).")
-SHAPE_MSG = "{name}: a chunk source must have shape [batch, time, ...] with time > 0, got {shape}."
-FETCH_MSG = ("{name}: fetch({start}, {stop}) must return shape {expected}, got {got}.")
 
 
 class ChunkSource:
@@ -53,7 +47,8 @@ class ChunkSource:
         self.dtype = tf.as_dtype(dtype)
         self.name = name
         if len(self.shape) < 2 or self.shape[1] < 1:
-            raise ValueError(SHAPE_MSG.format(name=name, shape=self.shape))
+            raise ValueError(f"{name}: a chunk source must have shape [batch, time, ...] with time "
+                             f"> 0, got {self.shape}.")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         chunk = self.fetch(int(start), int(stop))
@@ -65,8 +60,8 @@ class ChunkSource:
                             f"{error}") from None
         expected = (self.shape[0], int(stop) - int(start)) + self.shape[2:]
         if chunk.shape != expected:
-            raise ValueError(FETCH_MSG.format(name=self.name, start=start, stop=stop,
-                                              expected=expected, got=chunk.shape))
+            raise ValueError(f"{self.name}: fetch({start}, {stop}) must return shape {expected}, "
+                             f"got {chunk.shape}.")
         return chunk
 
 
@@ -82,7 +77,11 @@ def as_source(name: str, value):
             isinstance(value, np.ndarray) and not isinstance(value, np.memmap)):
         return None
     if isinstance(value, collections.abc.Iterator):
-        raise TypeError(ONE_PASS_MSG.format(name=name, type=type(value).__name__))
+        raise TypeError(f"{name} is a one-pass iterator ({type(value).__name__}): the backward "
+                        "pass reads chunks again, in reverse order, so it needs random access. "
+                        "Pass an array-like (np.memmap, an h5py or zarr array) or "
+                        "tbptt.ChunkSource(fetch, shape) with fetch(start, stop) -> the steps "
+                        "[start, stop).")
     if hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__"):
         return ChunkSource(lambda start, stop: value[:, start:stop], value.shape,
                            np.dtype(value.dtype).name, name=name)

@@ -22,15 +22,6 @@ from tbptt._src.types import LossFn
 
 keras = compat.keras
 
-STAGES_MSG = ("stages must be a non-empty sequence of Keras layers/models or callables, got "
-              "{value!r}.")
-STAGE_MSG = "stages[{index}] must be a Keras layer/model or a callable, got {value!r}."
-DEVICES_MSG = ("devices must be None or a sequence with one device name (or None) per stage "
-               "({expected}), got {value!r}.")
-SPLIT_TYPE_MSG = ("split_sequential needs a keras.Sequential or a functional model that is a "
-                  "linear chain, got {value!r}.")
-SPLIT_AT_MSG = ("at must be increasing layer indices strictly between 0 and {count} (the model "
-                "has {count} layers: cut i starts a new piece at model.layers[i]), got {value!r}.")
 SPLIT_LINEAR_MSG = ("the model is not a linear chain: layer {index} ({name}) {why}. Only a model "
                     "whose layers each take the previous layer's single output can be cut; "
                     "build the stages yourself and pass them to tbptt.StageChain.")
@@ -94,12 +85,15 @@ class StageChain(saving.SerializableStages, tf.Module):
         """
         super().__init__(name=name)
         if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
-            raise TypeError(STAGES_MSG.format(value=stages))
+            raise TypeError("stages must be a non-empty sequence of Keras layers/models or "
+                            f"callables, got {stages!r}.")
         for index, stage in enumerate(stages):
             if not callable(stage):
-                raise TypeError(STAGE_MSG.format(index=index, value=stage))
+                raise TypeError(f"stages[{index}] must be a Keras layer/model or a callable, got "
+                                f"{stage!r}.")
         if devices is not None and (isinstance(devices, str) or len(devices) != len(stages)):
-            raise ValueError(DEVICES_MSG.format(expected=len(stages), value=devices))
+            raise ValueError("devices must be None or a sequence with one device name (or None) "
+                             f"per stage ({len(stages)}), got {devices!r}.")
         self._stages = list(stages)
         self._backend = checks.choice("backend", backend, vjp_lib.BACKENDS)
         if backend == "graph" and not compiled:
@@ -321,12 +315,15 @@ def split_sequential(model, at: Sequence[int]) -> list:
     (True, True)
     """
     if not isinstance(model, keras.Model):
-        raise TypeError(SPLIT_TYPE_MSG.format(value=model))
+        raise TypeError("split_sequential needs a keras.Sequential or a functional model that is "
+                        f"a linear chain, got {model!r}.")
     layers = _linear_layers(model)
     cuts = list(at) if not checks.is_int(at) else [at]
     if (not cuts or not all(checks.is_int(c) for c in cuts)
             or cuts != sorted(set(cuts)) or cuts[0] <= 0 or cuts[-1] >= len(layers)):
-        raise ValueError(SPLIT_AT_MSG.format(count=len(layers), value=at))
+        raise ValueError("at must be increasing layer indices strictly between 0 and "
+                         f"{len(layers)} (the model has {len(layers)} layers: cut i starts a new "
+                         f"piece at model.layers[i]), got {at!r}.")
     bounds = [0] + cuts + [len(layers)]
     return [keras.Sequential(layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -6,8 +6,8 @@ segment k:  (y_k, s_k) = core(x_k, s_{k-1});   L_k = weight_k * loss_fn(targets_
 ```
 
 A core is anything with the contract `core(x [B, K, F], state, *, training, flags,
-with_outputs, max_steps) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a `CellStack`,
-or `as_core(fn)` of a plain `fn(x, state) -> (y, state)`.
+with_outputs, max_steps) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a
+`CellStack`, or `as_core(fn)` of a plain `fn(x, state) -> (y, state)`.
 
 Per-step values arrive in `args` (a dict of tensors: "inputs", "targets", "sample_weight",
 "reset", "mask", "context_steps", "steps") or as `SourceReader`s, which read a window of a chunk
