@@ -63,9 +63,9 @@ def run(backend, m=None, final_grad=None):
     def compute():
         carry_grad = None if final_grad is None else [tf.constant(final_grad, tf.float64)]
         schedule = schedules.Exact() if m is None else schedules.Truncated(m)
-        return schedule.run(toy_segments(a, c), [tf.constant(S0, tf.float64)], [a, c],
-                            vjp_lib.get_linearize(backend), loss_dtype=tf.float64,
-                            final_carry_grad=carry_grad)
+        return chain_lib.gradients(toy_segments(a, c), [tf.constant(S0, tf.float64)], [a, c],
+                                   vjp_lib.get_linearize(backend), schedule,
+                                   loss_dtype=tf.float64, final_carry_grad=carry_grad)
 
     return tf.function(compute)() if backend == "graph" else compute()
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tbptt
 from tbptt._src import schedules
+from tbptt._src import chain as chain_lib
 from tbptt._src import losses
 from tbptt._src import timechain
 from tbptt._src import vjp as vjp_lib
@@ -53,8 +54,9 @@ def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
 
     def compute():
         segments = timechain.segments(core, args, loss_fn, losses.Reduction("sum"), tf.float64)
-        return schedules.Exact().run(segments, s0, list(module.trainable_variables),
-                                     vjp_lib.get_linearize(backend), loss_dtype=tf.float64)
+        return chain_lib.gradients(segments, s0, list(module.trainable_variables),
+                                   vjp_lib.get_linearize(backend), schedules.Exact(),
+                                   loss_dtype=tf.float64)
 
     result = tf.function(compute)() if backend == "graph" else compute()
     with tf.GradientTape() as tape:

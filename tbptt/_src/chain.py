@@ -12,9 +12,12 @@ flat list of carried tensors: `advance(k, carry) -> carry` (the forward, no loss
 `segment(k, carry) -> (loss_k, carry)` (what is differentiated). Only one segment's activations
 are alive at a time; the price is one extra forward pass.
 
-Every loop here pulls cotangents back with one function, `step_back`; which cotangents a
-segment receives and passes on (all of them, or only the young ones under truncation) is the
-schedule's answer (`schedules.py`), so the loops do not know about truncation.
+`gradients` is the one entry: it runs the loops the schedule asks for (forward then backward,
+one sweep when no cotangent crosses a cut, or two levels of boundaries) and every loop pulls
+cotangents back with one function, `step_back`. Which cotangents a segment receives and passes
+on (all of them, or only the young ones under truncation) is the schedule's answer
+(`schedules.py`, plain values), so the loops do not know about truncation. What a run records
+beside the loss and gradients (a carry to keep, NaN findings, cotangent norms) is a `Keep`.
 
 The loops over segments of one shape are `tf.while_loop`s with the boundary values in
 `TensorArray`s, so in a `tf.function` one trace serves any number of segments; executing
@@ -31,6 +34,8 @@ tested for NaN/Inf as they are made (one `reduce_all(is_finite)` per tensor); th
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
+
+from tbptt._src import chunking
 
 # Segments run one after the other anyway (each needs the carry of the one before), but a
 # while_loop may start up to `parallel_iterations` iterations' carry-independent work early: the
@@ -70,6 +75,31 @@ class ChainGradients(NamedTuple):
     kept_carry: Optional[list] = None  # the carry entering segment `keep_carry_at`
     non_finite: Optional[tf.Tensor] = None  # [len(NUMERICS_KINDS)] int32, see `check_numerics`
     carry_grad_norms: Optional[tf.Tensor] = None  # [n, ages], see `record_carry_grads`
+
+
+class Keep(NamedTuple):
+    """What a run records beside the loss and gradients.
+
+    Attributes:
+      carry_at: a segment index j in [0, n]: the carry entering segment j is returned as
+        `kept_carry` (streaming keeps the state where its context window starts); None: none.
+      non_finite: test every segment's values for NaN/Inf and return `non_finite`.
+      carry_grad_norms: return ``[n, ages]``: the norm of the cotangent carried into the cut
+        before segment k, per age (diagnostics).
+    """
+
+    carry_at: Optional[tf.Tensor] = None
+    non_finite: bool = False
+    carry_grad_norms: bool = False
+
+
+def _added(grads: list, d_vars: list) -> list:
+    """The running sum of the variables' gradients over segments."""
+    return [g + d for g, d in zip(grads, d_vars)]
+
+
+def _zeros(tensors: list) -> list:
+    return [tf.zeros_like(t) for t in tensors]
 
 
 def loss_dtype_for(dtype: tf.DType) -> tf.DType:
@@ -153,6 +183,106 @@ def _linearize_segment(segments: Segments, k, carry: list, variables: list, line
                      persistent=schedule.seed_count > 1)
 
 
+# -- the chunked gradient of a chain ---------------------------------------------------------------
+
+
+def gradients(segments: Segments, carry: list, variables: list, linearize, schedule, *,
+              loss_dtype: tf.DType, final_carry_grad: Optional[list] = None,
+              keep: Keep = Keep()) -> ChainGradients:
+    """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
+
+    ```
+    forward:   s_k = advance_k(s_{k-1}), keeping s_0 .. s_{n-1}       (the schedule's levels)
+    backward:  g = final_carry_grad;  for k = n-1 .. 0:  (dW_k, g) = step_back(segment_k, g)
+    grads = sum_k dW_k;  initial_carry_grad = g  (summed over the ages that reach it)
+    ```
+
+    Args:
+      segments: the chain, see `Segments`.
+      carry: flat list of tensors, the value entering the first segment.
+      variables: the variables to differentiate.
+      linearize: the backend's `linearize` (see `vjp.py`).
+      schedule: which cotangents travel (see `schedules.py`).
+      loss_dtype: dtype of the loss accumulator.
+      final_carry_grad: flat list, dLoss/d(final carry) from outside the chain (or None).
+      keep: what to record beside (see `Keep`).
+
+    Returns:
+      `ChainGradients`, grads aligned with `variables`, the carries as flat lists.
+    """
+    if not schedule.carried_ages:  # nothing crosses a cut: each backward right after its forward
+        if keep.carry_at is not None or keep.carry_grad_norms:
+            raise ValueError(KEEP_NEEDS_CARRIED_MSG)
+        return _one_sweep(segments, carry, variables, linearize, schedule, loss_dtype,
+                          keep.non_finite)
+    if schedule.grouped:
+        if keep.carry_at is not None or keep.carry_grad_norms:
+            raise ValueError(KEEP_NEEDS_CARRIED_MSG)
+        return _two_levels(segments, carry, variables, linearize, schedule, loss_dtype,
+                           final_carry_grad, keep.non_finite)
+    return _forward_backward(segments, carry, variables, linearize, schedule, loss_dtype,
+                             final_carry_grad, keep)
+
+
+KEEP_NEEDS_CARRIED_MSG = ("keeping a carry and recording cotangent norms need the one-level "
+                          "chain with a carried cotangent.")
+
+
+def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtype,
+                      final_carry_grad, keep: Keep) -> ChainGradients:
+    final_carry, boundaries, kept, found = forward(segments, carry, keep_at=keep.carry_at,
+                                                   check=keep.non_finite)
+    if final_carry_grad is None:
+        final_carry_grad = _zeros(final_carry)
+    back = backward(segments, boundaries, schedule.initial_carried(list(final_carry_grad)),
+                    variables, linearize, schedule, loss_dtype, check=keep.non_finite,
+                    found=found, record=keep.carry_grad_norms)
+    initial_carry_grad = [tf.add_n(list(ages)) for ages in zip(*back.carried)]
+    return ChainGradients(back.loss, back.grads, final_carry, initial_carry_grad, kept,
+                          back.non_finite if keep.non_finite else None, back.carry_grad_norms)
+
+
+def _two_levels(segments, carry, variables, linearize, schedule, loss_dtype, final_carry_grad,
+                check: bool) -> ChainGradients:
+    """The exact gradient keeping only every `group`-th boundary: the coarse chain's segments
+    are groups of ~sqrt(n) segments; for each group in reverse, the one-level chain over its
+    segments seeded with the carried cotangent is exactly the group's VJP. Memory n/G + G
+    boundaries and one segment, for one more forward pass."""
+    group = chunking.group_size_tensor(segments.count)
+    groups = Segments((segments.count + group - 1) // group,
+                      lambda j, c: forward(_group(segments, group, j), c, keep=False)[0], None)
+    # The coarse forward is not checked: each group's chain re-runs (and checks) its segments.
+    final_carry, boundaries, _, _ = forward(groups, carry)
+    if final_carry_grad is None:
+        final_carry_grad = _zeros(final_carry)
+
+    def body(i, carried, grads, loss, found):
+        j = groups.count - 1 - i
+        inner = _forward_backward(_group(segments, group, j), [ta.read(j) for ta in boundaries],
+                                  variables, linearize, schedule, loss_dtype, carried,
+                                  Keep(non_finite=check))
+        if check:
+            found = merge_non_finite(found, offset_non_finite(inner.non_finite, j * group))
+        return (i + 1, inner.initial_carry_grad, _added(grads, inner.grads),
+                loss + inner.loss, found)
+
+    _, initial_carry_grad, grads, loss, found = tf.while_loop(
+        lambda i, *_: i < groups.count, body,
+        (tf.constant(0), list(final_carry_grad), _zeros(variables), tf.zeros([], loss_dtype),
+         no_findings()),
+        parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=groups.count)
+    return ChainGradients(loss, grads, final_carry, initial_carry_grad,
+                          non_finite=found if check else None)
+
+
+def _group(segments: Segments, group, j) -> Segments:
+    """Segments j*group .. (j+1)*group - 1 as a chain of their own (at most `group` of them)."""
+    first = j * group
+    return Segments(tf.minimum(group, segments.count - first),
+                    lambda k, c: segments.advance(first + k, c),
+                    lambda k, c: segments.segment(first + k, c), bound=group)
+
+
 # -- loops over segments of one shape --------------------------------------------------------------
 
 
@@ -216,12 +346,12 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
                          grads=d_vars)
         if record:
             norms = norms.write(k, tf.stack([_norm(c, loss_dtype) for c in carried]))
-        grads = [g + d for g, d in zip(grads, d_vars)]
-        return i + 1, carried, grads, loss + tf.cast(outputs[0], loss_dtype), found, norms
+        return (i + 1, carried, _added(grads, d_vars), loss + tf.cast(outputs[0], loss_dtype),
+                found, norms)
 
     _, carried, grads, loss, found, norms = tf.while_loop(
         lambda i, *_: i < segments.count, body,
-        (tf.constant(0), carried, [tf.zeros_like(v) for v in variables],
+        (tf.constant(0), carried, _zeros(variables),
          tf.zeros([], loss_dtype), no_findings() if found is None else found, norms),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
     return Backward(loss, grads, carried, found, norms.stack() if record else None)
@@ -232,8 +362,8 @@ def _norm(tensors: list, dtype: tf.DType) -> tf.Tensor:
     return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, dtype))) for t in tensors]))
 
 
-def one_sweep(segments: Segments, carry: list, variables: list, linearize, schedule,
-              loss_dtype: tf.DType, check: bool = False) -> ChainGradients:
+def _one_sweep(segments: Segments, carry: list, variables: list, linearize, schedule,
+               loss_dtype: tf.DType, check: bool = False) -> ChainGradients:
     """A chain whose schedule carries no cotangent across a cut (truncation after one segment):
     each segment's backward runs right after its forward, in one sweep."""
 
@@ -242,16 +372,31 @@ def one_sweep(segments: Segments, carry: list, variables: list, linearize, sched
                                                schedule)
         d_vars, _ = step_back(outputs, pullback, [], schedule)
         found = _note_if(check, found, k, carry=outputs[1:], loss=outputs[:1], grads=d_vars)
-        grads = [g + d for g, d in zip(grads, d_vars)]
-        return k + 1, outputs[1:], grads, loss + tf.cast(outputs[0], loss_dtype), found
+        return (k + 1, outputs[1:], _added(grads, d_vars), loss + tf.cast(outputs[0], loss_dtype),
+                found)
 
     _, final_carry, grads, loss, found = tf.while_loop(
         lambda k, *_: k < segments.count, body,
-        (tf.constant(0), list(carry), [tf.zeros_like(v) for v in variables],
+        (tf.constant(0), list(carry), _zeros(variables),
          tf.zeros([], loss_dtype), no_findings()),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
-    return ChainGradients(loss, grads, final_carry, [tf.zeros_like(c) for c in carry],
+    return ChainGradients(loss, grads, final_carry, _zeros(carry),
                           non_finite=found if check else None)
+
+
+def forward_outputs(count, output: Callable, carry: list, dtype: tf.DType) -> tuple:
+    """The plain forward over `count` segments, collecting what each puts out:
+    `output(k, carry) -> (y_k [t_k, ...], carry)`; returns ``(concat_k y_k, final carry)``."""
+    outputs = tf.TensorArray(dtype, size=count, infer_shape=False)
+
+    def body(k, carry, outputs):
+        y, carry = output(k, carry)
+        return k + 1, list(carry), outputs.write(k, y)
+
+    _, carry, outputs = tf.while_loop(lambda k, *_: k < count, body,
+                                      (tf.constant(0), list(carry), outputs),
+                                      maximum_iterations=count)
+    return outputs.concat(), carry
 
 
 # -- the static chain: a fixed list of segments of any shapes --------------------------------------
@@ -261,7 +406,6 @@ class StaticChainGradients(NamedTuple):
     loss: tf.Tensor
     grads: list
     carry_grads: list
-    non_finite: Optional[tf.Tensor] = None
 
 
 def static_forward(segments: Sequence[Callable], carry: list, variables: Sequence[list],

@@ -316,11 +316,11 @@ def _gradients(stack: CellStack, config: ChainConfig, args: dict, static) -> _Ru
     segments = timechain.segments(stack, args, loss_fn,
                                   losses.reduction_of(config.reduction, loss_fn), loss_dtype)
     keep_at = config.schedule.context_start(segments.count) if "context_steps" in args else None
-    result = config.schedule.run(
+    result = chain_lib.gradients(
         segments, args["state"], stack.trainable_variables,
-        vjp_lib.get_linearize(config.backend), loss_dtype=loss_dtype,
-        final_carry_grad=args.get("final_state_grad"), keep_carry_at=keep_at,
-        check_numerics=config.check_numerics, record_carry_grads=record)
+        vjp_lib.get_linearize(config.backend), config.schedule, loss_dtype=loss_dtype,
+        final_carry_grad=args.get("final_state_grad"),
+        keep=chain_lib.Keep(keep_at, config.check_numerics, record))
     steps = timechain.steps(args)
     kept, kept_from = (result.final_carry, steps) if keep_at is None else (
         result.kept_carry, tf.minimum(keep_at * args["chunk_size"], steps))

@@ -184,15 +184,13 @@ def forward(core, args: dict, training: bool, dtype: tf.DType):
     ``[B, T, O]`` of `dtype` gathered chunk by chunk, and the final flat state."""
     size, total = args["chunk_size"], steps(args)
 
-    def body(k, state, outputs):
+    def output(k, state):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
         predictions, state = core(window(args["inputs"], start, stop), state,
                                   training=training, flags=chunk_flags(args, start, stop),
                                   max_steps=size)
-        return k + 1, state, outputs.write(k, layers.time_major(predictions))
+        return layers.time_major(predictions), state
 
-    outputs = tf.TensorArray(dtype, size=(total + size - 1) // size, infer_shape=False,
-                             element_shape=tf.TensorShape([None, None, None]))
-    _, state, outputs = tf.while_loop(lambda k, *_: k * size < total, body,
-                                      (tf.constant(0), list(args["state"]), outputs))
-    return layers.time_major(outputs.concat()), state
+    outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
+                                               list(args["state"]), dtype)
+    return layers.time_major(outputs), state
