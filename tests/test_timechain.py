@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tbptt
 from tbptt._src import schedules
+from tbptt._src import calls
 from tbptt._src import chain as chain_lib
 from tbptt._src import losses
 from tbptt._src import timechain
@@ -34,6 +35,17 @@ def function_core(module):
     return lambda x, state: module(x, state)  # a lambda: no variables of its own
 
 
+def as_core(fn):
+    """A plain `fn(x [B, K, F], state) -> (y [B, K, O], state)` with the core contract."""
+
+    def core(x, state, *, training=True, flags=None, with_outputs=True, max_steps=None):
+        assert flags is None
+        y, state = fn(x, list(state))
+        return (y if with_outputs else None), list(state)
+
+    return core
+
+
 def loss_fn(y_true, y_pred):
     return tf.reduce_sum(tf.square(y_true - y_pred))
 
@@ -47,13 +59,13 @@ def inputs():
 @pytest.mark.parametrize("kind", ["module", "function"])
 def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
     module = LeakyCore()
-    core = timechain.as_core(module if kind == "module" else function_core(module))
+    core = as_core(module if kind == "module" else function_core(module))
     x, y = inputs()
     s0 = [tf.constant([[0.4, -0.2]], tf.float64)]
-    args = {"inputs": x, "targets": y, "chunk_size": tf.constant(4), "state": s0}
+    call = calls.Call(calls.Batch(x, y), s0, tf.constant(4))
 
     def compute():
-        segments = timechain.segments(core, args, loss_fn, losses.Reduction("sum"), tf.float64)
+        segments = timechain.segments(core, call, loss_fn, losses.Reduction("sum"), tf.float64)
         return chain_lib.gradients(segments, s0, list(module.trainable_variables),
                                    vjp_lib.get_linearize(backend), schedules.Exact(),
                                    loss_dtype=tf.float64)
@@ -69,13 +81,6 @@ def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
                                [g.numpy() for g in grads], rtol=1e-12)
     np.testing.assert_allclose(result.initial_carry_grad[0], state_grad[0], rtol=1e-12)
     np.testing.assert_allclose(result.final_carry[0], final[0], rtol=1e-12)
-
-
-def test_a_plain_core_refuses_step_flags():
-    core = timechain.as_core(function_core(LeakyCore()))
-    flags = timechain.chunk_flags({"mask": tf.ones([1, 4], tf.bool)}, 0, 4)
-    with pytest.raises(ValueError, match="reset and mask need a stack of cells"):
-        core(tf.ones([1, 4, 2], tf.float64), [tf.zeros([1, 2], tf.float64)], flags=flags)
 
 
 def test_masked_weight_broadcasts_over_trailing_axes_only():

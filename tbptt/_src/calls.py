@@ -1,12 +1,20 @@
 """One call of a recurrent chain, checked and laid out in Python before anything is traced.
 
-A call becomes `Prepared(args, sources, static)`: `args` is a dict of tensors (the compiled
-function's only argument, with batch and time left unknown in its signature), `sources` the
-chunk sources to register for the call (`sources.live`), and `static` what keys the compiled
-function besides the argument specs (the loss function, the sources' specs).
+A call becomes `Prepared(call, sources, static)`, three typed values:
+
+```
+Call(batch: Batch(inputs, targets, sample_weight, reset, mask),   the per-step values
+     state, chunk_size, final_state_grad, context_steps, steps)   the rest of the argument
+sources: {name: ChunkSource}                                        registered for the call
+Static(loss_fn, source_specs, training, record)                    what keys a trace
+```
+
+A `Call` crosses into the compiled function as the flat dict of its present tensors
+(`Call.tensors`, with batch and time left unknown in the signature) and is rebuilt there
+(`Call.from_tensors`); a chunk source is then a `SourceReader` in its place in the batch.
 """
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -18,11 +26,75 @@ from tbptt._src import sources as sources_lib
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
 
+PER_STEP = ("inputs", "targets", "sample_weight", "reset", "mask")
+
+
+class Batch(NamedTuple):
+    """One call's per-step values ``[B, T, ...]`` (flags ``[B, T]`` bool), None where not
+    given. Before tracing, a chunk source's entry is its `tf.TensorSpec`."""
+
+    inputs: Any
+    targets: Any = None
+    sample_weight: Any = None
+    reset: Optional[tf.Tensor] = None
+    mask: Optional[tf.Tensor] = None
+
+    def given(self) -> dict:
+        """name -> value of the fields given."""
+        return {name: value for name, value in zip(self._fields, self) if value is not None}
+
+
+class Call(NamedTuple):
+    """What one call computes on.
+
+    Attributes:
+      batch: the per-step values.
+      state: the flat state entering the first step, in the state dtype.
+      chunk_size: steps per chunk, a scalar tensor (one trace serves every chunk size).
+      final_state_grad: flat dLoss/d(final state) from outside, or None.
+      context_steps: streaming: the leading steps (the carried context) that add no loss.
+      steps: T of a chunk source (None: the inputs' own).
+    """
+
+    batch: Batch
+    state: list
+    chunk_size: Optional[tf.Tensor] = None
+    final_state_grad: Optional[list] = None
+    context_steps: Optional[tf.Tensor] = None
+    steps: Optional[tf.Tensor] = None
+
+    def tensors(self) -> dict:
+        """The compiled function's argument: name -> tensor (or list), present fields only."""
+        flat = {**self._replace(batch=None)._asdict(), **self.batch.given()}
+        return {name: value for name, value in flat.items() if value is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, readers: Optional[dict] = None) -> "Call":
+        """The call rebuilt inside the compiled function; `readers` stand for chunk sources."""
+        tensors = {**tensors, **(readers or {})}
+        batch = Batch(**{name: tensors.get(name) for name in PER_STEP})
+        return cls(batch, **{name: tensors.get(name) for name in cls._fields[1:]})
+
+    def static_steps(self) -> Optional[int]:
+        """T where it is known in Python (None inside a tf.function with an unknown length)."""
+        if self.steps is not None:
+            return int(self.steps)
+        return self.batch.inputs.shape[1]
+
+
+class Static(NamedTuple):
+    """What keys a compiled function besides its argument's specs."""
+
+    loss_fn: Any = None
+    source_specs: tuple = ()  # ((name, relaxed spec), ...) of the chunk sources
+    training: bool = True
+    record: bool = False  # diagnostics: the carried cotangents' norms
+
 
 class Prepared(NamedTuple):
-    args: dict
+    call: Call
     sources: dict
-    static: tuple
+    static: Static
 
 
 def relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
@@ -70,68 +142,75 @@ def plan_for(config: ChainConfig, stack: CellStack, steps: int, batch: int,
                          itemsize=stack.dtype.size)
 
 
-def flag_args(inputs, reset, mask) -> dict:
-    """reset and mask checked against inputs' [B, T], as bool tensors (absent when None)."""
-    return {name: checks.step_flags(name, value, inputs)
-            for name, value in [("reset", reset), ("mask", mask)] if value is not None}
+def _flag(name: str, value, inputs) -> Optional[tf.Tensor]:
+    """reset or mask checked against inputs' [B, T], as a bool tensor (None when None)."""
+    return None if value is None else checks.step_flags(name, value, inputs)
 
 
 def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, reset,
-                 mask) -> Prepared:
+                 mask, training: bool) -> Prepared:
     """`chain(inputs, ...)`: in-memory inputs run as one chunk; a source chunk by chunk."""
     mask = compat.keras_mask(inputs) if mask is None else mask
     source = sources_lib.as_source("inputs", inputs)
     if source is not None:
         _sources_outside_xla()
-    if source is None:
-        inputs = checks.sequence_inputs(inputs, stack.dtype)
-        args = {"inputs": inputs}
-        static = None
-    else:
         inputs = source_spec(source, stack.dtype)
-        args = {"chunk_size": chunk_size_for(config, stack, inputs.shape),
-                "steps": tf.constant(inputs.shape[1], tf.int32)}
-        static = relaxed_spec(inputs)
-    args.update(flag_args(inputs, reset, mask))
-    args["state"] = stack.leaves("initial_state", initial_state, batch_size(inputs))
+    else:
+        inputs = checks.sequence_inputs(inputs, stack.dtype)
+    batch = Batch(inputs, reset=_flag("reset", reset, inputs), mask=_flag("mask", mask, inputs))
+    call = Call(batch, stack.leaves("initial_state", initial_state, batch_size(inputs)))
+    specs = ()
+    if source is not None:
+        call = call._replace(batch=batch._replace(inputs=None),
+                             chunk_size=chunk_size_for(config, stack, inputs.shape),
+                             steps=tf.constant(inputs.shape[1], tf.int32))
+        specs = (("inputs", relaxed_spec(inputs)),)
     stack.build(inputs.shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
-    return Prepared(args, {} if source is None else {"inputs": source}, (static,))
+    return Prepared(call, {} if source is None else {"inputs": source},
+                    Static(source_specs=specs, training=training))
 
 
 def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_fn, *,
                   initial_state=None, final_state_grad=None, sample_weight=None, reset=None,
-                  mask=None, context_steps=None, state_name: str = "initial_state") -> Prepared:
+                  mask=None, context_steps=None, state_name: str = "initial_state",
+                  record: bool = False) -> Prepared:
     """`value_and_gradients` and `stream_step`: every argument checked, sources split off."""
     mask = compat.keras_mask(inputs) if mask is None else mask
     loss_fn = checks.loss_function(
         loss_fn, with_weight=sample_weight is not None or mask is not None)
-    args, sources = _per_step_args(stack, inputs, targets, sample_weight)
+    batch, sources = _per_step(stack, inputs, targets, sample_weight)
     _check_whole_counts(losses.reduction_of(config.reduction, loss_fn), sources)
     if sources:
         _sources_outside_xla()
     if config.check_numerics:
         checks.outside_xla("check_numerics=True", "its assertions would be left out. Check "
                            "numerics in a call outside jit_compile.")
-    args.update(flag_args(args["inputs"], reset, mask))
-    batch = batch_size(args["inputs"])
-    args["chunk_size"] = chunk_size_for(config, stack, args["inputs"].shape)
-    args["state"] = stack.leaves(state_name, initial_state, batch)
-    if final_state_grad is not None:
-        if not config.schedule.accepts_final_state_grad:
-            raise ValueError("final_state_grad would be dropped at the first cut with "
-                             "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to "
-                             "carry it back, mode='exact', or pass None.")
-        args["final_state_grad"] = stack.leaves("final_state_grad", final_state_grad, batch)
-    if context_steps is not None:
-        args["context_steps"] = tf.convert_to_tensor(context_steps, tf.int32)
+    batch = batch._replace(reset=_flag("reset", reset, batch.inputs),
+                           mask=_flag("mask", mask, batch.inputs))
+    rows = batch_size(batch.inputs)
+    call = Call(batch, stack.leaves(state_name, initial_state, rows),
+                chunk_size_for(config, stack, batch.inputs.shape),
+                _final_state_grad(config, stack, final_state_grad, rows),
+                None if context_steps is None else tf.convert_to_tensor(context_steps, tf.int32))
     # Sources stay out of the compiled function's tensors: it is traced for their specs and
     # reads the source whose handle it is given, so a new file costs no trace.
-    inputs_shape = args["inputs"].shape
-    source_specs = tuple((name, relaxed_spec(args.pop(name))) for name in sorted(sources))
+    inputs_shape = batch.inputs.shape
+    specs = tuple((name, relaxed_spec(getattr(batch, name))) for name in sorted(sources))
     if sources:
-        args["steps"] = tf.constant(sources["inputs"].shape[1], tf.int32)
+        call = call._replace(batch=batch._replace(**{name: None for name in sources}),
+                             steps=tf.constant(sources["inputs"].shape[1], tf.int32))
     stack.build(inputs_shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
-    return Prepared(args, sources, (loss_fn, source_specs))
+    return Prepared(call, sources, Static(loss_fn, specs, training=True, record=record))
+
+
+def _final_state_grad(config: ChainConfig, stack: CellStack, final_state_grad, rows):
+    if final_state_grad is None:
+        return None
+    if not config.schedule.accepts_final_state_grad:
+        raise ValueError("final_state_grad would be dropped at the first cut with "
+                         "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to "
+                         "carry it back, mode='exact', or pass None.")
+    return stack.leaves("final_state_grad", final_state_grad, rows)
 
 
 def _check_whole_counts(reduction: losses.Reduction, sources: dict) -> None:
@@ -151,7 +230,7 @@ def _sources_outside_xla() -> None:
                        "compile. Pass in-memory tensors, or call the chain outside jit_compile.")
 
 
-def _per_step_args(stack: CellStack, inputs, targets, sample_weight) -> tuple[dict, dict]:
+def _per_step(stack: CellStack, inputs, targets, sample_weight) -> tuple[Batch, dict]:
     """inputs, targets and sample_weight checked: tensors, or the specs of chunk sources."""
     if targets is None:
         raise ValueError("targets must be given: [batch, time, ...] values that loss_fn "
@@ -163,16 +242,9 @@ def _per_step_args(stack: CellStack, inputs, targets, sample_weight) -> tuple[di
         if source is not None}
     inputs = source_spec(sources["inputs"], stack.dtype) if "inputs" in sources else (
         checks.sequence_inputs(inputs, stack.dtype))
-    args = {"inputs": inputs}
+    checked = {}
     for name, value in [("targets", targets), ("sample_weight", sample_weight)]:
         if value is not None:
             value = source_spec(sources[name], stack.dtype, False) if name in sources else value
-            args[name] = checks.per_step(name, value, inputs, stack.dtype)
-    return args, sources
-
-
-def steps_of(call: Prepared):
-    """T of a prepared call: static, or None inside a tf.function with an unknown length."""
-    if "steps" in call.args:
-        return int(call.args["steps"])
-    return call.args["inputs"].shape[1]
+            checked[name] = checks.per_step(name, value, inputs, stack.dtype)
+    return Batch(inputs, **checked), sources

@@ -384,10 +384,12 @@ def _one_sweep(segments: Segments, carry: list, variables: list, linearize, sche
                           non_finite=found if check else None)
 
 
-def forward_outputs(count, output: Callable, carry: list, dtype: tf.DType) -> tuple:
+def forward_outputs(count, output: Callable, carry: list, dtype: tf.DType, rank: int) -> tuple:
     """The plain forward over `count` segments, collecting what each puts out:
-    `output(k, carry) -> (y_k [t_k, ...], carry)`; returns ``(concat_k y_k, final carry)``."""
-    outputs = tf.TensorArray(dtype, size=count, infer_shape=False)
+    `output(k, carry) -> (y_k [t_k, ...], carry)` of `rank` dims; returns
+    ``(concat_k y_k, final carry)``."""
+    outputs = tf.TensorArray(dtype, size=count, infer_shape=False,
+                             element_shape=tf.TensorShape([None] * rank))
 
     def body(k, carry, outputs):
         y, carry = output(k, carry)

@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from tbptt._src import checks
 from tbptt._src.recurrent import RecurrentChain
-from tbptt._src.recurrent import carried_grad_norms
 from tbptt._src.types import LossFn
 
 SIGNIFICANT = 1e-2  # a carried gradient below 1% of its size one chunk back is "noise"
@@ -239,7 +238,7 @@ def _variant(chain: RecurrentChain, chunk_size: int, mode: str, m: int) -> Recur
 
 def _reach(chain: RecurrentChain, inputs, targets, loss_fn, call: dict) -> np.ndarray:
     """RMS over cuts of the carried cotangent's norm, per age (the loss `a` chunks ahead)."""
-    norms = carried_grad_norms(chain, inputs, targets, loss_fn, **call)
+    norms = chain.carried_grad_norms(inputs, targets, loss_fn, **call)
     chunks, ages = norms.shape  # row k is the cut before chunk k
     # Cut k (1 .. chunks-1) has a loss `age` chunks ahead while k + age - 1 < chunks: the
     # sequence's chunks bound the ages that can be measured.

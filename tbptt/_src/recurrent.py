@@ -6,42 +6,27 @@ functions that run the time chain (`timechain.segments`) with the config's sched
 about one call is stored on the chain: what a call needs flows in as arguments and out as values.
 """
 
-from typing import NamedTuple, Optional, Sequence, Union
+import functools
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
 from tbptt._src import calls
-from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import chunking
 from tbptt._src import compat
 from tbptt._src import compiling
-from tbptt._src import losses
 from tbptt._src import saving
 from tbptt._src import sources as sources_lib
 from tbptt._src import streaming
 from tbptt._src import timechain
-from tbptt._src import vjp as vjp_lib
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
 from tbptt._src.streaming import StreamCarry
 from tbptt._src.types import ChainResult, LossFn, State
 
 keras = compat.keras
-
-
-class _Run(NamedTuple):
-    """What the compiled gradient function returns."""
-
-    loss: tf.Tensor
-    grads: list
-    final_state: list
-    initial_state_grad: list
-    kept_state: list  # the state where the next stream step's context starts
-    kept_from: tf.Tensor  # ... and that step
-    non_finite: Optional[tf.Tensor]
-    carry_grad_norms: Optional[tf.Tensor]
 
 
 def _config_field(name: str, doc: str) -> property:
@@ -195,15 +180,13 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         Returns:
           ``(outputs [B, T, O], final_state)``: the head's predictions and the last state.
         """
-        call = calls.forward_call(self._config, self._stack, inputs, initial_state, reset, mask)
-        fn = self._functions.get("call", self._forward_impl, (training,) + call.static,
-                                 self._config.compiled)
-        with sources_lib.live(call.sources) as handles:
-            outputs, leaves = fn({**call.args, "sources": handles})
+        prepared = calls.forward_call(self._config, self._stack, inputs, initial_state, reset,
+                                      mask, training)
+        fn = self._functions.get("call", functools.partial(timechain.forward, self._stack),
+                                 prepared.static, self._config.compiled)
+        with sources_lib.live(prepared.sources) as handles:
+            outputs, leaves = fn({**prepared.call.tensors(), "sources": handles})
         return outputs, self._stack.pack(list(leaves))
-
-    def _forward_impl(self, args: dict, static):
-        return _forward(self._stack, args, static)
 
     @tf.autograph.experimental.do_not_convert
     def value_and_gradients(self, inputs, targets, loss_fn: LossFn, initial_state: State = None,
@@ -284,73 +267,36 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         return self._result(run), streaming.next_carry(
             call, self._stack.pack(list(run.kept_state)), run.kept_from)
 
-    def _run(self, call: calls.Prepared, record: bool = False) -> _Run:
-        fn = self._functions.get("value_and_gradients", self._gradients_impl,
-                                 call.static + (record,), self._config.compiled,
-                                 recorded=False)
-        with sources_lib.live(call.sources) as handles:
-            run = fn({**call.args, "sources": handles})
+    def carried_grad_norms(self, inputs, targets, loss_fn: LossFn, **options) -> np.ndarray:
+        """``[chunks, ages]``: the norm of the dLoss/dstate carried into the cut before chunk
+        k, per age (what the loss `a` chunks ahead sends back; column a-1), for
+        `tbptt.diagnostics.truncation_report`. `options`: those of `value_and_gradients`."""
+        prepared = calls.gradient_call(self._config, self._stack, inputs, targets, loss_fn,
+                                       record=True, **options)
+        return np.asarray(self._run(prepared).carry_grad_norms, "float64")
+
+    def _run(self, prepared: calls.Prepared) -> timechain.Run:
+        fn = self._functions.get(
+            "value_and_gradients", functools.partial(timechain.gradients, self._stack,
+                                                     self._config),
+            prepared.static, self._config.compiled, recorded=False)
+        with sources_lib.live(prepared.sources) as handles:
+            run = fn({**prepared.call.tensors(), "sources": handles})
         if run.non_finite is None:
             return run
         loss, grads = checks.report_non_finite(
-            run.non_finite, (run.loss, run.grads), chunk_size=call.args["chunk_size"],
-            steps=calls.steps_of(call))
+            run.non_finite, (run.loss, run.grads), chunk_size=prepared.call.chunk_size,
+            steps=prepared.call.static_steps())
         return run._replace(loss=loss, grads=grads)
 
-    def _result(self, run: _Run) -> ChainResult:
+    def _result(self, run: timechain.Run) -> ChainResult:
         return ChainResult(run.loss, list(run.grads), self._stack.pack(list(run.final_state)),
                            self._stack.pack(list(run.initial_state_grad)))
-
-    def _gradients_impl(self, args: dict, static) -> _Run:
-        return _gradients(self._stack, self._config, args, static)
-
-
-def _gradients(stack: CellStack, config: ChainConfig, args: dict, static) -> _Run:
-    """The compiled body of `value_and_gradients`: the time chain run with the schedule."""
-    loss_fn, source_specs, record = static
-    args = dict(args)
-    run = sources_lib.run_token() if source_specs else None
-    for name, spec in source_specs:  # read chunk by chunk from the source given
-        args[name] = timechain.SourceReader(args["sources"][name], run, spec)
-    loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
-    segments = timechain.segments(stack, args, loss_fn,
-                                  losses.reduction_of(config.reduction, loss_fn), loss_dtype)
-    keep_at = config.schedule.context_start(segments.count) if "context_steps" in args else None
-    result = chain_lib.gradients(
-        segments, args["state"], stack.trainable_variables,
-        vjp_lib.get_linearize(config.backend), config.schedule, loss_dtype=loss_dtype,
-        final_carry_grad=args.get("final_state_grad"),
-        keep=chain_lib.Keep(keep_at, config.check_numerics, record))
-    steps = timechain.steps(args)
-    kept, kept_from = (result.final_carry, steps) if keep_at is None else (
-        result.kept_carry, tf.minimum(keep_at * args["chunk_size"], steps))
-    return _Run(result.loss, result.grads, result.final_carry, result.initial_carry_grad, kept,
-                kept_from, result.non_finite, result.carry_grad_norms)
-
-
-def _forward(stack: CellStack, args: dict, static):
-    """The compiled body of `__call__`: in memory the whole sequence is one chunk; a source is
-    read and run chunk by chunk."""
-    training, source = static
-    if source is None:
-        flags = timechain.chunk_flags(args, 0, tf.shape(args["inputs"])[1])
-        return stack(args["inputs"], args["state"], training=training, flags=flags)
-    args = {**args, "inputs": timechain.SourceReader(args["sources"]["inputs"],
-                                                     sources_lib.run_token(), source)}
-    return timechain.forward(stack, args, training, stack.dtype)
-
-
-def carried_grad_norms(chain: RecurrentChain, inputs, targets, loss_fn: LossFn,
-                       **call) -> np.ndarray:
-    """``[chunks, ages]``: the norm of the dLoss/dstate carried into the cut before chunk k, per
-    age (what the loss `a` chunks ahead sends back; column a-1), for diagnostics."""
-    prepared = calls.gradient_call(chain.config, chain._stack, inputs, targets, loss_fn, **call)
-    return np.asarray(chain._run(prepared, record=True).carry_grad_norms, "float64")
 
 
 def _unknown_dims(name: str) -> int:
     """Batch and time are left unknown in per-step arguments, batch only in states."""
-    return 2 if name in timechain.PER_STEP_ARGS else 1
+    return 2 if name in calls.PER_STEP else 1
 
 
 @saving.register

@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from tbptt._src import calls
 from tbptt._src import checks
-from tbptt._src import timechain
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
 from tbptt._src.types import State
@@ -61,13 +60,14 @@ def stream_call(config: ChainConfig, stack: CellStack, loss_fn, carry: Optional[
         state_name="carry.state", **per_step)
 
 
-def next_carry(call: calls.Prepared, state: State, kept_from) -> StreamCarry:
+def next_carry(prepared: calls.Prepared, state: State, kept_from) -> StreamCarry:
     """The carry after a step: `state` (entering step `kept_from` of the joined window) and
     the per-step values from there on (none without a context)."""
-    if "context_steps" not in call.args:
+    call = prepared.call
+    if call.context_steps is None:
         return StreamCarry(state, {})
-    return StreamCarry(state, {name: call.args[name][:, kept_from:]
-                               for name in timechain.PER_STEP_ARGS if name in call.args})
+    return StreamCarry(state, {name: value[:, kept_from:]
+                               for name, value in call.batch.given().items()})
 
 
 def check_carry(config: ChainConfig, carry, per_step: dict) -> Optional[StreamCarry]:

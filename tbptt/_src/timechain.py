@@ -7,12 +7,16 @@ segment k:  (y_k, s_k) = core(x_k, s_{k-1});   L_k = weight_k * loss_fn(targets_
 
 A core is anything with the contract `core(x [B, K, F], state, *, training, flags,
 with_outputs, max_steps) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a
-`CellStack`, or `as_core(fn)` of a plain `fn(x, state) -> (y, state)`.
+`CellStack`, or a plain function wrapped to it (tests do).
 
-Per-step values arrive in `args` (a dict of tensors: "inputs", "targets", "sample_weight",
-"reset", "mask", "context_steps", "steps") or as `SourceReader`s, which read a window of a chunk
-source registered for the call (`sources.py`): the compiled function gets the source's handle as
-a value, never an object stored on the chain.
+The compiled bodies of a chain's calls are here (`gradients`, `forward`): they rebuild the
+`calls.Call` they are given and run it, reading chunk sources through `SourceReader`s, which
+read a window of a source registered for the call (`sources.py`): the compiled function gets
+the source's handle as a value, never an object stored on the chain.
+
+```
+gradients(stack, config, call):  segments of the call -> chain.gradients -> Run
+```
 """
 
 from typing import Callable, NamedTuple, Optional
@@ -24,8 +28,9 @@ from tbptt._src import checks
 from tbptt._src import layers
 from tbptt._src import losses
 from tbptt._src import sources as sources_lib
-
-PER_STEP_ARGS = ("inputs", "targets", "sample_weight", "reset", "mask")
+from tbptt._src import vjp as vjp_lib
+from tbptt._src.calls import Batch, Call, Static
+from tbptt._src.config import ChainConfig
 
 
 class SourceReader(NamedTuple):
@@ -40,23 +45,71 @@ class SourceReader(NamedTuple):
         return sources_lib.read_window(self.handle, self.run, start, stop, self.spec)
 
 
-def as_core(fn: Callable) -> Callable:
-    """A plain `fn(x [B, K, F], state) -> (y [B, K, O], state)` as a core (no flags)."""
+class Run(NamedTuple):
+    """What the compiled gradient function returns (flat lists)."""
 
-    def core(x, state, *, training=True, flags=None, with_outputs=True, max_steps=None):
-        del training, max_steps
-        if flags is not None:
-            raise ValueError("reset and mask need a stack of cells (they act step by step); "
-                             "a plain core sees whole chunks.")
-        y, state = fn(x, list(state))
-        return (y if with_outputs else None), list(state)
+    loss: tf.Tensor
+    grads: list
+    final_state: list
+    initial_state_grad: list
+    kept_state: list  # the state where the next stream step's context starts
+    kept_from: tf.Tensor  # ... and that step
+    non_finite: Optional[tf.Tensor]
+    carry_grad_norms: Optional[tf.Tensor]
 
-    return core
+
+def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
+    """The compiled body of `value_and_gradients` and `stream_step`: the call's chunks as
+    segments, run by `chain.gradients` with the config's schedule and backend."""
+    call = _rebuilt(tensors, static)
+    loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
+    segments_ = segments(stack, call, static.loss_fn,
+                         losses.reduction_of(config.reduction, static.loss_fn), loss_dtype)
+    keep_at = None if call.context_steps is None else config.schedule.context_start(
+        segments_.count)
+    result = chain_lib.gradients(
+        segments_, call.state, stack.trainable_variables, vjp_lib.get_linearize(config.backend),
+        config.schedule, loss_dtype=loss_dtype, final_carry_grad=call.final_state_grad,
+        keep=chain_lib.Keep(keep_at, config.check_numerics, static.record))
+    total = steps(call)
+    kept, kept_from = (result.final_carry, total) if keep_at is None else (
+        result.kept_carry, tf.minimum(keep_at * call.chunk_size, total))
+    return Run(result.loss, result.grads, result.final_carry, result.initial_carry_grad, kept,
+               kept_from, result.non_finite, result.carry_grad_norms)
 
 
-def steps(args: dict):
+def forward(stack, tensors: dict, static: Static) -> tuple:
+    """The compiled body of `__call__`: in memory the whole sequence is one chunk; a source is
+    read and run chunk by chunk. Returns ``(outputs [B, T, O], final flat state)``."""
+    call = _rebuilt(tensors, static)
+    if not static.source_specs:
+        flags = chunk_flags(call.batch, 0, tf.shape(call.batch.inputs)[1])
+        return stack(call.batch.inputs, call.state, training=static.training, flags=flags)
+    size, total = call.chunk_size, steps(call)
+
+    def output(k, state):
+        start, stop = k * size, tf.minimum((k + 1) * size, total)
+        predictions, state = stack(window(call.batch.inputs, start, stop), state,
+                                   training=static.training,
+                                   flags=chunk_flags(call.batch, start, stop), max_steps=size)
+        return layers.time_major(predictions), state
+
+    outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
+                                               list(call.state), stack.dtype, rank=3)
+    return layers.time_major(outputs), state
+
+
+def _rebuilt(tensors: dict, static: Static) -> Call:
+    """The call inside the compiled function, each chunk source read through its handle."""
+    run = sources_lib.run_token() if static.source_specs else None
+    readers = {name: SourceReader(tensors["sources"][name], run, spec)
+               for name, spec in static.source_specs}
+    return Call.from_tensors({k: v for k, v in tensors.items() if k != "sources"}, readers)
+
+
+def steps(call: Call):
     """T: static for chunk sources, else read from the inputs."""
-    return args["steps"] if "steps" in args else tf.shape(args["inputs"])[1]
+    return call.steps if call.steps is not None else tf.shape(call.batch.inputs)[1]
 
 
 def window(value, start, stop):
@@ -66,12 +119,12 @@ def window(value, start, stop):
     return value[:, start:stop]
 
 
-def chunk_flags(args: dict, start, stop) -> Optional[layers.StepFlags]:
+def chunk_flags(batch: Batch, start, stop) -> Optional[layers.StepFlags]:
     """The chunk's reset and mask, time-major; None when neither is set."""
-    if "reset" not in args and "mask" not in args:
+    if batch.reset is None and batch.mask is None:
         return None
-    return layers.StepFlags(*[layers.time_major(window(args[name], start, stop))
-                              if name in args else None for name in ("reset", "mask")])
+    return layers.StepFlags(*[None if flag is None else layers.time_major(window(flag, start, stop))
+                              for flag in (batch.reset, batch.mask)])
 
 
 def masked_weight(sample_weight, mask, dtype):
@@ -90,7 +143,7 @@ def masked_weight(sample_weight, mask, dtype):
         [tf.shape(mask), tf.ones([sample_weight.shape.rank - 2], tf.int32)], 0))
 
 
-def chunk_weights(args: dict, size, reduction: losses.Reduction, dtype: tf.DType) -> Callable:
+def chunk_weights(call: Call, size, reduction: losses.Reduction, dtype: tf.DType) -> Callable:
     """`weight(k)`, the factor on chunk k's loss (see `losses.Reduction`).
 
     sum: 1. mean: what chunk k's own loss is divided by, over what the loss of the whole
@@ -104,12 +157,12 @@ def chunk_weights(args: dict, size, reduction: losses.Reduction, dtype: tf.DType
 
     Context chunks (streaming) weigh 0 and do not count in the whole.
     """
-    total = steps(args)
-    context = args.get("context_steps", tf.zeros([], tf.int32))
+    total = steps(call)
+    context = tf.zeros([], tf.int32) if call.context_steps is None else call.context_steps
     zero, one = tf.zeros([], dtype), tf.ones([], dtype)
     if reduction.combine == "sum":
         return lambda k: tf.where(k * size < context, zero, one)
-    chunk_count, whole = _share_counts(args, reduction, dtype, context, total)
+    chunk_count, whole = _share_counts(call.batch, reduction, dtype, context, total)
 
     def weight(k):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
@@ -119,78 +172,60 @@ def chunk_weights(args: dict, size, reduction: losses.Reduction, dtype: tf.DType
     return weight
 
 
-def _share_counts(args: dict, reduction: losses.Reduction, dtype, context, total):
+def _share_counts(batch: Batch, reduction: losses.Reduction, dtype, context, total):
     """``(count(start, stop), whole)``: what a chunk's loss is divided by, and the whole's."""
     share = reduction.share
-    if share == "weights" and "sample_weight" not in args and "mask" not in args:
+    if share == "weights" and batch.sample_weight is None and batch.mask is None:
         share = "steps"  # Keras divides by the element count when no weight is given
     if share == "kept":
-        kept = tf.cast(losses.kept_labels(args["targets"], reduction.ignore_class), dtype)
-        unmasked = kept * tf.cast(args["mask"], dtype) if "mask" in args else kept
+        kept = tf.cast(losses.kept_labels(batch.targets, reduction.ignore_class), dtype)
+        unmasked = kept if batch.mask is None else kept * tf.cast(batch.mask, dtype)
         return (lambda a, b: tf.reduce_sum(kept[:, a:b])), tf.reduce_sum(unmasked[:, context:])
     if share == "weights":
-        weights = tf.cast(masked_weight(args.get("sample_weight"), args.get("mask"), dtype),
-                          dtype)
+        weights = tf.cast(masked_weight(batch.sample_weight, batch.mask, dtype), dtype)
         return (lambda a, b: tf.reduce_sum(weights[:, a:b])), tf.reduce_sum(weights[:, context:])
     steps_of = lambda a, b: tf.cast(b - a, dtype)  # noqa: E731
-    if "mask" not in args:
+    if batch.mask is None:
         return steps_of, tf.cast(total - context, dtype)
-    unmasked = tf.reduce_sum(tf.cast(args["mask"][:, context:], dtype))
-    return steps_of, unmasked / tf.cast(tf.shape(args["mask"])[0], dtype)
+    unmasked = tf.reduce_sum(tf.cast(batch.mask[:, context:], dtype))
+    return steps_of, unmasked / tf.cast(tf.shape(batch.mask)[0], dtype)
 
 
-def segments(core, args: dict, loss_fn: Callable, reduction: losses.Reduction,
+def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
              loss_dtype: tf.DType) -> chain_lib.Segments:
     """The chunks of one sequence as chain segments over the flat state.
 
     Args:
       core: see the module docstring.
-      args: the per-step values, "chunk_size" (a scalar tensor) and, for streaming,
-        "context_steps" (leading steps that add no loss).
+      call: the per-step values, the chunk size (a scalar tensor) and, for streaming, the
+        context steps (leading steps that add no loss).
       loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
       reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
     """
-    size, total = args["chunk_size"], steps(args)
-    weight = chunk_weights(args, size, reduction, loss_dtype)
+    size, total, batch = call.chunk_size, steps(call), call.batch
+    weight = chunk_weights(call, size, reduction, loss_dtype)
 
     def bounds(k):
         return k * size, tf.minimum((k + 1) * size, total)
 
     def advance(k, state):
         start, stop = bounds(k)
-        return core(window(args["inputs"], start, stop), state,
-                    flags=chunk_flags(args, start, stop), with_outputs=False, max_steps=size)[1]
+        return core(window(batch.inputs, start, stop), state,
+                    flags=chunk_flags(batch, start, stop), with_outputs=False, max_steps=size)[1]
 
     def segment(k, state):
         start, stop = bounds(k)
-        predictions, state = core(window(args["inputs"], start, stop), state,
-                                  flags=chunk_flags(args, start, stop), max_steps=size)
-        loss_args = [window(args["targets"], start, stop), predictions]
+        predictions, state = core(window(batch.inputs, start, stop), state,
+                                  flags=chunk_flags(batch, start, stop), max_steps=size)
+        loss_args = [window(batch.targets, start, stop), predictions]
         losses.check_per_step(reduction, *loss_args)
         sample_weight = masked_weight(
-            window(args["sample_weight"], start, stop) if "sample_weight" in args else None,
-            window(args["mask"], start, stop) if "mask" in args else None, predictions.dtype)
+            None if batch.sample_weight is None else window(batch.sample_weight, start, stop),
+            None if batch.mask is None else window(batch.mask, start, stop), predictions.dtype)
         if sample_weight is not None:
             loss_args.append(sample_weight)
         loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), loss_dtype)
         return loss * weight(k), state
 
     return chain_lib.Segments((total + size - 1) // size, advance, segment)
-
-
-def forward(core, args: dict, training: bool, dtype: tf.DType):
-    """The plain forward over chunks (inputs read from a source window by window): outputs
-    ``[B, T, O]`` of `dtype` gathered chunk by chunk, and the final flat state."""
-    size, total = args["chunk_size"], steps(args)
-
-    def output(k, state):
-        start, stop = k * size, tf.minimum((k + 1) * size, total)
-        predictions, state = core(window(args["inputs"], start, stop), state,
-                                  training=training, flags=chunk_flags(args, start, stop),
-                                  max_steps=size)
-        return layers.time_major(predictions), state
-
-    outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
-                                               list(args["state"]), dtype)
-    return layers.time_major(outputs), state
