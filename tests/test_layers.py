@@ -68,9 +68,10 @@ def keras_run(rnn):
     return run
 
 
-def hoisted_run(cell):
+def hoisted_run(cell, xla=True):
     def run(x, states):
-        top, (final,) = layers.run_layers([layers.runner_for(cell)], [states], x, training=True)
+        top, (final,) = layers.run_layers([layers.runner_for(cell)], [states], x, training=True,
+                                          loop=layers.Loop(xla=xla))
         return layers.time_major(top), final
     return run
 
@@ -89,12 +90,11 @@ def test_hoisted_runner_equals_keras_cell(kind, graph):
 
 @pytest.mark.parametrize("graph", [False, True], ids=["tape", "tf_gradients"])
 @pytest.mark.parametrize("kind", ["gru", "gru_reset_before", "lstm"])
-def test_loops_without_xla_equal_keras_cell(kind, graph, monkeypatch):
-    monkeypatch.setenv("TBPTT_XLA", "0")
+def test_loops_without_xla_equal_keras_cell(kind, graph):
     cell, rnn = random_cell(kind, 4)
     x, states, weights = problem(cell)
     expected = value_and_grads(keras_run(rnn), cell, x, states, weights, graph)
-    actual = value_and_grads(hoisted_run(cell), cell, x, states, weights, graph)
+    actual = value_and_grads(hoisted_run(cell, xla=False), cell, x, states, weights, graph)
     assert_all_close(actual, expected, 1e-12, kind)
 
 
@@ -112,12 +112,10 @@ def test_float32_hoisted_runner_equals_keras_cell():
 
 @pytest.mark.parametrize("kind,xla", [("gru", True), ("lstm", False), ("gru_relu", True),
                                       ("lstm", True), ("gru_reset_before", True)])
-def test_second_derivatives_equal_keras(kind, xla, monkeypatch):
+def test_second_derivatives_equal_keras(kind, xla):
     """A gradient penalty: the XLA-compiled loops (whose first derivative is written out), the
-    same loops without XLA (TBPTT_XLA=0), and a cell stepped under autodiff all give Keras's
-    own second derivative."""
-    if not xla:
-        monkeypatch.setenv("TBPTT_XLA", "0")
+    same loops without XLA, and a cell stepped under autodiff all give Keras's own second
+    derivative."""
     cell, rnn = random_cell(kind, 4)
     x, states, weights = problem(cell)
 
@@ -130,7 +128,7 @@ def test_second_derivatives_equal_keras(kind, xla, monkeypatch):
             penalty = tf.add_n([tf.reduce_sum(g * g) for g in grads])
         return outer.gradient(penalty, cell.trainable_variables)
 
-    assert_all_close(penalty_gradient(hoisted_run(cell)), penalty_gradient(keras_run(rnn)),
+    assert_all_close(penalty_gradient(hoisted_run(cell, xla)), penalty_gradient(keras_run(rnn)),
                      1e-12, kind)
 
 

@@ -89,6 +89,7 @@ class Static(NamedTuple):
     source_specs: tuple = ()  # ((name, relaxed spec), ...) of the chunk sources
     training: bool = True
     record: bool = False  # diagnostics: the carried cotangents' norms
+    xla: bool = True  # the stock cells' loops compiled with XLA on their own (`layers.Loop`)
 
 
 class Prepared(NamedTuple):
@@ -167,7 +168,7 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
         specs = (("inputs", relaxed_spec(inputs)),)
     stack.build(inputs.shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
     return Prepared(call, {} if source is None else {"inputs": source},
-                    Static(source_specs=specs, training=training))
+                    Static(source_specs=specs, training=training, xla=_xla(config)))
 
 
 def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_fn, *,
@@ -200,7 +201,15 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
         call = call._replace(batch=batch._replace(**{name: None for name in sources}),
                              steps=tf.constant(sources["inputs"].shape[1], tf.int32))
     stack.build(inputs_shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
-    return Prepared(call, sources, Static(loss_fn, specs, training=True, record=record))
+    return Prepared(call, sources, Static(loss_fn, specs, training=True, record=record,
+                                          xla=_xla(config)))
+
+
+def _xla(config: ChainConfig) -> bool:
+    """Whether this call's stock-cell loops are compiled with XLA on their own: the config's
+    `xla` (None: unless TBPTT_XLA=0 now), never inside a function XLA compiles as a whole (a
+    trace made for one context is wrong in the other, so this keys the trace)."""
+    return config.compiled_loops() and not compat.in_xla_context()
 
 
 def _final_state_grad(config: ChainConfig, stack: CellStack, final_state_grad, rows):

@@ -17,7 +17,6 @@ from typing import Callable
 import tensorflow as tf
 
 from tbptt._src import compat
-from tbptt._src import layers
 
 # Held while variables are built (a chain's first call), so that threads build them once.
 BUILD_LOCK = threading.RLock()
@@ -124,9 +123,8 @@ class FunctionCache:
 
         def call(args: dict):
             specs = signature(args, self._unknown_dims)
-            # A trace made for one context is wrong in another (see `layers.in_xla_context`).
             shapes = tuple((name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items()))
-            context = (kind, layers.loops_compiled_alone(), shapes)
+            context = (kind, shapes)
             key = (static_key(static),) + context
             self._note_variant((_kinds(static),) + context, key, static)
             function = self._function(key, impl, static, specs)

@@ -1,7 +1,9 @@
 """A recurrent chain's configuration: one frozen value, validated where it is made."""
 
 import dataclasses
+import difflib
 import numbers
+import os
 from typing import Optional, Union
 
 import tensorflow as tf
@@ -12,6 +14,8 @@ from tbptt._src import schedules
 from tbptt._src import vjp as vjp_lib
 
 MODES = ("exact", "truncated")
+# The environment variable an `xla=None` config reads at each call ("0": loops without XLA).
+XLA_VARIABLE = "TBPTT_XLA"
 REDUCTIONS = ("auto", "sum", "mean")
 
 
@@ -44,6 +48,10 @@ class ChainConfig:
         gradients for NaN/Inf in `value_and_gradients`, and raise `tbptt.NonFiniteError`
         naming the chunk where one first appeared (inside a tf.function:
         `tf.errors.InvalidArgumentError`). Off, a non-finite loss is returned as it is.
+      xla: compile the time loops of stock GRU/LSTM cells with XLA, each on its own (True),
+        or run them as TensorFlow ops (False: a device without an XLA compiler); None (the
+        default) reads ``TBPTT_XLA`` from the environment at each call (``0``: False). Inside
+        a function that XLA compiles as a whole they are compiled as part of it either way.
 
     Every field is checked when the value is made, `_replace` included, so a config that exists
     is valid:
@@ -63,6 +71,7 @@ class ChainConfig:
     levels: int = 1
     memory_budget: Optional[float] = None
     check_numerics: bool = False
+    xla: Optional[bool] = None
 
     def __post_init__(self):
         checks.choice("mode", self.mode, MODES)
@@ -88,6 +97,8 @@ class ChainConfig:
             raise ValueError(checks.COMPILED_GRAPH_MSG)
         self._set("compiled", bool(self.compiled))
         checks.boolean("check_numerics", self.check_numerics)
+        if self.xla is not None:
+            checks.boolean("xla", self.xla)
         self._set("dtype", None if self.dtype is None else tf.as_dtype(self.dtype))
 
     def _set(self, name: str, value) -> None:
@@ -115,10 +126,28 @@ class ChainConfig:
         """
         return losses.reduction_of(self.reduction, loss_fn).combine
 
+    def compiled_loops(self) -> bool:
+        """`xla`, with None read from ``TBPTT_XLA`` now."""
+        if self.xla is not None:
+            return self.xla
+        return os.environ.get(XLA_VARIABLE, "1") != "0"
+
     @property
     def schedule(self) -> schedules.Schedule:
         """The truncation schedule of `mode`, `backprop_chunks` and `levels`."""
         return schedules.schedule_for(self.mode, self.backprop_chunks, self.levels)
+
+
+def config_from(options: dict) -> ChainConfig:
+    """`ChainConfig(**options)`, an unknown keyword named with the ones there are."""
+    known = [field.name for field in dataclasses.fields(ChainConfig)]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unexpected keyword argument {name!r}: a chain takes cells (or "
+                            f"units), head, name and the ChainConfig fields {known}.{hint}")
+    return ChainConfig(**options)
 
 
 def _chunk_size(value):

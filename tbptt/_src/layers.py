@@ -19,7 +19,6 @@ runs step by step.
 
 import abc
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import tensorflow as tf
@@ -31,6 +30,26 @@ def runner_for(cell):
     """The fastest exact runner for `cell`: hoisted for stock Keras GRU/LSTM cells (exactly
     these classes: a subclass may change `call`), the cell itself otherwise."""
     return _RUNNERS.get(type(cell), _CellRunner)(cell)
+
+
+class Loop(NamedTuple):
+    """How one chunk's time loops run.
+
+    Attributes:
+      max_steps: a bound of K where K is unknown when the loop is traced (the chunk size): XLA
+        sizes autodiff's accumulators with it, and the compiled loops pad every chunk to it.
+      xla: compile the loops of stock cells with XLA, each on its own (the chain's config
+        says; False: a device without an XLA compiler).
+    """
+
+    max_steps: Optional[tf.Tensor] = None
+    xla: bool = True
+
+    def compiled_alone(self) -> bool:
+        """`xla`, and never inside a function that XLA compiles as a whole: a compiled
+        function nested in the cluster sees the chunk's dynamic length as a padded bound and
+        returns wrong values (the enclosing cluster compiles the plain loop anyway)."""
+        return self.xla and not compat.in_xla_context()
 
 
 class StepFlags(NamedTuple):
@@ -67,12 +86,11 @@ def time_major(xs: tf.Tensor) -> tf.Tensor:
 
 
 def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-                      flags: Optional[StepFlags] = None, max_steps=None):
+                      flags: Optional[StepFlags] = None, loop: Loop = Loop()):
     """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``.
 
-    With `flags`, each step is `flagged` with the step's reset and mask. `max_steps` bounds K
-    where K is unknown when the loop is traced (a chunk of a longer sequence): autodiff inside
-    XLA sizes its accumulators with it.
+    With `flags`, each step is `flagged` with the step's reset and mask; `loop.max_steps`
+    bounds K where it is unknown when traced (autodiff inside XLA sizes its accumulators).
     """
     steps = _length(xs)
     inputs = _readable(xs)
@@ -90,7 +108,7 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
         return (t + 1, list(states)) + ((outputs[0].write(t, y),) if with_outputs else ())
 
     loop_vars = (tf.constant(0), list(states)) + ((outputs,) if with_outputs else ())
-    bound = steps if max_steps is None else max_steps
+    bound = steps if loop.max_steps is None else loop.max_steps
     _, states, *outputs = tf.while_loop(lambda t, *_: t < steps, body, loop_vars,
                                         maximum_iterations=bound)
     return (outputs[0].stack() if with_outputs else None), states
@@ -126,7 +144,8 @@ def unroll(step, inputs: tf.Tensor, state) -> tuple:
 
 
 def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
-               with_outputs: bool = True, flags: Optional[StepFlags] = None, max_steps=None):
+               with_outputs: bool = True, flags: Optional[StepFlags] = None,
+               loop: Loop = Loop()):
     """All layers over one chunk.
 
     Args:
@@ -137,7 +156,7 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
       with_outputs: whether the top layer's outputs are needed (a forward that only carries
         the state lets a step loop skip writing them).
       flags: the chunk's per-step reset and mask (None: no flags).
-      max_steps: a bound of K (see `unroll_time_major`), or None.
+      loop: how the time loops run (see `Loop`).
 
     Returns:
       ``(top outputs [K, B, U] time-major, or None when not needed and not made, new states
@@ -148,7 +167,7 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
         projected = runner.project(xs, batch_major=index == 0)
         keep = with_outputs or index < len(runners) - 1
         xs, layer_states = runner.run(projected, layer_states, training=training,
-                                      with_outputs=keep, flags=flags, max_steps=max_steps)
+                                      with_outputs=keep, flags=flags, loop=loop)
         new_states.append(layer_states)
     return xs, new_states
 
@@ -173,12 +192,12 @@ class _CellRunner:
         return time_major(xs) if batch_major else xs
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
-            max_steps=None):
+            loop: Loop = Loop()):
         def step(x, states):
             y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
             return y, tf.nest.flatten(new_states)
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
-                                 max_steps=max_steps)
+                                 loop=loop)
 
 
 class _FusedRunner(abc.ABC):
@@ -206,7 +225,7 @@ class _FusedRunner(abc.ABC):
         return _project(xs, self._weight("kernel"), self._input_bias(), batch_major)
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
-            max_steps=None):
+            loop: Loop = Loop()):
         """The layer over ``xs [K, B, 3U or 4U]`` (projected): the compiled loop with its
         written-out backward for sigmoid/tanh cells without flags (a forward that only carries
         the state runs it too: the same program, so the same state to the last bit); the
@@ -216,13 +235,13 @@ class _FusedRunner(abc.ABC):
         recurrent_bias = self._recurrent_bias()
         if flags is None and self._default_activations():
             length = _length(xs)
-            outputs, states = self._fused(_padded_steps(xs, length, max_steps),
-                                          tf.convert_to_tensor(length, tf.int32), states,
-                                          recurrent_kernel, recurrent_bias)
+            outputs, states = self._fused(
+                _padded_steps(xs, length, loop.max_steps), tf.convert_to_tensor(length, tf.int32),
+                states, recurrent_kernel, recurrent_bias, loop.compiled_alone())
             return outputs[:length], states
         step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
-                                 max_steps=max_steps)
+                                 loop=loop)
 
     @abc.abstractmethod
     def _input_bias(self):
@@ -237,9 +256,10 @@ class _FusedRunner(abc.ABC):
         """One step on a projected input: ``(output, new states)``."""
 
     @abc.abstractmethod
-    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool):
         """The first `length` steps of ``xs [P, B, G]`` (padded), with the loop's hand-written
-        backward: ``(outputs [P, B, U], states)``, the outputs past `length` zero."""
+        backward (each loop compiled with XLA with `jit`): ``(outputs [P, B, U], states)``,
+        the outputs past `length` zero."""
 
 
 class _GRURunner(_FusedRunner):
@@ -262,10 +282,10 @@ class _GRURunner(_FusedRunner):
                       cell.activation, cell.recurrent_activation)[0]
         return h, [h]
 
-    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool):
         if recurrent_bias is None:
             recurrent_bias = tf.zeros([recurrent_kernel.shape[-1]], recurrent_kernel.dtype)
-        outputs, h = _gru_sequence(self._cell.reset_after, loops_compiled_alone())(
+        outputs, h = _gru_sequence(self._cell.reset_after, jit)(
             xs, length, states[0], recurrent_kernel, recurrent_bias)
         return outputs, [h]
 
@@ -286,10 +306,10 @@ class _LSTMRunner(_FusedRunner):
                           cell.recurrent_activation)[:2]
         return h, [h, c]
 
-    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool):
         del recurrent_bias
-        outputs, h, c = _lstm_sequence(loops_compiled_alone())(xs, length, states[0],
-                                                              states[1], recurrent_kernel)
+        outputs, h, c = _lstm_sequence(jit)(xs, length, states[0], states[1],
+                                            recurrent_kernel)
         return outputs, [h, c]
 
 
@@ -420,24 +440,6 @@ def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
 # steps after the loop (sum_t h_{t-1}^T @ d_inner_t = H_prev^T @ D_inner).
 
 
-XLA_VARIABLE = "TBPTT_XLA"
-
-
-def in_xla_context() -> bool:
-    """Whether the graph being built is compiled by XLA as a whole (a user's
-    `tf.function(jit_compile=True)`, Keras's `jit_compile=True`)."""
-    return compat.in_xla_context()
-
-
-def loops_compiled_alone() -> bool:
-    """Whether the time loops traced now are compiled with XLA on their own: not with
-    ``TBPTT_XLA=0`` in the environment (a device without an XLA compiler), and not inside a
-    function that XLA compiles as a whole, where a compiled function nested in the cluster sees
-    the chunk's dynamic length as a padded bound and returns wrong values (the enclosing
-    cluster compiles the plain loop anyway). Part of every compiled chain function's key."""
-    return os.environ.get(XLA_VARIABLE, "1") != "0" and not in_xla_context()
-
-
 @functools.lru_cache(maxsize=None)
 def _loop_function(fn, jit: bool, **static):
     """`fn(*tensors, **static)` (with `jit`, compiled with XLA: one `tf.function` per static
@@ -534,7 +536,7 @@ def _gru_sequence(reset_after: bool, jit: bool):
     """``(projected [P, B, 3U], length, h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias
     [3U]) -> (outputs [P, B, U], h_length)`` for sigmoid/tanh GRUs over the first `length`
     steps (outputs past them zero), with its backward written out; with
-    `jit` (see `loops_compiled_alone`), the forward loop and the backward loop are each compiled
+    `jit` (see `Loop.compiled_alone`), the forward loop and the backward loop are each compiled
     with XLA."""
 
     @tf.custom_gradient

@@ -6,6 +6,7 @@ functions that run the time chain (`timechain.segments`) with the config's sched
 about one call is stored on the chain: what a call needs flows in as arguments and out as values.
 """
 
+import dataclasses
 import functools
 from typing import Optional, Sequence, Union
 
@@ -22,15 +23,12 @@ from tbptt._src import sources as sources_lib
 from tbptt._src import streaming
 from tbptt._src import timechain
 from tbptt._src.config import ChainConfig
+from tbptt._src.config import config_from
 from tbptt._src.stack import CellStack
 from tbptt._src.streaming import StreamCarry
 from tbptt._src.types import ChainResult, LossFn, State
 
 keras = compat.keras
-
-
-def _config_field(name: str, doc: str) -> property:
-    return property(lambda self: getattr(self._config, name), doc=doc)
 
 
 def _stack_field(name: str, doc: str) -> property:
@@ -63,10 +61,7 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
     """
 
     def __init__(self, cells: Sequence, *, chunk_size: Union[int, str], head=None,
-                 mode: str = "exact", backprop_chunks: int = 1, backend: str = "eager",
-                 reduction: str = "auto", dtype=None, compiled: bool = True, levels: int = 1,
-                 memory_budget: Optional[float] = None, check_numerics: bool = False,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, **options):
         """Creates the chain.
 
         Args:
@@ -76,51 +71,39 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
           chunk_size: time steps per chunk, or "auto" (see `chunk_plan`).
           head: Keras layer or callable mapping the top layer's ``[B, T, U]`` outputs to
             predictions, step by step; None uses the top layer's outputs.
-          mode, backprop_chunks, backend, reduction, dtype, compiled, levels, memory_budget,
-            check_numerics: the chain's `tbptt.ChainConfig`, documented there.
           name: module name.
+          **options: the other fields of the chain's `tbptt.ChainConfig`, documented there
+            (mode, backprop_chunks, backend, reduction, dtype, compiled, levels,
+            memory_budget, check_numerics, xla); each is also a read-only attribute.
         """
-        config = ChainConfig(chunk_size, mode, backprop_chunks, backend, reduction, dtype,
-                             compiled, levels, memory_budget, check_numerics)
+        options = {"chunk_size": chunk_size, **options}
+        config = config_from(options)
         super().__init__(name=name)
-        self._setup(CellStack(cells, head, config.dtype), config)
-
-    def _setup(self, stack: CellStack, config: ChainConfig) -> None:
-        self._stack = stack
-        # The dtype asked for (None: the cells'), which a saved config keeps: the resolved one
-        # would turn mixed-precision cells into pure float16 ones on loading.
-        self._requested_dtype = config.dtype
-        self._config = config._replace(dtype=stack.dtype)
+        self._options = options  # as given: what `with_config` and a saved config repeat
+        self._stack = CellStack(cells, head, config.dtype)
+        self._config = config._replace(dtype=self._stack.dtype)
         self._functions = compiling.FunctionCache(_unknown_dims)
 
+    def _arguments(self) -> dict:
+        """The constructor's keywords that make this chain again over the same layers."""
+        return {"cells": self.cells, "head": self.head, "name": self.name, **self._options}
+
     def with_config(self, **changes) -> "RecurrentChain":
-        """A chain over the same cells and head (so the same weights), its config changed.
+        """A chain of the same class over the same cells and head (so the same weights), its
+        config changed; made by the constructor, so it is checked as a new chain is.
 
         >>> import tbptt
         >>> chain = tbptt.StatefulGRUChain(4, chunk_size=10)
         >>> chain.with_config(mode="truncated", backprop_chunks=2).config.schedule
         Truncated(2)
         """
-        chain = RecurrentChain.__new__(RecurrentChain)
-        tf.Module.__init__(chain, name=self.name)
-        chain._setup(self._stack,
-                     self._config._replace(dtype=self._requested_dtype)._replace(**changes))
-        return chain
+        return type(self)(**{**self._arguments(), **changes})
 
     @property
     def config(self) -> ChainConfig:
-        """The chain's configuration, a frozen `ChainConfig` (dtype resolved)."""
+        """The chain's configuration, a frozen `ChainConfig` (dtype resolved). Each of its
+        fields is also an attribute of the chain (`chain.mode`, `chain.chunk_size`, ...)."""
         return self._config
-
-    chunk_size = _config_field("chunk_size", "An int, or 'auto' (see `chunk_plan`).")
-    mode = _config_field("mode", "'exact' or 'truncated'.")
-    backprop_chunks = _config_field("backprop_chunks", "Chunks a loss reaches back (truncated).")
-    backend = _config_field("backend", "'eager' (GradientTape) or 'graph' (tf.gradients).")
-    reduction = _config_field("reduction", "'auto' (the loss's own), 'sum' or 'mean'.")
-    levels = _config_field("levels", "1, or 2 for two-level checkpointing.")
-    memory_budget = _config_field("memory_budget", "Bytes for chunk_size='auto', or None.")
-    check_numerics = _config_field("check_numerics", "Whether NaN/Inf are looked for.")
-    dtype = _config_field("dtype", "The dtype the cells compute in.")
 
     state_dtype = _stack_field("state_dtype", "The carried state's and dLoss/dstate's dtype: "
                                "float32 under mixed precision.")
@@ -317,26 +300,40 @@ class StatefulGRUChain(RecurrentChain):
     """
 
     def __init__(self, units: Union[int, Sequence[int]], *, chunk_size: Union[int, str],
-                 head=None, name: Optional[str] = None, **options):
+                 head=None, name: Optional[str] = None, cells: Optional[Sequence] = None,
+                 **options):
         """Creates one `keras.layers.GRUCell(u)` per entry of `units` (bottom first).
 
         Args:
           units: an int, or a sequence of ints for stacked layers (seed 001: ``(64, 32)``).
-          chunk_size, head, name: as in `RecurrentChain`.
-          **options: the other `RecurrentChain` keywords (mode, backprop_chunks, backend,
-            reduction, dtype, compiled, levels, memory_budget, check_numerics).
+          chunk_size, head, name, **options: as in `RecurrentChain`.
+          cells: the GRU cells to use, one per entry of `units` (None: new ones); how
+            `with_config` makes a chain over the same weights.
         """
-        config = ChainConfig(chunk_size, **options)
         self._units = checks.positive_ints("units", units, example="units=64, or units=(64, "
                                            "32) for two stacked layers")
-        dtype = None if config.dtype is None else config.dtype.name
-        tf.Module.__init__(self, name=name)
-        self._setup(CellStack([keras.layers.GRUCell(u, dtype=dtype) for u in self._units], head,
-                              config.dtype), config)
+        dtype = config_from({"chunk_size": chunk_size, **options}).dtype
+        if cells is None:
+            cells = [keras.layers.GRUCell(u, dtype=None if dtype is None else dtype.name)
+                     for u in self._units]
+        elif [getattr(cell, "units", None) for cell in cells] != list(self._units):
+            raise ValueError(f"cells must be GRU cells of units {self._units}, got {cells!r}.")
+        super().__init__(cells, chunk_size=chunk_size, head=head, name=name, **options)
 
     @property
     def units(self) -> tuple:
         return self._units
 
-    def _layers_config(self) -> dict:
-        return {"units": self.units, "head": self.head}
+    def _arguments(self) -> dict:
+        return {"units": self.units, **super()._arguments()}
+
+
+def _config_property(name: str) -> property:
+    return property(lambda self: getattr(self.config, name),
+                    doc=f"The config's `{name}` (see `tbptt.ChainConfig`).")
+
+
+# Each config field is an attribute of the chain: an option is said once, in ChainConfig.
+for _field in dataclasses.fields(ChainConfig):
+    setattr(RecurrentChain, _field.name, _config_property(_field.name))
+del _field

@@ -6,10 +6,11 @@ layers (cells or units, and the head) as Keras serializes them. Weights are not 
 saves them from the layers a `ChunkedModel` tracks.
 """
 
-import dataclasses
 import json
 import re
 import zipfile
+
+import tensorflow as tf
 
 from tbptt._src import compat
 
@@ -26,22 +27,19 @@ def register(cls):
 
 
 class SerializableChain:
-    """`get_config`/`from_config` for a chain: what its constructor takes, layers serialized.
-
-    `_layers_config` names the layers, as the constructor takes them besides the `ChainConfig`
-    fields (a subclass made from `units` overrides it).
-    """
-
-    def _layers_config(self) -> dict:
-        return {"cells": self.cells, "head": self.head}
+    """`get_config`/`from_config` for a chain: its constructor's keywords as given
+    (`_arguments`), layers serialized; a chain made from `units` is saved without its cells,
+    which its constructor makes."""
 
     def get_config(self) -> dict:
-        config = {field.name: getattr(self.config, field.name)
-                  for field in dataclasses.fields(self.config)}
-        config["dtype"] = None if self._requested_dtype is None else self._requested_dtype.name
-        config["name"] = self.name
-        for key, value in self._layers_config().items():
-            config[key] = _serialize(key, value)
+        config = self._arguments()
+        if "units" in config:
+            del config["cells"]
+        if config.get("dtype") is not None:
+            config["dtype"] = tf.as_dtype(config["dtype"]).name
+        for key in ("cells", "head", "units"):
+            if key in config:
+                config[key] = _serialize(key, config[key])
         return config
 
     @classmethod

@@ -179,7 +179,7 @@ class CellStack(tf.Module):
 
     def __call__(self, x: tf.Tensor, leaves: list, *, training: bool = True,
                  flags: Optional[layers.StepFlags] = None, with_outputs: bool = True,
-                 max_steps=None):
+                 loop: layers.Loop = layers.Loop()):
         """All layers and the head over one chunk.
 
         Args:
@@ -189,7 +189,7 @@ class CellStack(tf.Module):
           flags: the chunk's per-step reset and mask, time-major (None: no flags).
           with_outputs: False skips the head and the top layer's outputs (a forward that only
             carries the state).
-          max_steps: a bound of K where it is unknown when traced (the chunk size), or None.
+          loop: how the chunk's time loops run (see `layers.Loop`).
 
         Returns:
           ``(y [B, K, O] or None, the flat state leaving the chunk)``.
@@ -197,7 +197,7 @@ class CellStack(tf.Module):
         leaves = [tf.cast(leaf, self.dtype) for leaf in leaves]
         top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), x,
                                            training=training, with_outputs=with_outputs,
-                                           flags=flags, max_steps=max_steps)
+                                           flags=flags, loop=loop)
         leaves = [tf.cast(leaf, self.state_dtype) for layer in per_layer for leaf in layer]
         if not with_outputs:
             return None, leaves

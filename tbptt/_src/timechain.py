@@ -6,7 +6,7 @@ segment k:  (y_k, s_k) = core(x_k, s_{k-1});   L_k = weight_k * loss_fn(targets_
 ```
 
 A core is anything with the contract `core(x [B, K, F], state, *, training, flags,
-with_outputs, max_steps) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a
+with_outputs, loop) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a
 `CellStack`, or a plain function wrapped to it (tests do).
 
 The compiled bodies of a chain's calls are here (`gradients`, `forward`): they rebuild the
@@ -64,7 +64,8 @@ def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
     call = _rebuilt(tensors, static)
     loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
     segments_ = segments(stack, call, static.loss_fn,
-                         losses.reduction_of(config.reduction, static.loss_fn), loss_dtype)
+                         losses.reduction_of(config.reduction, static.loss_fn), loss_dtype,
+                         xla=static.xla)
     keep_at = None if call.context_steps is None else config.schedule.context_start(
         segments_.count)
     result = chain_lib.gradients(
@@ -84,14 +85,16 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
     call = _rebuilt(tensors, static)
     if not static.source_specs:
         flags = chunk_flags(call.batch, 0, tf.shape(call.batch.inputs)[1])
-        return stack(call.batch.inputs, call.state, training=static.training, flags=flags)
+        return stack(call.batch.inputs, call.state, training=static.training, flags=flags,
+                     loop=layers.Loop(xla=static.xla))
     size, total = call.chunk_size, steps(call)
+    loop = layers.Loop(size, static.xla)
 
     def output(k, state):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
         predictions, state = stack(window(call.batch.inputs, start, stop), state,
                                    training=static.training,
-                                   flags=chunk_flags(call.batch, start, stop), max_steps=size)
+                                   flags=chunk_flags(call.batch, start, stop), loop=loop)
         return layers.time_major(predictions), state
 
     outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
@@ -192,7 +195,7 @@ def _share_counts(batch: Batch, reduction: losses.Reduction, dtype, context, tot
 
 
 def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
-             loss_dtype: tf.DType) -> chain_lib.Segments:
+             loss_dtype: tf.DType, xla: Optional[bool] = None) -> chain_lib.Segments:
     """The chunks of one sequence as chain segments over the flat state.
 
     Args:
@@ -202,8 +205,10 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
       loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
       reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
+      xla: whether the stock cells' loops are compiled with XLA on their own (`layers.Loop`).
     """
     size, total, batch = call.chunk_size, steps(call), call.batch
+    loop = layers.Loop(size, xla)
     weight = chunk_weights(call, size, reduction, loss_dtype)
 
     def bounds(k):
@@ -212,12 +217,12 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
     def advance(k, state):
         start, stop = bounds(k)
         return core(window(batch.inputs, start, stop), state,
-                    flags=chunk_flags(batch, start, stop), with_outputs=False, max_steps=size)[1]
+                    flags=chunk_flags(batch, start, stop), with_outputs=False, loop=loop)[1]
 
     def segment(k, state):
         start, stop = bounds(k)
         predictions, state = core(window(batch.inputs, start, stop), state,
-                                  flags=chunk_flags(batch, start, stop), max_steps=size)
+                                  flags=chunk_flags(batch, start, stop), loop=loop)
         loss_args = [window(batch.targets, start, stop), predictions]
         losses.check_per_step(reduction, *loss_args)
         sample_weight = masked_weight(
