@@ -157,3 +157,49 @@ def unrecorded():
     """A context in which no tape of this thread records, new tapes included (so nothing may
     be traced in it that differentiates with a tape of its own)."""
     return _record.stop_recording()
+
+
+# -- Keras 3 private names a Keras model of tbptt's needs (ChunkedModel), each said why ---------
+
+
+def loss_tracker(model):
+    """The `keras.metrics.Mean` that `fit` logs as "loss": a train_step that computes its own
+    loss feeds it as Keras's own train_step does (no public name reaches it)."""
+    return model._loss_tracker
+
+
+def log_loss_in(model, dtype: str) -> None:
+    """Logs the model's loss in `dtype`: Keras makes its loss tracker in float32, which would
+    halve a float64 chain's digits. Set untracked, as Keras sets its own in `compile`."""
+    object.__setattr__(model, "_loss_tracker", keras.metrics.Mean(name="loss", dtype=dtype))
+
+
+def has_compiled_metrics(model) -> bool:
+    """Whether `compile` was given metrics (the train step then needs the predictions)."""
+    return model._compile_metrics is not None
+
+
+def with_keras_mask(tensor, mask):
+    """A copy of `tensor` carrying `mask` as its Keras mask (what Keras's losses and metrics
+    read; Keras sets it as this attribute on TensorFlow tensors)."""
+    tensor = tf.identity(tensor)
+    tensor._keras_mask = mask
+    return tensor
+
+
+class LocalSymbolicBuild:
+    """A mixin for a `keras.Model` trained under a `tf.distribute` strategy: Keras builds
+    metrics from one batch, which under a strategy it first averages across replicas, a
+    collective op that MultiWorkerMirroredStrategy cannot run eagerly there. Only the shapes
+    matter, so one local replica's part serves. No public hook: this overrides Keras's
+    private `_maybe_symbolic_build`."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is not None and strategy is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

@@ -19,12 +19,9 @@ batch (its inputs and the state entering them) are kept and re-run in front of t
 
 import contextlib
 import inspect
-import io
-import json
 import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from tbptt._src import chain as chain_lib
@@ -33,6 +30,8 @@ from tbptt._src import compat
 from tbptt._src import losses
 from tbptt._src import saving
 from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.keras_stream import Stream
+from tbptt._src.keras_stream import StreamPosition
 from tbptt._src.streaming import StreamCarry
 from tbptt._src.streaming import check_window
 from tbptt._src.streaming import join_context
@@ -41,15 +40,8 @@ keras = compat.keras
 
 
 
-class StreamPosition(NamedTuple):
-    """Where a stateful fit stands: `batch` batches into epoch `epoch` (both 0-based)."""
-
-    epoch: int
-    batch: int
-
-
 @saving.register
-class ChunkedModel(saving.SavableModel, keras.Model):
+class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     """A Keras model around a chain; `fit` trains it with the chain's chunked gradient.
 
     ```
@@ -107,11 +99,9 @@ class ChunkedModel(saving.SavableModel, keras.Model):
         self.chain_layers = [layer for layer in chain.cells + [chain.head]
                              if compat.is_keras_layer(layer)]
         self.stateful = bool(stateful)
-        self._carry = self._final_state = None  # a StreamCarry and the state it ended with
-        self._position = StreamPosition(0, 0)
-        self._resume_pending = False
         self._chunk_loss = None
-        self._stream = _StreamState(self)
+        # What a stateful fit carries between batches (checkpointed with the model).
+        self._stream = Stream(chain, lambda: self.distribute_strategy)
         self.built = chain.built
 
     # -- the chain -----------------------------------------------------------------------------
@@ -119,6 +109,11 @@ class ChunkedModel(saving.SavableModel, keras.Model):
     @property
     def chain(self) -> RecurrentChain:
         return self._chain
+
+    @property
+    def chunk_loss(self):
+        """The compiled loss as the chain's per-chunk `loss_fn` (None before `compile`)."""
+        return self._chunk_loss
 
     def build(self, input_shape):
         shape = input_shape["inputs"] if isinstance(input_shape, dict) else input_shape
@@ -138,17 +133,16 @@ class ChunkedModel(saving.SavableModel, keras.Model):
     def carried_state(self):
         """The state after the last training batch (a state nest; per-replica values under a
         tf.distribute strategy), or None before the first batch and after a reset."""
-        return self._final_state
+        return self._stream.final_state
 
     @property
     def stream_position(self) -> StreamPosition:
         """(epoch, batches done in it) of a stateful fit; saved with the carried state."""
-        return self._position
+        return self._stream.position
 
     def reset_state(self) -> None:
         """Forgets the carried state: the next batch starts from zeros."""
-        self._carry = None
-        self._final_state = None
+        self._stream.reset()
 
     # -- compiling -----------------------------------------------------------------------------
 
@@ -156,9 +150,7 @@ class ChunkedModel(saving.SavableModel, keras.Model):
         super().compile(*args, **kwargs)
         self._chunk_loss = _ChunkLoss(self)
         if self._chunk_loss.dtype == tf.float64:  # Keras logs the loss in float32 otherwise.
-            # Untracked, as Keras sets its own in `compile`: a loaded model is built by now.
-            object.__setattr__(self, "_loss_tracker",
-                               keras.metrics.Mean(name="loss", dtype="float64"))
+            compat.log_loss_in(self, "float64")
         # The compiled loss says how its chunk losses add up, as in a chain's reduction="auto".
         self._train_chain = self._chain if self._chain.reduction == "auto" else (
             self._chain.with_config(reduction="auto"))
@@ -183,12 +175,12 @@ class ChunkedModel(saving.SavableModel, keras.Model):
                 inputs, y, self._chunk_loss, sample_weight=sample_weight, **flags), None
         self.built = True
         y_pred = None
-        if self._compile_metrics is not None:  # as Keras does: predictions before the update
+        if compat.has_compiled_metrics(self):  # as Keras: predictions before the update
             y_pred = _predictions(chain, carry, inputs, flags)
         grads, penalty = _with_weight_penalty(self, result.grads, chain.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
         loss = self._chunk_loss.logged(result.loss) + penalty
-        self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
+        compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
         logs = self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
                                     sample_weight=sample_weight)
         return logs, new_carry, result.final_state
@@ -199,7 +191,7 @@ class ChunkedModel(saving.SavableModel, keras.Model):
         y_pred, _ = self._chain(inputs, training=False, **flags)
         loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
         loss += _with_weight_penalty(self, [], [])[1]
-        self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs)[0])
+        compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
         return self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
                                     sample_weight=sample_weight)
 
@@ -226,26 +218,13 @@ class ChunkedModel(saving.SavableModel, keras.Model):
                     if logs is None:
                         raise
                     break
-                _check_stream_batch(self, data)
-                logs, self._carry, final_state = step(data, self._carry)
-                self._final_state = _local_state(strategy, final_state)
-                self._position = StreamPosition(self._position.epoch, self._position.batch + 1)
+                self._stream.check_batch(data)
+                logs, carry, final_state = step(data, self._stream.carry)
+                self._stream.stepped(carry, final_state)
             return logs
 
         self.train_function = train_function
         return train_function
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras builds metrics from one batch, which under a strategy it first averages across
-        # replicas: a collective op that MultiWorkerMirroredStrategy cannot run eagerly there.
-        # Only the shapes matter, so one local replica's part serves.
-        if iterator is not None and self._distribute_strategy is not None:
-            for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda v: _local(self._distribute_strategy, v), next(batches))
-                break
-            iterator = None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
@@ -288,24 +267,24 @@ class ChunkedModel(saving.SavableModel, keras.Model):
                               "shuffle=False.", stacklevel=2)
             callbacks = bound.get("callbacks") or []
             if isinstance(callbacks, keras.callbacks.CallbackList):
-                callbacks.append(_EpochStart())
+                callbacks.append(_EpochStart(self._stream))
             else:
-                bound["callbacks"] = list(callbacks) + [_EpochStart()]
+                bound["callbacks"] = list(callbacks) + [_EpochStart(self._stream)]
             return super().fit(**bound)
         return super().fit(*args, **kwargs)
 
-    def _epoch_start(self, epoch: int) -> None:
-        if self._resume_pending:  # resumed mid-epoch: the restored state goes on
-            self._resume_pending = False
-            self._position = StreamPosition(epoch, self._position.batch)
-            return
-        self.reset_state()
-        self._position = StreamPosition(epoch, 0)
 
 
 class _EpochStart(keras.callbacks.Callback):
+    """At each epoch's start of a stateful fit: the stream starts from zeros, unless resumed
+    mid-epoch from a checkpoint."""
+
+    def __init__(self, stream: Stream):
+        super().__init__()
+        self._stream = stream
+
     def on_epoch_begin(self, epoch, logs=None):
-        self.model._epoch_start(epoch)
+        self._stream.begin_epoch(epoch)
 
 
 class _ChunkLoss(keras.losses.Loss):
@@ -403,43 +382,25 @@ def _split_inputs(x):
     return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
 
 
-def _check_stream_batch(model: ChunkedModel, data) -> None:
-    """Before a stateful step: the window fits the carried context, the batch the state."""
-    first = _local(model.distribute_strategy, tf.nest.flatten(data)[0])
-    if model._chain.config.schedule.context_chunks:
-        check_window(model._chain.config, first.shape[1])
-    if model._carry is None:
-        return
-    carried = _local(model.distribute_strategy, tf.nest.flatten(model._carry.state)[0])
-    if first.shape[0] != carried.shape[0]:
-        warnings.warn(f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows follows "
-                      f"{carried.shape[0]} carried streams; the carried state is reset. Use "
-                      "batches of one size (drop_remainder=True) to carry the state through.",
-                      stacklevel=3)
-        model.reset_state()
-
-
 def _with_keras_mask(y_pred, mask):
     """The predictions with `mask` as their Keras mask, as a masked Keras model hands them to
     its loss and metrics (which then count the unmasked steps only)."""
     if mask is None or y_pred is None:
         return y_pred
-    y_pred = tf.identity(y_pred)
-    y_pred._keras_mask = tf.cast(mask, tf.bool)
-    return y_pred
+    return compat.with_keras_mask(y_pred, tf.cast(mask, tf.bool))
 
 
 def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> tuple:
     """The layers' weight regularization (`model.losses`), added once per step as Keras's own
     train_step adds it (its share of each replica: the replicas' gradients are summed):
     ``(grads + its gradients, the penalty)``."""
-    dtype = model._chunk_loss.dtype
+    dtype = model.chunk_loss.dtype
     if not model.losses:
         return grads, tf.zeros([], dtype)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
         penalty = tf.cast(tf.add_n(model.losses), dtype)
-        scaled = penalty * model._chunk_loss.scale() / replicas
+        scaled = penalty * model.chunk_loss.scale() / replicas
     extra = tape.gradient(scaled, variables) if variables else []
     return [g if e is None else g + tf.cast(e, g.dtype) for g, e in zip(grads, extra)], penalty
 
@@ -476,74 +437,3 @@ def _local(strategy, value):
 
 def _first_replica(strategy, logs):
     return tf.nest.map_structure(lambda v: _local(strategy, v), logs)
-
-
-def _local_state(strategy, state):
-    """The final state as the user sees it: tensors with one replica, per-replica values else."""
-    if strategy.num_replicas_in_sync == 1:
-        return tf.nest.map_structure(lambda v: _local(strategy, v), state)
-    return state
-
-
-class _StreamState(tf.train.experimental.PythonState):
-    """The carried values and the stream position as one checkpointed value.
-
-    Saved with the model (`tf.train.Checkpoint(model=model, ...)`): on restore the next stateful
-    fit goes on from the restored state instead of resetting at its first epoch's start. The
-    chain's chunking is saved beside it: a context of chunks means nothing to another chunking.
-    """
-
-    def __init__(self, model: ChunkedModel):
-        self._model_ref = lambda: model  # not an attribute Keras or TF would track
-
-    def _chunking(self) -> list:
-        config = self._model_ref().chain.config
-        return [config.chunk_size, config.mode, config.backprop_chunks]
-
-    def serialize(self) -> bytes:
-        model = self._model_ref()
-        layout = {"position": list(model.stream_position), "chunking": self._chunking(),
-                  "context": None}
-        arrays = {}
-        if model._carry is not None:
-            if model.distribute_strategy.num_replicas_in_sync > 1:
-                raise ValueError("the carried state of a tf.distribute replica cannot be "
-                                 "checkpointed as one value; checkpoint at an epoch end (after "
-                                 "reset_state()).")
-            carry, final = tf.nest.map_structure(
-                lambda v: _local(model.distribute_strategy, v), (model._carry, model._final_state))
-            layout["context"] = sorted(carry.context)
-            for name, value in [("state", carry.state), ("final", final),
-                                ("context", carry.context)]:
-                arrays.update({f"{name}_{i}": leaf.numpy()
-                               for i, leaf in enumerate(tf.nest.flatten(value))})
-        buffer = io.BytesIO()
-        np.savez(buffer, layout=np.array(json.dumps(layout)), **arrays)
-        return buffer.getvalue()
-
-    def deserialize(self, string_value) -> None:
-        model = self._model_ref()
-        stored = np.load(io.BytesIO(string_value))
-        layout = json.loads(str(stored["layout"]))
-        saved = layout.get("chunking")
-        if saved is not None and saved != self._chunking():
-            raise ValueError(f"this checkpoint's carried stream state was saved by a chain with "
-                             f"(chunk_size, mode, backprop_chunks) = {tuple(saved)}, but this "
-                             f"model's chain has {tuple(self._chunking())}. Restore it into a "
-                             "model with the same chunking, or call model.reset_state() and "
-                             "restore without the stream state.")
-        model._position = StreamPosition(*layout["position"])
-        if layout["context"] is None:
-            model.reset_state()
-            return
-
-        def leaves(name):
-            return [tf.constant(stored[key]) for key in sorted(
-                (k for k in stored.files if k.startswith(name + "_")),
-                key=lambda k: int(k.rsplit("_", 1)[1]))]
-
-        structure = model.chain.initial_state(1)
-        model._carry = StreamCarry(tf.nest.pack_sequence_as(structure, leaves("state")),
-                                   dict(zip(layout["context"], leaves("context"))))
-        model._final_state = tf.nest.pack_sequence_as(structure, leaves("final"))
-        model._resume_pending = True
