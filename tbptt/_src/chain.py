@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
+from tbptt._src import checks
 from tbptt._src import chunking
 
 # Segments run one after the other anyway (each needs the carry of the one before), but a
@@ -113,7 +114,7 @@ def loss_dtype_for(dtype: tf.DType) -> tf.DType:
 # What check_numerics watches, in the order of `non_finite`. A carry and a loss are made in the
 # forward order, so the first one is the lowest segment index; cotangents and variable gradients
 # are made in the backward order, so the first one is the highest.
-NUMERICS_KINDS = ("carry", "loss", "carry_grad", "grads")
+NUMERICS_KINDS = checks.NUMERICS_KINDS
 _FIRST_IS_LOWEST = (True, True, False, False)
 
 
@@ -128,7 +129,8 @@ def _all_finite(tensors: list) -> tf.Tensor:
 
 
 def note_non_finite(found: tf.Tensor, k, **values) -> tf.Tensor:
-    """`found` updated with segment `k`'s values, given by kind (`carry=[...]`, `loss=[...]`)."""
+    """`found` updated with segment `k`'s values, given by kind (`state=[...]`, `loss=[...]`:
+    the carried value, a stage's activation in a static chain, is a "state")."""
     new = tf.stack([tf.where(_all_finite(values[kind]), -1, tf.cast(k, tf.int32))
                     if kind in values else tf.constant(-1) for kind in NUMERICS_KINDS])
     return merge_non_finite(found, new)
@@ -309,7 +311,7 @@ def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
             boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
         kept = select(k, carry, kept)
         carry = list(segments.advance(k, carry))
-        return k + 1, carry, boundaries, kept, _note_if(check, found, k, carry=carry)
+        return k + 1, carry, boundaries, kept, _note_if(check, found, k, state=carry)
 
     count, carry, boundaries, kept, found = tf.while_loop(
         lambda k, *_: k < segments.count, body,
@@ -342,7 +344,7 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
         outputs, pullback = _linearize_segment(segments, k, [ta.read(k) for ta in boundaries],
                                                variables, linearize, schedule)
         d_vars, carried = step_back(outputs, pullback, carried, schedule)
-        found = _note_if(check, found, k, loss=outputs[:1], carry_grad=sum(carried, []),
+        found = _note_if(check, found, k, loss=outputs[:1], state_grad=sum(carried, []),
                          grads=d_vars)
         if record:
             norms = norms.write(k, tf.stack([_norm(c, loss_dtype) for c in carried]))
@@ -371,7 +373,7 @@ def _one_sweep(segments: Segments, carry: list, variables: list, linearize, sche
         outputs, pullback = _linearize_segment(segments, k, carry, variables, linearize,
                                                schedule)
         d_vars, _ = step_back(outputs, pullback, [], schedule)
-        found = _note_if(check, found, k, carry=outputs[1:], loss=outputs[:1], grads=d_vars)
+        found = _note_if(check, found, k, state=outputs[1:], loss=outputs[:1], grads=d_vars)
         return (k + 1, outputs[1:], _added(grads, d_vars), loss + tf.cast(outputs[0], loss_dtype),
                 found)
 
@@ -427,7 +429,7 @@ def static_forward(segments: Sequence[Callable], carry: list, variables: Sequenc
             outputs, pullback = linearize(fn, carry, segment_variables)
             linearized.append(lambda kept=(outputs, pullback): kept)
         carry = outputs[1:]
-        found = _note_if(check, found, k, carry=carry, loss=outputs[:1])
+        found = _note_if(check, found, k, state=carry, loss=outputs[:1])
     return linearized, found
 
 

@@ -230,9 +230,11 @@ class NonFiniteError(FloatingPointError):
         self.kind, self.index, self.findings = kind, index, findings
 
 
-# In the order of chain.NUMERICS_KINDS. A non-finite state poisons everything after it and a
-# non-finite loss everything it feeds, so the first kind found is the cause to report.
-NUMERICS_NAMES = ("state", "loss", "state_grad", "grads")
+# What check_numerics watches, in the order of a chain's findings: the carried value (a state,
+# or a stage's activation), a loss, the carried dLoss/d(value), the weight gradients. A
+# non-finite state poisons everything after it and a non-finite loss everything it feeds, so
+# the first kind found is the cause to report.
+NUMERICS_KINDS = ("state", "loss", "state_grad", "grads")
 _NUMERICS_WHAT = {
     "state": "the {carried} carried out of {unit} {index}{steps}",
     "loss": "the loss of {unit} {index}{steps}",
@@ -257,16 +259,16 @@ def raise_if_non_finite(found, *, unit: str = "chunk", carried: str = "state", c
     """Raises NonFiniteError for the findings `found` ([4] ints, -1 = none) of a chain.
 
     Args:
-      found: per kind of NUMERICS_NAMES, the first chunk (or stage) with a non-finite value.
+      found: per kind of NUMERICS_KINDS, the first chunk (or stage) with a non-finite value.
       unit, carried: "chunk" and "state", or "stage" and "activation", for the message.
       chunk_size: steps per chunk, to name the steps of the chunk (None: not named).
       steps: T, where the last chunk ends.
     """
-    findings = {name: int(index) for name, index in zip(NUMERICS_NAMES, list(found))
+    findings = {name: int(index) for name, index in zip(NUMERICS_KINDS, list(found))
                 if int(index) >= 0}
     if not findings:
         return
-    kind = next(name for name in NUMERICS_NAMES if name in findings)
+    kind = next(name for name in NUMERICS_KINDS if name in findings)
     index = findings[kind]
     last = None if chunk_size is None else (index + 1) * chunk_size - 1
     if last is not None and steps is not None:
@@ -285,7 +287,7 @@ def assert_finite_in_graph(found, tensors, *, unit: str = "chunk"):
     message = (f"check_numerics: NaN or Inf found. The {unit} index where each first appeared "
                "(-1 = none) for (state, loss, dLoss/dstate, weight gradients):")
     check = tf.debugging.Assert(tf.reduce_all(found < 0), [message, found],
-                                summarize=len(NUMERICS_NAMES))
+                                summarize=len(NUMERICS_KINDS))
     with tf.control_dependencies([check]):
         return tf.nest.map_structure(tf.identity, tensors)
 

@@ -22,15 +22,20 @@ class BackpropChunksResult(NamedTuple):
     """Graph tensors to `sess.run`.
 
     Attributes:
-      variable_grads: dLoss/dW, aligned with `variables`.
+      grads: dLoss/dW, aligned with `variables` (also `variable_grads`, its first name).
       state_grads: dLoss/ds_k for every boundary state, aligned with `boundary_states`.
       initial_state_grad: dLoss/ds_0 (= state_grads[0]): the previous mini-batch's
         `final_state_grad`.
     """
 
-    variable_grads: list
+    grads: list
     state_grads: list
     initial_state_grad: State
+
+    @property
+    def variable_grads(self) -> list:
+        """`grads`, under the name of TF1's `tf.gradients(loss, variables)`."""
+        return self.grads
 
 
 def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence[State],
@@ -42,7 +47,7 @@ def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence
     g_n = final_state_grad (or 0)
     for k = n .. 1:   dW_k, g_{k-1} = tf.gradients([L_k, s_k], W + [s_{k-1}], grad_ys=[1, g_k],
                                                    stop_gradients=[s_{k-1}])
-    variable_grads = sum_k dW_k ;  state_grads = [g_0 .. g_n]
+    grads = sum_k dW_k ;  state_grads = [g_0 .. g_n]
     ```
 
     Chunk k must reach earlier chunks only through its input state s_{k-1}: that is where its
@@ -56,7 +61,8 @@ def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence
       final_state_grad: dLoss/ds_n from outside (the next mini-batch), a nest like s_n.
 
     Returns:
-      `BackpropChunksResult(variable_grads, state_grads, initial_state_grad)`.
+      `BackpropChunksResult(grads, state_grads, initial_state_grad)` (`grads` is also
+      `variable_grads`).
 
     Raises:
       RuntimeError: when executing eagerly. ValueError: on mismatched lengths or structures.
@@ -74,10 +80,10 @@ def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence
     result = chain_lib.static_backward(linearized, schedules.Exact(),
                                        chain_lib.loss_dtype_for(chunk_losses[0].dtype),
                                        final_carry_grad=final_state_grad)
-    variable_grads = [tf.add_n(list(parts)) for parts in zip(*result.grads)]
+    grads = [tf.add_n(list(parts)) for parts in zip(*result.grads)]
     packed = [tf.nest.pack_sequence_as(boundary_states[0], g)
               for g in result.carry_grads + [final_state_grad]]
-    return BackpropChunksResult(variable_grads, packed, packed[0])
+    return BackpropChunksResult(grads, packed, packed[0])
 
 
 def _checked(chunk_losses, boundary_states, final_state_grad):

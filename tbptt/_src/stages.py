@@ -260,7 +260,7 @@ class StageChain(saving.SerializableStages, tf.Module):
                                            chain_lib.loss_dtype_for(args["x"].dtype))
         if self._check_numerics:
             for k, (carry_grad, grads) in enumerate(zip(result.carry_grads, result.grads)):
-                found = chain_lib.note_non_finite(found, k, carry_grad=carry_grad, grads=grads)
+                found = chain_lib.note_non_finite(found, k, state_grad=carry_grad, grads=grads)
         carried = [tf.nest.pack_sequence_as(structures[k], g)
                    for k, g in enumerate(result.carry_grads)]
         return (result.loss, self._merge(result.grads), carried[1:], carried[0],
