@@ -20,7 +20,9 @@ against 1.22 nats/char.)
     python examples/char_lm.py                      # 1500 batches each, about 5 minutes on 2 cores
     python examples/char_lm.py --batches 100 --plot ''
 
-Prints the held-out loss (nats per character) of each run and plots both held-out curves.
+Prints the held-out loss (nats per character) of each run, plots both held-out curves, and
+samples --sample characters from each trained model: one character at a time through the
+online step, `chain(x_t, state)`, the state carried from each character to the next.
 """
 
 import argparse
@@ -66,10 +68,29 @@ def held_out_batch(valid_ids, valid_second, vocab_size: int):
     return tf.one_hot(x, vocab_size), y, tf.cast(second, tf.float32)
 
 
+def sample(chain, vocab: list, length: int, prompt: str = "The ", seed: int = 0) -> str:
+    """`length` characters drawn from the trained chain after `prompt`, one at a time: the
+    online step `chain(x_t [1, 1, V], state)` carries the state from each to the next."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    state, text = chain.initial_state(1), prompt
+    ids = [vocab.index(c) for c in prompt if c in vocab] or [0]
+    for i in ids[:-1]:  # the prompt, one character at a time
+        _, state = chain(tf.one_hot([[i]], len(vocab)), state)
+    last = ids[-1]
+    for _ in range(length):
+        logits, state = chain(tf.one_hot([[last]], len(vocab)), state)
+        p = tf.nn.softmax(tf.cast(logits[0, -1], tf.float64)).numpy()
+        last = int(rng.choice(len(vocab), p=p / p.sum()))
+        text += vocab[last]
+    return text
+
+
 def train(run: str, train_ids, valid, vocab_size: int, batches: int, eval_every: int,
-          verbose: int) -> list:
-    """Trains one run; returns [(batches done, held-out nats/char on all characters, on the
-    second copies)]."""
+          verbose: int) -> tuple:
+    """Trains one run; returns ([(batches done, held-out nats/char on all characters, on the
+    second copies)], the trained chain)."""
     import keras
     import tensorflow as tf
     import tbptt
@@ -104,7 +125,7 @@ def train(run: str, train_ids, valid, vocab_size: int, batches: int, eval_every:
     epochs = -(-batches // int(stream.cardinality()))  # each epoch is one pass over the text
     model.fit(stream, epochs=epochs, verbose=0,
               callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)])
-    return curve
+    return curve, chain
 
 
 def main(argv=None) -> dict:
@@ -124,18 +145,24 @@ def main(argv=None) -> dict:
                              "(default); 'plain': the text as it is")
     parser.add_argument("--verbose", type=int, default=1,
                         help="0: only the final table; 1: each held-out measurement (default)")
+    parser.add_argument("--sample", type=int, default=200,
+                        help="characters to sample from each trained model (default: 200)")
     args = parser.parse_args(argv)
     ids, second, vocab = load_text(args.text == "doubled")
     split = int(len(ids) * 0.95)
     valid = held_out_batch(ids[split:], second[split:], len(vocab))
-    results = {run: train(run, ids[:split], valid, len(vocab), args.batches, args.eval_every,
+    trained = {run: train(run, ids[:split], valid, len(vocab), args.batches, args.eval_every,
                           args.verbose) for run in RUNS}
+    results = {run: curve for run, (curve, _) in trained.items()}
     print(f"held-out loss, nats/char ({len(vocab)} symbols, {args.batches} batches)")
     print(f"{'run':10s} {'gradient reaches':>17s} {'all':>7s} {'second copies':>14s}")
     for run, curve in results.items():
         reach = WINDOW if run == "exact" else RUNS[run]["chunk_size"]
         on_second = "-" if np.isnan(curve[-1][2]) else f"{curve[-1][2]:.3f}"  # plain text
         print(f"{run:10s} {reach:>11d} chars {curve[-1][1]:7.3f} {on_second:>14s}")
+    for run, (_, chain) in trained.items():
+        if args.sample:
+            print(f"\n{run}, sampled:\n{sample(chain, vocab, args.sample)}")
     if args.plot:
         _plot(results, args.plot)
     return results

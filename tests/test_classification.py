@@ -11,11 +11,7 @@ from conftest import assert_all_close
 B, T, F, C, K = 4, 12, 3, 3, 5
 
 
-def last_step_weights(lengths, steps):
-    """[B, T]: 1 at each sequence's last real step, 0 elsewhere (padding included)."""
-    weights = np.zeros([len(lengths), steps], "float32")
-    weights[np.arange(len(lengths)), np.asarray(lengths) - 1] = 1.0
-    return weights
+last_step_weights = tbptt.data.last_step_weights
 
 
 @pytest.mark.parametrize("ragged", [False, True])
@@ -46,3 +42,38 @@ def test_a_label_per_sequence_equals_keras_on_the_last_step(ragged):
     grads = tape.gradient(loss, gru.trainable_variables + dense.trainable_variables)
     np.testing.assert_allclose(float(result.loss) / B, float(loss), rtol=1e-5)
     assert_all_close([g / B for g in result.grads], grads, 2e-5)
+
+
+@pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3, reason="ChunkedModel: Keras 3")
+def test_many_to_one_fit_trains_as_a_keras_classifier_step_by_step():
+    """The fit recipe: the label at every step, the last real step's weight 1, a loss that
+    averages over its weights. Each training step's loss and the weights after it equal a
+    Keras GRU classifier's on the same batches (its batch mean over sequences)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=[2 * B, T, F]).astype("float32")
+    labels = rng.integers(0, C, size=[2 * B])
+    lengths = rng.integers(3, T + 1, size=[2 * B])
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    x = x * mask[..., None]
+    keras.utils.set_random_seed(6)
+    chain = tbptt.StatefulGRUChain(6, head=keras.layers.Dense(C), chunk_size=K)
+    model = tbptt.keras.ChunkedModel(chain)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True,
+                                                reduction="mean_with_sample_weight"))
+    model.build([None, None, F])
+    plain = keras.Sequential([keras.Input((T, F)), keras.layers.Masking(0.0),
+                              keras.layers.GRU(6), keras.layers.Dense(C)])
+    for v, w in zip(plain.trainable_variables, chain.trainable_variables):
+        v.assign(w)
+    plain.compile(optimizer=keras.optimizers.SGD(0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    targets = np.repeat(labels[:, None], T, axis=1)
+    weights = tbptt.data.last_step_weights(lengths, T)
+    for step in range(4):
+        rows = slice((step % 2) * B, (step % 2 + 1) * B)
+        ours = model.train_on_batch({"inputs": x[rows], "mask": mask[rows]}, targets[rows],
+                                    sample_weight=weights[rows])
+        theirs = plain.train_on_batch(x[rows], labels[rows])
+        np.testing.assert_allclose(np.ravel(ours)[0], np.ravel(theirs)[0], rtol=2e-5)
+    assert_all_close(chain.trainable_variables, plain.trainable_variables, 2e-5)

@@ -407,3 +407,76 @@ def test_a_float32_head_under_mixed_precision_stays_float32_and_loads_elsewhere(
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-2  # float16 cells there, float32 here
+
+
+# -- after training: stateful evaluate and predict, the Keras names ----------------------------
+
+
+def _windows(x, y, window):
+    """Consecutive windows of the same B streams, batch j continuing batch j - 1."""
+    starts = range(0, x.shape[1], window)
+    return tf.data.Dataset.from_tensor_slices((np.stack([x[:, s:s + window] for s in starts]),
+                                               np.stack([y[:, s:s + window] for s in starts])))
+
+
+def test_stateful_evaluate_and_predict_carry_the_state_across_the_windows():
+    """evaluate = the loss of one call over the whole stream with the state carried, equal to
+    Keras's own stateful GRU; predict = that call's outputs; the training carry is left
+    alone; a non-stateful model starts each window from zeros."""
+    x, y = _data(steps=3 * T)
+    chain = _chain()
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", metrics=["mae"])
+    model.fit(x[:, :T], y[:, :T], batch_size=B, shuffle=False, verbose=0)
+    carried = model.carried_state
+    data = _windows(x, y, T)
+    whole, _ = forward(chain, x)  # Keras's RNN over the whole stream
+    got = model.evaluate(data, verbose=0, return_dict=True)
+    np.testing.assert_allclose(got["loss"], float(tf.reduce_mean(tf.square(whole - y))),
+                               rtol=1e-5)
+    np.testing.assert_allclose(got["mae"], float(tf.reduce_mean(tf.abs(whole - y))), rtol=1e-5)
+    plain = keras.Sequential([keras.Input((T, F), batch_size=B),
+                              keras.layers.GRU(5, return_sequences=True, stateful=True),
+                              keras.layers.Dense(O)])
+    for v, w in zip(plain.trainable_variables, chain.trainable_variables):
+        v.assign(w)
+    plain.compile(loss="mse")
+    np.testing.assert_allclose(got["loss"], plain.evaluate(data, verbose=0), rtol=1e-5)
+    predicted = model.predict(data.map(lambda a, b: a), verbose=0)
+    joined = np.concatenate([predicted[k * B:(k + 1) * B] for k in range(3)], axis=1)
+    _assert_close([joined], [whole.numpy()])
+    again = model.evaluate(data, verbose=0, return_dict=True)  # each call from zeros
+    np.testing.assert_allclose(again["loss"], got["loss"], rtol=1e-6)
+    _assert_close(tf.nest.flatten(model.carried_state), tf.nest.flatten(carried), tol=0.0)
+    cold = tbptt.keras.ChunkedModel(chain)
+    cold.compile(loss="mse")
+    cold_loss = cold.evaluate(data, verbose=0)
+    assert abs(cold_loss - got["loss"]) > 1e-4  # the carried state is what is measured
+
+
+def test_a_stateful_fit_validates_on_the_held_out_stream_with_its_state_carried():
+    x, y = _data(steps=2 * T, seed=3)
+    held_x, held_y = _data(steps=2 * T, seed=4)
+    chain = _chain()
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    history = model.fit(_windows(x, y, T), validation_data=_windows(held_x, held_y, T),
+                        epochs=1, verbose=0)
+    whole, _ = forward(chain, held_x)
+    np.testing.assert_allclose(history.history["val_loss"][0],
+                               float(tf.reduce_mean(tf.square(whole - held_y))), rtol=1e-5)
+
+
+def test_predict_from_a_given_state_and_the_keras_names():
+    x, _ = _data(steps=2 * T)
+    chain = _chain()
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    _, state = forward(chain, x[:, :T])
+    got = model.predict(x[:, T:], batch_size=B, initial_state=state, verbose=0)
+    _assert_close([got], [forward(chain, x[:, T:], state)[0].numpy()])
+    model.reset_states()  # Keras's name
+    assert model.carried_state is None
+    with pytest.raises(TypeError, match="outputs, state = model.chain"):
+        model.predict(x, return_state=True, verbose=0)
+    with pytest.raises(ValueError, match="stateful=True"):
+        tbptt.keras.ChunkedModel(chain).predict(x, initial_state=state, verbose=0)

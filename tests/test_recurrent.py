@@ -386,3 +386,56 @@ def test_head_dropout_is_consistent_within_a_step():
     result = chain.value_and_gradients(x, y, sum_squares)
     assert np.isfinite(result.loss.numpy())
     assert all(np.all(np.isfinite(g)) for g in result.grads)
+
+
+# -- token inputs: an inputs layer run chunk by chunk --------------------------------------------
+
+
+def _token_chain(chunk_size=4, **kwargs):
+    keras.utils.set_random_seed(11)
+    return tbptt.RecurrentChain([keras.layers.GRUCell(5, dtype="float64")],
+                                inputs_layer=keras.layers.Embedding(7, 3, dtype="float64"),
+                                head=keras.layers.Dense(7, dtype="float64"),
+                                chunk_size=chunk_size, dtype="float64", **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["exact", "truncated"])
+def test_an_embedding_inputs_layer_trains_end_to_end_like_one_keras_tape(mode):
+    """Token ids [B, T] through Embedding, GRU, Dense: the chunked loss and gradients (the
+    embedding's included) equal one tape over Keras's own layers, float64."""
+    ids = (np.arange(2 * 11).reshape(2, 11) * 3) % 7
+    targets = np.roll(ids, -1, axis=1)
+    chain = _token_chain(mode=mode)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum",
+                                                      dtype="float64")
+    result = chain.value_and_gradients(ids, targets, loss)
+    rnn = keras.layers.RNN(chain.cells[0], return_sequences=True, dtype="float64")
+    size = chain.chunk_size if mode == "truncated" else ids.shape[1]
+    with tf.GradientTape() as tape:
+        total, state = 0.0, None
+        for start in range(0, ids.shape[1], size):  # truncated m=1: each chunk from a cut state
+            rnn_out = rnn(chain.inputs_layer(ids[:, start:start + size]), initial_state=state)
+            total += loss(targets[:, start:start + size], chain.head(rnn_out))
+            state = [tf.stop_gradient(_last_state(chain, ids[:, :start + size]))]
+    grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, chain.trainable_variables)]
+    assert chain.trainable_variables[0] is chain.inputs_layer.embeddings
+    assert_all_close([result.loss] + result.grads, [total] + grads, 1e-10, mode)
+
+
+def _last_state(chain, ids):
+    rnn = keras.layers.RNN(chain.cells[0], return_state=True, dtype="float64")
+    return rnn(chain.inputs_layer(ids))[1]
+
+
+def test_token_ids_without_an_inputs_layer_point_to_one():
+    chain = tbptt.StatefulGRUChain(4, chunk_size=3)
+    with pytest.raises(ValueError, match="inputs_layer=keras.layers.Embedding"):
+        chain(np.zeros([2, 6], "int32"))
+
+
+def test_an_inputs_layer_that_looks_across_steps_is_refused():
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4)], chunk_size=3, inputs_layer=(
+        keras.Sequential([keras.layers.Embedding(5, 2), keras.layers.Conv1D(2, 3,
+                                                                            padding="causal")])))
+    with pytest.raises(ValueError, match="inputs_layer looks across time steps"):
+        chain(np.zeros([2, 6], "int32"))

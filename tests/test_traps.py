@@ -54,7 +54,8 @@ def test_edge_shapes_match_the_reference(execution, steps, chunk_size, batch, ki
     assert_all_close(result.initial_state_grad, state_grad, 1e-10, "initial_state_grad")
     outputs, final_state = chain(x)
     assert_all_close([result.loss], [l1_loss(y, outputs)], 1e-12, "loss")
-    assert_all_close(result.final_state, final_state, 0.0, "final_state")
+    # To float64 rounding: a call of at most 8 steps runs its loop unrolled (the online step).
+    assert_all_close(result.final_state, final_state, 1e-14, "final_state")
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)

@@ -157,7 +157,7 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
         _sources_outside_xla()
         inputs = source_spec(source, stack.dtype)
     else:
-        inputs = checks.sequence_inputs(inputs, stack.dtype)
+        inputs = checks.sequence_inputs(inputs, stack.dtype, stack.inputs_layer is not None)
     batch = Batch(inputs, reset=_flag("reset", reset, inputs), mask=_flag("mask", mask, inputs))
     call = Call(batch, stack.leaves("initial_state", initial_state, batch_size(inputs)))
     specs = ()
@@ -166,7 +166,8 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
                              chunk_size=chunk_size_for(config, stack, inputs.shape),
                              steps=tf.constant(inputs.shape[1], tf.int32))
         specs = (("inputs", relaxed_spec(inputs)),)
-    stack.build(inputs.shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
+    # Last: a refused call leaves the chain unbuilt.
+    stack.build(inputs.shape, config.chunk_size, inputs.dtype)
     return Prepared(call, {} if source is None else {"inputs": source},
                     Static(source_specs=specs, training=training, xla=_xla(config)))
 
@@ -200,7 +201,8 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
     if sources:
         call = call._replace(batch=batch._replace(**{name: None for name in sources}),
                              steps=tf.constant(sources["inputs"].shape[1], tf.int32))
-    stack.build(inputs_shape, config.chunk_size)  # last: a refused call leaves the chain unbuilt
+    # Last: a refused call leaves the chain unbuilt.
+    stack.build(inputs_shape, config.chunk_size, batch.inputs.dtype)
     return Prepared(call, sources, Static(loss_fn, specs, training=True, record=record,
                                           xla=_xla(config)))
 
@@ -250,7 +252,7 @@ def _per_step(stack: CellStack, inputs, targets, sample_weight) -> tuple[Batch, 
         ("sample_weight", sources_lib.as_source("sample_weight", sample_weight))]
         if source is not None}
     inputs = source_spec(sources["inputs"], stack.dtype) if "inputs" in sources else (
-        checks.sequence_inputs(inputs, stack.dtype))
+        checks.sequence_inputs(inputs, stack.dtype, stack.inputs_layer is not None))
     checked = {}
     for name, value in [("targets", targets), ("sample_weight", sample_weight)]:
         if value is not None:

@@ -93,10 +93,21 @@ def _leading_dims_differ(expected: list, got) -> bool:
         e is not None and g is not None and e != g for e, g in zip(expected, got))
 
 
-def sequence_inputs(inputs, dtype) -> tf.Tensor:
-    """inputs as a [B, T, F] tensor of `dtype`."""
+def sequence_inputs(inputs, dtype, embedded: bool = False) -> tf.Tensor:
+    """inputs as a [B, T, F] tensor of `dtype`; with an inputs layer (`embedded`), [B, T, ...]
+    as given (token ids stay integers; floats are cast to `dtype`)."""
     inputs = as_tensor("inputs", inputs)
-    if inputs.shape.rank != 3:
+    if embedded:
+        if inputs.shape.rank is None or inputs.shape.rank < 2:
+            raise ValueError(f"inputs must have shape [batch, time, ...] (the inputs layer maps "
+                             f"each step), got shape {_shape(inputs)}.")
+    elif inputs.shape.rank == 2 and inputs.dtype.is_integer:
+        raise ValueError(f"inputs of shape {_shape(inputs)} and dtype {inputs.dtype.name} look "
+                         "like token ids [batch, time]: give the chain an inputs layer that "
+                         "embeds them, RecurrentChain(cells, inputs_layer=keras.layers."
+                         "Embedding(vocabulary, width), ...), rather than x[..., None] (which "
+                         "would train on the ids as numbers).")
+    elif inputs.shape.rank != 3:
         raise ValueError(INPUTS_RANK_MSG.format(shape=_shape(inputs)))
     if inputs.shape[1] == 0:
         raise ValueError(f"inputs must have at least one time step, got shape {_shape(inputs)}. "
@@ -105,6 +116,8 @@ def sequence_inputs(inputs, dtype) -> tf.Tensor:
         raise TypeError(f"inputs must hold numbers (a float or int dtype), got dtype "
                         f"{inputs.dtype.name}. Encode text or categories as numbers first (ids "
                         "into a keras.layers.Embedding, say).")
+    if embedded and inputs.dtype.is_integer:
+        return inputs
     return tf.cast(inputs, dtype) if inputs.dtype != dtype else inputs
 
 

@@ -112,8 +112,10 @@ class FunctionCache:
         self._variants = {}  # the key apart from loss values -> the last full key
         self._warned = False
 
-    def get(self, kind: str, impl, static, compiled: bool = True, recorded: bool = True):
-        """`impl(args, static)`, compiled unless `compiled` is False. With `recorded` False the
+    def get(self, kind: str, impl, static, compiled: bool = True, recorded: bool = True,
+            static_time: bool = False):
+        """`impl(args, static)`, compiled unless `compiled` is False; with `static_time`, the
+        time dims are kept in the signature (one trace per short length). With `recorded` False the
         call is a value to the caller's tapes (a chunked gradient): no tape around it records
         it, so TensorFlow does not prepare the gradient of the whole compiled chain (minutes
         of tracing under a persistent tape) that nobody takes. It is traced first, outside
@@ -121,8 +123,10 @@ class FunctionCache:
         if not compiled:
             return lambda args: impl(args, static)
 
+        unknown = (lambda name: 1) if static_time else self._unknown_dims
+
         def call(args: dict):
-            specs = signature(args, self._unknown_dims)
+            specs = signature(args, unknown)
             shapes = tuple((name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items()))
             context = (kind, shapes)
             key = (static_key(static),) + context

@@ -145,6 +145,27 @@ def episode_windows(episodes: Sequence, targets: Optional[Sequence] = None, *, b
     return _windows([arrays, _pack_lanes(targets, order, padded)], window, drop_remainder=False)
 
 
+def last_step_weights(lengths, steps: int) -> np.ndarray:
+    """``[B, steps]`` float32: 1 at each sequence's last real step (``lengths - 1``), 0 else.
+
+    The sample weights that train one label per sequence over chunks: with a loss that
+    averages over its weights (Keras's ``reduction="mean_with_sample_weight"``) the chunked
+    loss is the batch mean of each sequence's last-step loss, as a Keras classifier's is.
+
+    >>> last_step_weights([3, 1], steps=4).tolist()
+    [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    """
+    lengths = np.asarray(lengths)
+    steps = checks.positive_int("steps", steps)
+    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or (
+            lengths.size and (lengths.min() < 1 or lengths.max() > steps)):
+        raise ValueError(f"lengths must be one whole number per sequence, each in [1, "
+                         f"steps={steps}], got {lengths.tolist()!r}.")
+    weights = np.zeros([lengths.size, steps], "float32")
+    weights[np.arange(lengths.size), lengths - 1] = 1.0
+    return weights
+
+
 def _episodes(episodes) -> list:
     try:
         episodes = [np.asarray(e) for e in episodes]

@@ -80,12 +80,15 @@ def train(mode: str, *, steps: int, delay: int, chunk_size: int, length: int, ba
 
 
 def print_curves(exact: Curve, truncated: Curve, delay: int, chunk_size: int) -> None:
-    print(f"\nHeld-out accuracy on the {delay}-step echo (chance = 0.50), chunk_size={chunk_size}")
-    print(f"{'step':>6} | {'exact loss':>10} {'acc':>5} | {'truncated loss':>14} {'acc':>5}")
-    print("-" * 51)
+    print(f"\nTraining loss and held-out accuracy on the {delay}-step echo (chance = 0.50), "
+          f"chunk_size={chunk_size}")
+    print(f"{'':>6} | {'exact':^27} | {'truncated':^27}")
+    print(f"{'step':>6} | {'train loss':>10} {'held-out acc':>16} | {'train loss':>10} "
+          f"{'held-out acc':>16}")
+    print("-" * 65)
     for i, step in enumerate(exact.steps):
-        print(f"{step:>6} | {exact.losses[i]:>10.4f} {exact.accuracies[i]:>5.2f} | "
-              f"{truncated.losses[i]:>14.4f} {truncated.accuracies[i]:>5.2f}")
+        print(f"{step:>6} | {exact.losses[i]:>10.4f} {exact.accuracies[i]:>16.2f} | "
+              f"{truncated.losses[i]:>10.4f} {truncated.accuracies[i]:>16.2f}")
     print(f"time: exact {exact.seconds:.1f} s, truncated {truncated.seconds:.1f} s")
 
 

@@ -29,8 +29,11 @@ from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src import losses
 from tbptt._src import saving
+from tbptt._src import serving
 from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.keras_stream import Carried
 from tbptt._src.keras_stream import Stream
+from tbptt._src.keras_stream import StreamingSteps
 from tbptt._src.keras_stream import StreamPosition
 from tbptt._src.streaming import StreamCarry
 from tbptt._src.streaming import check_window
@@ -41,7 +44,8 @@ keras = compat.keras
 
 
 @saving.register
-class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
+class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingSteps,
+                   keras.Model):
     """A Keras model around a chain; `fit` trains it with the chain's chunked gradient.
 
     ```
@@ -60,8 +64,9 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     exactly ``w - lr * chain.value_and_gradients(...).grads``. Compiled metrics need the
     predictions, which cost one more forward pass per step; without metrics there is none.
 
-    `evaluate` and `predict` run each batch from a zero state (and its reset/mask flags); they
-    neither use nor change the carried training state.
+    With stateful=True, `evaluate` and `predict` carry the state across the batches of one
+    call, from zeros at its start (the training carry is left alone); without, each batch
+    starts from zeros.
 
     >>> import keras, numpy as np, tbptt
     >>> chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=5)
@@ -96,12 +101,14 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         self._chain = chain
         self._train_chain = chain  # the chain with the compiled loss's reduction (`compile`)
         # Tracked by Keras, so that weights, save_weights and checkpoints see the chain's layers.
-        self.chain_layers = [layer for layer in chain.cells + [chain.head]
+        self.chain_layers = [layer for layer in chain.cells + [chain.head, chain.inputs_layer]
                              if compat.is_keras_layer(layer)]
         self.stateful = bool(stateful)
         self._chunk_loss = None
-        # What a stateful fit carries between batches (checkpointed with the model).
+        # What a stateful fit carries between batches (checkpointed with the model), and what
+        # a stateful evaluate or predict carries across the batches of one call.
         self._stream = Stream(chain, lambda: self.distribute_strategy)
+        self._evaluation = Carried(lambda: self.distribute_strategy)
         self.built = chain.built
 
     # -- the chain -----------------------------------------------------------------------------
@@ -143,6 +150,25 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     def reset_state(self) -> None:
         """Forgets the carried state: the next batch starts from zeros."""
         self._stream.reset()
+
+    def reset_states(self) -> None:
+        """`reset_state`, under the name of Keras's stateful RNN layers."""
+        self.reset_state()
+
+    def export(self, filepath, format: str = "tf_saved_model", verbose: bool = True,
+               **kwargs) -> None:
+        """Writes a SavedModel that serves the chain with its state in and out, loadable by
+        `tf.saved_model.load(filepath)` in a process without tbptt (see `tbptt._src.serving`):
+        `step(inputs, state) -> (outputs, state)`, `initial_state(batch_size)`, and a
+        `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...)."""
+        if format != "tf_saved_model" or kwargs:
+            raise ValueError(f"ChunkedModel.export writes format='tf_saved_model' with the "
+                             f"state in and out, and takes no other options; got format="
+                             f"{format!r} and {sorted(kwargs)}.")
+        serving.export(self._chain, filepath)
+        if verbose:
+            print(f"Saved the chain to {filepath}: step(inputs, state), initial_state("
+                  "batch_size), and the signature serving_default(inputs, state_0, ...).")
 
     # -- compiling -----------------------------------------------------------------------------
 
@@ -186,45 +212,26 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         return logs, new_carry, result.final_state
 
     def test_step(self, data):
+        return self._test_step(data, None)[0]
+
+    def _test_step(self, data, state):
+        """The loss and metrics of one batch from `state` (None: zeros), as Keras computes
+        them on the whole window: ``(logs, the final state)``."""
         x, y, sample_weight = _unpack(data)
         inputs, flags = _split_inputs(x)
-        y_pred, _ = self._chain(inputs, training=False, **flags)
+        y_pred, final_state = self._chain(inputs, state, training=False, **flags)
         loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
         loss += _with_weight_penalty(self, [], [])[1]
         compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
-        return self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
+        logs = self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
                                     sample_weight=sample_weight)
+        return logs, final_state
 
-    def make_train_function(self, force: bool = False):
-        if not self.stateful:
-            return super().make_train_function(force)
-        if self.train_function is not None and not force:
-            return self.train_function
-        strategy = self.distribute_strategy
-
-        def step(data, carry):
-            logs, carry, final_state = strategy.run(self._train_step, args=(data, carry))
-            return _first_replica(strategy, logs), carry, final_state
-
-        if not self.run_eagerly:
-            step = tf.function(step, reduce_retracing=True)
-
-        def train_function(iterator):
-            logs = None
-            for _ in range(self.steps_per_execution):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    if logs is None:
-                        raise
-                    break
-                self._stream.check_batch(data)
-                logs, carry, final_state = step(data, self._stream.carry)
-                self._stream.stepped(carry, final_state)
-            return logs
-
-        self.train_function = train_function
-        return train_function
+    def _predict_step(self, data, state):
+        """The predictions of one batch from `state` (None: zeros), and the final state."""
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, flags = _split_inputs(x)
+        return self._chain(inputs, state, training=False, **flags)
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
@@ -237,10 +244,27 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
             return self._fit(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate`; with stateful=True the batches are consecutive windows of
+        the same streams: the state is carried from one to the next, from zeros at the call's
+        start (the training carry is left alone)."""
+        self._evaluation.reset()
         with self._fresh_steps_after_an_error():
             return super().evaluate(*args, **kwargs)
 
-    def predict(self, *args, **kwargs):
+    def predict(self, *args, initial_state=None, **kwargs):
+        """`keras.Model.predict`; with stateful=True the state is carried across the batches
+        of the call, from `initial_state` (None: zeros) at its start, as in `evaluate`. For
+        the state after the call, run the chain itself: ``outputs, state =
+        model.chain(x, state)``."""
+        if kwargs.pop("return_state", None) is not None:
+            raise TypeError("predict has no return_state: for the outputs and the state, "
+                            "outputs, state = model.chain(x, initial_state).")
+        if initial_state is not None and not self.stateful:
+            raise ValueError("predict(initial_state=...) needs ChunkedModel(stateful=True), "
+                             "whose batches continue each other; for one call, use "
+                             "outputs, state = model.chain(x, initial_state).")
+        self._evaluation.reset()
+        self._evaluation.state = initial_state
         with self._fresh_steps_after_an_error():
             return super().predict(*args, **kwargs)
 
@@ -428,12 +452,3 @@ def _predictions(chain: RecurrentChain, carry: Optional[StreamCarry], inputs, fl
     joined = join_context(context, {"inputs": inputs, **flags}, chain.dtype)
     outputs = chain(joined.pop("inputs"), carry.state, training=False, **joined)[0]
     return outputs[:, tf.shape(context["inputs"])[1]:] if context else outputs
-
-
-def _local(strategy, value):
-    """One replica's part of a (possibly per-replica) value."""
-    return strategy.experimental_local_results(value)[0]
-
-
-def _first_replica(strategy, logs):
-    return tf.nest.map_structure(lambda v: _local(strategy, v), logs)

@@ -1,4 +1,5 @@
-"""What a stateful `ChunkedModel` carries from one batch to the next: one value with methods.
+"""What a stateful `ChunkedModel` carries from one batch to the next: one value with methods,
+and the step loops that carry it (`StreamingSteps`).
 
 ```
 stream.reset()                      # epoch start (unless resumed mid-epoch), reset_state()
@@ -6,6 +7,9 @@ stream.check_batch(data)            # the window fits the context, the batch the
 carry = stream.carry                # -> the next training step -> new carry, final state
 stream.stepped(carry, final_state)  # one batch further
 ```
+
+`evaluate` and `predict` carry a state the same way across the batches of one call
+(`Carried`), from zeros at the call's start, and leave the training stream alone.
 
 It is checkpointed with the model (`tf.train.Checkpoint(model=model)`): on restore the next
 stateful fit goes on from the restored state instead of resetting at its first epoch's start.
@@ -138,6 +142,116 @@ class Stream(tf.train.experimental.PythonState):
                                  dict(zip(layout["context"], leaves("context"))))
         self.final_state = tf.nest.pack_sequence_as(structure, leaves("final"))
         self._resumed = True
+
+
+class Carried:
+    """The state a stateful `evaluate` or `predict` carries across the batches of one call."""
+
+    def __init__(self, strategy: Callable):
+        self._strategy = strategy
+        self.state = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def check_batch(self, data) -> None:
+        """A batch of another size than the carried streams resets the state, with a warning."""
+        if self.state is None:
+            return
+        first = _local(self._strategy(), tf.nest.flatten(data)[0])
+        carried = _local(self._strategy(), tf.nest.flatten(self.state)[0])
+        if first.shape[0] != carried.shape[0]:
+            warnings.warn(f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
+                          f"follows {carried.shape[0]} carried streams; the carried state is "
+                          "reset. Use batches of one size (drop_remainder=True) to carry the "
+                          "state through.", stacklevel=4)
+            self.reset()
+
+
+class StreamingSteps:
+    """The step loops of a stateful `ChunkedModel` (a mixin: a model without `stateful` runs
+    Keras's own): `fit` continues its training stream, `evaluate` and `predict` the state
+    carried across the batches of their call. Each step runs under the model's strategy; the
+    carried values stay tensors between steps (per-replica values under a strategy)."""
+
+    def make_train_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_train_function(force)
+        if self.train_function is None or force:
+            step = self._distributed(self._train_step, "logs")
+
+            def train_function(iterator):
+                return _each_batch(iterator, self.steps_per_execution, self._train_one, step)
+
+            self.train_function = train_function
+        return self.train_function
+
+    def _train_one(self, data, step):
+        self._stream.check_batch(data)
+        logs, carry, final_state = step(data, self._stream.carry)
+        self._stream.stepped(carry, final_state)
+        return logs
+
+    def make_test_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_test_function(force)
+        if self.test_function is None or force:
+            step = self._distributed(self._test_step, "logs")
+
+            def test_function(iterator):
+                return _each_batch(iterator, self.steps_per_execution, self._carry_one, step)
+
+            self.test_function = test_function
+        return self.test_function
+
+    def make_predict_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_predict_function(force)
+        if self.predict_function is None or force:
+            step = self._distributed(self._predict_step, "outputs")
+
+            def predict_function(batches):
+                outputs = [self._carry_one(data, step) for data in batches]
+                return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0),
+                                             *outputs)
+
+            self.predict_function = predict_function
+        return self.predict_function
+
+    def _carry_one(self, data, step):
+        self._evaluation.check_batch(data)
+        result, self._evaluation.state = step(data, self._evaluation.state)
+        return result
+
+    def _distributed(self, replica_step, kind: str):
+        """`replica_step(data, carried) -> (result, *carried)` run on every replica (compiled
+        unless run_eagerly): logs are the first replica's, outputs all replicas' in order."""
+        strategy = self.distribute_strategy
+
+        def gather(value):
+            if kind == "logs":
+                return _local(strategy, value)
+            return tf.concat(strategy.experimental_local_results(value), axis=0)
+
+        def step(data, carried):
+            result, *carried = strategy.run(replica_step, args=(data, carried))
+            return (tf.nest.map_structure(gather, result), *carried)
+
+        return step if self.run_eagerly else tf.function(step, reduce_retracing=True)
+
+
+def _each_batch(iterator, count: int, one, step):
+    """`one(data, step)` on up to `count` batches of `iterator`; the last result."""
+    result = None
+    for _ in range(count):
+        try:
+            data = next(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            if result is None:
+                raise
+            break
+        result = one(data, step)
+    return result
 
 
 def _local(strategy, value):

@@ -92,6 +92,8 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
     With `flags`, each step is `flagged` with the step's reset and mask; `loop.max_steps`
     bounds K where it is unknown when traced (autodiff inside XLA sizes its accumulators).
     """
+    if is_short(xs):
+        return _unrolled(step, xs, states, with_outputs=with_outputs, flags=flags)
     steps = _length(xs)
     inputs = _readable(xs)
     outputs = tf.TensorArray(xs.dtype, size=steps) if with_outputs else None
@@ -112,6 +114,28 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
     _, states, *outputs = tf.while_loop(lambda t, *_: t < steps, body, loop_vars,
                                         maximum_iterations=bound)
     return (outputs[0].stack() if with_outputs else None), states
+
+
+# A loop of at most this many steps, known when traced, is unrolled into plain ops: an online
+# step (a model serving one observation at a time) pays no loop and no XLA launch.
+SHORT_STEPS = 8
+
+
+def is_short(xs: tf.Tensor) -> bool:
+    """Whether ``xs [K, ...]`` has a static K of at most `SHORT_STEPS` steps."""
+    return xs.shape[0] is not None and xs.shape[0] <= SHORT_STEPS
+
+
+def _unrolled(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
+              flags: Optional[StepFlags] = None):
+    """`unroll_time_major` over a short, static K as K copies of the step."""
+    run = flagged(step) if flags is not None else (lambda x, s, *_: step(x, s))
+    outputs = []
+    for t in range(xs.shape[0]):
+        y, states = run(xs[t], list(states), *[None if f is None else f[t]
+                                                 for f in (flags or (None, None))])
+        outputs.append(y)
+    return (tf.stack(outputs) if with_outputs else None), list(states)
 
 
 def unroll(step, inputs: tf.Tensor, state) -> tuple:
@@ -233,7 +257,7 @@ class _FusedRunner(abc.ABC):
         del training  # dropout is refused by the chain; nothing else depends on it
         recurrent_kernel = self._weight("recurrent_kernel")
         recurrent_bias = self._recurrent_bias()
-        if flags is None and self._default_activations():
+        if flags is None and self._default_activations() and not is_short(xs):
             length = _length(xs)
             outputs, states = self._fused(
                 _padded_steps(xs, length, loop.max_steps), tf.convert_to_tensor(length, tf.int32),

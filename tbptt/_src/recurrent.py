@@ -18,6 +18,8 @@ from tbptt._src import checks
 from tbptt._src import chunking
 from tbptt._src import compat
 from tbptt._src import compiling
+from tbptt._src import layers
+from tbptt._src import online as online_lib
 from tbptt._src import saving
 from tbptt._src import sources as sources_lib
 from tbptt._src import streaming
@@ -61,7 +63,7 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
     """
 
     def __init__(self, cells: Sequence, *, chunk_size: Union[int, str], head=None,
-                 name: Optional[str] = None, **options):
+                 inputs_layer=None, name: Optional[str] = None, **options):
         """Creates the chain.
 
         Args:
@@ -71,6 +73,11 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
           chunk_size: time steps per chunk, or "auto" (see `chunk_plan`).
           head: Keras layer or callable mapping the top layer's ``[B, T, U]`` outputs to
             predictions, step by step; None uses the top layer's outputs.
+          inputs_layer: Keras layer or callable mapping the inputs ``[B, T, ...]`` to the
+            cells' ``[B, T, F]``, step by step and chunk by chunk like the head, and trained
+            with them: ``keras.layers.Embedding(vocabulary, width)`` for token ids ``[B, T]``
+            (its `mask_zero` is not read: pass ``mask=ids != 0``). None: the inputs are the
+            cells' inputs.
           name: module name.
           **options: the other fields of the chain's `tbptt.ChainConfig`, documented there
             (mode, backprop_chunks, backend, reduction, dtype, compiled, levels,
@@ -80,13 +87,15 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         config = config_from(options)
         super().__init__(name=name)
         self._options = options  # as given: what `with_config` and a saved config repeat
-        self._stack = CellStack(cells, head, config.dtype)
+        self._stack = CellStack(cells, head, config.dtype, inputs_layer)
         self._config = config._replace(dtype=self._stack.dtype)
         self._functions = compiling.FunctionCache(_unknown_dims)
+        self._online = online_lib.OnlineSteps()
 
     def _arguments(self) -> dict:
         """The constructor's keywords that make this chain again over the same layers."""
-        return {"cells": self.cells, "head": self.head, "name": self.name, **self._options}
+        return {"cells": self.cells, "head": self.head, "inputs_layer": self.inputs_layer,
+                "name": self.name, **self._options}
 
     def with_config(self, **changes) -> "RecurrentChain":
         """A chain of the same class over the same cells and head (so the same weights), its
@@ -109,6 +118,8 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
                                "float32 under mixed precision.")
     cells = _stack_field("cells", "The cells, bottom layer first.")
     head = _stack_field("head", "The head, or None.")
+    inputs_layer = _stack_field("inputs_layer", "The inputs layer, or None.")
+    parts = _stack_field("parts", "The inputs layer (if any), the cells, the head (if any).")
     features = _stack_field("features", "The inputs' feature size F once built, else None.")
     trainable_variables = _stack_field("trainable_variables", "Cells' variables bottom to "
                                        "top, then the head's; available once built.")
@@ -116,6 +127,12 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
     @property
     def built(self) -> bool:
         return self._stack.features is not None
+
+    @property
+    def input_shape(self) -> Optional[list]:
+        """``[None, None, ...]``: the inputs' shape the chain was built for (None before)."""
+        tail = self._stack.input_tail
+        return None if tail is None else [None, None] + list(tail)
 
     def chunk_plan(self, steps: int, batch_size: int = 1,
                    features: Optional[int] = None) -> chunking.ChunkPlan:
@@ -140,9 +157,10 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         """Zero state: a tuple with one entry per layer (a tensor, or a tuple of tensors)."""
         return self._stack.pack(self._stack.zeros(checks.positive_int("batch_size", batch_size)))
 
-    def build(self, input_shape) -> None:
-        """Creates the variables for inputs of shape ``[B, T, F]`` (only F matters)."""
-        self._stack.build(input_shape, self._config.chunk_size)
+    def build(self, input_shape, input_dtype=None) -> None:
+        """Creates the variables for inputs of shape ``[B, T, F]`` (only F matters; with an
+        inputs layer, the shape after [B, T], and `input_dtype`: None for int ids)."""
+        self._stack.build(input_shape, self._config.chunk_size, input_dtype)
 
     # The chunk and time loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
     # converting the Keras calls inside would only get in the way inside a user's tf.function.
@@ -163,10 +181,21 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         Returns:
           ``(outputs [B, T, O], final_state)``: the head's predictions and the last state.
         """
+        online = reset is None and mask is None and self._config.compiled
+        if online:  # an online step of a shape checked before runs its concrete function
+            done = self._online.call(self._stack, inputs, initial_state, training)
+            if done is not None:
+                return done[0], self._stack.pack(list(done[1]))
         prepared = calls.forward_call(self._config, self._stack, inputs, initial_state, reset,
                                       mask, training)
+        if online:
+            self._online.add(self._stack, inputs, initial_state, training,
+                             prepared.static.xla)
+        # A few steps in memory (an online step) trace for their length: their loops unroll.
+        short = (not prepared.sources and prepared.call.batch.inputs.shape[1] is not None
+                 and prepared.call.batch.inputs.shape[1] <= layers.SHORT_STEPS)
         fn = self._functions.get("call", functools.partial(timechain.forward, self._stack),
-                                 prepared.static, self._config.compiled)
+                                 prepared.static, self._config.compiled, static_time=short)
         with sources_lib.live(prepared.sources) as handles:
             outputs, leaves = fn({**prepared.call.tensors(), "sources": handles})
         return outputs, self._stack.pack(list(leaves))
@@ -300,13 +329,13 @@ class StatefulGRUChain(RecurrentChain):
     """
 
     def __init__(self, units: Union[int, Sequence[int]], *, chunk_size: Union[int, str],
-                 head=None, name: Optional[str] = None, cells: Optional[Sequence] = None,
-                 **options):
+                 head=None, inputs_layer=None, name: Optional[str] = None,
+                 cells: Optional[Sequence] = None, **options):
         """Creates one `keras.layers.GRUCell(u)` per entry of `units` (bottom first).
 
         Args:
           units: an int, or a sequence of ints for stacked layers (seed 001: ``(64, 32)``).
-          chunk_size, head, name, **options: as in `RecurrentChain`.
+          chunk_size, head, inputs_layer, name, **options: as in `RecurrentChain`.
           cells: the GRU cells to use, one per entry of `units` (None: new ones); how
             `with_config` makes a chain over the same weights.
         """
@@ -318,7 +347,8 @@ class StatefulGRUChain(RecurrentChain):
                      for u in self._units]
         elif [getattr(cell, "units", None) for cell in cells] != list(self._units):
             raise ValueError(f"cells must be GRU cells of units {self._units}, got {cells!r}.")
-        super().__init__(cells, chunk_size=chunk_size, head=head, name=name, **options)
+        super().__init__(cells, chunk_size=chunk_size, head=head, inputs_layer=inputs_layer,
+                         name=name, **options)
 
     @property
     def units(self) -> tuple:

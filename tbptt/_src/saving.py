@@ -37,7 +37,7 @@ class SerializableChain:
             del config["cells"]
         if config.get("dtype") is not None:
             config["dtype"] = tf.as_dtype(config["dtype"]).name
-        for key in ("cells", "head", "units"):
+        for key in ("cells", "head", "inputs_layer", "units"):
             if key in config:
                 config[key] = _serialize(key, config[key])
         return config
@@ -45,7 +45,7 @@ class SerializableChain:
     @classmethod
     def from_config(cls, config: dict):
         config = dict(config)
-        for key in ("cells", "head"):
+        for key in ("cells", "head", "inputs_layer"):
             if key in config:
                 config[key] = _deserialize(config[key])
         return cls(**config)
@@ -80,10 +80,10 @@ def _serialize(key: str, value):
     if key == "units" or value is None:
         return list(value) if isinstance(value, tuple) else value
     if not compat.is_keras_layer(value):
-        if key == "head":
+        if key in ("head", "inputs_layer"):
             raise TypeError(
-                f"only a chain whose head is a Keras layer (or None) can be saved as a whole; "
-                f"this head is {value!r}. Save the weights instead (model.save_weights(...), or "
+                f"only a chain whose {key} is a Keras layer (or None) can be saved as a whole; "
+                f"this {key} is {value!r}. Save the weights instead (model.save_weights(...), or "
                 f"tf.train.Checkpoint), or make the head a Keras layer.")
         raise TypeError(f"only Keras cells can be saved as a whole; this {key} is {value!r}.")
     return keras.saving.serialize_keras_object(value)
@@ -114,13 +114,13 @@ class SavableModel:
         file's weights were made for, and a compiled one's optimizer too (so that its state,
         saved with the weights, is restored)."""
         if not self.built:
-            self.build([None, None, saved_features(str(filepath), self.chain.cells[0])])
+            self.build(saved_input_shape(str(filepath), self.chain))
         if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         return super().load_weights(filepath, *args, **kwargs)
 
     def get_build_config(self):
-        return {"input_shape": [None, None, self.chain.features]} if self.chain.built else None
+        return {"input_shape": self.chain.input_shape} if self.chain.built else None
 
     def build_from_config(self, config) -> None:
         if config:
@@ -134,16 +134,26 @@ class SavableModel:
             self.optimizer.build(self.trainable_variables)
 
 
-def saved_features(path: str, first_cell) -> int:
-    """The feature size F a saved `ChunkedModel` was built for: its build config in a ".keras"
-    file; in a ".weights.h5" file, the rows of its first cell's input kernel (Keras stores
-    a list's layers by class name, the first of a class without a suffix)."""
-    features = None
+def saved_input_shape(path: str, chain) -> list:
+    """The inputs' shape a saved `ChunkedModel` was built for: its build config in a ".keras"
+    file; in a ".weights.h5" file, token ids [B, T] for a chain with an inputs layer, else
+    [B, T, F] with F the rows of its first cell's input kernel (Keras stores a list's layers
+    by class name, the first of a class without a suffix)."""
     if path.endswith(".keras") and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             build = json.loads(archive.read("config.json")).get("build_config") or {}
-        features = (build.get("input_shape") or [None])[-1]
-    elif path.endswith(".h5"):
+        if build.get("input_shape"):
+            return build["input_shape"]
+    elif path.endswith(".h5") and chain.inputs_layer is not None:
+        return [None, None]
+    return [None, None, saved_features(path, chain.cells[0])]
+
+
+def saved_features(path: str, first_cell) -> int:
+    """The rows of the first cell's input kernel in a ".weights.h5" file (see
+    `saved_input_shape`)."""
+    features = None
+    if path.endswith(".h5"):
         import h5py  # a Keras 3 dependency
 
         with h5py.File(path, "r") as weights:

@@ -40,26 +40,30 @@ def _is_single_tensor(state_size) -> bool:
 class CellStack(tf.Module):
     """Cells bottom first, then a head, over one chunk at a time."""
 
-    def __init__(self, cells: Sequence, head=None, dtype=None):
+    def __init__(self, cells: Sequence, head=None, dtype=None, inputs_layer=None):
         """Args:
           cells: Keras-style RNN cells (see `RecurrentChain`), checked here.
           head: a Keras layer or callable on the top layer's ``[B, K, U]`` outputs, or None.
           dtype: the compute dtype; None takes the first cell's (or Keras's floatx).
+          inputs_layer: a Keras layer or callable on each chunk's inputs ``[B, K, ...]``
+            (token ids into an `Embedding`, say) giving the cells' ``[B, K, F]``, or None.
         """
         super().__init__(name="cell_stack")
         self._cells = _checked_cells(cells)
-        if head is not None and not callable(head):
-            raise TypeError(f"head must be a Keras layer or a callable, got {head!r}.")
-        self._head = head
+        for what, part in [("head", head), ("inputs_layer", inputs_layer)]:
+            if part is not None and not callable(part):
+                raise TypeError(f"{what} must be a Keras layer or a callable, got {part!r}.")
+        self._head, self._inputs_layer = head, inputs_layer
         self._runners = [layers.runner_for(cell) for cell in self._cells]
-        self.dtype = _resolve_dtype(self._cells, head, dtype)
+        self.dtype = _resolve_dtype(self._cells, head, dtype, inputs_layer)
         # Under mixed precision the cells compute in float16/bfloat16, but the state carried
         # across cuts (and dLoss/dstate carried back) stays float32, as Keras keeps variables:
         # a long chain of 16-bit carries would lose the small gradients first.
         self.state_dtype = tf.float32 if self.dtype in (tf.float16, tf.bfloat16) else self.dtype
         self._state_sizes = [cell.state_size for cell in self._cells]
         self.leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
-        self.features = None
+        self.features = None  # F of the cells' inputs, once built
+        self.input_tail = None  # the chain's inputs' shape after [B, T], once built
 
     @property
     def cells(self) -> list:
@@ -70,10 +74,20 @@ class CellStack(tf.Module):
         return self._head
 
     @property
+    def inputs_layer(self):
+        return self._inputs_layer
+
+    @property
+    def parts(self) -> list:
+        """The inputs layer (if any), the cells bottom first, the head (if any)."""
+        return [p for p in [self._inputs_layer] + self._cells + [self._head] if p is not None]
+
+    @property
     def trainable_variables(self) -> list:
-        """Cells' variables bottom to top, then the head's (each once)."""
-        parts = list(self._cells) + ([self._head] if self._head is not None else [])
-        return compat.unique([v for part in parts for v in compat.trainable_variables_of(part)])
+        """The inputs layer's variables, the cells' bottom to top, then the head's (each
+        once)."""
+        return compat.unique([v for part in self.parts
+                              for v in compat.trainable_variables_of(part)])
 
     @property
     def state_floats(self) -> int:
@@ -127,21 +141,43 @@ class CellStack(tf.Module):
 
     # -- building and running ------------------------------------------------------------------
 
-    def build(self, input_shape, chunk_size=None) -> None:
-        """Creates the variables for inputs ``[B, T, F]`` (only F matters), once; the head is
-        checked on chunks of `chunk_size` steps (None or "auto": 64)."""
-        features = tf.TensorShape(input_shape)[-1]
+    def build(self, input_shape, chunk_size=None, input_dtype=None) -> None:
+        """Creates the variables for inputs ``[B, T, F]`` (only F matters; with an inputs
+        layer, the shape after [B, T] and `input_dtype`), once; the head and the inputs layer
+        are checked on chunks of `chunk_size` steps (None or "auto": 64)."""
+        input_shape = tf.TensorShape(input_shape)
         reach = chunk_size if checks.is_int(chunk_size) else HEAD_PROBE_STEPS
         with compiling.BUILD_LOCK:  # threads making the first call build the variables once
+            if self.input_tail is not None:
+                if not input_shape[2:].is_compatible_with(self.input_tail):
+                    tail = list(self.input_tail)
+                    what = f"{tail[0]} features" if len(tail) == 1 else f"shape [B, T] + {tail}"
+                    raise ValueError(
+                        f"inputs must have {what} (the chain was built for that), got shape "
+                        f"{input_shape.as_list()}. Make a new chain for a different feature "
+                        "size.")
+                return
+            features = input_shape[-1]
+            if self._inputs_layer is not None:
+                features = self._embed(input_shape, input_dtype or tf.int32, reach)
             self._build(features, input_shape, reach)
+            self.input_tail = tuple(input_shape[2:].as_list())
+
+    def _embed(self, input_shape: tf.TensorShape, dtype, reach: int) -> int:
+        """Builds and checks the inputs layer on zeros of the inputs' shape; its output's F."""
+        shape = [1, 1] + input_shape[2:].as_list()
+        with tf.init_scope():  # variables are made eagerly, even from inside a tf.function
+            probe = tf.zeros(shape, dtype)
+            features = compat.call_layer(self._inputs_layer, probe, training=False).shape[-1]
+            steps = 2 * max(int(reach), 3)
+            ids = tf.cast(tf.random.stateless_uniform([2, steps] + input_shape[2:].as_list(),
+                                                      [5, 9], maxval=2, dtype=tf.int32), dtype)
+            _check_acts_step_by_step(self._inputs_layer, "inputs_layer", ids, self.dtype)
+        compat.check_owns_its_variables("inputs_layer", self._inputs_layer, functools.partial(
+            compat.call_layer, self._inputs_layer, tf.zeros(shape, dtype), training=True))
+        return features
 
     def _build(self, features, input_shape, reach: int) -> None:
-        if self.features is not None:
-            if features is not None and features != self.features:
-                raise ValueError(f"inputs must have {self.features} features (the chain was "
-                                 f"built for that), got shape {list(input_shape)}. Make a new "
-                                 "chain for a different feature size.")
-            return
         if features is None:
             raise ValueError(f"inputs must have a known feature size (the last axis) to build "
                              f"the chain's variables, got shape {list(input_shape)}. Call "
@@ -150,7 +186,9 @@ class CellStack(tf.Module):
         with tf.init_scope():  # Variables are made eagerly, even from inside a tf.function.
             top = self._run_parts(features, owned=False)
             if self._head is not None:
-                _check_head_acts_step_by_step(self._head, top.shape[-1], self.dtype, reach)
+                x = tf.random.stateless_normal([2, 2 * max(int(reach), 3), top.shape[-1]],
+                                               [7, 11])
+                _check_acts_step_by_step(self._head, "head", tf.cast(x, self.dtype), self.dtype)
         # Again outside init_scope, which pauses tapes: which variables does each part read?
         self._run_parts(features, owned=True)
         self.features = features
@@ -195,6 +233,8 @@ class CellStack(tf.Module):
           ``(y [B, K, O] or None, the flat state leaving the chunk)``.
         """
         leaves = [tf.cast(leaf, self.dtype) for leaf in leaves]
+        if self._inputs_layer is not None:
+            x = tf.cast(compat.call_layer(self._inputs_layer, x, training=training), self.dtype)
         top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), x,
                                            training=training, with_outputs=with_outputs,
                                            flags=flags, loop=loop)
@@ -220,41 +260,41 @@ def _check_new_states(index: int, cell, states: list, new_states) -> None:
 # The chunk length a head is checked on when the chain's is not fixed ("auto").
 HEAD_PROBE_STEPS = 64
 
-HEAD_RULE = ("The head runs on one chunk at a time, so it must act step by step: a Dense, an "
-             "MLP, an activation, LayerNormalization. Put layers that look across time steps "
-             "(Conv1D, an RNN with return_sequences, attention, BatchNormalization) in a cell or "
-             "after the chain, outside the chunked gradient.")
+HEAD_RULE = ("The head and the inputs layer run on one chunk at a time, so they must act step "
+             "by step: a Dense, an MLP, an Embedding, an activation, LayerNormalization. Put "
+             "layers that look across time steps (Conv1D, an RNN with return_sequences, "
+             "attention, BatchNormalization) in a cell or outside the chain, outside the "
+             "chunked gradient.")
 
 
-def _check_head_acts_step_by_step(head, units: int, dtype: tf.DType, reach: int) -> None:
-    """A head must map each step on its own: on two chunks of the chain's length, the head of
-    the whole must equal the heads of the pieces cut as the chain cuts (and one step), or the
-    chunked gradient would belong to another function.
+def _check_acts_step_by_step(part, what: str, x: tf.Tensor, dtype: tf.DType) -> None:
+    """The head (or the inputs layer) must map each step on its own: on `x`, two chunks of
+    the chain's length, the part of the whole must equal the parts of the pieces cut as the
+    chain cuts (and one step), or the chunked gradient would belong to another function.
 
     What this proves: on these inputs, with training=False, no output depends on a step more
-    than one cut away within 2 * `reach` steps. What it cannot see: a head that mixes steps
-    only in training (BatchNormalization is refused by name), or only further back than
-    2 * `reach` steps, or only on other inputs."""
-    for layer in compat.sublayers(head):
+    than one cut away within the probe. What it cannot see: a part that mixes steps only in
+    training (BatchNormalization is refused by name), or only further back than the probe's
+    two chunks, or only on other inputs."""
+    for layer in compat.sublayers(part):
         if "BatchNormalization" in type(layer).__name__:
-            raise ValueError(f"the head contains {type(layer).__name__}, which in training "
+            raise ValueError(f"the {what} contains {type(layer).__name__}, which in training "
                              f"normalizes over the chunk's steps. {HEAD_RULE}")
-    steps = 2 * max(int(reach), 3)
-    x = tf.cast(tf.random.stateless_normal([2, steps, units], [7, 11]), dtype)
-    whole = compat.call_layer(head, x, training=False)
+    steps = x.shape[1]
+    whole = compat.call_layer(part, x, training=False)
     if not isinstance(whole, tf.Tensor) or whole.shape.rank is None or whole.shape.rank < 2 or (
             whole.shape[:2] != x.shape[:2]):
-        raise ValueError(f"the head must return one tensor [batch, steps, ...] with the steps "
-                         f"of its input: for [2, {steps}, {units}] it returned "
+        raise ValueError(f"the {what} must return one tensor [batch, steps, ...] with the steps "
+                         f"of its input: for {x.shape.as_list()} it returned "
                          f"{getattr(whole, 'shape', type(whole).__name__)}. {HEAD_RULE}")
     cuts = [0, 1, steps // 2, steps]
-    pieces = tf.concat([compat.call_layer(head, x[:, a:b], training=False)
+    pieces = tf.concat([compat.call_layer(part, x[:, a:b], training=False)
                         for a, b in zip(cuts[:-1], cuts[1:])], axis=1)
     error = float(tf.reduce_max(tf.abs(tf.cast(whole - pieces, tf.float64))))
     scale = 1.0 + float(tf.reduce_max(tf.abs(tf.cast(whole, tf.float64))))
     tolerance = {tf.float64: 1e-9, tf.float32: 1e-4}.get(dtype, 1e-2)  # 16-bit: coarse
     if error > tolerance * scale:
-        raise ValueError(f"the head looks across time steps: on two chunks of {steps // 2} "
+        raise ValueError(f"the {what} looks across time steps: on two chunks of {steps // 2} "
                          f"steps it gives another result than on the pieces the chain cuts "
                          f"(max difference {error:.3g}). {HEAD_RULE}")
 
@@ -286,7 +326,7 @@ def _checked_cells(cells) -> list:
     return list(cells)
 
 
-def _resolve_dtype(cells: list, head, dtype) -> tf.DType:
+def _resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
     """The compute dtype; unbuilt Keras cells are set to it, built ones must have it. The head
     follows too, unless it was given a dtype of its own (a float32 output layer under mixed
     precision, as Keras advises): Keras casts its inputs."""
@@ -294,8 +334,9 @@ def _resolve_dtype(cells: list, head, dtype) -> tf.DType:
         dtype = compat.compute_dtype(cells[0]) or keras.backend.floatx()
     dtype = tf.as_dtype(dtype)
     parts = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
-    if not (compat.is_keras_layer(head) and compat.has_own_dtype(head)):
-        parts.append(("head", head))
+    for what, layer in [("head", head), ("inputs_layer", inputs_layer)]:
+        if not (compat.is_keras_layer(layer) and compat.has_own_dtype(layer)):
+            parts.append((what, layer))
     for what, layer in parts:
         if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype or (
                 compat.is_mixed_precision(layer)):

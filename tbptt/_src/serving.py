@@ -1,0 +1,74 @@
+"""A trained chain as a SavedModel that serves it with its state in and out.
+
+```
+served = tf.saved_model.load(path)                    # no tbptt needed, plain TensorFlow ops
+state = served.initial_state(batch_size)              # the nest of chain.initial_state
+outputs, state = served.step(inputs [B, T, ...], state)
+served.signatures["serving_default"](inputs=..., state_0=..., state_1=...)
+    -> {"outputs": [B, T, O], "state_0": ..., "state_1": ...}     (flat, for TF Serving)
+```
+
+Batch size and number of steps are free. The loops are the chain's own, run as TensorFlow ops
+(`xla=False`): a serving process needs no XLA compiler.
+"""
+
+import tensorflow as tf
+
+from tbptt._src import compat
+
+
+class ServingModule(tf.Module):
+    """The functions a SavedModel of a chain holds (see the module docstring)."""
+
+    def __init__(self, chain):
+        super().__init__(name="tbptt_serving")
+        if not chain.built:
+            raise ValueError("export needs a built chain: call the model (or fit it) once, or "
+                             "model.build([None, None, features]), before exporting.")
+        self.chain = chain.with_config(xla=False, check_numerics=False)
+        # Every variable the layers hold, their seed generators' states included, tracked here:
+        # a SavedModel keeps only what its object graph reaches.
+        self.held_variables = [compat.tf_variable(v) for part in chain.parts
+                               for v in getattr(part, "variables", [])]
+        leaves = tf.nest.flatten(chain.initial_state(1))
+        self._structure = chain.initial_state(1)
+        self._state_specs = [tf.TensorSpec([None] + leaf.shape[1:].as_list(), leaf.dtype)
+                             for leaf in leaves]
+        inputs_dtype = chain.dtype if chain.inputs_layer is None else tf.int32
+        self._inputs_spec = tf.TensorSpec(chain.input_shape, inputs_dtype)
+        self.step = tf.function(self._step, input_signature=[
+            self._inputs_spec, tf.nest.pack_sequence_as(self._structure, self._state_specs)])
+        self.initial_state = tf.function(
+            self._initial_state, input_signature=[tf.TensorSpec([], tf.int32)])
+        named = [tf.TensorSpec(self._inputs_spec.shape, self._inputs_spec.dtype, "inputs")] + [
+            tf.TensorSpec(spec.shape, spec.dtype, f"state_{i}")
+            for i, spec in enumerate(self._state_specs)]
+        self.serve = tf.function(self._serve, input_signature=named)
+
+    def _step(self, inputs, state):
+        return self.chain(inputs, state)
+
+    def _initial_state(self, batch_size):
+        return tf.nest.pack_sequence_as(self._structure, [
+            tf.zeros(tf.concat([[batch_size], spec.shape[1:].as_list()], 0), spec.dtype)
+            for spec in self._state_specs])
+
+    def _serve(self, inputs, *leaves):
+        outputs, state = self.chain(inputs, tf.nest.pack_sequence_as(self._structure, leaves))
+        served = {"outputs": outputs}
+        served.update({f"state_{i}": leaf for i, leaf in enumerate(tf.nest.flatten(state))})
+        return served
+
+    def signatures(self) -> dict:
+        """The flat serving signature: named inputs `inputs`, `state_0`, ... (TF Serving, other
+        languages' clients, `saved_model_cli`)."""
+        return {"serving_default": self.serve.get_concrete_function()}
+
+
+def export(chain, filepath) -> None:
+    """Writes `chain` to `filepath` as a SavedModel (see the module docstring)."""
+    module = ServingModule(chain)
+    # Gradients are not served: without them a SavedModel holds the forward functions only.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, str(filepath), signatures=module.signatures(),
+                        options=options)

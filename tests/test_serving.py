@@ -1,0 +1,108 @@
+"""The serving export: a SavedModel with the state in and out, served in a process without
+tbptt, against Keras's own RNN over the whole stream."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import tbptt
+from conftest import make_sequence, needs_keras3
+from references import forward
+
+pytestmark = needs_keras3
+
+SERVE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    served = tf.saved_model.load(sys.argv[1])
+    x = np.load(sys.argv[2])
+    state = served.initial_state(x.shape[0])
+    first, state = served.step(x[:, :7], state)            # two windows, the state carried
+    second, state = served.step(x[:, 7:], state)
+    signature = served.signatures["serving_default"]
+    leaves = tf.nest.flatten(served.initial_state(x.shape[0]))
+    flat = signature(inputs=tf.constant(x[:, :7]),
+                     **{f"state_{i}": leaf for i, leaf in enumerate(leaves)})
+    print(json.dumps({"tbptt": "tbptt" in sys.modules,
+                      "outputs": np.concatenate([first, second], axis=1).tolist(),
+                      "flat": flat["outputs"].numpy().tolist(),
+                      "keys": sorted(flat)}))
+""")
+
+
+def _model(inputs_layer=None):
+    keras.utils.set_random_seed(8)
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4), keras.layers.LSTMCell(3)],
+                                 head=keras.layers.Dense(2), chunk_size=5,
+                                 inputs_layer=inputs_layer)
+    model = tbptt.keras.ChunkedModel(chain, stateful=True)
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _serve(tmp_path, model, x):
+    path = tmp_path / "served"
+    model.export(path, verbose=False)
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE)
+    out = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.npy")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return path, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # a subprocess each (the CI runs them)
+@pytest.mark.parametrize("kind", ["features", "token ids"])
+def test_an_exported_model_serves_consecutive_windows_without_tbptt(tmp_path, kind):
+    if kind == "features":
+        model, x = _model(), make_sequence(2, 12, 3)
+        y = make_sequence(2, 12, 2, offset=0.5)
+    else:
+        model = _model(keras.layers.Embedding(9, 3))
+        x = ((np.arange(24).reshape(2, 12) * 5) % 9).astype("int32")
+        y = make_sequence(2, 12, 2, offset=0.5)
+    model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+    path, served = _serve(tmp_path, model, x)
+    assert not served["tbptt"]
+    chain = model.chain
+    inputs = x if chain.inputs_layer is None else chain.inputs_layer(x)
+    plain = tbptt.RecurrentChain(chain.cells, head=chain.head, chunk_size=5)
+    expected, _ = forward(plain, inputs)  # Keras's RNN over the whole stream
+    np.testing.assert_allclose(served["outputs"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["flat"], expected[:, :7], rtol=1e-5, atol=1e-6)
+    assert served["keys"] == ["outputs", "state_0", "state_1", "state_2"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("saved_model_cli") is None, reason="no saved_model_cli")
+def test_saved_model_cli_lists_the_serving_signature(tmp_path):
+    model, x = _model(), make_sequence(2, 12, 3)
+    model.predict(x, verbose=0)  # built
+    path = tmp_path / "served"
+    model.export(path, verbose=False)
+    out = subprocess.run(["saved_model_cli", "show", "--dir", str(path), "--all"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("signature_def['serving_default']", "inputs['inputs']", "inputs['state_0']",
+                 "outputs['outputs']", "outputs['state_2']"):
+        assert name in out.stdout, name
+
+
+def test_export_refuses_another_format_and_an_unbuilt_model(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="build"):
+        model.export(tmp_path / "unbuilt", verbose=False)
+    model.predict(make_sequence(2, 4, 3), verbose=0)
+    with pytest.raises(ValueError, match="format='tf_saved_model'"):
+        model.export(tmp_path / "m", format="onnx")
