@@ -27,7 +27,7 @@ def run(args, legacy=True):
 @pytest.mark.slow
 @pytest.mark.skipif(LEGACY_CELLS_HERE, reason="collected directly in this process")
 def test_tf1_graph_suite_in_a_legacy_keras_process():
-    code, output = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    code, output = run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                         "-W", "ignore::UserWarning", "tests/legacy"])
     assert code == 0, output[-3000:]
     assert " passed" in output

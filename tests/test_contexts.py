@@ -94,7 +94,8 @@ def initial_state(chain):
 # -- chain(...) under the user's own tape --------------------------------------------------------
 
 
-@pytest.mark.parametrize("context", first("persistent_tape"))
+# The default suite runs the jit cell; the persistent tape's (traced under the tape: ~10 s) is slow.
+@pytest.mark.parametrize("context", first("jit"))
 def test_forward_under_an_outer_tape(context, monkeypatch):
     chain = gru_lstm_chain()
     x, y = data()
@@ -360,6 +361,7 @@ SAVED_SCRIPT = textwrap.dedent("""
 
 
 @needs_keras3
+@pytest.mark.slow  # a new interpreter importing TensorFlow: ~10 s
 @pytest.mark.parametrize("order", ["import keras, tbptt", "import tbptt, keras"])
 def test_a_saved_model_loads_predicts_and_trains_in_a_new_process(tmp_path, order):
     model, _ = keras_pair()

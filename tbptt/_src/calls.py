@@ -21,6 +21,7 @@ import tensorflow as tf
 from tbptt._src import checks
 from tbptt._src import chunking
 from tbptt._src import compat
+from tbptt._src import layers
 from tbptt._src import losses
 from tbptt._src import sources as sources_lib
 from tbptt._src.config import ChainConfig
@@ -96,6 +97,14 @@ class Prepared(NamedTuple):
     call: Call
     sources: dict
     static: Static
+
+    @property
+    def short(self) -> bool:
+        """A few steps in memory (an online step): traced for their length, loops unrolled."""
+        if self.sources:
+            return False
+        steps = self.call.batch.inputs.shape[1]
+        return steps is not None and steps <= layers.SHORT_STEPS
 
 
 def relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:

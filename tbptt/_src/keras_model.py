@@ -161,14 +161,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         `tf.saved_model.load(filepath)` in a process without tbptt (see `tbptt._src.serving`):
         `step(inputs, state) -> (outputs, state)`, `initial_state(batch_size)`, and a
         `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...)."""
-        if format != "tf_saved_model" or kwargs:
-            raise ValueError(f"ChunkedModel.export writes format='tf_saved_model' with the "
-                             f"state in and out, and takes no other options; got format="
-                             f"{format!r} and {sorted(kwargs)}.")
-        serving.export(self._chain, filepath)
-        if verbose:
-            print(f"Saved the chain to {filepath}: step(inputs, state), initial_state("
-                  "batch_size), and the signature serving_default(inputs, state_0, ...).")
+        serving.export(self._chain, filepath, format=format, verbose=verbose, **kwargs)
 
     # -- compiling -----------------------------------------------------------------------------
 

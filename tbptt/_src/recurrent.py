@@ -18,7 +18,6 @@ from tbptt._src import checks
 from tbptt._src import chunking
 from tbptt._src import compat
 from tbptt._src import compiling
-from tbptt._src import layers
 from tbptt._src import online as online_lib
 from tbptt._src import saving
 from tbptt._src import sources as sources_lib
@@ -182,20 +181,17 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
           ``(outputs [B, T, O], final_state)``: the head's predictions and the last state.
         """
         online = reset is None and mask is None and self._config.compiled
-        if online:  # an online step of a shape checked before runs its concrete function
-            done = self._online.call(self._stack, inputs, initial_state, training)
-            if done is not None:
-                return done[0], self._stack.pack(list(done[1]))
+        done = self._online.call(self._stack, inputs, initial_state, training) if online else None
+        if done is not None:  # an online step of a shape checked before: its concrete function
+            return done[0], self._stack.pack(list(done[1]))
         prepared = calls.forward_call(self._config, self._stack, inputs, initial_state, reset,
                                       mask, training)
         if online:
             self._online.add(self._stack, inputs, initial_state, training,
                              prepared.static.xla)
-        # A few steps in memory (an online step) trace for their length: their loops unroll.
-        short = (not prepared.sources and prepared.call.batch.inputs.shape[1] is not None
-                 and prepared.call.batch.inputs.shape[1] <= layers.SHORT_STEPS)
         fn = self._functions.get("call", functools.partial(timechain.forward, self._stack),
-                                 prepared.static, self._config.compiled, static_time=short)
+                                 prepared.static, self._config.compiled,
+                                 static_time=prepared.short)
         with sources_lib.live(prepared.sources) as handles:
             outputs, leaves = fn({**prepared.call.tensors(), "sources": handles})
         return outputs, self._stack.pack(list(leaves))
@@ -242,7 +238,7 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
             self._config, self._stack, inputs, targets, loss_fn, initial_state=initial_state,
             final_state_grad=final_state_grad, sample_weight=sample_weight, reset=reset,
             mask=mask)
-        return self._result(self._run(call))
+        return _result(self._stack, self._run(call))
 
     @tf.autograph.experimental.do_not_convert
     def stream_step(self, inputs, targets, loss_fn: LossFn, carry: Optional[StreamCarry] = None,
@@ -276,7 +272,7 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
                     "reset": reset, "mask": mask}
         call = streaming.stream_call(self._config, self._stack, loss_fn, carry, per_step)
         run = self._run(call)
-        return self._result(run), streaming.next_carry(
+        return _result(self._stack, run), streaming.next_carry(
             call, self._stack.pack(list(run.kept_state)), run.kept_from)
 
     def carried_grad_norms(self, inputs, targets, loss_fn: LossFn, **options) -> np.ndarray:
@@ -288,22 +284,29 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         return np.asarray(self._run(prepared).carry_grad_norms, "float64")
 
     def _run(self, prepared: calls.Prepared) -> timechain.Run:
-        fn = self._functions.get(
-            "value_and_gradients", functools.partial(timechain.gradients, self._stack,
-                                                     self._config),
-            prepared.static, self._config.compiled, recorded=False)
-        with sources_lib.live(prepared.sources) as handles:
-            run = fn({**prepared.call.tensors(), "sources": handles})
-        if run.non_finite is None:
-            return run
-        loss, grads = checks.report_non_finite(
-            run.non_finite, (run.loss, run.grads), chunk_size=prepared.call.chunk_size,
-            steps=prepared.call.static_steps())
-        return run._replace(loss=loss, grads=grads)
+        return _run_gradients(self._functions, self._stack, self._config, prepared)
 
-    def _result(self, run: timechain.Run) -> ChainResult:
-        return ChainResult(run.loss, list(run.grads), self._stack.pack(list(run.final_state)),
-                           self._stack.pack(list(run.initial_state_grad)))
+
+def _run_gradients(functions: compiling.FunctionCache, stack: CellStack, config: ChainConfig,
+                   prepared: calls.Prepared) -> timechain.Run:
+    """Runs the compiled gradient function of `prepared`'s call; a non-finite value found
+    inside is reported here, outside the function, by name."""
+    fn = functions.get("value_and_gradients",
+                       functools.partial(timechain.gradients, stack, config),
+                       prepared.static, config.compiled, recorded=False)
+    with sources_lib.live(prepared.sources) as handles:
+        run = fn({**prepared.call.tensors(), "sources": handles})
+    if run.non_finite is None:
+        return run
+    loss, grads = checks.report_non_finite(
+        run.non_finite, (run.loss, run.grads), chunk_size=prepared.call.chunk_size,
+        steps=prepared.call.static_steps())
+    return run._replace(loss=loss, grads=grads)
+
+
+def _result(stack: CellStack, run: timechain.Run) -> ChainResult:
+    return ChainResult(run.loss, list(run.grads), stack.pack(list(run.final_state)),
+                       stack.pack(list(run.initial_state_grad)))
 
 
 def _unknown_dims(name: str) -> int:

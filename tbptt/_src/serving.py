@@ -65,10 +65,19 @@ class ServingModule(tf.Module):
         return {"serving_default": self.serve.get_concrete_function()}
 
 
-def export(chain, filepath) -> None:
-    """Writes `chain` to `filepath` as a SavedModel (see the module docstring)."""
+def export(chain, filepath, *, format: str = "tf_saved_model", verbose: bool = False,
+           **options) -> None:
+    """Writes `chain` to `filepath` as a SavedModel (see the module docstring); `format` and
+    `options` are those of `keras.Model.export`, of which only the SavedModel is written."""
+    if format != "tf_saved_model" or options:
+        raise ValueError(f"ChunkedModel.export writes format='tf_saved_model' with the "
+                         f"state in and out, and takes no other options; got format="
+                         f"{format!r} and {sorted(options)}.")
     module = ServingModule(chain)
     # Gradients are not served: without them a SavedModel holds the forward functions only.
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    save_options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, str(filepath), signatures=module.signatures(),
-                        options=options)
+                        options=save_options)
+    if verbose:
+        print(f"Saved the chain to {filepath}: step(inputs, state), initial_state("
+              "batch_size), and the signature serving_default(inputs, state_0, ...).")
