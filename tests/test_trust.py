@@ -358,7 +358,7 @@ def test_an_unknown_feature_size_inside_a_tf_function_is_named():
                                chain(make_sequence(B, T, F, "float64"))[0], rtol=1e-12)
 
 
-# -- ways past the refusal checks, closed -----------------------------------------------------------
+# -- ways past the refusal checks, closed ----------------------------------------------------
 
 
 def test_a_head_reaching_further_than_a_short_probe_is_refused_at_the_chain_s_cuts():

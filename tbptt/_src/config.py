@@ -146,7 +146,8 @@ def config_from(options: dict) -> ChainConfig:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"unexpected keyword argument {name!r}: a chain takes cells (or "
-                            f"units), head, inputs_layer, name and the ChainConfig fields {known}.{hint}")
+                            f"units), head, inputs_layer, name and the ChainConfig fields "
+                            f"{known}.{hint}")
     return ChainConfig(**options)
 
 
