@@ -83,6 +83,17 @@ def gru_lstm_chain(**kwargs):
     return chain
 
 
+def any_cell_chain():
+    """Cells without a written-out backward: their compiled loops pull each step back."""
+    keras.utils.set_random_seed(5)
+    cells = [keras.layers.GRUCell(4, activation="relu", dtype="float64"),
+             keras.layers.SimpleRNNCell(3, dtype="float64")]
+    chain = tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"),
+                                 chunk_size=K, dtype="float64")
+    chain.build([None, None, F])
+    return chain
+
+
 def data(steps=T):
     return make_sequence(B, steps, F, "float64"), make_sequence(B, steps, 2, "float64", 0.5)
 
@@ -120,11 +131,11 @@ def test_forward_under_an_outer_tape(context, monkeypatch):
 
 
 @pytest.mark.parametrize("context", first("jit"))
-@pytest.mark.parametrize("mode", ["exact", "truncated", "levels2", "flags"])
+@pytest.mark.parametrize("mode", ["exact", "truncated", "levels2", "flags", "any_cell"])
 def test_value_and_gradients(context, mode, monkeypatch):
-    options = {"exact": {}, "flags": {}, "levels2": {"levels": 2},
+    options = {"exact": {}, "flags": {}, "levels2": {"levels": 2}, "any_cell": {},
                "truncated": {"mode": "truncated", "backprop_chunks": 2}}[mode]
-    chain = gru_lstm_chain(**options)
+    chain = gru_lstm_chain(**options) if mode != "any_cell" else any_cell_chain()
     x, y = data()
     state = initial_state(chain)
     flags = {}

@@ -138,9 +138,10 @@ def test_only_stock_cells_are_hoisted():
 
     assert isinstance(layers.runner_for(keras.layers.GRUCell(3)), layers._GRURunner)
     assert isinstance(layers.runner_for(keras.layers.LSTMCell(3)), layers._LSTMRunner)
+    assert isinstance(layers.runner_for(keras.layers.SimpleRNNCell(3)),
+                      layers._SimpleRNNRunner)
     # A subclass may override call(): it runs as itself.
     assert isinstance(layers.runner_for(MyGRU(3)), layers._CellRunner)
-    assert isinstance(layers.runner_for(keras.layers.SimpleRNNCell(3)), layers._CellRunner)
 
 
 def test_the_hand_written_backward_is_used():

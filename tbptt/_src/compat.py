@@ -1,5 +1,6 @@
 """Version switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), kept in one place."""
 
+import inspect
 import os
 
 import tensorflow as tf
@@ -30,6 +31,48 @@ if KERAS_MAJOR >= 3 and keras.backend.backend() != "tensorflow":
 def is_keras_layer(obj) -> bool:
     """True for a Keras layer of either Keras version (tf.keras included)."""
     return isinstance(obj, keras.layers.Layer) or isinstance(obj, tf.keras.layers.Layer)
+
+
+def stateless_step(cell, training: bool):
+    """``step(x, states, weights) -> (output, new states)``: a Keras 3 cell run on its weights
+    given as tensors (`Layer.stateless_call`, in the order of `cell.trainable_variables`), or
+    None for a cell that cannot be run so, step after step and again: Keras 2 and tf.keras
+    cells, plain callables, cells with non-trainable state (moving statistics; a seed
+    generator, unless it only serves a dropout that is off), and cells whose variables are kept
+    in another dtype than they compute in (mixed precision: `stateless_call` skips the cast
+    that `__call__` makes)."""
+    if KERAS_MAJOR < 3 or not isinstance(cell, keras.layers.Layer) or not cell.built:
+        return None
+    if not cell.trainable_variables or not _only_idle_seeds(cell):
+        return None
+    if any(tf.as_dtype(v.dtype) != compute_dtype(cell) for v in cell.trainable_variables):
+        return None
+    keywords = {"training": training} if "training" in _parameters(cell.call) else {}
+
+    def step(x, states, weights):
+        seeds = [tf.convert_to_tensor(v) for v in cell.non_trainable_variables]  # unchanged
+        (output, new_states), _ = cell.stateless_call(list(weights), seeds, x, list(states),
+                                                      **keywords)
+        return output, tf.nest.flatten(new_states)
+    return step
+
+
+def _only_idle_seeds(cell) -> bool:
+    """Whether the cell's only non-trainable variables are the states of its seed generators,
+    and those serve only dropouts that are off (Keras's cells keep one for their dropout)."""
+    states = {id(g.state) for g in vars(cell).values()
+              if isinstance(g, keras.random.SeedGenerator)}
+    if any(id(v) not in states for v in cell.non_trainable_variables):
+        return False
+    return not states or (getattr(cell, "dropout", None) == 0
+                          and getattr(cell, "recurrent_dropout", None) == 0)
+
+
+def _parameters(fn) -> tuple:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def tf_variable(variable):
@@ -151,6 +194,11 @@ def keras_mask(x):
     """The mask Keras attaches to a tensor (`Masking`, `Embedding(mask_zero=True)`, a loss's
     own values with `ignore_class`), or None."""
     return getattr(x, "_keras_mask", None)
+
+
+def recording() -> bool:
+    """Whether a tape (or forward accumulator) of this thread may record what runs now."""
+    return _record.could_possibly_record()
 
 
 def unrecorded():

@@ -119,7 +119,12 @@ class FunctionCache:
         call is a value to the caller's tapes (a chunked gradient): no tape around it records
         it, so TensorFlow does not prepare the gradient of the whole compiled chain (minutes
         of tracing under a persistent tape) that nobody takes. It is traced first, outside
-        that pause, since the chain's own tapes must record inside."""
+        that pause, since the chain's own tapes must record inside.
+
+        A recorded call made eagerly under a tape runs op by op: a tape outside a compiled
+        function cannot take a second derivative through the custom gradients inside it
+        (TensorFlow loses the tensors they close over), and the loops inside are compiled
+        functions of their own anyway."""
         if not compiled:
             return lambda args: impl(args, static)
 
@@ -133,6 +138,8 @@ class FunctionCache:
             self._note_variant((_kinds(static),) + context, key, static)
             function = self._function(key, impl, static, specs)
             if recorded:
+                if tf.executing_eagerly() and compat.recording():
+                    return impl(args, static)
                 return function(args)
             concrete = function.get_concrete_function(args)
             with compat.unrecorded():

@@ -5,16 +5,23 @@ for all K steps at once. That is the same function, and it lets the input half o
 `GRUCell` or `LSTMCell` (``x_t @ kernel + bias``) be one ``[K*B, F] @ [F, G]`` matmul per chunk
 instead of K small ones, forward and backward. Only the recurrent half stays in the time loop.
 
-Any other cell runs as itself, one `cell(x_t, states)` call per step.
+Every layer's time loop is compiled with XLA, each loop on its own (`_loop_call`): XLA fuses a
+step's element-wise ops into a few kernels and runs the loop without TensorFlow's per-op cost,
+which at these sizes is most of a step. The chunk loops around them stay in TensorFlow.
 
-The time loops of stock cells (sigmoid/tanh activations, no flags) are compiled with XLA, each
-loop on its own (`_loop_function`): XLA fuses a step's element-wise ops into a few kernels and runs
-the loop without TensorFlow's per-op cost, which at these sizes is most of a step. The chunk
-loops around them stay in TensorFlow.
+- Stock GRU/LSTM cells with sigmoid/tanh: the forward keeps the gates and the backward loop is
+  written out (`_gru_sequence`, `_lstm_sequence`).
+- Any other step with explicit weights (`StepLoops`): the forward keeps the state entering each
+  step, and the backward loop runs each step again under a tape and pulls its cotangent back.
+  GRU/LSTM cells with other activations and `SimpleRNNCell` run their hoisted step so; any
+  other Keras 3 cell runs its own `call` on its weights (`compat.stateless_step`).
+- A cell that cannot run again on its weights runs as itself, one `cell(x_t, states)` call per
+  step (`unroll_time_major`), differentiated by autodiff.
 
 Per-step flags (`StepFlags`): `reset` gives a row a fresh zero state before step t (episodes
-packed end to end), `mask` keeps a row's state through step t (padding). With flags, every cell
-runs step by step.
+packed end to end), `mask` keeps a row's state through step t (padding). They are `where`s
+before and after a step (`flagged`), taken by every loop, forward and backward alike
+(`_through_flags` is their transpose).
 """
 
 import abc
@@ -64,19 +71,32 @@ def _rows(flag: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
     return tf.reshape(flag, [-1] + [1] * (like.shape.rank - 1))
 
 
+def entering(states: list, reset) -> list:
+    """The states a step starts from: zero in the rows of ``reset [B]`` (None: no reset)."""
+    if reset is None:
+        return list(states)
+    return [tf.where(_rows(reset, s), tf.zeros_like(s), s) for s in states]
+
+
+def kept(new_states: list, states: list, mask) -> list:
+    """The states after a step: the new ones in the rows of ``mask [B]``, the entering ones
+    elsewhere (None: every row takes the step)."""
+    if mask is None:
+        return list(new_states)
+    return [tf.where(_rows(mask, s), n, s) for n, s in zip(new_states, states)]
+
+
 def flagged(step):
     """`step` with a reset before it and a mask after it: ``(x_t, states, reset_t, mask_t)``.
 
     reset_t: rows whose state is zeroed before the step. mask_t: rows that take the step; the
-    others keep the state they entered with (after any reset).
+    others keep the state they entered with (after any reset). The step's output is its own
+    either way.
     """
     def run(x, states, reset, mask):
-        if reset is not None:
-            states = [tf.where(_rows(reset, s), tf.zeros_like(s), s) for s in states]
+        states = entering(states, reset)
         y, new_states = step(x, states)
-        if mask is not None:
-            new_states = [tf.where(_rows(mask, s), n, s) for n, s in zip(new_states, states)]
-        return y, new_states
+        return y, kept(new_states, states, mask)
     return run
 
 
@@ -207,21 +227,36 @@ def _project(xs: tf.Tensor, kernel: tf.Tensor, bias, batch_major: bool) -> tf.Te
 
 
 class _CellRunner:
-    """Any cell: no projection, one call per step."""
+    """Any cell: no projection. A Keras 3 cell that can run on its weights as tensors (see
+    `compat.stateless_step`) gets the compiled `StepLoops`; any other, one call per step."""
 
     def __init__(self, cell):
         self._cell = cell
+        self._loops = {}  # training -> StepLoops, once the cell is built
 
     def project(self, xs, batch_major: bool):
         return time_major(xs) if batch_major else xs
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
             loop: Loop = Loop()):
+        loops = None if is_short(xs) else self._step_loops(training)
+        if loops is not None:
+            weights = [tf.convert_to_tensor(v) for v in self._cell.trainable_variables]
+            return loops.run(xs, list(states), weights, flags, loop)
+
         def step(x, states):
             y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
             return y, tf.nest.flatten(new_states)
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  loop=loop)
+
+    def _step_loops(self, training: bool) -> Optional["StepLoops"]:
+        if training not in self._loops:
+            step = compat.stateless_step(self._cell, training)
+            if step is None:
+                return None  # not kept: the cell may be built later
+            self._loops[training] = StepLoops(step)
+        return self._loops[training]
 
 
 class _FusedRunner(abc.ABC):
@@ -234,6 +269,9 @@ class _FusedRunner(abc.ABC):
 
     def __init__(self, cell):
         self._cell = cell
+        # weights: [recurrent_kernel] and the recurrent bias where there is one
+        self._loops = StepLoops(lambda x, states, weights: self._step(
+            x, states, weights[0], weights[1] if len(weights) > 1 else None))
 
     def _weight(self, name: str):
         dtype = tf.as_dtype(compat.compute_dtype(self._cell))
@@ -251,18 +289,22 @@ class _FusedRunner(abc.ABC):
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
             loop: Loop = Loop()):
         """The layer over ``xs [K, B, 3U or 4U]`` (projected): the compiled loop with its
-        written-out backward for sigmoid/tanh cells without flags (a forward that only carries
+        written-out backward for sigmoid/tanh cells, flags or not (a forward that only carries
         the state runs it too: the same program, so the same state to the last bit); the
         step loop otherwise."""
         del training  # dropout is refused by the chain; nothing else depends on it
         recurrent_kernel = self._weight("recurrent_kernel")
         recurrent_bias = self._recurrent_bias()
-        if flags is None and self._default_activations() and not is_short(xs):
+        if self._default_activations() and not is_short(xs):
             length = _length(xs)
             outputs, states = self._fused(
                 _padded_steps(xs, length, loop.max_steps), tf.convert_to_tensor(length, tf.int32),
-                states, recurrent_kernel, recurrent_bias, loop.compiled_alone())
+                states, recurrent_kernel, recurrent_bias, loop.compiled_alone(),
+                _padded_flags(flags, length, loop.max_steps))
             return outputs[:length], states
+        if not is_short(xs):  # other activations: the compiled loops of any step
+            weights = [recurrent_kernel] + ([] if recurrent_bias is None else [recurrent_bias])
+            return self._loops.run(xs, list(states), weights, flags, loop)
         step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  loop=loop)
@@ -280,10 +322,12 @@ class _FusedRunner(abc.ABC):
         """One step on a projected input: ``(output, new states)``."""
 
     @abc.abstractmethod
-    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool,
+               flags: tuple):
         """The first `length` steps of ``xs [P, B, G]`` (padded), with the loop's hand-written
         backward (each loop compiled with XLA with `jit`): ``(outputs [P, B, U], states)``,
-        the outputs past `length` zero."""
+        the outputs past `length` zero. `flags`: the padded ``(kinds, tensors)`` of
+        `_padded_flags`."""
 
 
 class _GRURunner(_FusedRunner):
@@ -306,11 +350,13 @@ class _GRURunner(_FusedRunner):
                       cell.activation, cell.recurrent_activation)[0]
         return h, [h]
 
-    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool,
+               flags: tuple):
         if recurrent_bias is None:
             recurrent_bias = tf.zeros([recurrent_kernel.shape[-1]], recurrent_kernel.dtype)
-        outputs, h = _gru_sequence(self._cell.reset_after, jit)(
-            xs, length, states[0], recurrent_kernel, recurrent_bias)
+        kinds, flags = flags
+        outputs, h = _gru_sequence(self._cell.reset_after, jit, kinds)(
+            xs, length, states[0], recurrent_kernel, recurrent_bias, *flags)
         return outputs, [h]
 
 
@@ -330,14 +376,42 @@ class _LSTMRunner(_FusedRunner):
                           cell.recurrent_activation)[:2]
         return h, [h, c]
 
-    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool):
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool,
+               flags: tuple):
         del recurrent_bias
-        outputs, h, c = _lstm_sequence(jit)(xs, length, states[0], states[1],
-                                            recurrent_kernel)
+        kinds, flags = flags
+        outputs, h, c = _lstm_sequence(jit, kinds)(xs, length, states[0], states[1],
+                                                   recurrent_kernel, *flags)
         return outputs, [h, c]
 
 
-_RUNNERS = {compat.keras.layers.GRUCell: _GRURunner, compat.keras.layers.LSTMCell: _LSTMRunner}
+class _SimpleRNNRunner(_FusedRunner):
+    """Keras `SimpleRNNCell`: ``h = activation(x @ kernel + bias + h @ recurrent_kernel)``, its
+    input projection hoisted; no written-out backward (its time loop is `StepLoops`')."""
+
+    def _default_activations(self) -> bool:
+        return False
+
+    def _input_bias(self):
+        return self._weight("bias") if self._cell.use_bias else None
+
+    def _recurrent_bias(self):
+        return None
+
+    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+        del recurrent_bias
+        h = x + tf.matmul(states[0], recurrent_kernel)
+        if self._cell.activation is not None:
+            h = self._cell.activation(h)
+        return h, [h]
+
+    def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool,
+               flags: tuple):
+        raise AssertionError("SimpleRNNCell has no written-out backward")
+
+
+_RUNNERS = {compat.keras.layers.GRUCell: _GRURunner, compat.keras.layers.LSTMCell: _LSTMRunner,
+            compat.keras.layers.SimpleRNNCell: _SimpleRNNRunner}
 
 
 # -- one step on a projected input, and its backward ----------------------------------------------
@@ -466,8 +540,13 @@ def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
 
 @functools.lru_cache(maxsize=None)
 def _loop_function(fn, jit: bool, **static):
-    """`fn(*tensors, **static)` (with `jit`, compiled with XLA: one `tf.function` per static
-    setting, shared by every chain, traced per shape and dtype) that no tape sees inside.
+    """`_loop_call` of `fn(*tensors, **static)`: one per function and static setting, shared
+    by every chain, traced per shape and dtype."""
+    return _loop_call(functools.partial(fn, **static), jit)
+
+
+def _loop_call(plain, jit: bool):
+    """`plain(*tensors)` (with `jit`, compiled with XLA) that no tape sees inside.
 
     A tape recording inside would make TensorFlow keep every step's intermediates for
     autodiff (accumulators that XLA cannot size). The loops run here are differentiated by
@@ -475,7 +554,6 @@ def _loop_function(fn, jit: bool, **static):
     preparing one for a persistent tape or a SavedModel) differentiates the call itself, and
     gets the autodiff of the same loop run without XLA: the exact derivative, at the speed of
     the step-by-step loop."""
-    plain = functools.partial(fn, **static)
     run = tf.function(plain, jit_compile=True, autograph=False) if jit else plain
 
     @tf.function(autograph=False)  # shapes kept: the loops read static sizes
@@ -527,6 +605,18 @@ def _padded_steps(xs: tf.Tensor, length, max_steps) -> tf.Tensor:
     return tf.pad(xs, [[0, target - length], [0, 0], [0, 0]])
 
 
+def _padded_flags(flags: Optional[StepFlags], length, max_steps) -> tuple:
+    """``(kinds, tensors)``: the names of the flags given, a static part of the loops
+    ("reset", "mask"; () without flags), and each as ``[P, B, 1]`` bool padded as
+    `_padded_steps` pads the inputs, to read one step's rows in a loop and broadcast them over
+    the units."""
+    given = [] if flags is None else [(k, f) for k, f in zip(StepFlags._fields, flags)
+                                      if f is not None]
+    return tuple(k for k, _ in given), tuple(
+        tf.cast(_padded_steps(tf.cast(f[..., None], tf.int8), length, max_steps), tf.bool)
+        for _, f in given)
+
+
 def _previous(first: tf.Tensor, stacked: tf.Tensor) -> tf.Tensor:
     """``[first, stacked[0], ..., stacked[K-2]]``: the value entering each step."""
     return tf.concat([first[None], stacked[:-1]], axis=0)
@@ -537,17 +627,31 @@ def _flat_steps(stacked: tf.Tensor) -> tf.Tensor:
     return tf.reshape(stacked, [-1, tf.shape(stacked)[-1]])
 
 
-def _gru_loop(projected, length, h0, recurrent_kernel, recurrent_bias, reset_after: bool):
-    """`_gru_step` over the first `length` steps of ``projected [P, B, 3U]``:
-    ``(saved [P, B, 5U], h_length)``, where each step saved (h, z, r, hh, aux) in one write
-    (zeros past `length`)."""
+def _flag_steps(flags: tuple, kinds: tuple):
+    """The loop's reader of step t's ``(reset_t, mask_t) [B, 1]`` (None where not given)."""
+    readers = dict(zip(kinds, [_readable(f) for f in flags]))
+    return lambda t: tuple(readers[k].read(t) if k in readers else None
+                           for k in StepFlags._fields)
+
+
+def _gru_loop(projected, length, h0, recurrent_kernel, recurrent_bias, *flags,
+              reset_after: bool, kinds: tuple):
+    """`_gru_step` over the first `length` steps of ``projected [P, B, 3U]``, each `flagged`
+    by `flags` (the `kinds` of `_padded_flags`): ``(saved [P, B, 5U or 6U], h_length)``,
+    where each step saved (h, z, r, hh, aux), and with flags the state it started from, in one
+    write (zeros past `length`)."""
     steps = length
     xs = _readable(projected)
+    flags_at = _flag_steps(flags, kinds)
 
     def body(t, h, saved):
-        values = _gru_step(xs.read(t), h, recurrent_kernel, recurrent_bias, reset_after,
+        reset, mask = flags_at(t)
+        h_in = entering([h], reset)[0]
+        values = _gru_step(xs.read(t), h_in, recurrent_kernel, recurrent_bias, reset_after,
                            tf.tanh, tf.sigmoid)
-        return t + 1, values[0], saved.write(t, tf.concat(values, axis=1))
+        h_next = kept([values[0]], [h_in], mask)[0]
+        row = values + ((h_in,) if flags else ())
+        return t + 1, h_next, saved.write(t, tf.concat(row, axis=1))
 
     _, h_last, saved = tf.while_loop(
         lambda t, *_: t < steps, body,
@@ -555,27 +659,54 @@ def _gru_loop(projected, length, h0, recurrent_kernel, recurrent_bias, reset_aft
     return saved.stack(), h_last
 
 
+def _through_flags(d_state: list, d_own: list, step_backward, reset, mask) -> tuple:
+    """The transpose of one `flagged` step.
+
+    Args:
+      d_state: the carried gradients of the states after the step.
+      d_own: the gradients of the step's new states from elsewhere (its output's), or None.
+      step_backward: ``d_new_states -> (d_states_in, d_step)``, the unflagged step's
+        transpose.
+      reset, mask: the step's ``[B, 1]`` flags, or None.
+
+    Returns:
+      ``(the gradients of the states before the step, d_step)``.
+    """
+    def plus_own(d_new):
+        return [d if own is None else own + d for own, d in zip(d_own, d_new)]
+
+    if mask is None:
+        d_in, d_step = step_backward(plus_own(d_state))
+    else:  # masked rows pass the carried gradient by; the others take it through the step
+        zeros = [tf.zeros_like(d) for d in d_state]
+        d_in, d_step = step_backward(plus_own(kept(d_state, zeros, mask)))
+        d_in = [d + passed for d, passed in zip(d_in, kept(zeros, d_state, mask))]
+    return entering(d_in, reset), d_step
+
+
 @functools.lru_cache(maxsize=None)
-def _gru_sequence(reset_after: bool, jit: bool):
+def _gru_sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
     """``(projected [P, B, 3U], length, h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias
-    [3U]) -> (outputs [P, B, U], h_length)`` for sigmoid/tanh GRUs over the first `length`
-    steps (outputs past them zero), with its backward written out; with
-    `jit` (see `Loop.compiled_alone`), the forward loop and the backward loop are each compiled
-    with XLA."""
+    [3U], *flags) -> (outputs [P, B, U], h_length)`` for sigmoid/tanh GRUs over the first
+    `length` steps (outputs past them zero), each step `flagged` by `flags` (the `kinds` of
+    `_padded_flags`), with its backward written out; with `jit` (see
+    `Loop.compiled_alone`), the forward loop and the backward loop are each compiled with
+    XLA."""
 
     @tf.custom_gradient
-    def gru_sequence(projected, length, h0, recurrent_kernel, recurrent_bias):
-        saved, h_last = _loop_function(_gru_loop, jit, reset_after=reset_after)(
-            projected, length, h0, recurrent_kernel, recurrent_bias)
+    def gru_sequence(projected, length, h0, recurrent_kernel, recurrent_bias, *flags):
+        saved, h_last = _loop_function(_gru_loop, jit, reset_after=reset_after, kinds=kinds)(
+            projected, length, h0, recurrent_kernel, recurrent_bias, *flags)
         outputs = saved[..., :recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_last = tf.zeros_like(h0) if d_last is None else d_last
             d_projected, d_h0, d_kernel, d_bias = _loop_function(
-                _gru_sequence_backward, jit, reset_after=reset_after)(
-                    d_outputs, d_last, length, h0, saved, recurrent_kernel, recurrent_bias)
-            return d_projected, None, d_h0, d_kernel, d_bias
+                _gru_sequence_backward, jit, reset_after=reset_after, kinds=kinds)(
+                    d_outputs, d_last, length, h0, saved, recurrent_kernel, recurrent_bias,
+                    *flags)
+            return (d_projected, None, d_h0, d_kernel, d_bias) + (None,) * len(flags)
 
         return (outputs, h_last), grad
 
@@ -583,22 +714,30 @@ def _gru_sequence(reset_after: bool, jit: bool):
 
 
 def _gru_sequence_backward(d_outputs, d_last, length, h0, saved, recurrent_kernel,
-                           recurrent_bias, reset_after: bool):
+                           recurrent_bias, *flags, reset_after: bool, kinds: tuple):
     """The gradients of `_gru_sequence`'s inputs: `_gru_step_backward` over the steps in
-    reverse (one read and one write per step), then the recurrent weights' gradients as one
-    matmul over all steps (the padded steps' gradients are zero)."""
+    reverse (one read and one write per step, through the flags' `where`s), then the
+    recurrent weights' gradients as one matmul over all steps (the padded steps' gradients
+    are zero)."""
     units = recurrent_kernel.shape[0]
     steps = length
-    outputs = saved[..., :units]
-    previous = _previous(h0, outputs)
-    step_values = _readable(tf.concat([d_outputs, previous, saved[..., units:]], axis=-1))
+    # The state each step started from: saved with flags, else the previous step's output.
+    previous = saved[..., 5 * units:] if flags else _previous(h0, saved[..., :units])
+    step_values = _readable(tf.concat([d_outputs, previous, saved[..., units:5 * units]],
+                                      axis=-1))
     kernels = _gru_kernels(recurrent_kernel, reset_after)
+    flags_at = _flag_steps(flags, kinds)
 
     def back(i, dh, d_steps):
         t = steps - 1 - i
         d_output, h_prev, z, r, hh, aux = tf.split(step_values.read(t), 6, axis=1)
-        dh_prev, d_step = _gru_step_backward(dh + d_output, h_prev, z, r, hh, aux, kernels,
-                                             reset_after)
+
+        def step_backward(d_new):
+            dh_prev, d_step = _gru_step_backward(d_new[0], h_prev, z, r, hh, aux, kernels,
+                                                 reset_after)
+            return [dh_prev], d_step
+
+        (dh_prev,), d_step = _through_flags([dh], [d_output], step_backward, *flags_at(t))
         return i + 1, dh_prev, d_steps.write(t, d_step)
 
     _, d_h0, d_steps = tf.while_loop(
@@ -609,23 +748,29 @@ def _gru_sequence_backward(d_outputs, d_last, length, h0, saved, recurrent_kerne
     if reset_after:
         d_bias = tf.reduce_sum(_flat_steps(d_inner), axis=0)
     else:  # the candidate's recurrent term multiplies the reset state r * h (aux)
-        d_candidate = tf.matmul(_flat_steps(saved[..., 4 * units:]),
+        d_candidate = tf.matmul(_flat_steps(saved[..., 4 * units:5 * units]),
                                 _flat_steps(d_projected[..., 2 * units:]), transpose_a=True)
         d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
         d_bias = tf.zeros_like(recurrent_bias)
     return d_projected, d_h0, d_kernel, d_bias
 
 
-def _lstm_loop(projected, length, h0, c0, recurrent_kernel):
-    """`_lstm_step` over the first `length` steps of ``projected [P, B, 4U]``:
-    ``(saved [P, B, 7U], h_length, c_length)``, where each step saved (h, c, i, f, o, g,
-    tanh(c)) in one write (zeros past `length`)."""
+def _lstm_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tuple):
+    """`_lstm_step` over the first `length` steps of ``projected [P, B, 4U]``, each `flagged`
+    by `flags`: ``(saved [P, B, 7U or 9U], h_length, c_length)``, where each step saved (h,
+    c, i, f, o, g, tanh(c)), and with flags the states (h, c) it started from, in one write
+    (zeros past `length`)."""
     steps = length
     xs = _readable(projected)
+    flags_at = _flag_steps(flags, kinds)
 
     def body(t, h, c, saved):
-        values = _lstm_step(xs.read(t), h, c, recurrent_kernel, tf.tanh, tf.sigmoid)
-        return t + 1, values[0], values[1], saved.write(t, tf.concat(values, axis=1))
+        reset, mask = flags_at(t)
+        h_in, c_in = entering([h, c], reset)
+        values = _lstm_step(xs.read(t), h_in, c_in, recurrent_kernel, tf.tanh, tf.sigmoid)
+        h_next, c_next = kept(values[:2], [h_in, c_in], mask)
+        row = values + ((h_in, c_in) if flags else ())
+        return t + 1, h_next, c_next, saved.write(t, tf.concat(row, axis=1))
 
     _, h_last, c_last, saved = tf.while_loop(
         lambda t, *_: t < steps, body,
@@ -634,53 +779,192 @@ def _lstm_loop(projected, length, h0, c0, recurrent_kernel):
 
 
 def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, length, h0, c0, saved,
-                            recurrent_kernel):
+                            recurrent_kernel, *flags, kinds: tuple):
     """The gradients of `_lstm_sequence`'s inputs: `_lstm_step_backward` over the steps in
-    reverse, then the recurrent kernel's gradient as one matmul over all steps (the padded
-    steps' gradients are zero)."""
+    reverse (through the flags' `where`s), then the recurrent kernel's gradient as one matmul
+    over all steps (the padded steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
     steps = length
-    outputs = saved[..., :units]
-    c_previous = _previous(c0, saved[..., units:2 * units])
-    step_values = _readable(tf.concat([d_outputs, c_previous, saved[..., 2 * units:]], axis=-1))
+    if flags:  # the states each step started from
+        h_previous, c_previous = saved[..., 7 * units:8 * units], saved[..., 8 * units:]
+    else:
+        h_previous = _previous(h0, saved[..., :units])
+        c_previous = _previous(c0, saved[..., units:2 * units])
+    step_values = _readable(tf.concat([d_outputs, c_previous, saved[..., 2 * units:7 * units]],
+                                      axis=-1))
+    flags_at = _flag_steps(flags, kinds)
 
     def back(k, dh, dc, d_projected):
         t = steps - 1 - k
         d_output, c_prev, *step_gates = tf.split(step_values.read(t), 7, axis=1)
-        dh_prev, dc_prev, d_x = _lstm_step_backward(dh + d_output, dc, c_prev, *step_gates,
-                                                    recurrent_kernel)
+
+        def step_backward(d_new):
+            dh_prev, dc_prev, d_x = _lstm_step_backward(d_new[0], d_new[1], c_prev,
+                                                        *step_gates, recurrent_kernel)
+            return [dh_prev, dc_prev], d_x
+
+        (dh_prev, dc_prev), d_x = _through_flags([dh, dc], [d_output, None], step_backward,
+                                                 *flags_at(t))
         return k + 1, dh_prev, dc_prev, d_projected.write(t, d_x)
 
     _, d_h0, d_c0, d_projected = tf.while_loop(
         lambda k, *_: k < steps, back,
         (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=_length(saved))))
     d_projected = d_projected.stack()
-    d_kernel = tf.matmul(_flat_steps(_previous(h0, outputs)), _flat_steps(d_projected),
-                         transpose_a=True)
+    d_kernel = tf.matmul(_flat_steps(h_previous), _flat_steps(d_projected), transpose_a=True)
     return d_projected, d_h0, d_c0, d_kernel
 
 
 @functools.lru_cache(maxsize=None)
-def _lstm_sequence(jit: bool):
-    """``(projected [P, B, 4U], length, h0, c0 [B, U], recurrent_kernel [U, 4U])
+def _lstm_sequence(jit: bool, kinds: tuple = ()):
+    """``(projected [P, B, 4U], length, h0, c0 [B, U], recurrent_kernel [U, 4U], *flags)
     -> (outputs [P, B, U], h_length, c_length)`` for sigmoid/tanh LSTMs over the first `length`
-    steps, with its backward written out; both loops compiled with XLA with `jit`, as in
+    steps, each `flagged` by `flags` as in `_gru_sequence`, with its backward written out; both loops compiled with XLA with `jit`, as in
     `_gru_sequence`."""
 
     @tf.custom_gradient
-    def lstm_sequence(projected, length, h0, c0, recurrent_kernel):
-        saved, h_last, c_last = _loop_function(_lstm_loop, jit)(projected, length, h0, c0,
-                                                                 recurrent_kernel)
+    def lstm_sequence(projected, length, h0, c0, recurrent_kernel, *flags):
+        saved, h_last, c_last = _loop_function(_lstm_loop, jit, kinds=kinds)(
+            projected, length, h0, c0, recurrent_kernel, *flags)
         outputs = saved[..., :recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_h_last, d_c_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
             d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
-            d_projected, d_h0, d_c0, d_kernel = _loop_function(_lstm_sequence_backward, jit)(
-                d_outputs, d_h_last, d_c_last, length, h0, c0, saved, recurrent_kernel)
-            return d_projected, None, d_h0, d_c0, d_kernel
+            d_projected, d_h0, d_c0, d_kernel = _loop_function(
+                _lstm_sequence_backward, jit, kinds=kinds)(
+                d_outputs, d_h_last, d_c_last, length, h0, c0, saved, recurrent_kernel, *flags)
+            return (d_projected, None, d_h0, d_c0, d_kernel) + (None,) * len(flags)
 
         return (outputs, h_last, c_last), grad
 
     return lstm_sequence
+
+
+# -- the compiled loop of any step, and its backward ----------------------------------------
+#
+# A step without a written-out transpose (other activations, SimpleRNNCell, custom Keras cells)
+# gets compiled loops too: the forward keeps the state entering each step, and the backward
+# loop runs each step again under a tape and pulls the step's cotangent back through it, a
+# fixed-size computation per step, compiled as the forward is.
+
+
+def _zeros_for_none(values: list, like: list) -> list:
+    return [tf.zeros_like(x) if v is None else v for v, x in zip(values, like)]
+
+
+class _Counts(NamedTuple):
+    """How a step's flat arguments split: weights, state leaves, flags (their kinds)."""
+
+    weights: int
+    states: int
+    kinds: tuple
+
+    def split(self, values) -> tuple:
+        w, s = self.weights, self.states
+        return list(values[:w]), list(values[w:w + s]), tuple(values[w + s:])
+
+
+def _step_loop(step, counts: _Counts, xs, length, *rest):
+    """``step(x_t, states, weights)`` over the first `length` steps of ``xs [P, B, F]``, each
+    `flagged`: ``[outputs [P, B, U], *saved [P, B, ...] (the state leaves entering each step,
+    after any reset), *last states]``."""
+    weights, states, flags = counts.split(rest)
+    inputs = _readable(xs)
+    flags_at = _flag_steps(flags, counts.kinds)
+    size = _length(xs)
+
+    def body(t, states, outputs, saved):
+        reset, mask = flags_at(t)
+        entered = entering(states, reset)
+        y, new_states = step(inputs.read(t), entered, weights)
+        saved = [a.write(t, s) for a, s in zip(saved, entered)]
+        return t + 1, kept(new_states, entered, mask), outputs.write(t, y), saved
+
+    _, last, outputs, saved = tf.while_loop(
+        lambda t, *_: t < length, body,
+        (tf.constant(0), states, tf.TensorArray(xs.dtype, size=size),
+         [tf.TensorArray(s.dtype, size=size) for s in states]))
+    return [outputs.stack()] + [a.stack() for a in saved] + list(last)
+
+
+def _step_loop_backward(step, counts: _Counts, d_outputs, *args):
+    """The transpose of `_step_loop`: args are ``(*d_last, xs, length, *saved, *weights,
+    *states, *flags)``; returns ``[d_xs, *d_weights, *d_states]``."""
+    n = counts.states
+    d_last, (xs, length), rest = list(args[:n]), args[n:n + 2], args[n + 2:]
+    saved, (weights, states, flags) = [_readable(a) for a in rest[:n]], counts.split(rest[n:])
+    inputs, d_ys = _readable(xs), _readable(d_outputs)
+    flags_at = _flag_steps(flags, counts.kinds)
+
+    def back(i, d_states, d_weights, d_xs):
+        t = length - 1 - i
+        x, entered, d_y = inputs.read(t), [a.read(t) for a in saved], d_ys.read(t)
+
+        def step_backward(d_new):
+            with tf.GradientTape() as tape:
+                tape.watch([x, entered, weights])
+                y, new_states = step(x, entered, weights)
+            d_x, d_entered, d_w = tape.gradient([y] + list(new_states), [x, entered, weights],
+                                                output_gradients=[d_y] + d_new)
+            d_x = tf.zeros_like(x) if d_x is None else d_x
+            return _zeros_for_none(d_entered, entered), (d_x, _zeros_for_none(d_w, weights))
+
+        d_prev, (d_x, d_w) = _through_flags(d_states, [None] * n, step_backward,
+                                            *flags_at(t))
+        return i + 1, d_prev, [a + b for a, b in zip(d_weights, d_w)], d_xs.write(t, d_x)
+
+    _, d_states, d_weights, d_xs = tf.while_loop(
+        lambda i, *_: i < length, back,
+        (tf.constant(0), d_last, [tf.zeros_like(w) for w in weights],
+         tf.TensorArray(xs.dtype, size=_length(xs))))
+    return [d_xs.stack()] + d_weights + d_states
+
+
+class StepLoops:
+    """The compiled time loops of one step with explicit weights,
+    ``step(x_t, states, weights) -> (y_t, new states)``, traced once per layout and kept."""
+
+    def __init__(self, step):
+        self._step = step
+        self._sequences = {}
+
+    def run(self, xs, states: list, weights: list, flags: Optional[StepFlags], loop: Loop):
+        """The step over ``xs [K, B, F]``, time-major: ``(outputs [K, B, U], states)``."""
+        length = _length(xs)
+        kinds, padded_flags = _padded_flags(flags, length, loop.max_steps)
+        counts = _Counts(len(weights), len(states), kinds)
+        sequence = self._sequence(counts, loop.compiled_alone())
+        outputs, *last = sequence(_padded_steps(xs, length, loop.max_steps),
+                                  tf.convert_to_tensor(length, tf.int32), *weights, *states,
+                                  *padded_flags)
+        return outputs[:length], list(last)
+
+    def _sequence(self, counts: _Counts, jit: bool):
+        key = (counts, jit)
+        if key not in self._sequences:
+            self._sequences[key] = _step_sequence(self._step, counts, jit)
+        return self._sequences[key]
+
+
+def _step_sequence(step, counts: _Counts, jit: bool):
+    """``(xs [P, B, F], length, *weights, *states, *flags) -> (outputs [P, B, U], *states)``
+    with `_step_loop_backward` as its gradient; each loop compiled with XLA with `jit`."""
+    forward = _loop_call(functools.partial(_step_loop, step, counts), jit)
+    backward = _loop_call(functools.partial(_step_loop_backward, step, counts), jit)
+
+    @tf.custom_gradient
+    def sequence(xs, length, *rest):
+        outputs, *saved_and_last = forward(xs, length, *rest)
+        saved, last = saved_and_last[:counts.states], saved_and_last[counts.states:]
+
+        def grad(d_outputs, *d_last):
+            d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+            d_xs, *d_rest = backward(d_outputs, *_zeros_for_none(list(d_last), last), xs,
+                                     length, *saved, *rest)
+            return [d_xs, None] + d_rest + [None] * len(counts.kinds)
+
+        return (outputs, *last), grad
+
+    return sequence

@@ -183,7 +183,8 @@ def read_window(handle: tf.Tensor, run: tf.Tensor, start, stop,
                                "function that reads it outlived the call or graph it was "
                                "made in.")
         try:
-            return registration.read(int(run), start, stop).astype(spec.dtype.as_numpy_dtype)
+            return registration.read(int(run), int(start), int(stop)).astype(
+                spec.dtype.as_numpy_dtype)
         except Exception as error:
             registration.error = error
             raise
