@@ -12,8 +12,11 @@ the median step time and the ratio to the group's reference:
           over keras.layers.GRU with the same mask
   relu    GRUCell(activation="relu"): exact beside one Keras tape (the reference)
   simple  SimpleRNNCell: exact beside one Keras tape (the reference)
+  large_gru, large_lstm   B=128, F=128, one layer of 512 units (matmul-bound): one Keras tape
+          (the reference), exact in chunks of 100, exact with memory_budget=4 GB (the chunk
+          plan keeps what fits: here one chunk, so no second forward), truncated m=1
 
-    python benchmarks/off_path.py                      # T = 1000, 5 repeats
+    python benchmarks/off_path.py                      # T = 1000, 7 repeats (large: 3)
     python benchmarks/off_path.py --groups flags --repeats 3
 
 Writes benchmarks/results/off_path.md; with --update-readme also the README's table and
@@ -30,7 +33,8 @@ import numpy as np
 from harness import positive_int, replace_in_readme, save  # noqa: E402
 
 SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
-GROUPS = ("flags", "relu", "simple")
+GROUPS = ("flags", "relu", "simple", "large_gru", "large_lstm")
+LARGE = {"batch": 128, "features": 128, "units": (512,)}
 
 
 def weighted_l1(y_true, y_pred, sample_weight=None):
@@ -41,25 +45,28 @@ def weighted_l1(y_true, y_pred, sample_weight=None):
     return tf.reduce_sum(error)
 
 
-def make_cells(kind: str):
+def make_cells(kind: str, units=SETUP["units"]):
     import keras
-    units = SETUP["units"]
     if kind == "simple":
         return [keras.layers.SimpleRNNCell(u) for u in units]
+    if kind == "lstm":
+        return [keras.layers.LSTMCell(u) for u in units]
     activation = {"relu": "relu"}.get(kind, "tanh")
     return [keras.layers.GRUCell(u, activation=activation) for u in units]
 
 
-def keras_tape_step(kind: str, weights: list, mask=None):
+def keras_tape_step(kind: str, weights: list, mask=None, units=SETUP["units"],
+                    features=SETUP["features"]):
     """One tf.GradientTape over Keras RNN layers of the same cells and weights."""
     import keras
     import tensorflow as tf
 
-    layer = keras.layers.SimpleRNN if kind == "simple" else keras.layers.GRU
+    layer = {"simple": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM}.get(
+        kind, keras.layers.GRU)
     activation = "relu" if kind == "relu" else "tanh"
-    rnns = [layer(u, return_sequences=True, activation=activation) for u in SETUP["units"]]
+    rnns = [layer(u, return_sequences=True, activation=activation) for u in units]
     head = keras.layers.Dense(SETUP["labels"])
-    model = keras.Sequential([keras.Input([None, SETUP["features"]])] + rnns + [head])
+    model = keras.Sequential([keras.Input([None, features])] + rnns + [head])
     model.set_weights(weights)
 
     @tf.function(reduce_retracing=True)
@@ -80,14 +87,26 @@ def group_steps(group: str, x, rng) -> dict:
     import keras
     import tbptt
 
-    kind = "gru" if group == "flags" else group
+    kind = {"flags": "gru", "large_gru": "gru", "large_lstm": "lstm"}.get(group, group)
+    units = LARGE["units"] if group.startswith("large") else SETUP["units"]
     keras.utils.set_random_seed(0)
-    chain = tbptt.RecurrentChain(make_cells(kind), head=keras.layers.Dense(SETUP["labels"]),
+    chain = tbptt.RecurrentChain(make_cells(kind, units),
+                                 head=keras.layers.Dense(SETUP["labels"]),
                                  chunk_size=SETUP["chunk"])
     chain.build(x.shape)
     weights = [v.numpy() for v in chain.trainable_variables]
     exact = lambda **flags: lambda x, y: chain.value_and_gradients(  # noqa: E731
         x, y, weighted_l1, **flags)[:2]
+    if group.startswith("large"):
+        budget = chain.with_config(chunk_size="auto", memory_budget=4 * 2**30)
+        truncated = chain.with_config(mode="truncated")
+        return {"keras tape": keras_tape_step(kind, weights, units=units,
+                                              features=x.shape[-1]),
+                "tbptt exact": exact(),
+                "tbptt exact, memory_budget=4GB": lambda x, y: budget.value_and_gradients(
+                    x, y, weighted_l1)[:2],
+                "tbptt truncated m=1": lambda x, y: truncated.value_and_gradients(
+                    x, y, weighted_l1)[:2]}
     if group != "flags":
         return {"keras tape": keras_tape_step(kind, weights), "tbptt exact": exact()}
     batch, steps = x.shape[:2]
@@ -138,8 +157,9 @@ def main() -> None:
                         help="sequence lengths (default: %(default)s)")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS,
                         help="the groups to run (default: all)")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timed rounds after the warm-up (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed rounds after the warm-up, at most 3 for the large groups "
+                             "(default: %(default)s)")
     parser.add_argument("--update-readme", action="store_true",
                         help="also put the table in README.md and benchmarks/off_path.md")
     args = parser.parse_args()
@@ -150,9 +170,11 @@ def main() -> None:
     for group in args.groups:
         for steps in args.steps:
             rng = np.random.default_rng(0)
-            x = rng.normal(size=[SETUP["batch"], steps, SETUP["features"]]).astype("float32")
-            y = rng.normal(size=[SETUP["batch"], steps, SETUP["labels"]]).astype("float32")
-            measured = round_robin(group_steps(group, x, rng), x, y, args.repeats)
+            shape = LARGE if group.startswith("large") else SETUP
+            x = rng.normal(size=[shape["batch"], steps, shape["features"]]).astype("float32")
+            y = rng.normal(size=[shape["batch"], steps, SETUP["labels"]]).astype("float32")
+            repeats = min(args.repeats, 3) if group.startswith("large") else args.repeats
+            measured = round_robin(group_steps(group, x, rng), x, y, repeats)
             for method, result in measured.items():
                 rows.append(dict(result, group=group, T=steps, method=method))
                 print(rows[-1], flush=True)

@@ -49,6 +49,36 @@ class CountingCell(MinimalRNNCell):
                                      name="calls")
 
 
+class GridCell(keras.layers.Layer):
+    """A cell whose output per step is ``[B, 2, 3]``: the next layer's inputs are rank 4."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, input_shape):
+        features = int(np.prod(input_shape[1:]))
+        self.kernel = self.add_weight(shape=(features, self.units), name="kernel")
+        self.recurrent_kernel = self.add_weight(shape=(self.units, self.units), name="rec")
+        self.out = self.add_weight(shape=(self.units, 6), name="out")
+
+    def call(self, inputs, states):
+        flat = tf.reshape(inputs, [tf.shape(inputs)[0], -1])
+        h = tf.tanh(tf.matmul(flat, self.kernel) + tf.matmul(states[0], self.recurrent_kernel))
+        return tf.reshape(tf.matmul(h, self.out), [-1, 2, 3]), [h]
+
+
+class NoisyCell(MinimalRNNCell):
+    """A cell that draws noise in training: a step run again would be another step."""
+
+    def call(self, inputs, states, training=False):
+        h, _ = super().call(inputs, states)
+        if training:
+            h = h * tf.random.uniform(tf.shape(h), 0.5, 1.5, dtype=h.dtype)
+        return h, [h]
+
+
 CELLS = {
     "gru": lambda: keras.layers.GRUCell(5, dtype="float64"),
     "gru_reset_before": lambda: keras.layers.GRUCell(5, reset_after=False, dtype="float64"),
@@ -57,6 +87,7 @@ CELLS = {
     "relu_lstm": lambda: keras.layers.LSTMCell(5, activation="relu", dtype="float64"),
     "simple_rnn": lambda: keras.layers.SimpleRNNCell(5, dtype="float64"),
     "user_cell": lambda: MinimalRNNCell(5, dtype="float64"),
+    "grid_cell": lambda: GridCell(5, dtype="float64"),
 }
 
 
@@ -108,7 +139,7 @@ def flagged_reference(chain, x, y, state, flags):
 
 @needs_keras3
 @pytest.mark.parametrize("flags", ["both", "reset", "mask", "none"])
-@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("cell", [c for c in CELLS if c != "grid_cell"])  # [B, 2, 3] outputs
 @pytest.mark.parametrize("mode", ["exact", "truncated"])
 def test_compiled_loops_with_and_without_flags_equal_the_cells_step_by_step(
         mode, cell, flags, step_loops):
@@ -128,7 +159,7 @@ def test_compiled_loops_with_and_without_flags_equal_the_cells_step_by_step(
 
 
 @needs_keras3
-@pytest.mark.parametrize("cell", ["relu_gru", "simple_rnn", "user_cell"])
+@pytest.mark.parametrize("cell", ["relu_gru", "simple_rnn", "user_cell", "grid_cell"])
 def test_the_forward_of_any_cell_runs_compiled_and_equals_keras_rnn(cell, step_loops):
     chain = chain_of(cell)
     x, _ = data()
@@ -175,3 +206,43 @@ def test_a_gradient_penalty_differentiates_the_compiled_loops_of_any_cell(cell):
                            dtype="float64")
     expected = penalty(lambda x: (chain.head(rnn(x)), None))
     assert_all_close(penalty(chain), expected, 1e-10)
+
+
+@needs_keras3
+def test_a_cell_that_draws_noise_runs_step_by_step_and_differentiates_what_it_drew(step_loops):
+    keras.utils.set_random_seed(3)
+    chain = tbptt.RecurrentChain([NoisyCell(5, dtype="float64")], chunk_size=K,
+                                 dtype="float64")
+    x, _ = data()
+    with tf.GradientTape() as tape:
+        outputs, _ = chain(x, training=True)
+        loss = tf.reduce_sum(outputs)
+    grads = tape.gradient(loss, chain.trainable_variables)
+    assert step_loops["step_by_step"] > 0
+    # The noise the forward drew, read back from its outputs: each step is h_t = tanh(a_t) r_t.
+    cell, x = chain.cells[0], tf.constant(x)
+    with tf.GradientTape() as reference:
+        h, total = tf.zeros([B, 5], tf.float64), 0.0
+        for t in range(T):
+            clean = tf.tanh(x[:, t] @ cell.kernel + h @ cell.recurrent_kernel)
+            h = clean * tf.stop_gradient(outputs[:, t] / clean)
+            total += tf.reduce_sum(h)
+    assert_all_close(grads, reference.gradient(total, chain.trainable_variables), 1e-10)
+
+
+@needs_keras3
+def test_under_one_plain_tape_the_call_stays_compiled():
+    """Only tapes that may take a second derivative (persistent, nested) run the call op by op;
+    one plain tape runs the compiled function, traced once."""
+    chain = chain_of("gru")
+    x, _ = data()
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(chain(x)[0])
+        tape.gradient(loss, chain.trainable_variables)
+    assert chain.trace_count == 1
+    with tf.GradientTape(persistent=True) as tape:
+        loss = tf.reduce_sum(chain(x)[0])
+    assert chain.trace_count == 1
+    assert_all_close(tape.gradient(loss, chain.trainable_variables),
+                     full_bptt(chain, x, x[..., :2], lambda y, p: tf.reduce_sum(p))[1], F64)

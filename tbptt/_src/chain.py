@@ -232,13 +232,20 @@ KEEP_NEEDS_CARRIED_MSG = ("keeping a carry and recording cotangent norms need th
 
 def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtype,
                       final_carry_grad, keep: Keep) -> ChainGradients:
-    final_carry, boundaries, kept, found = forward(segments, carry, keep_at=keep.carry_at,
-                                                   check=keep.non_finite)
+    # The sweep stops before the last segment, whose recompute (the backward's first step)
+    # gives the final carry: one segment's forward less. A kept carry may be the final one.
+    skip_last = keep.carry_at is None
+    stop = segments.count - 1 if skip_last else None
+    carry_out, boundaries, kept, found = forward(segments, carry, keep_at=keep.carry_at,
+                                                 check=keep.non_finite, stop=stop)
+    if skip_last:
+        boundaries = [ta.write(stop, c) for ta, c in zip(boundaries, carry_out)]
     if final_carry_grad is None:
-        final_carry_grad = _zeros(final_carry)
+        final_carry_grad = _zeros(carry_out)
     back = backward(segments, boundaries, schedule.initial_carried(list(final_carry_grad)),
                     variables, linearize, schedule, loss_dtype, check=keep.non_finite,
-                    found=found, record=keep.carry_grad_norms)
+                    found=found, record=keep.carry_grad_norms, final_carry=skip_last)
+    final_carry = back.final_carry if skip_last else carry_out
     initial_carry_grad = [tf.add_n(list(ages)) for ages in zip(*back.carried)]
     return ChainGradients(back.loss, back.grads, final_carry, initial_carry_grad, kept,
                           back.non_finite if keep.non_finite else None, back.carry_grad_norms)
@@ -289,10 +296,10 @@ def _group(segments: Segments, group, j) -> Segments:
 
 
 def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
-            check: bool = False):
-    """Runs `advance` over all segments.
+            check: bool = False, stop=None):
+    """Runs `advance` over the segments before `stop` (None: all n).
 
-    Returns s_n, the TensorArrays of s_0 .. s_{n-1} (None with keep=False), s_{keep_at}
+    Returns s_stop, the TensorArrays of s_0 .. s_{stop-1} (None with keep=False), s_{keep_at}
     (None without it) and the non-finite findings. s_{keep_at} is selected as the loop passes it
     rather than read from the TensorArray: executing eagerly, a TensorArray element can be read
     only once.
@@ -313,8 +320,9 @@ def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
         carry = list(segments.advance(k, carry))
         return k + 1, carry, boundaries, kept, _note_if(check, found, k, state=carry)
 
+    stop = segments.count if stop is None else stop
     count, carry, boundaries, kept, found = tf.while_loop(
-        lambda k, *_: k < segments.count, body,
+        lambda k, *_: k < stop, body,
         (tf.constant(0), list(carry), boundaries, kept, no_findings()),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
     kept = select(count, carry, kept) if keep_at is not None else None
@@ -327,36 +335,43 @@ class Backward(NamedTuple):
     carried: list  # the cotangents carried out of segment 0, by age
     non_finite: tf.Tensor
     carry_grad_norms: Optional[tf.Tensor]
+    final_carry: Optional[list]  # the last segment's carry out, with final_carry=True
 
 
 def backward(segments: Segments, boundaries: list, carried: list, variables: list, linearize,
              schedule, loss_dtype: tf.DType, *, check: bool = False, found=None,
-             record: bool = False) -> Backward:
+             record: bool = False, final_carry: bool = False) -> Backward:
     """Segments n-1 .. 0 in reverse: recompute each from its boundary, `step_back` through it.
 
-    With `record`, also the norms ``[n, ages]`` of the cotangents carried into each cut.
+    With `record`, also the norms ``[n, ages]`` of the cotangents carried into each cut; with
+    `final_carry`, the carry out of the last segment (its recompute is the loop's first step).
     """
     norms = tf.TensorArray(loss_dtype, size=segments.count if record else 0,
                            element_shape=[len(carried)])
 
-    def body(i, carried, grads, loss, found, norms):
+    def body(i, carried, grads, loss, found, norms, last):
         k = segments.count - 1 - i  # segments in reverse
         outputs, pullback = _linearize_segment(segments, k, [ta.read(k) for ta in boundaries],
                                                variables, linearize, schedule)
+        if final_carry:  # the forward sweep did not run the last segment: check it here
+            last = [tf.where(tf.equal(i, 0), o, s) for o, s in zip(outputs[1:], last)]
+            found = _note_if(check, found, k, state=outputs[1:])
         d_vars, carried = step_back(outputs, pullback, carried, schedule)
         found = _note_if(check, found, k, loss=outputs[:1], state_grad=sum(carried, []),
                          grads=d_vars)
         if record:
             norms = norms.write(k, tf.stack([_norm(c, loss_dtype) for c in carried]))
         return (i + 1, carried, _added(grads, d_vars), loss + tf.cast(outputs[0], loss_dtype),
-                found, norms)
+                found, norms, last)
 
-    _, carried, grads, loss, found, norms = tf.while_loop(
+    _, carried, grads, loss, found, norms, last = tf.while_loop(
         lambda i, *_: i < segments.count, body,
         (tf.constant(0), carried, _zeros(variables),
-         tf.zeros([], loss_dtype), no_findings() if found is None else found, norms),
+         tf.zeros([], loss_dtype), no_findings() if found is None else found, norms,
+         _zeros(carried[0]) if final_carry else []),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
-    return Backward(loss, grads, carried, found, norms.stack() if record else None)
+    return Backward(loss, grads, carried, found, norms.stack() if record else None,
+                    last if final_carry else None)
 
 
 def _norm(tensors: list, dtype: tf.DType) -> tf.Tensor:

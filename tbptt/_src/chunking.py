@@ -73,10 +73,18 @@ def plan(steps: int, *, chunk_size, levels: int, memory_budget, batch: int, stat
     elif memory_budget is None:
         size = math.ceil(steps ** (1 / 2 if levels == 1 else 1 / 3))
     else:
-        size = _largest_fitting(steps, levels, memory_budget, cost)
+        size = _evened(steps, _largest_fitting(steps, levels, memory_budget, cost), cost)
     chunks = math.ceil(steps / size)
     return ChunkPlan(steps, size, chunks, group_size(chunks) if levels == 2 else None,
                      cost(size))
+
+
+def _evened(steps: int, largest: int, cost) -> int:
+    """The chunk size of as many chunks as `largest` needs, made as even as can be: a last
+    chunk much shorter than the others would be padded to the chunk size by the compiled
+    loops (wasted steps). Kept at `largest` where the even size would cost more."""
+    even = math.ceil(steps / math.ceil(steps / largest))
+    return even if cost(even) <= cost(largest) else largest
 
 
 def _largest_fitting(steps: int, levels: int, budget: float, cost) -> int:

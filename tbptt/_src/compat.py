@@ -10,6 +10,10 @@ from tensorflow.python.ops import control_flow_util as _control_flow_util
 # Pauses every tape of the thread; the public `GradientTape.stop_recording` pauses one tape,
 # and the chain does not hold the user's.
 from tensorflow.python.eager import record as _record
+# Whether the tapes recording now may take a second derivative (what tf.function asks itself
+# before a call), and the marking of variables as read that comes before that question.
+from tensorflow.python.eager import tape as _tape
+from tensorflow.python.ops import gradients_util as _gradients_util
 
 _BACKEND_MSG = ("tbptt runs on TensorFlow, but Keras is set to the {backend!r} backend (the "
                 "KERAS_BACKEND environment variable or ~/.keras/keras.json). Set "
@@ -196,9 +200,16 @@ def keras_mask(x):
     return getattr(x, "_keras_mask", None)
 
 
-def recording() -> bool:
-    """Whether a tape (or forward accumulator) of this thread may record what runs now."""
-    return _record.could_possibly_record()
+def second_order_recording(tensors: list, variables: list) -> bool:
+    """Whether a tape of this thread records `tensors` or `variables` so that a second
+    derivative may be taken (a persistent tape, a tape inside a tape)."""
+    if not _record.could_possibly_record():
+        return False
+    handles = [tf_variable(v) for v in variables]
+    _tape.variables_accessed(handles)
+    watched = [t for t in tensors if isinstance(t, tf.Tensor)] + [v.handle for v in handles]
+    return (_gradients_util.PossibleTapeGradientTypes(watched)
+            == _gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER)
 
 
 def unrecorded():

@@ -103,9 +103,16 @@ class FunctionCache:
     sequence length. Safe to call from several threads.
     """
 
-    def __init__(self, unknown_dims: Callable[[str], int]):
+    def __init__(self, unknown_dims: Callable[[str], int],
+                 variables: Callable[[], list] = list):
+        """`unknown_dims(name)`: the leading dims of argument `name` left unknown;
+        `variables()`: the variables the functions read (for `compat.second_order_recording`)."""
         self._unknown_dims = unknown_dims
+        self._variables = variables
         self._functions = collections.OrderedDict()
+        # key -> the concrete function of a call made unrecorded: one per key, since the
+        # signature is fixed; looking it up anew would cost about as much as a small call.
+        self._concretes = {}
         self._lock = threading.Lock()
         self._compiled = 0
         self._dropped_traces = 0
@@ -121,10 +128,11 @@ class FunctionCache:
         of tracing under a persistent tape) that nobody takes. It is traced first, outside
         that pause, since the chain's own tapes must record inside.
 
-        A recorded call made eagerly under a tape runs op by op: a tape outside a compiled
-        function cannot take a second derivative through the custom gradients inside it
-        (TensorFlow loses the tensors they close over), and the loops inside are compiled
-        functions of their own anyway."""
+        A recorded call made eagerly under tapes that may take a second derivative (a
+        persistent tape, a tape inside a tape) runs op by op: a tape outside a compiled function
+        cannot differentiate twice through the custom gradients inside it (TensorFlow loses the
+        tensors they close over), and the loops inside are compiled functions of their own
+        anyway. Under one plain tape the call stays compiled."""
         if not compiled:
             return lambda args: impl(args, static)
 
@@ -138,10 +146,11 @@ class FunctionCache:
             self._note_variant((_kinds(static),) + context, key, static)
             function = self._function(key, impl, static, specs)
             if recorded:
-                if tf.executing_eagerly() and compat.recording():
+                if tf.executing_eagerly() and compat.second_order_recording(
+                        tf.nest.flatten(args), self._variables()):
                     return impl(args, static)
                 return function(args)
-            concrete = function.get_concrete_function(args)
+            concrete = self._concrete(key, function, args)
             with compat.unrecorded():
                 return concrete(args)
 
@@ -160,7 +169,8 @@ class FunctionCache:
             self._functions[key] = function
             self._compiled += 1
             if len(self._functions) > MAX_FUNCTIONS:
-                _, dropped = self._functions.popitem(last=False)
+                dropped_key, dropped = self._functions.popitem(last=False)
+                self._concretes.pop(dropped_key, None)
                 self._dropped_traces += dropped.experimental_get_tracing_count()
         if self._compiled == MANY_COMPILES:
             warnings.warn(f"this chain has compiled {MANY_COMPILES} functions: each new loss_fn "
@@ -168,6 +178,15 @@ class FunctionCache:
                           "new dtype or new feature size costs a trace. Create loss_fn once and "
                           "pass the same object every call.", stacklevel=5)
         return function
+
+    def _concrete(self, key, function, args):
+        concrete = self._concretes.get(key)
+        if concrete is None or not tf.executing_eagerly():
+            concrete = function.get_concrete_function(args)  # inside a graph: that graph's
+            if tf.executing_eagerly():
+                with self._lock:
+                    self._concretes[key] = concrete
+        return concrete
 
     def _note_variant(self, variant, key, static) -> None:
         """Warns, once, when a static value of a kind traced before comes with other values:

@@ -239,10 +239,9 @@ class _CellRunner:
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
             loop: Loop = Loop()):
-        loops = None if is_short(xs) else self._step_loops(training)
+        loops = None if is_short(xs) else self._step_loops(training, xs, states)
         if loops is not None:
-            weights = [tf.convert_to_tensor(v) for v in self._cell.trainable_variables]
-            return loops.run(xs, list(states), weights, flags, loop)
+            return loops.run(xs, list(states), self._weights(), flags, loop)
 
         def step(x, states):
             y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
@@ -250,13 +249,36 @@ class _CellRunner:
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  loop=loop)
 
-    def _step_loops(self, training: bool) -> Optional["StepLoops"]:
+    def _weights(self) -> list:
+        return [tf.convert_to_tensor(v) for v in self._cell.trainable_variables]
+
+    def _step_loops(self, training: bool, xs, states) -> Optional["StepLoops"]:
+        """The cell's `StepLoops`, or None for a cell that cannot be run again alike: no
+        stateless step (see `compat.stateless_step`), or one that draws random numbers or
+        changes a variable (a step run again in the backward would be another step)."""
         if training not in self._loops:
             step = compat.stateless_step(self._cell, training)
             if step is None:
                 return None  # not kept: the cell may be built later
-            self._loops[training] = StepLoops(step)
+            specs = [tf.TensorSpec(xs.shape[1:], xs.dtype),
+                     [tf.TensorSpec(s.shape, s.dtype) for s in states],
+                     [tf.TensorSpec(w.shape, w.dtype) for w in self._weights()]]
+            self._loops.setdefault(training, StepLoops(step) if _repeatable(step, specs)
+                                   else None)
         return self._loops[training]
+
+
+# Op types whose outputs differ when a step runs again: random draws (stateless ones too, whose
+# seed a cell may advance between steps) and variable updates.
+_UNREPEATABLE_OPS = ("Random", "Rng", "Multinomial", "TruncatedNormal", "AssignVariable",
+                     "AssignAddVariable", "AssignSubVariable")
+
+
+def _repeatable(step, specs: list) -> bool:
+    """Whether `step` traced on `specs` has no op whose output would differ when run again."""
+    graph = tf.function(step, autograph=False).get_concrete_function(*specs).graph
+    return not any(name in op.type for op in graph.get_operations()
+                   for name in _UNREPEATABLE_OPS)
 
 
 class _FusedRunner(abc.ABC):
@@ -591,7 +613,7 @@ def _length(stacked: tf.Tensor):
 
 
 def _padded_steps(xs: tf.Tensor, length, max_steps) -> tf.Tensor:
-    """``xs [K, B, G]`` padded with zero steps to the chunk size `max_steps`, so that every
+    """``xs [K, B, ...]`` padded with zero steps to the chunk size `max_steps`, so that every
     chunk of a call, the last and shorter one too, is one shape that XLA compiles once; or,
     for a whole sequence, to the power of two at or above K (few shapes for many lengths).
     The loops run the first K steps only."""
@@ -602,7 +624,7 @@ def _padded_steps(xs: tf.Tensor, length, max_steps) -> tf.Tensor:
         target = tf.maximum(target, tf.cast(length, tf.int32))  # rounding at exact powers
     else:
         target = tf.maximum(tf.cast(max_steps, tf.int32), tf.cast(length, tf.int32))
-    return tf.pad(xs, [[0, target - length], [0, 0], [0, 0]])
+    return tf.pad(xs, [[0, target - length]] + [[0, 0]] * (xs.shape.rank - 1))
 
 
 def _padded_flags(flags: Optional[StepFlags], length, max_steps) -> tuple:
@@ -943,8 +965,8 @@ class StepLoops:
 
     def _sequence(self, counts: _Counts, jit: bool):
         key = (counts, jit)
-        if key not in self._sequences:
-            self._sequences[key] = _step_sequence(self._step, counts, jit)
+        if key not in self._sequences:  # two threads may both make one; the first is kept
+            self._sequences.setdefault(key, _step_sequence(self._step, counts, jit))
         return self._sequences[key]
 
 

@@ -88,7 +88,8 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         self._options = options  # as given: what `with_config` and a saved config repeat
         self._stack = CellStack(cells, head, config.dtype, inputs_layer)
         self._config = config._replace(dtype=self._stack.dtype)
-        self._functions = compiling.FunctionCache(_unknown_dims)
+        self._functions = compiling.FunctionCache(
+            _unknown_dims, variables=lambda: self._stack.trainable_variables)
         self._online = online_lib.OnlineSteps()
 
     def _arguments(self) -> dict:
