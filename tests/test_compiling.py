@@ -79,3 +79,31 @@ def test_memory_stays_flat_over_new_loss_objects_and_new_lengths():
     assert after_losses - start < 50, (start, after_losses)
     assert after_lengths - after_losses < 50, (after_losses, after_lengths)
     assert model.trace_count <= 4
+
+
+def test_each_replica_of_an_eager_strategy_run_reads_its_own_weights():
+    """The kept concrete functions are one per key only outside a strategy: each replica of
+    `strategy.run` traces its own, on its own device and copy of the variables."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = chain()
+        model.build([None, None, 3])
+    x, y = data()
+    loss = keras.losses.MeanSquaredError(dtype="float64")
+    # Replica 1's copy of the first kernel differs: its loss shows whose weights it read.
+    kernel = tbptt._src.compat.tf_variable(model.trainable_variables[0])
+    kernel.values[1].assign(kernel.values[1] * 0 + 0.5)
+    for _ in range(2):
+        results = strategy.run(lambda: model.value_and_gradients(x, y, loss).loss)
+        losses = [float(r) for r in strategy.experimental_local_results(results)]
+    with tf.device("/cpu:1"):
+        other = tbptt.RecurrentChain([keras.layers.GRUCell(8, dtype="float64")],
+                                     head=keras.layers.Dense(2, dtype="float64"),
+                                     chunk_size=5, dtype="float64")
+        other.build([None, None, 3])
+        for target, source in zip(other.trainable_variables, model.trainable_variables):
+            target.assign(tbptt._src.compat.tf_variable(source).values[1])
+        expected = float(full_bptt(other, x, y, loss)[0])
+    assert losses[0] != losses[1]
+    # A mean loss is a replica's share of the global batch's, as in Keras under a strategy.
+    np.testing.assert_allclose(losses[1] * strategy.num_replicas_in_sync, expected, rtol=1e-12)

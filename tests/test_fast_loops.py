@@ -72,10 +72,18 @@ class GridCell(keras.layers.Layer):
 class NoisyCell(MinimalRNNCell):
     """A cell that draws noise in training: a step run again would be another step."""
 
+    def __init__(self, units, in_branch=False, **kwargs):
+        super().__init__(units, **kwargs)
+        self.in_branch = in_branch
+
     def call(self, inputs, states, training=False):
         h, _ = super().call(inputs, states)
         if training:
-            h = h * tf.random.uniform(tf.shape(h), 0.5, 1.5, dtype=h.dtype)
+            def noisy():
+                return h * tf.random.uniform(tf.shape(h), 0.5, 1.5, dtype=h.dtype)
+            # inside a tf.cond the draw is in a branch function, not in the step's own graph
+            h = tf.cond(tf.reduce_all(tf.math.is_finite(h)), noisy, lambda: h) if (
+                self.in_branch) else noisy()
         return h, [h]
 
 
@@ -209,9 +217,11 @@ def test_a_gradient_penalty_differentiates_the_compiled_loops_of_any_cell(cell):
 
 
 @needs_keras3
-def test_a_cell_that_draws_noise_runs_step_by_step_and_differentiates_what_it_drew(step_loops):
+@pytest.mark.parametrize("in_branch", [False, True])
+def test_a_cell_that_draws_noise_runs_step_by_step_and_differentiates_what_it_drew(
+        in_branch, step_loops):
     keras.utils.set_random_seed(3)
-    chain = tbptt.RecurrentChain([NoisyCell(5, dtype="float64")], chunk_size=K,
+    chain = tbptt.RecurrentChain([NoisyCell(5, in_branch, dtype="float64")], chunk_size=K,
                                  dtype="float64")
     x, _ = data()
     with tf.GradientTape() as tape:

@@ -205,9 +205,12 @@ def second_order_recording(tensors: list, variables: list) -> bool:
     derivative may be taken (a persistent tape, a tape inside a tape)."""
     if not _record.could_possibly_record():
         return False
-    handles = [tf_variable(v) for v in variables]
-    _tape.variables_accessed(handles)
-    watched = [t for t in tensors if isinstance(t, tf.Tensor)] + [v.handle for v in handles]
+    try:
+        handles = [tf_variable(v) for v in variables]
+        _tape.variables_accessed(handles)
+        watched = [t for t in tensors if isinstance(t, tf.Tensor)] + [v.handle for v in handles]
+    except ValueError:  # a distributed variable has no one handle outside a replica
+        return True     # the op-by-op call is right at any order
     return (_gradients_util.PossibleTapeGradientTypes(watched)
             == _gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER)
 

@@ -180,11 +180,15 @@ class FunctionCache:
         return function
 
     def _concrete(self, key, function, args):
-        concrete = self._concretes.get(key)
-        if concrete is None or not tf.executing_eagerly():
-            concrete = function.get_concrete_function(args)  # inside a graph: that graph's
-            if tf.executing_eagerly():
-                with self._lock:
+        """The concrete function of `function` for `args`, kept per key where it is one per
+        key: eagerly, outside a tf.distribute strategy (whose replicas trace one each, on
+        their own devices and variables)."""
+        keep = tf.executing_eagerly() and not tf.distribute.has_strategy()
+        concrete = self._concretes.get(key) if keep else None
+        if concrete is None:
+            concrete = function.get_concrete_function(args)
+            with self._lock:  # not for a function the LRU dropped meanwhile
+                if keep and self._functions.get(key) is function:
                     self._concretes[key] = concrete
         return concrete
 

@@ -275,10 +275,12 @@ _UNREPEATABLE_OPS = ("Random", "Rng", "Multinomial", "TruncatedNormal", "AssignV
 
 
 def _repeatable(step, specs: list) -> bool:
-    """Whether `step` traced on `specs` has no op whose output would differ when run again."""
-    graph = tf.function(step, autograph=False).get_concrete_function(*specs).graph
-    return not any(name in op.type for op in graph.get_operations()
-                   for name in _UNREPEATABLE_OPS)
+    """Whether `step` traced on `specs` has no op whose output would differ when run again,
+    in its graph or in the functions it calls (branches, loops, nested tf.functions)."""
+    graph = tf.function(step, autograph=False).get_concrete_function(*specs).graph.as_graph_def()
+    ops = [node.op for node in graph.node] + [node.op for f in graph.library.function
+                                              for node in f.node_def]
+    return not any(name in op for op in ops for name in _UNREPEATABLE_OPS)
 
 
 class _FusedRunner(abc.ABC):
