@@ -3,6 +3,7 @@ what was expected, what arrived and how to fix it. A message lives here as a con
 more than one module raises it."""
 
 import difflib
+import functools
 import inspect
 import numbers
 
@@ -191,11 +192,14 @@ def loss_function(loss_fn, with_weight: bool = False):
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(y_true_chunk, y_pred_chunk[, "
                         f"sample_weight_chunk]) -> scalar, got {loss_fn!r}.")
-    try:
-        signature = inspect.signature(loss_fn)
-    except (TypeError, ValueError):  # some builtins and C callables have none
-        return loss_fn
     args = (None, None, None) if with_weight else (None, None)
+    # A Keras loss's signature is its class's: read once per class (reading it costs a
+    # small share of a small call); any other callable's (a function, a partial, a
+    # tf.function, an object) each time, as it is.
+    signature = (_call_signature(type(loss_fn)) if isinstance(loss_fn, compat.keras.losses.Loss)
+                 else _signature(loss_fn))
+    if signature is None:  # some builtins and C callables have none
+        return loss_fn
     try:
         signature.bind(*args)
     except TypeError:
@@ -207,6 +211,22 @@ def loss_function(loss_fn, with_weight: bool = False):
         raise TypeError(f"loss_fn must accept {len(args)} positional arguments (y_true, "
                         f"y_pred{weight}), but {name}{signature} does not. {fix}") from None
     return loss_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _call_signature(kind: type):
+    """The signature of calling an instance of `kind` (its `__call__` without self)."""
+    signature = _signature(kind.__call__)
+    if signature is None or not signature.parameters:
+        return signature
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def _signature(fn):
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 def scalar_loss(loss: tf.Tensor) -> tf.Tensor:
