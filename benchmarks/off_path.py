@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from harness import positive_int, replace_in_readme, save  # noqa: E402
+from peers import force  # noqa: E402 (a step's loss and gradients, waited for)
 
 SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
 GROUPS = ("flags", "relu", "simple", "large_gru", "large_lstm")
@@ -116,13 +117,6 @@ def group_steps(group: str, x, rng) -> dict:
     return {"tbptt exact": exact(), "tbptt exact, mask": exact(mask=mask),
             "tbptt exact, reset": exact(reset=reset),
             "keras tape, mask": keras_tape_step(kind, weights, mask)}
-
-
-def force(result) -> float:
-    loss, grads = result
-    for grad in grads:
-        np.asarray(grad)
-    return float(loss)
 
 
 def round_robin(steps: dict, x, y, repeats: int) -> dict:
