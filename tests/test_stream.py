@@ -100,6 +100,28 @@ def test_stream_with_flags_and_weights_equals_one_call():
     assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64)
 
 
+def test_only_the_cotangents_a_window_sends_back_are_pulled_back(monkeypatch):
+    """A window's context chunks add no loss, and a cotangent no loss sent is zero: such seed
+    sets are skipped. Counted executing eagerly (compiled=False), where a skipped set runs no backward pass:
+    with m=3 and windows of 2 chunks, each new chunk's loss reaches 3 chunks (2 in the first
+    window, which has no context: 3 passes), 21 passes in all instead of 42."""
+    x, y = stream()
+    chain = chain_for(3, compiled=False)
+    passes = []
+    gradient = tf.GradientTape.gradient
+
+    def counted(tape, *args, **kwargs):
+        passes.append(1)
+        return gradient(tape, *args, **kwargs)
+
+    monkeypatch.setattr(tf.GradientTape, "gradient", counted)
+    loss, grads, _, _ = run_stream(chain, x, y)
+    assert len(passes) == 3 + 6 * (WINDOWS - 1)
+    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, 3,
+                                                 chain.initial_state(x.shape[0]))
+    assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64, "per-chunk tapes")
+
+
 def test_exact_mode_carries_the_state_only():
     x, y = stream()
     chain = chain_for(3).with_config(mode="exact", backprop_chunks=1)

@@ -56,12 +56,18 @@ class Segments(NamedTuple):
     `bound` (None: `count`) is a bound of `count` that XLA can evaluate when it compiles the
     loops (the chunk count of a group of the two-level chain is not): it sizes the loops'
     TensorArrays and iteration counts inside a user's `jit_compile=True`.
+
+    `live` (None: every loss counts) says which segments' losses count (a bool scalar): the
+    backward then follows which carried cotangents may be non-zero and pulls back only those
+    (a streaming window's context chunks add no loss of their own).
     """
 
     count: tf.Tensor
     advance: Advance
     segment: Segment
     bound: Optional[tf.Tensor] = None
+    live: Optional[Callable[[tf.Tensor], tf.Tensor]] = None  # k -> does segment k's loss count
+
 
     @property
     def most(self) -> tf.Tensor:
@@ -154,7 +160,7 @@ def _note_if(check: bool, found: tf.Tensor, k, **values) -> tf.Tensor:
 # -- the one backward step -------------------------------------------------------------------------
 
 
-def step_back(outputs: list, pullback, carried: list, schedule) -> tuple[list, list]:
+def step_back(outputs: list, pullback, carried: list, schedule, live=None) -> tuple:
     """Pulls the cotangents one segment receives back through it.
 
     Args:
@@ -163,15 +169,23 @@ def step_back(outputs: list, pullback, carried: list, schedule) -> tuple[list, l
       carried: the cotangents of `carry_out` the segment receives, by age (one list of tensors
         per age; see the schedule's `seeds`).
       schedule: says which seeds to pull back and which cotangents to pass on.
+      live: None, or ``(loss_live, carried_live)``: whether the segment's loss counts and
+        whether each age may be non-zero (bool scalars); seed sets known to be zero are not
+        pulled back.
 
     Returns:
-      ``(d_variables, carried cotangents of carry_in by age)``: the segment's own loss is seeded
-      with 1, and the ages the schedule drops are not pulled back to carry_in.
+      ``(d_variables, carried cotangents of carry_in by age)``, and with `live` also whether
+      each of those may be non-zero: the segment's own loss is seeded with 1, and the ages the
+      schedule drops are not pulled back to carry_in.
     """
     seeds, want = schedule.seeds(carried, len(outputs) - 1)
-    results = pullback(seeds, want)
+    alive = None if live is None else schedule.live_sets(*live)
+    results = pullback(seeds, want, alive) if live is not None else pullback(seeds, want)
     d_vars = [tf.add_n(list(parts)) for parts in zip(*[d for d, _ in results])]
-    return d_vars, [d for _, d in results if d is not None]
+    carried = [d for _, d in results if d is not None]
+    if live is None:
+        return d_vars, carried
+    return d_vars, carried, [a for a, w in zip(alive, want) if w]
 
 
 def _flat(loss_and_carry) -> list:
@@ -234,20 +248,20 @@ def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtyp
                       final_carry_grad, keep: Keep) -> ChainGradients:
     # The sweep stops before the last segment, whose recompute (the backward's first step)
     # gives the final carry: one segment's forward less. A kept carry may be the final one.
-    skip_last = keep.carry_at is None
-    stop = segments.count - 1 if skip_last else None
+    last = segments.count - 1
     carry_out, boundaries, kept, found = forward(segments, carry, keep_at=keep.carry_at,
-                                                 check=keep.non_finite, stop=stop)
-    if skip_last:
-        boundaries = [ta.write(stop, c) for ta, c in zip(boundaries, carry_out)]
-    if final_carry_grad is None:
-        final_carry_grad = _zeros(carry_out)
-    back = backward(segments, boundaries, schedule.initial_carried(list(final_carry_grad)),
-                    variables, linearize, schedule, loss_dtype, check=keep.non_finite,
-                    found=found, record=keep.carry_grad_norms, final_carry=skip_last)
-    final_carry = back.final_carry if skip_last else carry_out
+                                                 check=keep.non_finite, stop=last)
+    boundaries = [ta.write(last, c) for ta, c in zip(boundaries, carry_out)]
+    carried = schedule.initial_carried(list(_zeros(carry_out) if final_carry_grad is None
+                                            else final_carry_grad))
+    back = backward(segments, boundaries, carried, variables, linearize, schedule, loss_dtype,
+                    check=keep.non_finite, found=found, record=keep.carry_grad_norms,
+                    final_carry=True, final_carry_grad_given=final_carry_grad is not None)
+    if keep.carry_at is not None:
+        kept = [tf.where(tf.equal(keep.carry_at, segments.count), f, s)
+                for f, s in zip(back.final_carry, kept)]
     initial_carry_grad = [tf.add_n(list(ages)) for ages in zip(*back.carried)]
-    return ChainGradients(back.loss, back.grads, final_carry, initial_carry_grad, kept,
+    return ChainGradients(back.loss, back.grads, back.final_carry, initial_carry_grad, kept,
                           back.non_finite if keep.non_finite else None, back.carry_grad_norms)
 
 
@@ -289,7 +303,8 @@ def _group(segments: Segments, group, j) -> Segments:
     first = j * group
     return Segments(tf.minimum(group, segments.count - first),
                     lambda k, c: segments.advance(first + k, c),
-                    lambda k, c: segments.segment(first + k, c), bound=group)
+                    lambda k, c: segments.segment(first + k, c), bound=group,
+                    live=None if segments.live is None else lambda k: segments.live(first + k))
 
 
 # -- loops over segments of one shape --------------------------------------------------------------
@@ -340,33 +355,42 @@ class Backward(NamedTuple):
 
 def backward(segments: Segments, boundaries: list, carried: list, variables: list, linearize,
              schedule, loss_dtype: tf.DType, *, check: bool = False, found=None,
-             record: bool = False, final_carry: bool = False) -> Backward:
+             record: bool = False, final_carry: bool = False,
+             final_carry_grad_given: bool = True) -> Backward:
     """Segments n-1 .. 0 in reverse: recompute each from its boundary, `step_back` through it.
 
     With `record`, also the norms ``[n, ages]`` of the cotangents carried into each cut; with
     `final_carry`, the carry out of the last segment (its recompute is the loop's first step).
+    With `segments.live`, the loop follows which ages may be non-zero: the youngest starts
+    alive if a final carry cotangent was given, the older ones start at zero.
     """
     norms = tf.TensorArray(loss_dtype, size=segments.count if record else 0,
                            element_shape=[len(carried)])
+    alive = [] if segments.live is None else [
+        tf.constant(final_carry_grad_given and age == 0) for age in range(len(carried))]
 
-    def body(i, carried, grads, loss, found, norms, last):
+    def body(i, carried, alive, grads, loss, found, norms, last):
         k = segments.count - 1 - i  # segments in reverse
         outputs, pullback = _linearize_segment(segments, k, [ta.read(k) for ta in boundaries],
                                                variables, linearize, schedule)
         if final_carry:  # the forward sweep did not run the last segment: check it here
             last = [tf.where(tf.equal(i, 0), o, s) for o, s in zip(outputs[1:], last)]
             found = _note_if(check, found, k, state=outputs[1:])
-        d_vars, carried = step_back(outputs, pullback, carried, schedule)
+        if segments.live is None:
+            d_vars, carried = step_back(outputs, pullback, carried, schedule)
+        else:
+            d_vars, carried, alive = step_back(outputs, pullback, carried, schedule,
+                                               live=(segments.live(k), alive))
         found = _note_if(check, found, k, loss=outputs[:1], state_grad=sum(carried, []),
                          grads=d_vars)
         if record:
             norms = norms.write(k, tf.stack([_norm(c, loss_dtype) for c in carried]))
-        return (i + 1, carried, _added(grads, d_vars), loss + tf.cast(outputs[0], loss_dtype),
-                found, norms, last)
+        return (i + 1, carried, alive, _added(grads, d_vars),
+                loss + tf.cast(outputs[0], loss_dtype), found, norms, last)
 
-    _, carried, grads, loss, found, norms, last = tf.while_loop(
+    _, carried, _, grads, loss, found, norms, last = tf.while_loop(
         lambda i, *_: i < segments.count, body,
-        (tf.constant(0), carried, _zeros(variables),
+        (tf.constant(0), carried, alive, _zeros(variables),
          tf.zeros([], loss_dtype), no_findings() if found is None else found, norms,
          _zeros(carried[0]) if final_carry else []),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)

@@ -215,6 +215,11 @@ def second_order_recording(tensors: list, variables: list) -> bool:
             == _gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER)
 
 
+def tapes_recording() -> bool:
+    """Whether a tape of this thread records what is run or traced now."""
+    return _record.could_possibly_record()
+
+
 def unrecorded():
     """A context in which no tape of this thread records, new tapes included (so nothing may
     be traced in it that differentiates with a tape of its own)."""

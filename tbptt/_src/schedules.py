@@ -5,6 +5,8 @@ and the checks ask; it runs nothing, so adding a schedule is adding one class:
 
 - `seeds(carried, num_leaves)`: the VJP seeds of one segment from the cotangents it receives
   (by age), and which of them are pulled back to its input (the others are dropped there);
+- `live_sets(loss_live, carried_live)`: which of those seed sets may be non-zero, so that a set
+  known to be zero (a streaming context's loss, the ages that loss never sent) is skipped;
 - `carried_ages`: how many cotangents, kept apart by age, travel across a cut (0: none, so
   each segment's backward runs right after its forward);
 - `grouped`: whether the chain keeps a boundary only every ~sqrt(n) segments (two levels);
@@ -38,6 +40,11 @@ class Schedule:
     def seeds(self, carried: list, num_leaves: int) -> tuple[list, list]:
         raise NotImplementedError
 
+    def live_sets(self, loss_live, carried_live: list) -> list:
+        """Whether each seed set of `seeds` may be non-zero (bool scalars), given whether the
+        segment's own loss counts and whether each carried age may be non-zero."""
+        raise NotImplementedError
+
     def initial_carried(self, final_carry_grad: list) -> list:
         """The cotangents entering the last segment, by age: one from outside counts as having
         crossed one cut already (age 1); the older ages start at zero."""
@@ -54,6 +61,9 @@ class Exact(Schedule):
 
     def seeds(self, carried: list, num_leaves: int) -> tuple[list, list]:
         return [[1.0] + list(carried[0])], [True]
+
+    def live_sets(self, loss_live, carried_live: list) -> list:
+        return [tf.logical_or(loss_live, carried_live[0])]
 
     def __repr__(self) -> str:
         return "Exact()"
@@ -91,6 +101,9 @@ class Truncated(Schedule):
     def seeds(self, carried: list, num_leaves: int) -> tuple[list, list]:
         seeds = [[1.0] + [None] * num_leaves] + [[None] + list(age) for age in carried]
         return seeds, [True] * len(carried) + [False]
+
+    def live_sets(self, loss_live, carried_live: list) -> list:
+        return [tf.convert_to_tensor(loss_live)] + list(carried_live)
 
     def context_start(self, count):
         return tf.maximum(count - self.context_chunks, 0) if self.context_chunks else None

@@ -233,4 +233,5 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
         loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), loss_dtype)
         return loss * weight(k), state
 
-    return chain_lib.Segments((total + size - 1) // size, advance, segment)
+    live = None if call.context_steps is None else lambda k: k * size >= call.context_steps
+    return chain_lib.Segments((total + size - 1) // size, advance, segment, live=live)

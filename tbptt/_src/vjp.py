@@ -2,10 +2,11 @@
 
 A segment is `fn(primals) -> outputs` over flat lists of tensors that also reads `variables`.
 `linearize(fn, primals, variables)` runs `fn` once and returns its outputs and a `pullback`:
-`pullback(cotangent_sets, want_primal_grads)` gives, for each set of output cotangents c,
-`(d_variables, d_primals)` = (dOut/dW)^T c, (dOut/dprimals)^T c. No Jacobian is ever formed: each
-product is one ordinary backward pass, seeded with c as `output_gradients` (eager) or `grad_ys`
-(graph). Keeping the pullback keeps the segment's activations alive until it is called; a
+`pullback(cotangent_sets, want_primal_grads[, alive])` gives, for each set of output cotangents
+c, `(d_variables, d_primals)` = (dOut/dW)^T c, (dOut/dprimals)^T c. No Jacobian is ever formed:
+each product is one ordinary backward pass, seeded with c as `output_gradients` (eager) or
+`grad_ys` (graph); a set whose `alive` entry (a bool scalar) is False is known to be zero, and
+gets zeros without a backward pass (`tf.cond`). Keeping the pullback keeps the segment's activations alive until it is called; a
 segment recomputed in the backward pass is linearized there.
 
 A cotangent entry of None means "this output is not differentiated" (cheaper than a zero seed);
@@ -14,7 +15,7 @@ zeros, filled in here rather than with `unconnected_gradients`, whose behaviour 
 between TensorFlow releases.
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -43,23 +44,42 @@ def _zeros_for_none(grads: Sequence, sources: Sequence) -> list:
 
 
 def pullback_of(outputs: list, variables: Sequence, primals: Sequence,
-                gradient: Gradient) -> Pullback:
+                gradient: Gradient, skips: bool = True) -> Pullback:
     """The pullback of `outputs` with respect to `variables` and `primals`, for one backend's
-    `gradient`: one backward pass per cotangent set, d_primals only where wanted (else None)."""
+    `gradient`: one backward pass per cotangent set, d_primals only where wanted (else None).
+    `skips`: whether a set known to be zero may skip its pass inside a `tf.cond` branch (the
+    backend's `gradient` must then work from inside a branch function)."""
     variables, primals = list(variables), list(primals)
 
-    def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool]) -> list:
+    def product(cotangents, want_primals: bool) -> list:
+        ys, seeds = _targets(outputs, cotangents)
+        sources = variables + (primals if want_primals else [])
+        grads = gradient(ys, sources, seeds) if ys else [None] * len(sources)
+        return _zeros_for_none(grads, sources)
+
+    def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool],
+                 alive: Optional[Sequence] = None) -> list:
+        # A tape recording the pullback (a user's tape while a function is traced) would
+        # differentiate through the branches: then every set is pulled back.
+        skip = skips and alive is not None and not compat.tapes_recording()
         results = []
-        for cotangents, want_primals in zip(cotangent_sets, want_primal_grads):
-            ys, seeds = _targets(outputs, cotangents)
-            sources = variables + (primals if want_primals else [])
-            grads = gradient(ys, sources, seeds) if ys else [None] * len(sources)
-            grads = _zeros_for_none(grads, sources)
+        for index, (cotangents, want_primals) in enumerate(zip(cotangent_sets,
+                                                               want_primal_grads)):
+            live = alive[index] if skip else None
+            if live is None:
+                grads = product(cotangents, want_primals)
+            else:  # a set that is zero (a bool scalar False) is not pulled back at all
+                grads = tf.cond(live, lambda c=cotangents, w=want_primals: product(c, w),
+                                lambda w=want_primals: _zeros(variables + (primals if w else [])))
             d_vars, d_primals = grads[:len(variables)], grads[len(variables):]
             results.append((d_vars, d_primals if want_primals else None))
         return results
 
     return pullback
+
+
+def _zeros(sources: list) -> list:
+    return [tf.zeros_like(s) for s in sources]
 
 
 def tape_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bool = False):
@@ -96,7 +116,9 @@ def graph_pullback(outputs: list, variables: Sequence, primals: Sequence,
         sources = [compat.tf_variable(s) for s in sources]
         return tf.gradients(ys, sources, grad_ys=seeds, stop_gradients=stop)
 
-    return pullback_of(outputs, variables, primals, gradient)
+    # No skipping: inside a branch function, `tf.gradients` sees the outputs as captured
+    # inputs, with no path back to the sources, and returns zeros.
+    return pullback_of(outputs, variables, primals, gradient, skips=False)
 
 
 def gradients_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bool = False):
