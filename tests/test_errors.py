@@ -222,3 +222,29 @@ def test_chunked_model_trains_as_usual_after_a_rejected_fit():
     for m in (rejected, fresh):
         m.fit(X, Y, batch_size=2, epochs=2, verbose=0)
     assert_all_close(rejected.get_weights(), fresh.get_weights(), 0.0)
+
+
+def test_forward_mode_through_the_compiled_loops_is_refused_and_short_calls_work():
+    """A ForwardAccumulator watching the inputs: the compiled loops have no forward-mode rule
+    (TensorFlow raised an internal error) and a chunked gradient's tapes give no tangent, so
+    both are refused by name and the chain still works; a short call (unrolled, no compiled
+    loop) gives Keras's own JVP."""
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4, dtype="float64")], chunk_size=5,
+                                 dtype="float64")
+    x = tf.constant(make_sequence(2, 30, 3, "float64"))
+    chain(x)
+    tangent = tf.ones_like(x)
+    with tf.autodiff.ForwardAccumulator(x, tangent):
+        with pytest.raises(NotImplementedError, match="ForwardAccumulator.*call"):
+            chain(x)
+        with pytest.raises(NotImplementedError, match="ForwardAccumulator.*value_and_grad"):
+            chain.value_and_gradients(x, tf.zeros([2, 30, 4], "float64"), sum_squares)
+    assert_all_close(chain(x)[0], keras.layers.RNN(chain.cells[0], return_sequences=True,
+                                                   dtype="float64")(x), 1e-12)
+    short = x[:, :3]
+    rnn = keras.layers.RNN(chain.cells[0], return_sequences=True, dtype="float64")
+    with tf.autodiff.ForwardAccumulator(short, tangent[:, :3]) as acc:
+        expected = acc.jvp(rnn(short))
+    with tf.autodiff.ForwardAccumulator(short, tangent[:, :3]) as acc:
+        got = acc.jvp(chain(short)[0])
+    assert_all_close(got, expected, 1e-12, "short call's JVP")

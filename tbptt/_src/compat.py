@@ -9,6 +9,7 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util as _control_flow_util
 # Pauses every tape of the thread; the public `GradientTape.stop_recording` pauses one tape,
 # and the chain does not hold the user's.
+from tensorflow.python.eager import forwardprop_util as _forwardprop_util
 from tensorflow.python.eager import record as _record
 # Whether the tapes recording now may take a second derivative (what tf.function asks itself
 # before a call), and the marking of variables as read that comes before that question.
@@ -213,6 +214,17 @@ def second_order_recording(tensors: list, variables: list) -> bool:
         return True     # the op-by-op call is right at any order
     return (_gradients_util.PossibleTapeGradientTypes(watched)
             == _gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER)
+
+
+def forward_accumulating(tensors: list, variables: list) -> bool:
+    """Whether a `tf.autodiff.ForwardAccumulator` of this thread watches any of `tensors` or
+    `variables` (a tangent would have to go through what runs on them)."""
+    try:
+        handles = [tf_variable(v).handle for v in variables]
+    except (ValueError, AttributeError):  # a distributed variable has no one handle here
+        handles = []
+    watched = [t for t in tensors if isinstance(t, tf.Tensor)] + handles
+    return bool(watched) and bool(_forwardprop_util.pack_tangents(watched).tangents)
 
 
 def tapes_recording() -> bool:

@@ -120,7 +120,7 @@ class FunctionCache:
         self._warned = False
 
     def get(self, kind: str, impl, static, compiled: bool = True, recorded: bool = True,
-            static_time: bool = False):
+            static_time: bool = False, forward_mode: bool = False):
         """`impl(args, static)`, compiled unless `compiled` is False; with `static_time`, the
         time dims are kept in the signature (one trace per short length). With `recorded` False the
         call is a value to the caller's tapes (a chunked gradient): no tape around it records
@@ -132,13 +132,24 @@ class FunctionCache:
         persistent tape, a tape inside a tape) runs op by op: a tape outside a compiled function
         cannot differentiate twice through the custom gradients inside it (TensorFlow loses the
         tensors they close over), and the loops inside are compiled functions of their own
-        anyway. Under one plain tape the call stays compiled."""
+        anyway. Under one plain tape the call stays compiled.
+
+        A call that a `tf.autodiff.ForwardAccumulator` watches is refused by name unless
+        `forward_mode` (no compiled loop inside, the short unrolled forward): TensorFlow has no
+        forward-mode rule for the compiled loops (an internal error) or for the tapes of a
+        chunked gradient (a tangent of None)."""
         if not compiled:
-            return lambda args: impl(args, static)
+            def run(args: dict):
+                if not forward_mode:
+                    self._refuse_forward_mode(kind, args)
+                return impl(args, static)
+            return run
 
         unknown = (lambda name: 1) if static_time else self._unknown_dims
 
         def call(args: dict):
+            if not forward_mode:
+                self._refuse_forward_mode(kind, args)
             specs = signature(args, unknown)
             shapes = tuple((name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items()))
             context = (kind, shapes)
@@ -155,6 +166,14 @@ class FunctionCache:
                 return concrete(args)
 
         return call
+
+    def _refuse_forward_mode(self, kind: str, args: dict) -> None:
+        if compat.forward_accumulating(tf.nest.flatten(args), self._variables()):
+            raise NotImplementedError(
+                f"forward-mode differentiation (tf.autodiff.ForwardAccumulator) through the "
+                f"chain's {kind} is not supported: its compiled time loops and chunk loops have "
+                "no forward-mode rule. Use reverse mode (tf.GradientTape); a Jacobian-vector "
+                "product is the gradient of a gradient, taken with two nested tapes.")
 
     def _function(self, key, impl, static, specs):
         with self._lock:

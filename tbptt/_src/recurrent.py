@@ -192,7 +192,7 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
                              prepared.static.xla)
         fn = self._functions.get("call", functools.partial(timechain.forward, self._stack),
                                  prepared.static, self._config.compiled,
-                                 static_time=prepared.short)
+                                 static_time=prepared.short, forward_mode=prepared.short)
         with sources_lib.live(prepared.sources) as handles:
             outputs, leaves = fn({**prepared.call.tensors(), "sources": handles})
         return outputs, self._stack.pack(list(leaves))
