@@ -3,7 +3,8 @@ not run the library: each cell matches, or is refused by name before anything ru
 
 Contexts: eager; inside the user's tf.function; inside tf.function(jit_compile=True); under a
 persistent tape; under a tape inside a tape; TBPTT_XLA=0; a tf.distribute MirroredStrategy
-over two logical CPUs; and, for Keras models, run_eagerly, jit_compile True and False, and a
+over two logical CPUs; the user's tf.function traced without a tape, then run under a
+persistent one; and, for Keras models, run_eagerly, jit_compile True and False, and a
 save in one process loaded in another. The default suite runs the first context of each
 entry point; `-m slow` runs the whole matrix.
 """
@@ -26,7 +27,7 @@ from references import forward, full_bptt, truncated_reference
 B, T, F, K = 2, 11, 3, 4  # a ragged last chunk
 F64 = 1e-10
 CONTEXTS = ["eager", "function", "jit", "persistent_tape", "nested_tape", "no_xla",
-            "distribute"]
+            "distribute", "traced_then_taped"]
 
 
 def weighted_l1(y_true, y_pred, sample_weight=None):
@@ -56,6 +57,11 @@ def run_in(context, fn, monkeypatch):
         with tf.GradientTape():
             with tf.GradientTape():
                 return _numpy(fn())
+    if context == "traced_then_taped":  # a user's function traced first, then run under tapes
+        function = tf.function(fn)
+        function()
+        with tf.GradientTape(persistent=True):
+            return _numpy(function())
     if context == "distribute":
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         results = tf.function(lambda: strategy.run(fn))()

@@ -102,9 +102,9 @@ def test_stream_with_flags_and_weights_equals_one_call():
 
 def test_only_the_cotangents_a_window_sends_back_are_pulled_back(monkeypatch):
     """A window's context chunks add no loss, and a cotangent no loss sent is zero: such seed
-    sets are skipped. Counted executing eagerly (compiled=False), where a skipped set runs no backward pass:
-    with m=3 and windows of 2 chunks, each new chunk's loss reaches 3 chunks (2 in the first
-    window, which has no context: 3 passes), 21 passes in all instead of 42."""
+    sets are skipped. Counted executing eagerly (compiled=False), where a skipped set runs no
+    backward pass: with m=3 and windows of 2 chunks, each new chunk's loss reaches 3 chunks (2
+    in the first window, which has no context: 3 passes), 21 passes in all instead of 42."""
     x, y = stream()
     chain = chain_for(3, compiled=False)
     passes = []

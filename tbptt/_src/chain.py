@@ -68,7 +68,6 @@ class Segments(NamedTuple):
     bound: Optional[tf.Tensor] = None
     live: Optional[Callable[[tf.Tensor], tf.Tensor]] = None  # k -> does segment k's loss count
 
-
     @property
     def most(self) -> tf.Tensor:
         return self.count if self.bound is None else self.bound
@@ -160,7 +159,7 @@ def _note_if(check: bool, found: tf.Tensor, k, **values) -> tf.Tensor:
 # -- the one backward step -------------------------------------------------------------------------
 
 
-def step_back(outputs: list, pullback, carried: list, schedule, live=None) -> tuple:
+def step_back(outputs: list, pullback, carried: list, schedule) -> tuple[list, list]:
     """Pulls the cotangents one segment receives back through it.
 
     Args:
@@ -169,23 +168,36 @@ def step_back(outputs: list, pullback, carried: list, schedule, live=None) -> tu
       carried: the cotangents of `carry_out` the segment receives, by age (one list of tensors
         per age; see the schedule's `seeds`).
       schedule: says which seeds to pull back and which cotangents to pass on.
-      live: None, or ``(loss_live, carried_live)``: whether the segment's loss counts and
-        whether each age may be non-zero (bool scalars); seed sets known to be zero are not
-        pulled back.
 
     Returns:
-      ``(d_variables, carried cotangents of carry_in by age)``, and with `live` also whether
-      each of those may be non-zero: the segment's own loss is seeded with 1, and the ages the
-      schedule drops are not pulled back to carry_in.
+      ``(d_variables, carried cotangents of carry_in by age)``: the segment's own loss is seeded
+      with 1, and the ages the schedule drops are not pulled back to carry_in.
     """
     seeds, want = schedule.seeds(carried, len(outputs) - 1)
-    alive = None if live is None else schedule.live_sets(*live)
-    results = pullback(seeds, want, alive) if live is not None else pullback(seeds, want)
-    d_vars = [tf.add_n(list(parts)) for parts in zip(*[d for d, _ in results])]
-    carried = [d for _, d in results if d is not None]
-    if live is None:
-        return d_vars, carried
+    return _summed(pullback(seeds, want))
+
+
+def step_back_live(outputs: list, pullback, carried: list, schedule, loss_live,
+                   carried_live: list) -> tuple[list, list, list]:
+    """`step_back`, where the seed sets known to be zero are not pulled back.
+
+    Args:
+      loss_live: whether the segment's own loss counts (a bool scalar).
+      carried_live: whether each of `carried` may be non-zero (bool scalars, by age).
+
+    Returns:
+      `step_back`'s, and whether each cotangent passed on may be non-zero.
+    """
+    seeds, want = schedule.seeds(carried, len(outputs) - 1)
+    alive = schedule.live_sets(loss_live, carried_live)
+    d_vars, carried = _summed(pullback(seeds, want, alive))
     return d_vars, carried, [a for a, w in zip(alive, want) if w]
+
+
+def _summed(results: list) -> tuple[list, list]:
+    """The variables' gradient summed over the seed sets, and the carry cotangents passed on."""
+    d_vars = [tf.add_n(list(parts)) for parts in zip(*[d for d, _ in results])]
+    return d_vars, [d for _, d in results if d is not None]
 
 
 def _flat(loss_and_carry) -> list:
@@ -254,9 +266,13 @@ def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtyp
     boundaries = [ta.write(last, c) for ta, c in zip(boundaries, carry_out)]
     carried = schedule.initial_carried(list(_zeros(carry_out) if final_carry_grad is None
                                             else final_carry_grad))
+    # With `live` the backward follows which cotangents may be non-zero: the one from outside
+    # (the youngest) if given, the older ones start at zero.
+    alive = None if segments.live is None else [
+        tf.constant(final_carry_grad is not None and age == 0) for age in range(len(carried))]
     back = backward(segments, boundaries, carried, variables, linearize, schedule, loss_dtype,
                     check=keep.non_finite, found=found, record=keep.carry_grad_norms,
-                    final_carry=True, final_carry_grad_given=final_carry_grad is not None)
+                    alive=alive)
     if keep.carry_at is not None:
         kept = [tf.where(tf.equal(keep.carry_at, segments.count), f, s)
                 for f, s in zip(back.final_carry, kept)]
@@ -350,37 +366,34 @@ class Backward(NamedTuple):
     carried: list  # the cotangents carried out of segment 0, by age
     non_finite: tf.Tensor
     carry_grad_norms: Optional[tf.Tensor]
-    final_carry: Optional[list]  # the last segment's carry out, with final_carry=True
+    final_carry: list  # the last segment's carry out
 
 
 def backward(segments: Segments, boundaries: list, carried: list, variables: list, linearize,
              schedule, loss_dtype: tf.DType, *, check: bool = False, found=None,
-             record: bool = False, final_carry: bool = False,
-             final_carry_grad_given: bool = True) -> Backward:
-    """Segments n-1 .. 0 in reverse: recompute each from its boundary, `step_back` through it.
+             record: bool = False, alive: Optional[list] = None) -> Backward:
+    """Segments n-1 .. 0 in reverse: recompute each from its boundary, `step_back` through it;
+    the carry out of the last segment comes from its recompute (the loop's first step: the
+    forward sweep need not run it).
 
-    With `record`, also the norms ``[n, ages]`` of the cotangents carried into each cut; with
-    `final_carry`, the carry out of the last segment (its recompute is the loop's first step).
-    With `segments.live`, the loop follows which ages may be non-zero: the youngest starts
-    alive if a final carry cotangent was given, the older ones start at zero.
+    With `record`, also the norms ``[n, ages]`` of the cotangents carried into each cut. With
+    `alive` (bool scalars, one per age of `carried`: may it be non-zero?) and `segments.live`,
+    the seed sets known to be zero are not pulled back (`step_back_live`).
     """
     norms = tf.TensorArray(loss_dtype, size=segments.count if record else 0,
                            element_shape=[len(carried)])
-    alive = [] if segments.live is None else [
-        tf.constant(final_carry_grad_given and age == 0) for age in range(len(carried))]
 
     def body(i, carried, alive, grads, loss, found, norms, last):
         k = segments.count - 1 - i  # segments in reverse
         outputs, pullback = _linearize_segment(segments, k, [ta.read(k) for ta in boundaries],
                                                variables, linearize, schedule)
-        if final_carry:  # the forward sweep did not run the last segment: check it here
-            last = [tf.where(tf.equal(i, 0), o, s) for o, s in zip(outputs[1:], last)]
-            found = _note_if(check, found, k, state=outputs[1:])
-        if segments.live is None:
-            d_vars, carried = step_back(outputs, pullback, carried, schedule)
+        last = [tf.where(tf.equal(i, 0), o, s) for o, s in zip(outputs[1:], last)]
+        found = _note_if(check, found, k, state=outputs[1:])  # not checked by the sweep
+        if alive:
+            d_vars, carried, alive = step_back_live(outputs, pullback, carried, schedule,
+                                                    segments.live(k), alive)
         else:
-            d_vars, carried, alive = step_back(outputs, pullback, carried, schedule,
-                                               live=(segments.live(k), alive))
+            d_vars, carried = step_back(outputs, pullback, carried, schedule)
         found = _note_if(check, found, k, loss=outputs[:1], state_grad=sum(carried, []),
                          grads=d_vars)
         if record:
@@ -390,12 +403,11 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
 
     _, carried, _, grads, loss, found, norms, last = tf.while_loop(
         lambda i, *_: i < segments.count, body,
-        (tf.constant(0), carried, alive, _zeros(variables),
+        (tf.constant(0), carried, alive or [], _zeros(variables),
          tf.zeros([], loss_dtype), no_findings() if found is None else found, norms,
-         _zeros(carried[0]) if final_carry else []),
+         _zeros(carried[0])),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
-    return Backward(loss, grads, carried, found, norms.stack() if record else None,
-                    last if final_carry else None)
+    return Backward(loss, grads, carried, found, norms.stack() if record else None, last)
 
 
 def _norm(tensors: list, dtype: tf.DType) -> tf.Tensor:

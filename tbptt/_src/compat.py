@@ -7,9 +7,10 @@ import tensorflow as tf
 # TensorFlow's own test for an XLA cluster being built (what tf.while_loop asks); no public API
 # says whether the graph being traced is compiled by XLA as a whole.
 from tensorflow.python.ops import control_flow_util as _control_flow_util
+# Whether a ForwardAccumulator watches a tensor (the public API only gives a tensor's JVP).
+from tensorflow.python.eager import forwardprop_util as _forwardprop_util
 # Pauses every tape of the thread; the public `GradientTape.stop_recording` pauses one tape,
 # and the chain does not hold the user's.
-from tensorflow.python.eager import forwardprop_util as _forwardprop_util
 from tensorflow.python.eager import record as _record
 # Whether the tapes recording now may take a second derivative (what tf.function asks itself
 # before a call), and the marking of variables as read that comes before that question.
@@ -219,17 +220,14 @@ def second_order_recording(tensors: list, variables: list) -> bool:
 def forward_accumulating(tensors: list, variables: list) -> bool:
     """Whether a `tf.autodiff.ForwardAccumulator` of this thread watches any of `tensors` or
     `variables` (a tangent would have to go through what runs on them)."""
+    if not _record.could_possibly_record():  # no tape and no accumulator at all
+        return False
     try:
         handles = [tf_variable(v).handle for v in variables]
     except (ValueError, AttributeError):  # a distributed variable has no one handle here
         handles = []
     watched = [t for t in tensors if isinstance(t, tf.Tensor)] + handles
     return bool(watched) and bool(_forwardprop_util.pack_tangents(watched).tangents)
-
-
-def tapes_recording() -> bool:
-    """Whether a tape of this thread records what is run or traced now."""
-    return _record.could_possibly_record()
 
 
 def unrecorded():

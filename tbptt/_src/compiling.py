@@ -139,17 +139,12 @@ class FunctionCache:
         forward-mode rule for the compiled loops (an internal error) or for the tapes of a
         chunked gradient (a tangent of None)."""
         if not compiled:
-            def run(args: dict):
-                if not forward_mode:
-                    self._refuse_forward_mode(kind, args)
-                return impl(args, static)
-            return run
+            return lambda args: impl(self._refuse_forward_mode(kind, args, forward_mode), static)
 
         unknown = (lambda name: 1) if static_time else self._unknown_dims
 
         def call(args: dict):
-            if not forward_mode:
-                self._refuse_forward_mode(kind, args)
+            self._refuse_forward_mode(kind, args, forward_mode)
             specs = signature(args, unknown)
             shapes = tuple((name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items()))
             context = (kind, shapes)
@@ -163,17 +158,19 @@ class FunctionCache:
                 return function(args)
             concrete = self._concrete(key, function, args)
             with compat.unrecorded():
-                return concrete(args)
+                return _as_value(concrete(args))
 
         return call
 
-    def _refuse_forward_mode(self, kind: str, args: dict) -> None:
-        if compat.forward_accumulating(tf.nest.flatten(args), self._variables()):
+    def _refuse_forward_mode(self, kind: str, args: dict, allowed: bool) -> dict:
+        """`args`, unless a ForwardAccumulator watches them and forward mode is not `allowed`."""
+        if not allowed and compat.forward_accumulating(tf.nest.flatten(args), self._variables()):
             raise NotImplementedError(
                 f"forward-mode differentiation (tf.autodiff.ForwardAccumulator) through the "
                 f"chain's {kind} is not supported: its compiled time loops and chunk loops have "
                 "no forward-mode rule. Use reverse mode (tf.GradientTape); a Jacobian-vector "
                 "product is the gradient of a gradient, taken with two nested tapes.")
+        return args
 
     def _function(self, key, impl, static, specs):
         with self._lock:
@@ -234,3 +231,12 @@ class FunctionCache:
         with self._lock:
             return self._dropped_traces + sum(
                 f.experimental_get_tracing_count() for f in self._functions.values())
+
+
+def _as_value(result):
+    """An unrecorded call's result. In a user's graph the call is an op that a backward of the
+    whole function would walk into (and fail on the branches that take gradients inside),
+    so there its outputs are cut off as values, as tapes do not see the call eagerly."""
+    if tf.executing_eagerly():
+        return result
+    return tf.nest.map_structure(lambda t: t if t is None else tf.stop_gradient(t), result)

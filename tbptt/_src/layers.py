@@ -843,8 +843,8 @@ def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, length, h0, c0, saved
 def _lstm_sequence(jit: bool, kinds: tuple = ()):
     """``(projected [P, B, 4U], length, h0, c0 [B, U], recurrent_kernel [U, 4U], *flags)
     -> (outputs [P, B, U], h_length, c_length)`` for sigmoid/tanh LSTMs over the first `length`
-    steps, each `flagged` by `flags` as in `_gru_sequence`, with its backward written out; both loops compiled with XLA with `jit`, as in
-    `_gru_sequence`."""
+    steps, each `flagged` by `flags` as in `_gru_sequence`, with its backward written out;
+    both loops compiled with XLA with `jit`, as in `_gru_sequence`."""
 
     @tf.custom_gradient
     def lstm_sequence(projected, length, h0, c0, recurrent_kernel, *flags):

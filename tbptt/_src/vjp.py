@@ -6,8 +6,9 @@ A segment is `fn(primals) -> outputs` over flat lists of tensors that also reads
 c, `(d_variables, d_primals)` = (dOut/dW)^T c, (dOut/dprimals)^T c. No Jacobian is ever formed:
 each product is one ordinary backward pass, seeded with c as `output_gradients` (eager) or
 `grad_ys` (graph); a set whose `alive` entry (a bool scalar) is False is known to be zero, and
-gets zeros without a backward pass (`tf.cond`). Keeping the pullback keeps the segment's activations alive until it is called; a
-segment recomputed in the backward pass is linearized there.
+gets zeros without a backward pass (`tf.cond`). Keeping the pullback keeps the segment's
+activations alive until it is called; a segment recomputed in the backward pass is linearized
+there.
 
 A cotangent entry of None means "this output is not differentiated" (cheaper than a zero seed);
 an output of None is never differentiated. Gradients that do not reach a source come back as
@@ -24,7 +25,8 @@ from tbptt._src import compat
 BACKENDS = ("eager", "graph")
 
 SegmentFn = Callable[[list], list]
-Pullback = Callable[[Sequence, Sequence[bool]], list]
+# pullback(cotangent_sets, want_primal_grads, alive=None) -> [(d_variables, d_primals)]
+Pullback = Callable[..., list]
 # gradient(ys, sources, seeds) -> one gradient (or None) per source.
 Gradient = Callable[[list, list, list], list]
 
@@ -59,9 +61,11 @@ def pullback_of(outputs: list, variables: Sequence, primals: Sequence,
 
     def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool],
                  alive: Optional[Sequence] = None) -> list:
-        # A tape recording the pullback (a user's tape while a function is traced) would
-        # differentiate through the branches: then every set is pulled back.
-        skip = skips and alive is not None and not compat.tapes_recording()
+        # A tape that may take a second derivative through the pullback (a user's persistent
+        # or nested tape while a function is traced) cannot differentiate through a branch
+        # that takes a gradient: then every set is pulled back.
+        skip = skips and alive is not None and not compat.second_order_recording(
+            [y for y in outputs if y is not None], variables)
         results = []
         for index, (cotangents, want_primals) in enumerate(zip(cotangent_sets,
                                                                want_primal_grads)):
