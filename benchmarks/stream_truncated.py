@@ -13,7 +13,7 @@ context's own loss, and the cotangents no loss sent, are skipped). TBPTT(K, mK) 
 about m times TBPTT(K, K) at windows of one chunk, less at longer windows. Keras's stateful
 layer carries only the state across windows: TBPTT(W, W) for windows of W steps.
 
-    python benchmarks/stream_truncated.py              # 7 timed epochs of each row
+    python benchmarks/stream_truncated.py              # 9 timed epochs of each row
     python benchmarks/stream_truncated.py --update-readme   # also the README's table
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=positive_int, default=7,
+    parser.add_argument("--epochs", type=positive_int, default=9,
                         help="timed epochs of each row, after one that is not (default: "
                              "%(default)s)")
     parser.add_argument("--update-readme", action="store_true",
