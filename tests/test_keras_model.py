@@ -196,13 +196,19 @@ def _truncated_stream_reference(chain, batches, lr, m):
     return chain
 
 
+# Keras's compile contexts: jit_compile=True is what "auto" resolves to on a GPU; the skipped
+# seed sets of the kept context are branches inside the compiled train step.
+@pytest.mark.parametrize("compiled", [
+    {}, pytest.param({"jit_compile": True}, marks=pytest.mark.slow),
+    pytest.param({"run_eagerly": True}, marks=pytest.mark.slow)],
+    ids=["default", "jit", "run_eagerly"])
 @pytest.mark.parametrize("m", [2, 3])
-def test_stateful_truncated_gradient_reaches_into_the_previous_batch(m):
+def test_stateful_truncated_gradient_reaches_into_the_previous_batch(m, compiled):
     batches = _stream_batches(count=4)
     chain = _chain(mode="truncated", backprop_chunks=m)
     ref = _truncated_stream_reference(_twin(chain), batches, lr=0.2, m=m)
     model = tbptt.keras.ChunkedModel(chain, stateful=True)
-    model.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse", **compiled)
     dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(p) for p in zip(*batches)))
     model.fit(dataset, epochs=1, verbose=0)
     _assert_close(_weights(chain), _weights(ref))
