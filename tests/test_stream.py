@@ -107,6 +107,29 @@ def test_only_the_cotangents_a_window_sends_back_are_pulled_back(monkeypatch):
     in the first window, which has no context: 3 passes), 21 passes in all instead of 42."""
     x, y = stream()
     chain = chain_for(3, compiled=False)
+    passes = _counted_backward_passes(monkeypatch)
+    loss, grads, _, _ = run_stream(chain, x, y)
+    assert len(passes) == 3 + 6 * (WINDOWS - 1)
+    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, 3,
+                                                 chain.initial_state(x.shape[0]))
+    assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64, "per-chunk tapes")
+
+
+def test_the_ages_no_loss_sent_are_not_pulled_back_in_one_call(monkeypatch):
+    """value_and_gradients with m=3 over 8 chunks: the last chunk receives no carried age, the
+    one before only age 1, so 8 * 3 - 3 = 21 backward passes."""
+    x, y = stream()
+    chain = chain_for(3, compiled=False)
+    passes = _counted_backward_passes(monkeypatch)
+    result = chain.value_and_gradients(x, y, l1_loss)
+    assert x.shape[1] // K == 8 and len(passes) == 21
+    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, 3,
+                                                 chain.initial_state(x.shape[0]))
+    assert_all_close([result.loss] + result.grads, [ref_loss] + ref_grads, F64)
+
+
+def _counted_backward_passes(monkeypatch) -> list:
+    """A list that gets one entry per tape.gradient call from now on."""
     passes = []
     gradient = tf.GradientTape.gradient
 
@@ -115,11 +138,7 @@ def test_only_the_cotangents_a_window_sends_back_are_pulled_back(monkeypatch):
         return gradient(tape, *args, **kwargs)
 
     monkeypatch.setattr(tf.GradientTape, "gradient", counted)
-    loss, grads, _, _ = run_stream(chain, x, y)
-    assert len(passes) == 3 + 6 * (WINDOWS - 1)
-    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, 3,
-                                                 chain.initial_state(x.shape[0]))
-    assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64, "per-chunk tapes")
+    return passes
 
 
 def test_exact_mode_carries_the_state_only():
