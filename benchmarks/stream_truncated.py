@@ -4,17 +4,19 @@
 B=32 streams of 4000 steps, F=32, GRU 64, a Dense(1) head, MSE, SGD, chunks of K=100. Every
 row trains one epoch in turn (round-robin) from its own copy of the same weights, the first
 epoch not timed; the table gives each row's fastest epoch (on a shared machine, stalls of a
-fraction of a second land on random epochs: the minimum is what the row costs) and its ratio to
-tbptt's
-TBPTT(K, K), and its last epoch's loss (rows with the same gradient agree). With m >= 2 each window re-runs the last m-1 chunks of the previous one in front of
-it (with this step's weights), so that its losses reach m chunks back: a window of n new chunks
-runs n + m - 1 chunks forward and pulls each new chunk's loss back through m of them (the
-context's own loss, and the cotangents no loss sent, are skipped). TBPTT(K, mK) therefore costs
-about m times TBPTT(K, K) at windows of one chunk, less at longer windows. Keras's stateful
-layer carries only the state across windows: TBPTT(W, W) for windows of W steps.
+fraction of a second land on random epochs: the minimum is what the row costs), its ratio to
+tbptt's TBPTT(K, K), and its last epoch's loss (rows with the same gradient agree).
+
+With m >= 2 each window re-runs the last m-1 chunks of the previous one in front of it (with
+this step's weights), so that its losses reach m chunks back: a window of n new chunks runs
+n + m - 1 chunks forward and pulls each new chunk's loss back through m of them (the context's
+own loss, and the cotangents no loss sent, are skipped). TBPTT(K, mK) therefore costs about m
+times TBPTT(K, K) at windows of one chunk, less at longer windows. Keras's stateful layer
+carries only the state across windows: TBPTT(W, W) for windows of W steps.
 
     python benchmarks/stream_truncated.py              # 9 timed epochs of each row
     python benchmarks/stream_truncated.py --update-readme   # also the README's table
+    python benchmarks/stream_truncated.py --show-times      # and every epoch's time
 """
 
 import argparse
@@ -99,6 +101,8 @@ def main() -> None:
                              "%(default)s)")
     parser.add_argument("--update-readme", action="store_true",
                         help="put the table in the README")
+    parser.add_argument("--show-times", action="store_true",
+                        help="also print every epoch's time, row by row")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -113,7 +117,7 @@ def main() -> None:
             seconds, losses[name] = one_epoch(model, *datasets[window])
             if round_:
                 times[name].append(seconds)
-    if os.environ.get("SHOW_TIMES"):
+    if args.show_times:
         print({name: [round(t, 3) for t in ts] for name, ts in times.items()})
     reference = min(times[table[0][0]])
     lines = ["| method | gradient | s / epoch | x TBPTT(K, K) | last epoch's loss |",
@@ -123,7 +127,10 @@ def main() -> None:
         lines.append(f"| {name} | {what} | {seconds:.3f} | {seconds / reference:.2f} "
                      f"| {losses[name]:.5f} |")
     print("\n".join(lines))
-    if args.update_readme:
+    if args.update_readme:  # the tracked copy beside the script, as the other benchmarks keep
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               "stream_truncated.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
         replace_in_readme("stream_truncated", "\n".join(lines))
 
 
