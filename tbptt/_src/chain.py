@@ -388,7 +388,7 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
         outputs, pullback = _linearize_segment(segments, k, [ta.read(k) for ta in boundaries],
                                                variables, linearize, schedule)
         last = [tf.where(tf.equal(i, 0), o, s) for o, s in zip(outputs[1:], last)]
-        found = _note_if(check, found, k, state=outputs[1:])  # not checked by the sweep
+        found = _note_if(check, found, k, state=outputs[1:])  # the sweep did not run the last
         if alive:
             d_vars, carried, alive = step_back_live(outputs, pullback, carried, schedule,
                                                     segments.live(k), alive)
