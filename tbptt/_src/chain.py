@@ -266,9 +266,10 @@ def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtyp
     boundaries = [ta.write(last, c) for ta, c in zip(boundaries, carry_out)]
     carried = schedule.initial_carried(list(_zeros(carry_out) if final_carry_grad is None
                                             else final_carry_grad))
-    # With `live` the backward follows which cotangents may be non-zero: the one from outside
-    # (the youngest) if given, the older ones start at zero.
-    alive = None if segments.live is None else [
+    # Where a segment is pulled back with several seed sets (truncation's ages) or some losses
+    # do not count, the backward follows which cotangents may be non-zero: the one from
+    # outside (the youngest) if given, the older ones start at zero.
+    alive = None if segments.live is None and schedule.seed_count == 1 else [
         tf.constant(final_carry_grad is not None and age == 0) for age in range(len(carried))]
     back = backward(segments, boundaries, carried, variables, linearize, schedule, loss_dtype,
                     check=keep.non_finite, found=found, record=keep.carry_grad_norms,
@@ -377,8 +378,8 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
     forward sweep need not run it).
 
     With `record`, also the norms ``[n, ages]`` of the cotangents carried into each cut. With
-    `alive` (bool scalars, one per age of `carried`: may it be non-zero?) and `segments.live`,
-    the seed sets known to be zero are not pulled back (`step_back_live`).
+    `alive` (bool scalars, one per age of `carried`: may it be non-zero?), the seed sets known
+    to be zero are not pulled back (`step_back_live`; `segments.live` says which losses count).
     """
     norms = tf.TensorArray(loss_dtype, size=segments.count if record else 0,
                            element_shape=[len(carried)])
@@ -390,8 +391,9 @@ def backward(segments: Segments, boundaries: list, carried: list, variables: lis
         last = [tf.where(tf.equal(i, 0), o, s) for o, s in zip(outputs[1:], last)]
         found = _note_if(check, found, k, state=outputs[1:])  # the sweep did not run the last
         if alive:
+            loss_live = tf.constant(True) if segments.live is None else segments.live(k)
             d_vars, carried, alive = step_back_live(outputs, pullback, carried, schedule,
-                                                    segments.live(k), alive)
+                                                    loss_live, alive)
         else:
             d_vars, carried = step_back(outputs, pullback, carried, schedule)
         found = _note_if(check, found, k, loss=outputs[:1], state_grad=sum(carried, []),

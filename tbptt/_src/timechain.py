@@ -66,9 +66,6 @@ def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
     segments_ = segments(stack, call, static.loss_fn,
                          losses.reduction_of(config.reduction, static.loss_fn), loss_dtype,
                          xla=static.xla)
-    if segments_.live is None and config.schedule.seed_count > 1:
-        # Every loss counts, but the ages no loss sent (at the end of the sequence) are zero.
-        segments_ = segments_._replace(live=lambda k: tf.constant(True))
     keep_at = None if call.context_steps is None else config.schedule.context_start(
         segments_.count)
     result = chain_lib.gradients(
