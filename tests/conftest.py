@@ -1,6 +1,8 @@
 """Shared helpers: meaningful test data, weight copying and independent references."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -52,6 +54,16 @@ def assert_all_close(actual, expected, rtol, what=""):
     assert len(actual) == len(expected), what
     error = max_rel_error(actual, expected)
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.1g}"
+
+
+def run_python(code: str, *args, timeout: float = 300) -> str:
+    """Runs `code` in a new Python process (`sys.argv[1:]` are `args`) and returns its stdout;
+    a failure shows the process's own traceback."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def copy_weights(source, target, input_shape):

@@ -1,11 +1,14 @@
 """Whole-model Keras saving: `.keras` files, weights files, ModelCheckpoint and fresh models."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tbptt
+from conftest import make_sequence, run_python
 
 pytestmark = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
                                 reason="ChunkedModel needs Keras 3")
@@ -170,3 +173,69 @@ def test_a_mixed_precision_chain_reloads_with_float32_weights(make):
             assert {tf.as_dtype(v.dtype) for v in c.trainable_variables} == {tf.float32}
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+# -- one variable order: the chain's, for the model and its optimizer ------------------------------
+
+
+def _square_model():
+    """Every variable [4, 4]: a slot restored onto another variable would load without a word."""
+    chain = tbptt.RecurrentChain(
+        [keras.layers.SimpleRNNCell(4, use_bias=False)], chunk_size=3,
+        inputs_layer=keras.layers.Dense(4, use_bias=False),
+        head=keras.layers.Dense(4, use_bias=False))
+    model = tbptt.keras.ChunkedModel(chain)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    return model
+
+
+def test_the_model_and_its_optimizer_follow_the_chains_variable_order():
+    model = _square_model()
+    x = make_sequence(2, 7, 4)
+    model.fit(x, x, verbose=0)
+    chain_paths = [v.path for v in model.chain.trainable_variables]
+    assert [v.path for v in model.trainable_variables] == chain_paths
+    assert chain_paths[0].startswith("dense")  # the inputs layer first, as the chain runs it
+    slots = [v.path for v in model.optimizer.variables if v.path.endswith("_momentum")]
+    assert slots == [f"adam/{p.replace('/', '_')}_momentum" for p in chain_paths]
+
+
+@pytest.mark.slow  # a new interpreter importing TensorFlow: ~10 s
+def test_adam_moments_return_to_their_variables_in_a_new_process(tmp_path):
+    """Saved, loaded in another process and trained one more epoch, the model equals the one
+    that went on training here (an inputs layer once put the moments on other variables)."""
+    keras.utils.set_random_seed(3)
+    model = _square_model()
+    x = make_sequence(2, 7, 4)
+    model.fit(x, x, epochs=2, verbose=0)
+    model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", x)
+    model.fit(x, x, verbose=0)
+    code = ("import sys, numpy as np, keras, tbptt\n"
+            "model = keras.models.load_model(sys.argv[1])\n"
+            "x = np.load(sys.argv[2])\n"
+            "model.fit(x, x, verbose=0)\n"
+            "np.save(sys.argv[3], np.concatenate([v.numpy().ravel() "
+            "for v in model.trainable_variables]))\n")
+    run_python(code, tmp_path / "m.keras", tmp_path / "x.npy", tmp_path / "w.npy")
+    expected = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), expected, rtol=1e-6, atol=1e-7)
+
+
+# -- models saved by earlier versions --------------------------------------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("name,inputs,expected", [
+    ("v0.1.0_gru_lstm.keras", "x", "gru_lstm"),
+    ("v0.1.0_embedding_stateful.keras", "ids", "embedding")])
+def test_models_saved_by_version_0_1_0_load_predict_and_train(name, inputs, expected):
+    """Files written by tbptt 0.1.0 (tests/data/make_v0.1.0.py) load with their optimizer."""
+    saved = np.load(DATA / "v0.1.0_expected.npz")
+    model = keras.models.load_model(DATA / name)
+    outputs = model.chain(saved[inputs])[0]
+    np.testing.assert_allclose(outputs, saved[expected], rtol=1e-5, atol=1e-6)
+    assert model.optimizer.iterations.numpy() > 0
+    targets = saved["y"] if inputs == "x" else saved["labels"]
+    model.fit(saved[inputs], targets, batch_size=2, shuffle=False, verbose=0)

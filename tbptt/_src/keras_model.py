@@ -118,6 +118,18 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         return self._chain
 
     @property
+    def trainable_weights(self) -> list:
+        """The chain's trainable variables in the chain's order (inputs layer, cells, head),
+        which its gradients follow: the optimizer is built, saved and restored in this one
+        order, so a slot can never be paired with another variable. (Keras would list the
+        tracked layers' variables in the order they were tracked.)"""
+        return self._chain.trainable_variables if self.trainable else []
+
+    @property
+    def trainable_variables(self) -> list:
+        return self.trainable_weights
+
+    @property
     def chunk_loss(self):
         """The compiled loss as the chain's per-chunk `loss_fn` (None before `compile`)."""
         return self._chunk_loss
