@@ -486,3 +486,44 @@ def test_predict_from_a_given_state_and_the_keras_names():
         model.predict(x, return_state=True, verbose=0)
     with pytest.raises(ValueError, match="stateful=True"):
         tbptt.keras.ChunkedModel(chain).predict(x, initial_state=state, verbose=0)
+
+
+class _ScaledMSE(keras.losses.Loss):
+    """A loss with a setting its config does not hold (remade from `get_config`, it would
+    lose it)."""
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def call(self, y_true, y_pred):
+        return self.scale * tf.reduce_mean(tf.square(y_true - y_pred), axis=-1)
+
+
+def _keras_gru_model(chain, dtype):
+    """The chain as a plain Keras model holding the same weights."""
+    model = keras.Sequential([keras.Input((None, F), dtype=dtype),
+                              keras.layers.GRU(5, return_sequences=True, dtype=dtype),
+                              keras.layers.Dense(O, dtype=dtype)])
+    for v, w in zip(model.trainable_variables, chain.trainable_variables):
+        v.assign(w)
+    return model
+
+
+@pytest.mark.parametrize("make_loss", [
+    lambda dtype: keras.losses.Huber(delta=0.1, dtype=dtype),
+    lambda dtype: _ScaledMSE(3.0, dtype=dtype),
+    lambda dtype: keras.losses.LogCosh(reduction="sum", dtype=dtype)])
+def test_a_float64_model_trains_with_its_loss_as_given(make_loss):
+    """The compiled loss object itself, every setting kept, computed in float64: the same fit
+    as Keras's own model given that loss in float64."""
+    x, y = (a.astype("float64") for a in _data())
+    chain = _chain(dtype="float64")
+    reference = _keras_gru_model(chain, "float64")
+    model = tbptt.keras.ChunkedModel(chain)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss(None))  # float32
+    reference.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("float64"))
+    ours = model.fit(x, y, batch_size=B, verbose=0).history["loss"]
+    theirs = reference.fit(x, y, batch_size=B, verbose=0).history["loss"]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-7)  # Keras logs its own in float32
+    _assert_close(_weights(chain), [v.numpy() for v in reference.trainable_variables], 1e-10)

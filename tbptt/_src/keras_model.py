@@ -320,9 +320,10 @@ class _ChunkLoss(keras.losses.Loss):
     """The compiled loss as the chain's per-chunk `loss_fn`: the Keras loss itself (which, as
     in Keras's own `train_step`, divides a mean by the replicas of a tf.distribute strategy,
     whose gradients are summed), times the optimizer's loss scale (mixed precision). It
-    computes in the chain's loss dtype (float64 for a float64 chain) and shows the chain its
-    reduction and kept labels, so the chunk losses add up as the loss of the whole sequence
-    would (see `tbptt._src.losses`)."""
+    computes in the chain's loss dtype (float64 for a float64 chain: the user's loss object
+    itself, its inputs cast, every setting it holds kept) and shows the chain its reduction and
+    kept labels, so the chunk losses add up as the loss of the whole sequence would (see
+    `tbptt._src.losses`)."""
 
     def __init__(self, model: ChunkedModel):
         dtype = chain_lib.loss_dtype_for(model.chain.dtype)
@@ -346,7 +347,17 @@ class _ChunkLoss(keras.losses.Loss):
         return self.inner.call(y_true, y_pred)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        return tf.cast(self.inner(y_true, y_pred, sample_weight), self.dtype) * self.scale()
+        return tf.cast(self.unscaled(y_true, y_pred, sample_weight), self.dtype) * self.scale()
+
+    def unscaled(self, y_true, y_pred, sample_weight=None):
+        """The user's loss of a chunk (or a whole sequence), without the loss scale: computed
+        by the loss itself, in the chain's loss dtype where the loss computes in a narrower
+        one (Keras's `Loss.__call__` run with this wrapper's dtype on the loss's own `call`,
+        so no setting is lost), else as the loss computes it."""
+        if tf.as_dtype(self.inner.dtype) == tf.as_dtype(self.dtype) or not _keras_call(
+                self.inner):
+            return self.inner(y_true, y_pred, sample_weight)
+        return keras.losses.Loss.__call__(self, y_true, y_pred, sample_weight)
 
     def logged(self, total: tf.Tensor) -> tf.Tensor:
         """The chain's total loss as Keras logs a loss: without the loss scale, and times
@@ -357,8 +368,14 @@ class _ChunkLoss(keras.losses.Loss):
     def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
         """The loss of a whole sequence in one piece as Keras computes and logs it, a mask
         attached to the predictions (the chain's chunk losses add up to it)."""
-        loss = self.inner(y_true, _with_keras_mask(y_pred, mask), sample_weight)
+        loss = self.unscaled(y_true, _with_keras_mask(y_pred, mask), sample_weight)
         return self.logged(tf.cast(loss, self.dtype) * self.scale())
+
+
+def _keras_call(loss) -> bool:
+    """Whether `loss` is computed by Keras's own `Loss.__call__` (its `call`, then Keras's
+    reduction): then it can be run in another dtype without being remade."""
+    return type(loss).__call__ is keras.losses.Loss.__call__
 
 
 class _FunctionLoss(keras.losses.Loss):
@@ -373,19 +390,12 @@ class _FunctionLoss(keras.losses.Loss):
 
 
 def _keras_loss(loss, dtype: tf.DType):
-    """The compiled loss as a Keras loss computing in `dtype` (Keras computes losses in floatx,
-    float32, unless told: a float64 chain's losses would lose half their digits)."""
+    """The compiled loss as a Keras loss: a loss object as given (never remade: `get_config`
+    need not hold every setting), a name as Keras makes it, a function wrapped."""
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
-        if tf.as_dtype(loss.dtype) == dtype or dtype != tf.float64:
-            return loss
-        try:
-            return type(loss).from_config({**loss.get_config(), "dtype": dtype.name})
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"the compiled loss {loss.name!r} computes in {loss.dtype}, but the "
-                             f"chain is float64 and the loss could not be remade in float64 "
-                             f"({error}). Pass it with dtype='float64'.") from None
+        return loss
     if callable(loss):
         return _FunctionLoss(loss, dtype)
     raise ValueError("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
