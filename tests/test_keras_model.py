@@ -527,3 +527,20 @@ def test_a_float64_model_trains_with_its_loss_as_given(make_loss):
     theirs = reference.fit(x, y, batch_size=B, verbose=0).history["loss"]
     np.testing.assert_allclose(ours, theirs, rtol=1e-7)  # Keras logs its own in float32
     _assert_close(_weights(chain), [v.numpy() for v in reference.trainable_variables], 1e-10)
+
+
+def test_a_float32_chain_under_a_mixed_policy_computes_in_float32():
+    """dtype="float32" given under mixed_float16: cells and head made under the mixed policy
+    follow the chain (they computed float16 before, and the first matmul failed)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        chain = tbptt.RecurrentChain([keras.layers.GRUCell(4)], head=keras.layers.Dense(2),
+                                     chunk_size=3, dtype="float32")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x, y = _data()
+    outputs, _ = chain(x)
+    assert outputs.dtype == tf.float32
+    result = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError())
+    expected = full_bptt(chain, x, y, lambda a, b: tf.reduce_mean(tf.square(a - b)))
+    _assert_close([result.loss] + result.grads, [expected[0]] + list(expected[1]))

@@ -11,6 +11,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tbptt
 from conftest import make_sequence, needs_keras3
@@ -106,3 +107,19 @@ def test_export_refuses_another_format_and_an_unbuilt_model(tmp_path):
     model.predict(make_sequence(2, 4, 3), verbose=0)
     with pytest.raises(ValueError, match="format='tf_saved_model'"):
         model.export(tmp_path / "m", format="onnx")
+
+
+def test_a_model_built_under_a_strategy_exports_and_serves_its_weights(tmp_path):
+    """Variables made under MirroredStrategy().scope() are a copy per device: the export
+    still sees them as the cells' own and serves them."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _model()
+    x = make_sequence(4, 12, 3)
+    model.fit(x, make_sequence(4, 12, 2, offset=0.5), batch_size=4, shuffle=False, verbose=0)
+    model.export(tmp_path / "served", verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    outputs, _ = served.step(x, served.initial_state(4))
+    expected, _ = forward(tbptt.RecurrentChain(model.chain.cells, head=model.chain.head,
+                                               chunk_size=5), x)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)

@@ -138,7 +138,7 @@ def check_owns_its_variables(what: str, part, run):
         result = run()
     for variable, value in zip(state, saved):
         variable.assign(value)
-    listed = {id(tf_variable(v)) for v in trainable_variables_of(part)}
+    listed = {id(c) for v in trainable_variables_of(part) for c in _components(v)}
     hidden = [v for v in tape.watched_variables()
               if v.trainable and id(tf_variable(v)) not in listed]
     if hidden:
@@ -149,6 +149,16 @@ def check_owns_its_variables(what: str, part, run):
             "the Keras layer or tf.Module that owns them (the layer itself rather than "
             "lambda h: layer(h); several layers as keras.Sequential([...])).")
     return result
+
+
+def _components(variable) -> list:
+    """The `tf.Variable`s a tape may see for `variable`: itself, or for a variable made under a
+    tf.distribute strategy, its copy on each device (a tape outside the strategy's scope
+    watches the copy it reads)."""
+    variable = tf_variable(variable)
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return [variable] + list(variable.values)
+    return [variable]
 
 
 def sublayers(layer) -> list:
@@ -179,13 +189,6 @@ def has_own_dtype(layer) -> bool:
     else:  # pragma: no cover - Keras 2 only.
         default = tf.keras.mixed_precision.global_policy().name
     return isinstance(name, str) and name != default
-
-
-def is_mixed_precision(layer) -> bool:
-    """Whether a Keras layer computes in a 16-bit float with float32 variables."""
-    policy = getattr(layer, "dtype_policy", None)
-    name = getattr(policy, "name", policy)
-    return isinstance(name, str) and name.startswith("mixed_")
 
 
 def in_xla_context() -> bool:

@@ -62,7 +62,10 @@ class ServingModule(tf.Module):
     def signatures(self) -> dict:
         """The flat serving signature: named inputs `inputs`, `state_0`, ... (TF Serving, other
         languages' clients, `saved_model_cli`)."""
-        return {"serving_default": self.serve.get_concrete_function()}
+        # The function itself (it has an input signature), not a concrete function of it:
+        # TensorFlow saves a concrete function over a tf.distribute strategy's variables only
+        # when it traces it for the SavedModel.
+        return {"serving_default": self.serve}
 
 
 def export(chain, filepath, *, format: str = "tf_saved_model", verbose: bool = False,

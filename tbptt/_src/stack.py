@@ -338,8 +338,9 @@ def _resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
         if not (compat.is_keras_layer(layer) and compat.has_own_dtype(layer)):
             parts.append((what, layer))
     for what, layer in parts:
-        if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype or (
-                compat.is_mixed_precision(layer)):
+        # A layer under the global mixed policy computes in its 16-bit dtype: it follows a
+        # chain computing in another dtype (float32 given explicitly) like any other layer.
+        if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype:
             continue
         if layer.built:
             raise ValueError(f"{what} is already built in {compat.compute_dtype(layer).name}, "
