@@ -207,6 +207,10 @@ def test_bad_stages(stages, error):
 def test_bad_devices():
     with pytest.raises(ValueError, match="one device name"):
         tbptt.StageChain([keras.layers.Dense(1)], devices=["/CPU:0", "/CPU:1"])
+    with pytest.raises(ValueError, match=r"devices\[1\]='/GPU:7' is not a device of this"):
+        tbptt.StageChain([keras.layers.Dense(1)] * 2, devices=["/cpu:1", "/GPU:7"])
+    with pytest.raises(ValueError, match=r"devices\[0\] must be a device name"):
+        tbptt.StageChain([keras.layers.Dense(1)], devices=["no such thing"])
 
 
 @pytest.mark.slow  # an end-to-end script run in its own process (40 s)

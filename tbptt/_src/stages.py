@@ -91,15 +91,13 @@ class StageChain(saving.SerializableStages, tf.Module):
             if not callable(stage):
                 raise TypeError(f"stages[{index}] must be a Keras layer/model or a callable, got "
                                 f"{stage!r}.")
-        if devices is not None and (isinstance(devices, str) or len(devices) != len(stages)):
-            raise ValueError("devices must be None or a sequence with one device name (or None) "
-                             f"per stage ({len(stages)}), got {devices!r}.")
+        devices = _checked_devices(devices, len(stages))
         self._stages = list(stages)
         self._backend = checks.choice("backend", backend, vjp_lib.BACKENDS)
         if backend == "graph" and not compiled:
             raise ValueError(checks.COMPILED_GRAPH_MSG)
         self._recompute = bool(recompute)
-        self._devices = list(devices) if devices is not None else [None] * len(stages)
+        self._devices = devices
         self._compiled = bool(compiled)
         self._check_numerics = checks.boolean("check_numerics", check_numerics)
         self._built = False
@@ -352,3 +350,29 @@ def _linear_layers(model) -> list:
                 f"{previous.name if previous else 'the model input'}"))
         previous = layer
     return layers
+
+
+def _checked_devices(devices, count: int) -> list:
+    """One device name (or None) per stage, each a device of this machine: TensorFlow would
+    place a stage asked for a missing device on another one without a word."""
+    if devices is None:
+        return [None] * count
+    if isinstance(devices, str) or len(devices) != count:
+        raise ValueError("devices must be None or a sequence with one device name (or None) "
+                         f"per stage ({count}), got {devices!r}.")
+    here = tf.config.list_logical_devices()
+    known = {(d.device_type, int(d.name.rsplit(":", 1)[1])) for d in here}
+    for index, device in enumerate(devices):
+        if device is None:
+            continue
+        try:
+            spec = tf.DeviceSpec.from_string(device)
+        except (TypeError, ValueError):
+            raise ValueError(f"devices[{index}] must be a device name such as '/GPU:0', got "
+                             f"{device!r}.") from None
+        local = spec.job is None and spec.device_type is not None
+        if local and (spec.device_type.upper(), spec.device_index or 0) not in known:
+            raise ValueError(f"devices[{index}]={device!r} is not a device of this machine, "
+                             f"which has {sorted(d.name for d in here)}. Pass one of those, or "
+                             "None for the default placement.")
+    return list(devices)
