@@ -82,7 +82,8 @@ tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceCon
 # set before TensorFlow is imported: tests/test_compat_v1.py runs it in a subprocess.
 LEGACY_CELLS_HERE = (os.environ.get("TF_USE_LEGACY_KERAS") == "1"
                      or tuple(int(v) for v in tf.__version__.split(".")[:2]) < (2, 16))
-collect_ignore = [] if LEGACY_CELLS_HERE else ["legacy"]
+# tests/data holds the script that wrote the saved models kept there, not tests.
+collect_ignore = ["data"] + ([] if LEGACY_CELLS_HERE else ["legacy"])
 
 
 @pytest.fixture(autouse=True)

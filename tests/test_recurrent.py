@@ -371,10 +371,20 @@ def test_initial_state_structure():
         tf.nest.map_structure(lambda s: s.shape, state)
 
 
+class _OwnGRUCell(keras.layers.GRUCell):
+    """A subclass may change `call`: the chain runs it as itself, and cannot replay its
+    dropout."""
+
+
 @pytest.mark.parametrize("option", ["dropout", "recurrent_dropout"])
-def test_cells_with_dropout_are_refused(option):
-    with pytest.raises(ValueError, match="dropout"):
-        tbptt.RecurrentChain([keras.layers.GRUCell(3, **{option: 0.2})], chunk_size=2)
+def test_dropout_the_chain_cannot_replay_is_refused(option):
+    """Keras's own GRU/LSTM/SimpleRNN cells' dropout is replayed (tests/test_randomness.py);
+    inside StackedRNNCells or in a subclass it would be drawn anew in each recompute."""
+    with pytest.raises(ValueError, match="dropout.*StackedRNNCells, not a subclass"):
+        tbptt.RecurrentChain([_OwnGRUCell(3, **{option: 0.2})], chunk_size=2)
+    with pytest.raises(ValueError, match="dropout.*StackedRNNCells, not a subclass"):
+        tbptt.RecurrentChain([keras.layers.StackedRNNCells(
+            [keras.layers.GRUCell(3, **{option: 0.2})])], chunk_size=2)
 
 
 def test_head_dropout_is_consistent_within_a_step():

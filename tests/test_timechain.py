@@ -38,7 +38,8 @@ def function_core(module):
 def as_core(fn):
     """A plain `fn(x [B, K, F], state) -> (y [B, K, O], state)` with the core contract."""
 
-    def core(x, state, *, training=True, flags=None, with_outputs=True, loop=None):
+    def core(x, state, *, training=True, flags=None, with_outputs=True, loop=None,
+             draws=None, chunk=0):
         assert flags is None
         y, state = fn(x, list(state))
         return (y if with_outputs else None), list(state)

@@ -63,6 +63,28 @@ def test_heads_that_do_not_act_step_by_step_are_refused(head, match):
         gru(head=head()).value_and_gradients(x, y, l1_loss)
 
 
+class _MixesStepsInTraining(keras.layers.Layer):
+    """Adds the mean over the chunk's steps, in training only: inference looks step-wise."""
+
+    def call(self, h, training=False):
+        return h + tf.reduce_mean(h, axis=1, keepdims=True) if training else h
+
+
+@pytest.mark.parametrize("part", ["head", "inputs_layer"])
+def test_a_part_that_mixes_steps_only_in_training_is_refused(part):
+    """The chunked gradient runs the head and the inputs layer with training=True: they are
+    checked so, their dropout drawing alike in the two runs compared."""
+    mixing = keras.Sequential([keras.layers.Dropout(0.3, dtype="float64"),
+                               keras.layers.Dense(2, dtype="float64"),
+                               _MixesStepsInTraining(dtype="float64")])
+    x, y = data()
+    with pytest.raises(ValueError, match="looks across time steps when training"):
+        gru(**{part: mixing}).value_and_gradients(x, y, l1_loss)
+    fine = keras.Sequential([keras.layers.Dropout(0.3, dtype="float64"),
+                             keras.layers.Dense(2, dtype="float64")])
+    assert np.isfinite(gru(**{part: fine}).value_and_gradients(x, y, l1_loss).loss)
+
+
 # -- threads ---------------------------------------------------------------------------------------
 
 

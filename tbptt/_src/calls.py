@@ -212,6 +212,8 @@ def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_f
                              steps=tf.constant(sources["inputs"].shape[1], tf.int32))
     # Last: a refused call leaves the chain unbuilt.
     stack.build(inputs_shape, config.chunk_size, batch.inputs.dtype)
+    if config.schedule.recomputes:
+        stack.check_replayable()
     return Prepared(call, sources, Static(loss_fn, specs, training=True, record=record,
                                           xla=_xla(config)))
 

@@ -1,5 +1,6 @@
 """Version switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), kept in one place."""
 
+import contextlib
 import inspect
 import os
 
@@ -131,13 +132,10 @@ def check_owns_its_variables(what: str, part, run):
     if tf.distribute.has_strategy():
         # Under a strategy a tape sees per-device copies of the variables; the check is made
         # where it can be exact, outside one.
-        return run()
-    state = list(getattr(part, "non_trainable_variables", None) or [])
-    saved = [tf.identity(v) for v in state]
-    with tf.GradientTape(watch_accessed_variables=True) as tape:
+        with left_as_it_was(part):
+            return run()
+    with left_as_it_was(part), tf.GradientTape(watch_accessed_variables=True) as tape:
         result = run()
-    for variable, value in zip(state, saved):
-        variable.assign(value)
     listed = {id(c) for v in trainable_variables_of(part) for c in _components(v)}
     hidden = [v for v in tape.watched_variables()
               if v.trainable and id(tf_variable(v)) not in listed]
@@ -151,6 +149,22 @@ def check_owns_its_variables(what: str, part, run):
     return result
 
 
+def seed_states(part) -> list:
+    """The states of a Keras 3 part's random seed generators: its `variables` that are not
+    its `weights` (Keras lists a layer's seed generators' states in the one, not the other);
+    [] for Keras 2 layers, modules and plain callables."""
+    if KERAS_MAJOR < 3 or not isinstance(part, keras.layers.Layer):
+        return []
+    weights = {id(w) for w in part.weights}
+    return [v for v in part.variables if id(v) not in weights]
+
+
+def stateless_scope(mapping: list):
+    """Keras 3's `StatelessScope`: inside, the variables of `mapping` read as its values and
+    assignments to any variable are held in the scope, not made."""
+    return keras.StatelessScope(state_mapping=mapping)
+
+
 def _components(variable) -> list:
     """The `tf.Variable`s a tape may see for `variable`: itself, or for a variable made under a
     tf.distribute strategy, its copy on each device (a tape outside the strategy's scope
@@ -161,10 +175,31 @@ def _components(variable) -> list:
     return [variable]
 
 
+@contextlib.contextmanager
+def left_as_it_was(part):
+    """A context in which `part` may be probed: on leaving, its non-trainable variables
+    (moving statistics, seed generators' states) are restored, and the dropout masks a Keras
+    RNN cell caches on itself while it runs (Keras's RNN layer clears them after its loop) are
+    cleared, so a probe leaves the user's layers as they were."""
+    state = unique(list(getattr(part, "non_trainable_variables", None) or [])
+                   + seed_states(part))
+    saved = [tf.identity(v) for v in state]
+    try:
+        yield
+    finally:
+        for variable, value in zip(state, saved):
+            variable.assign(value)
+        for layer in sublayers(part):
+            for clear in ("reset_dropout_mask", "reset_recurrent_dropout_mask"):
+                getattr(layer, clear, lambda: None)()
+
+
 def sublayers(layer) -> list:
-    """`layer` and the layers inside it (Keras models, wrappers such as TimeDistributed)."""
+    """`layer` and the layers inside it (Keras models, wrappers such as TimeDistributed,
+    StackedRNNCells)."""
     found = [layer]
-    for inner in list(getattr(layer, "layers", None) or []) + [getattr(layer, "layer", None)]:
+    for inner in list(getattr(layer, "layers", None) or []) + [getattr(layer, "layer", None)] + (
+            list(getattr(layer, "cells", None) or [])):
         if inner is not None and inner is not layer:
             found.extend(sublayers(inner))
     return found

@@ -287,21 +287,27 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
 
     def _fit(self, *args, **kwargs):
         if self.stateful:
-            bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
-            bound.pop("self")
-            # Rows are streams: shuffling them between batches would splice unrelated streams.
-            if bound.setdefault("shuffle", False):
-                warnings.warn("fit(shuffle=True) on a stateful ChunkedModel reorders the rows "
-                              "between batches, so the carried state enters other streams; pass "
-                              "shuffle=False.", stacklevel=2)
-            callbacks = bound.get("callbacks") or []
-            if isinstance(callbacks, keras.callbacks.CallbackList):
-                callbacks.append(_EpochStart(self._stream))
-            else:
-                bound["callbacks"] = list(callbacks) + [_EpochStart(self._stream)]
-            return super().fit(**bound)
+            return super().fit(**_stateful_fit_arguments(self._stream, args, kwargs))
         return super().fit(*args, **kwargs)
 
+
+
+def _stateful_fit_arguments(stream: Stream, args: tuple, kwargs: dict) -> dict:
+    """`fit`'s arguments for a stateful model: no shuffling (rows are streams: shuffling them
+    between batches would splice unrelated streams), and the epoch-start callback."""
+    bound = inspect.signature(keras.Model.fit).bind(None, *args, **kwargs).arguments
+    bound.pop("self")
+    if bound.setdefault("shuffle", False):
+        warnings.warn("fit(shuffle=True) on a stateful ChunkedModel reorders the rows between "
+                      "batches, so the carried state enters other streams; pass shuffle=False.",
+                      stacklevel=4)
+    callbacks = bound.get("callbacks") or []
+    epoch_start = _EpochStart(stream)
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(epoch_start)
+    else:
+        bound["callbacks"] = list(callbacks) + [epoch_start]
+    return bound
 
 
 class _EpochStart(keras.callbacks.Callback):

@@ -31,12 +31,19 @@ from typing import NamedTuple, Optional
 import tensorflow as tf
 
 from tbptt._src import compat
+from tbptt._src import randomness
+from tbptt._src.randomness import DropoutMasks
 
 
 def runner_for(cell):
     """The fastest exact runner for `cell`: hoisted for stock Keras GRU/LSTM cells (exactly
     these classes: a subclass may change `call`), the cell itself otherwise."""
     return _RUNNERS.get(type(cell), _CellRunner)(cell)
+
+
+def runs_cell_itself(cell) -> bool:
+    """Whether the chain runs `cell` as itself (its own `call`), not a stock runner's step."""
+    return type(cell) not in _RUNNERS
 
 
 class Loop(NamedTuple):
@@ -189,7 +196,7 @@ def unroll(step, inputs: tf.Tensor, state) -> tuple:
 
 def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
                with_outputs: bool = True, flags: Optional[StepFlags] = None,
-               loop: Loop = Loop()):
+               loop: Loop = Loop(), masks: tuple = ()):
     """All layers over one chunk.
 
     Args:
@@ -201,6 +208,7 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
         the state lets a step loop skip writing them).
       flags: the chunk's per-step reset and mask (None: no flags).
       loop: how the time loops run (see `Loop`).
+      masks: each layer's `DropoutMasks` for this call (or None); () for none.
 
     Returns:
       ``(top outputs [K, B, U] time-major, or None when not needed and not made, new states
@@ -208,16 +216,28 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
     """
     new_states = []
     for index, (runner, layer_states) in enumerate(zip(runners, states)):
-        projected = runner.project(xs, batch_major=index == 0)
+        layer_masks = masks[index] if masks else None
+        projected = runner.project(xs, batch_major=index == 0, masks=layer_masks)
         keep = with_outputs or index < len(runners) - 1
         xs, layer_states = runner.run(projected, layer_states, training=training,
-                                      with_outputs=keep, flags=flags, loop=loop)
+                                      with_outputs=keep, flags=flags, loop=loop,
+                                      masks=layer_masks)
         new_states.append(layer_states)
     return xs, new_states
 
 
-def _project(xs: tf.Tensor, kernel: tf.Tensor, bias, batch_major: bool) -> tf.Tensor:
-    """``xs @ kernel + bias`` as one matmul over all steps, returned time-major."""
+def _project(xs: tf.Tensor, kernel: tf.Tensor, bias, batch_major: bool,
+             masks: Optional[tuple] = None) -> tf.Tensor:
+    """``xs @ kernel + bias`` as one matmul over all steps, returned time-major. With input
+    dropout `masks` (``[B, F]`` each, the same at every step), ``(xs * mask) @ kernel``; with
+    one mask per gate (Keras's implementation 1), each gate's columns take their own."""
+    if masks is not None and len(masks) > 1:
+        kernels = tf.split(kernel, len(masks), axis=1)
+        biases = [None] * len(masks) if bias is None else tf.split(bias, len(masks))
+        return tf.concat([_project(xs, k, b, batch_major, (m,))
+                          for k, b, m in zip(kernels, biases, masks)], axis=-1)
+    if masks is not None:  # [B, F] broadcast over the steps of [B, K, F] or [K, B, F]
+        xs = xs * (masks[0][:, None] if batch_major else masks[0][None])
     shape = tf.shape(xs)
     flat = tf.matmul(tf.reshape(xs, [-1, shape[2]]), kernel)
     if bias is not None:
@@ -234,11 +254,15 @@ class _CellRunner:
         self._cell = cell
         self._loops = {}  # training -> StepLoops, once the cell is built
 
-    def project(self, xs, batch_major: bool):
+    def project(self, xs, batch_major: bool, masks=None):
+        del masks  # only stock cells take Keras's dropout (see `randomness.py`)
         return time_major(xs) if batch_major else xs
 
+    def draw_masks(self, batch) -> None:
+        return None
+
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
-            loop: Loop = Loop()):
+            loop: Loop = Loop(), masks=None):
         loops = None if is_short(xs) else self._step_loops(training, xs, states)
         if loops is not None:
             return loops.run(xs, list(states), self._weights(), flags, loop)
@@ -263,24 +287,9 @@ class _CellRunner:
             specs = [tf.TensorSpec(xs.shape[1:], xs.dtype),
                      [tf.TensorSpec(s.shape, s.dtype) for s in states],
                      [tf.TensorSpec(w.shape, w.dtype) for w in self._weights()]]
-            self._loops.setdefault(training, StepLoops(step) if _repeatable(step, specs)
-                                   else None)
+            self._loops.setdefault(training, None if randomness.draws_or_writes(step, specs)
+                                   else StepLoops(step))
         return self._loops[training]
-
-
-# Op types whose outputs differ when a step runs again: random draws (stateless ones too, whose
-# seed a cell may advance between steps) and variable updates.
-_UNREPEATABLE_OPS = ("Random", "Rng", "Multinomial", "TruncatedNormal", "AssignVariable",
-                     "AssignAddVariable", "AssignSubVariable")
-
-
-def _repeatable(step, specs: list) -> bool:
-    """Whether `step` traced on `specs` has no op whose output would differ when run again,
-    in its graph or in the functions it calls (branches, loops, nested tf.functions)."""
-    graph = tf.function(step, autograph=False).get_concrete_function(*specs).graph.as_graph_def()
-    ops = [node.op for node in graph.node] + [node.op for f in graph.library.function
-                                              for node in f.node_def]
-    return not any(name in op for op in ops for name in _UNREPEATABLE_OPS)
 
 
 class _FusedRunner(abc.ABC):
@@ -293,9 +302,37 @@ class _FusedRunner(abc.ABC):
 
     def __init__(self, cell):
         self._cell = cell
-        # weights: [recurrent_kernel] and the recurrent bias where there is one
+        # weights: [recurrent_kernel], the recurrent bias where there is one, then the
+        # recurrent dropout masks where there are some (constants of the call)
         self._loops = StepLoops(lambda x, states, weights: self._step(
-            x, states, weights[0], weights[1] if len(weights) > 1 else None))
+            x, states, *self._split_weights(weights)))
+
+    def _split_weights(self, weights: list) -> tuple:
+        """``[recurrent_kernel, (recurrent_bias), *masks]`` -> (kernel, bias or None, masks
+        or None)."""
+        with_bias = self._has_recurrent_bias()
+        bias = weights[1] if with_bias else None
+        masks = tuple(weights[1 + with_bias:]) or None
+        return weights[0], bias, masks
+
+    def draw_masks(self, batch) -> Optional[DropoutMasks]:
+        """The cell's dropout masks for one call, drawn from its seed generator as Keras's
+        RNN draws them before its loop: the inputs' masks ``[B, F]``, then the state's
+        ``[B, U]``, one per gate where the cell counts them (implementation 1), in the cell's
+        compute dtype. None when the cell has no dropout."""
+        cell = self._cell
+        dtype = compat.compute_dtype(cell)
+
+        def draw(rate, width):
+            if not 0.0 < rate < 1.0:
+                return None
+            ones = tf.ones(tf.stack([batch, width]), dtype)
+            return tuple(compat.keras.random.dropout(ones, rate=rate, seed=cell.seed_generator)
+                         for _ in range(getattr(cell, "dropout_mask_count", None) or 1))
+
+        masks = DropoutMasks(draw(cell.dropout, cell.kernel.shape[0]),
+                             draw(cell.recurrent_dropout, cell.units))
+        return None if masks == DropoutMasks() else masks
 
     def _weight(self, name: str):
         dtype = tf.as_dtype(compat.compute_dtype(self._cell))
@@ -307,18 +344,23 @@ class _FusedRunner(abc.ABC):
         return (self._cell.activation is activations.tanh
                 and self._cell.recurrent_activation is activations.sigmoid)
 
-    def project(self, xs, batch_major: bool):
-        return _project(xs, self._weight("kernel"), self._input_bias(), batch_major)
+    def project(self, xs, batch_major: bool, masks: Optional[DropoutMasks] = None):
+        return _project(xs, self._weight("kernel"), self._input_bias(), batch_major,
+                        None if masks is None else masks.inputs)
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
-            loop: Loop = Loop()):
-        """The layer over ``xs [K, B, 3U or 4U]`` (projected): the compiled loop with its
-        written-out backward for sigmoid/tanh cells, flags or not (a forward that only carries
-        the state runs it too: the same program, so the same state to the last bit); the
-        step loop otherwise."""
-        del training  # dropout is refused by the chain; nothing else depends on it
+            loop: Loop = Loop(), masks: Optional[DropoutMasks] = None):
+        """The layer over ``xs [K, B, 3U or 4U]`` (projected, input dropout applied): the
+        compiled loop with its written-out backward for sigmoid/tanh cells, flags or not (a
+        forward that only carries the state runs it too: the same program, so the same state
+        to the last bit); the step loop otherwise, and with recurrent dropout."""
+        del training  # dropout comes as the call's masks; nothing else depends on it
         recurrent_kernel = self._weight("recurrent_kernel")
         recurrent_bias = self._recurrent_bias()
+        recurrent_masks = None if masks is None else masks.recurrent
+        if recurrent_masks is not None:
+            return self._step_loop(xs, states, recurrent_kernel, recurrent_bias,
+                                   recurrent_masks, with_outputs, flags, loop)
         if self._default_activations() and not is_short(xs):
             length = _length(xs)
             outputs, states = self._fused(
@@ -326,10 +368,20 @@ class _FusedRunner(abc.ABC):
                 states, recurrent_kernel, recurrent_bias, loop.compiled_alone(),
                 _padded_flags(flags, length, loop.max_steps))
             return outputs[:length], states
-        if not is_short(xs):  # other activations: the compiled loops of any step
+        return self._step_loop(xs, states, recurrent_kernel, recurrent_bias, None,
+                               with_outputs, flags, loop)
+
+    def _step_loop(self, xs, states, recurrent_kernel, recurrent_bias, recurrent_masks,
+                   with_outputs: bool, flags, loop: Loop):
+        """The compiled loops of `_step` (other activations, recurrent dropout), or the
+        step unrolled on a few steps."""
+        if not is_short(xs):
             weights = [recurrent_kernel] + ([] if recurrent_bias is None else [recurrent_bias])
+            weights += list(recurrent_masks or ())
             return self._loops.run(xs, list(states), weights, flags, loop)
-        step = lambda x, s: self._step(x, s, recurrent_kernel, recurrent_bias)  # noqa: E731
+
+        def step(x, s):
+            return self._step(x, s, recurrent_kernel, recurrent_bias, recurrent_masks)
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  loop=loop)
 
@@ -341,9 +393,15 @@ class _FusedRunner(abc.ABC):
     def _recurrent_bias(self):
         """The bias added to the recurrent matmul inside the loop, or None."""
 
+    def _has_recurrent_bias(self) -> bool:
+        """Whether `_recurrent_bias` is one (told without reading the weights)."""
+        return False
+
     @abc.abstractmethod
-    def _step(self, x, states, recurrent_kernel, recurrent_bias):
-        """One step on a projected input: ``(output, new states)``."""
+    def _step(self, x, states, recurrent_kernel, recurrent_bias, recurrent_masks=None):
+        """One step on a projected input: ``(output, new states)``; `recurrent_masks` (a
+        tuple of ``[B, U]``, one per gate or one) multiply the state entering the recurrent
+        products, as Keras's recurrent dropout does."""
 
     @abc.abstractmethod
     def _fused(self, xs, length, states, recurrent_kernel, recurrent_bias, jit: bool,
@@ -364,12 +422,20 @@ class _GRURunner(_FusedRunner):
         return bias[0] if self._cell.reset_after else bias
 
     def _recurrent_bias(self):
-        if not (self._cell.use_bias and self._cell.reset_after):
+        if not self._has_recurrent_bias():
             return None
         return self._weight("bias")[1]
 
-    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+    def _has_recurrent_bias(self) -> bool:
+        return bool(self._cell.use_bias and self._cell.reset_after)
+
+    def _step(self, x, states, recurrent_kernel, recurrent_bias, recurrent_masks=None):
         cell = self._cell
+        if recurrent_masks is not None:
+            h = _gru_step_dropped(x, states[0], recurrent_kernel, recurrent_bias,
+                                  cell.reset_after, cell.activation, cell.recurrent_activation,
+                                  recurrent_masks)
+            return h, [h]
         h = _gru_step(x, states[0], recurrent_kernel, recurrent_bias, cell.reset_after,
                       cell.activation, cell.recurrent_activation)[0]
         return h, [h]
@@ -393,9 +459,14 @@ class _LSTMRunner(_FusedRunner):
     def _recurrent_bias(self):
         return None
 
-    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+    def _step(self, x, states, recurrent_kernel, recurrent_bias, recurrent_masks=None):
         del recurrent_bias
         cell = self._cell
+        if recurrent_masks is not None:
+            h, c = _lstm_step_dropped(x, states[0], states[1], recurrent_kernel,
+                                      cell.activation, cell.recurrent_activation,
+                                      recurrent_masks)
+            return h, [h, c]
         h, c = _lstm_step(x, states[0], states[1], recurrent_kernel, cell.activation,
                           cell.recurrent_activation)[:2]
         return h, [h, c]
@@ -422,9 +493,10 @@ class _SimpleRNNRunner(_FusedRunner):
     def _recurrent_bias(self):
         return None
 
-    def _step(self, x, states, recurrent_kernel, recurrent_bias):
+    def _step(self, x, states, recurrent_kernel, recurrent_bias, recurrent_masks=None):
         del recurrent_bias
-        h = x + tf.matmul(states[0], recurrent_kernel)
+        state = states[0] if recurrent_masks is None else states[0] * recurrent_masks[0]
+        h = x + tf.matmul(state, recurrent_kernel)
         if self._cell.activation is not None:
             h = self._cell.activation(h)
         return h, [h]
@@ -470,6 +542,29 @@ def _gru_step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activat
         candidate = tf.matmul(aux, recurrent_kernel[:, 2 * units:])
     hh = activation(x_candidate + candidate)
     return z * h + (1 - z) * hh, z, r, hh, aux
+
+
+def _gru_step_dropped(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation,
+                      recurrent_activation, masks: tuple):
+    """Keras `GRUCell.call` with recurrent dropout (its implementation 1) on ``x = inputs @
+    kernel + input_bias`` ``[B, 3U]``: each gate's recurrent product takes the state times its
+    own mask of ``masks`` (3 of ``[B, U]``); the new state mixes in the state undropped."""
+    kernels = tf.split(recurrent_kernel, 3, axis=1)
+    biases = [None] * 3 if recurrent_bias is None else tf.split(recurrent_bias, 3)
+    x_z, x_r, x_h = tf.split(x, 3, axis=1)
+
+    def inner(gate):
+        product = tf.matmul(h * masks[gate], kernels[gate])
+        return product if biases[gate] is None else product + biases[gate]
+
+    z = recurrent_activation(x_z + inner(0))
+    r = recurrent_activation(x_r + inner(1))
+    if reset_after:
+        candidate = r * inner(2)
+    else:
+        candidate = tf.matmul(r * (h * masks[2]), kernels[2])
+    hh = activation(x_h + candidate)
+    return z * h + (1 - z) * hh
 
 
 class GRUKernels(NamedTuple):
@@ -535,6 +630,19 @@ def _lstm_step(x, h, c, recurrent_kernel, activation, recurrent_activation):
     c = f * c + i * g
     activation_c = activation(c)
     return o * activation_c, c, i, f, o, g, activation_c
+
+
+def _lstm_step_dropped(x, h, c, recurrent_kernel, activation, recurrent_activation,
+                       masks: tuple):
+    """Keras `LSTMCell.call` with recurrent dropout (its implementation 1) on ``x = inputs @
+    kernel + bias`` ``[B, 4U]``: each gate's recurrent product takes the state times its own
+    mask of ``masks`` (4 of ``[B, U]``). Returns ``(h, c)``."""
+    kernels = tf.split(recurrent_kernel, 4, axis=1)
+    z_i, z_f, z_c, z_o = [x_g + tf.matmul(h * m, k) for x_g, m, k in
+                          zip(tf.split(x, 4, axis=1), masks, kernels)]
+    i, f, o = recurrent_activation(z_i), recurrent_activation(z_f), recurrent_activation(z_o)
+    c = f * c + i * activation(z_c)
+    return o * activation(c), c
 
 
 def _lstm_step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):

@@ -12,7 +12,8 @@ and the checks ask; it runs nothing, so adding a schedule is adding one class:
 - `grouped`: whether the chain keeps a boundary only every ~sqrt(n) segments (two levels);
 - `context_chunks`: how many chunks of a batch a streaming step keeps and re-runs in front of
   the next batch, so that gradients reach back across the batch cut;
-- `accepts_final_state_grad`: whether a dLoss/d(final state) from outside can be carried in.
+- `accepts_final_state_grad`: whether a dLoss/d(final state) from outside can be carried in;
+- `recomputes`: whether a segment runs twice (its draws must then be replayed).
 
 ```
 Exact()          every cotangent travels, summed into one: full BPTT
@@ -36,6 +37,12 @@ class Schedule:
     def seed_count(self) -> int:
         """How many VJP seeds a segment is pulled back with (its own loss and each age)."""
         return 1
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether a segment runs twice (the forward sweep, then again in the backward): not
+        when nothing crosses a cut, each backward then right after its own forward."""
+        return self.carried_ages > 0
 
     def seeds(self, carried: list, num_leaves: int) -> tuple[list, list]:
         raise NotImplementedError

@@ -22,6 +22,8 @@ from tbptt._src import checks
 from tbptt._src import compat
 from tbptt._src import compiling
 from tbptt._src import layers
+from tbptt._src import randomness
+from tbptt._src.randomness import Draws
 
 keras = compat.keras
 
@@ -64,6 +66,11 @@ class CellStack(tf.Module):
         self.leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self.features = None  # F of the cells' inputs, once built
         self.input_tail = None  # the chain's inputs' shape after [B, T], once built
+        # The seed generators' states of the inputs layer and the head, replayed per chunk,
+        # and why a call that recomputes chunks could not replay a part's draws (see
+        # `randomness.py`), once built.
+        self.seed_states = []
+        self._replay_problems = []
 
     @property
     def cells(self) -> list:
@@ -161,6 +168,9 @@ class CellStack(tf.Module):
             if self._inputs_layer is not None:
                 features = self._embed(input_shape, input_dtype or tf.int32, reach)
             self._build(features, input_shape, reach)
+            self.seed_states = compat.unique(
+                [v for part in (self._inputs_layer, self._head) if part is not None
+                 for v in compat.seed_states(part)])
             self.input_tail = tuple(input_shape[2:].as_list())
 
     def _embed(self, input_shape: tf.TensorShape, dtype, reach: int) -> int:
@@ -172,7 +182,7 @@ class CellStack(tf.Module):
             steps = 2 * max(int(reach), 3)
             ids = tf.cast(tf.random.stateless_uniform([2, steps] + input_shape[2:].as_list(),
                                                       [5, 9], maxval=2, dtype=tf.int32), dtype)
-            _check_acts_step_by_step(self._inputs_layer, "inputs_layer", ids, self.dtype)
+            self._note(_check_part(self._inputs_layer, "inputs_layer", ids, self.dtype))
         compat.check_owns_its_variables("inputs_layer", self._inputs_layer, functools.partial(
             compat.call_layer, self._inputs_layer, tf.zeros(shape, dtype), training=True))
         return features
@@ -188,7 +198,7 @@ class CellStack(tf.Module):
             if self._head is not None:
                 x = tf.random.stateless_normal([2, 2 * max(int(reach), 3), top.shape[-1]],
                                                [7, 11])
-                _check_acts_step_by_step(self._head, "head", tf.cast(x, self.dtype), self.dtype)
+                self._note(_check_part(self._head, "head", tf.cast(x, self.dtype), self.dtype))
         # Again outside init_scope, which pauses tapes: which variables does each part read?
         self._run_parts(features, owned=True)
         self.features = features
@@ -205,19 +215,41 @@ class CellStack(tf.Module):
             if owned:
                 x, _ = compat.check_owns_its_variables(f"cells[{index}]", cell, run)
             else:
-                x, new_states = run()
+                with compat.left_as_it_was(cell):
+                    inputs, (x, new_states) = x, run()
                 _check_new_states(index, cell, states, new_states)
+                if layers.runs_cell_itself(cell):
+                    with compat.left_as_it_was(cell):
+                        self._note(randomness.cell_problem(index, cell, inputs, states))
         if self._head is not None:
             run = functools.partial(compat.call_layer, self._head, x[:, None], training=owned)
             if owned:
                 compat.check_owns_its_variables("head", self._head, run)
             else:
-                run()
+                with compat.left_as_it_was(self._head):
+                    run()
         return x
+
+    def _note(self, problem: Optional[str]) -> None:
+        if problem is not None:
+            self._replay_problems.append(problem)
+
+    def check_replayable(self) -> None:
+        """Refuses, by name, a part whose draws a call that recomputes chunks cannot replay."""
+        if self._replay_problems:
+            raise ValueError(self._replay_problems[0])
+
+    def draws(self, batch, training: bool) -> Draws:
+        """What one call draws once (see `randomness.py`): the seed generators' bases of the
+        inputs layer and the head, and with `training` the cells' dropout masks; called at
+        the start of a call, inside its compiled function."""
+        seeds = randomness.draw_seeds(self.seed_states)
+        masks = tuple(runner.draw_masks(batch) for runner in self._runners) if training else ()
+        return Draws(seeds, () if not any(m is not None for m in masks) else masks)
 
     def __call__(self, x: tf.Tensor, leaves: list, *, training: bool = True,
                  flags: Optional[layers.StepFlags] = None, with_outputs: bool = True,
-                 loop: layers.Loop = layers.Loop()):
+                 loop: layers.Loop = layers.Loop(), draws: Draws = Draws(), chunk=0):
         """All layers and the head over one chunk.
 
         Args:
@@ -228,22 +260,26 @@ class CellStack(tf.Module):
           with_outputs: False skips the head and the top layer's outputs (a forward that only
             carries the state).
           loop: how the chunk's time loops run (see `layers.Loop`).
+          draws: what the call drew once (`draws`); chunk: this chunk's index in the call,
+            from which its draws are replayed.
 
         Returns:
           ``(y [B, K, O] or None, the flat state leaving the chunk)``.
         """
         leaves = [tf.cast(leaf, self.dtype) for leaf in leaves]
-        if self._inputs_layer is not None:
-            x = tf.cast(compat.call_layer(self._inputs_layer, x, training=training), self.dtype)
-        top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), x,
-                                           training=training, with_outputs=with_outputs,
-                                           flags=flags, loop=loop)
-        leaves = [tf.cast(leaf, self.state_dtype) for layer in per_layer for leaf in layer]
-        if not with_outputs:
-            return None, leaves
-        top = layers.time_major(top)
-        if self._head is not None:
-            top = compat.call_layer(self._head, top, training=training)
+        with randomness.replayed(self.seed_states, draws.seeds, chunk):
+            if self._inputs_layer is not None:
+                x = tf.cast(compat.call_layer(self._inputs_layer, x, training=training),
+                            self.dtype)
+            top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), x,
+                                               training=training, with_outputs=with_outputs,
+                                               flags=flags, loop=loop, masks=draws.masks)
+            leaves = [tf.cast(leaf, self.state_dtype) for layer in per_layer for leaf in layer]
+            if not with_outputs:
+                return None, leaves
+            top = layers.time_major(top)
+            if self._head is not None:
+                top = compat.call_layer(self._head, top, training=training)
         return top, leaves
 
 
@@ -299,6 +335,41 @@ def _check_acts_step_by_step(part, what: str, x: tf.Tensor, dtype: tf.DType) -> 
                          f"(max difference {error:.3g}). {HEAD_RULE}")
 
 
+def _check_part(part, what: str, x: tf.Tensor, dtype: tf.DType) -> Optional[str]:
+    """The head or the inputs layer must act step by step, in inference and in training
+    (dropout and all); returns why a call that recomputes chunks could not replay its draws,
+    or None."""
+    _check_acts_step_by_step(part, what, x, dtype)
+    problem = randomness.part_problem(what, part, lambda: (
+        compat.call_layer(part, x, training=True)))
+    if problem is None:  # draws that cannot be replayed would hide a mixing of steps
+        _check_training_acts_step_by_step(part, what, x, dtype)
+    return problem
+
+
+def _check_training_acts_step_by_step(part, what: str, x: tf.Tensor, dtype: tf.DType) -> None:
+    """Under training=True, as the chunked gradient runs the part: changing the input at one
+    step must change no other step's output. Both runs draw the same numbers (the part's seed
+    generators restored in between), so dropout passes and only a mixing of steps shows.
+
+    What this proves: on these inputs, in training, no step's output reads another step's
+    input. What it cannot see: a mixing only on other inputs, or only beyond the probe."""
+    steps = x.shape[1]
+    at = tf.reshape(tf.range(steps) == steps // 2, [1, steps] + [1] * (x.shape.rank - 2))
+    bumped = tf.where(at, 1 - x, x) if x.dtype.is_integer else tf.where(at, x + 1, x)
+    outputs = []
+    for value in (x, bumped):
+        with compat.left_as_it_was(part):
+            outputs.append(tf.cast(compat.call_layer(part, value, training=True), tf.float64))
+    others = tf.boolean_mask(outputs[0] - outputs[1], tf.range(steps) != steps // 2, axis=1)
+    error = float(tf.reduce_max(tf.abs(others)))
+    scale = 1.0 + float(tf.reduce_max(tf.abs(outputs[0])))
+    if error > {tf.float64: 1e-9, tf.float32: 1e-4}.get(dtype, 1e-2) * scale:
+        raise ValueError(f"the {what} looks across time steps when training: changing the "
+                         f"input at one step of {steps} changed the outputs at other steps "
+                         f"(max difference {error:.3g}). {HEAD_RULE}")
+
+
 def _checked_cells(cells) -> list:
     if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence) or not cells:
         raise TypeError(f"cells must be a non-empty sequence of RNN cells (each with "
@@ -316,13 +387,15 @@ def _checked_cells(cells) -> list:
         for inner in [cell] + list(getattr(cell, "cells", [])):
             dropout = getattr(inner, "dropout", 0) or 0
             recurrent = getattr(inner, "recurrent_dropout", 0) or 0
-            if dropout > 0 or recurrent > 0:
+            if (dropout > 0 or recurrent > 0) and (
+                    inner is not cell or layers.runs_cell_itself(cell)):
                 raise ValueError(
                     f"cell {index} ({type(inner).__name__}) has dropout={dropout} / "
-                    f"recurrent_dropout={recurrent}: the backward pass recomputes each chunk, "
-                    "and Keras would draw new dropout masks there, so the gradient would "
-                    "belong to a different function. Use cells without dropout and put "
-                    "dropout in the head, which runs once per chunk.")
+                    f"recurrent_dropout={recurrent}: the chain draws Keras's dropout masks once "
+                    "per sequence and replays them in each chunk's recompute for Keras's own "
+                    "GRUCell, LSTMCell and SimpleRNNCell, given to the chain directly (not "
+                    "inside StackedRNNCells, not a subclass). Pass those, or put dropout in the "
+                    "head or the inputs layer.")
     return list(cells)
 
 

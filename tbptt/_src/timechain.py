@@ -6,8 +6,10 @@ segment k:  (y_k, s_k) = core(x_k, s_{k-1});   L_k = weight_k * loss_fn(targets_
 ```
 
 A core is anything with the contract `core(x [B, K, F], state, *, training, flags,
-with_outputs, loop) -> (y [B, K, O] or None, state)` over a flat list of state tensors: a
-`CellStack`, or a plain function wrapped to it (tests do).
+with_outputs, loop, draws, chunk) -> (y [B, K, O] or None, state)` over a flat list of state
+tensors: a `CellStack`, or a plain function wrapped to it (tests do). `draws` is what the call
+drew once (`CellStack.draws`) and `chunk` the chunk's index: a chunk replays its draws in the
+recompute (see `randomness.py`).
 
 The compiled bodies of a chain's calls are here (`gradients`, `forward`): they rebuild the
 `calls.Call` they are given and run it, reading chunk sources through `SourceReader`s, which
@@ -23,6 +25,7 @@ from typing import Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
+from tbptt._src import calls
 from tbptt._src import chain as chain_lib
 from tbptt._src import checks
 from tbptt._src import layers
@@ -31,6 +34,7 @@ from tbptt._src import sources as sources_lib
 from tbptt._src import vjp as vjp_lib
 from tbptt._src.calls import Batch, Call, Static
 from tbptt._src.config import ChainConfig
+from tbptt._src.randomness import Draws
 
 
 class SourceReader(NamedTuple):
@@ -63,9 +67,10 @@ def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
     segments, run by `chain.gradients` with the config's schedule and backend."""
     call = _rebuilt(tensors, static)
     loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
+    draws = stack.draws(calls.batch_size(call.state[0]), training=True)
     segments_ = segments(stack, call, static.loss_fn,
                          losses.reduction_of(config.reduction, static.loss_fn), loss_dtype,
-                         xla=static.xla)
+                         xla=static.xla, draws=draws)
     keep_at = None if call.context_steps is None else config.schedule.context_start(
         segments_.count)
     result = chain_lib.gradients(
@@ -83,10 +88,11 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
     """The compiled body of `__call__`: in memory the whole sequence is one chunk; a source is
     read and run chunk by chunk. Returns ``(outputs [B, T, O], final flat state)``."""
     call = _rebuilt(tensors, static)
+    draws = stack.draws(calls.batch_size(call.state[0]), training=static.training)
     if not static.source_specs:
         flags = chunk_flags(call.batch, 0, tf.shape(call.batch.inputs)[1])
         return stack(call.batch.inputs, call.state, training=static.training, flags=flags,
-                     loop=layers.Loop(xla=static.xla))
+                     loop=layers.Loop(xla=static.xla), draws=draws)
     size, total = call.chunk_size, steps(call)
     loop = layers.Loop(size, static.xla)
 
@@ -94,7 +100,8 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
         start, stop = k * size, tf.minimum((k + 1) * size, total)
         predictions, state = stack(window(call.batch.inputs, start, stop), state,
                                    training=static.training,
-                                   flags=chunk_flags(call.batch, start, stop), loop=loop)
+                                   flags=chunk_flags(call.batch, start, stop), loop=loop,
+                                   draws=draws, chunk=k)
         return layers.time_major(predictions), state
 
     outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
@@ -195,7 +202,8 @@ def _share_counts(batch: Batch, reduction: losses.Reduction, dtype, context, tot
 
 
 def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
-             loss_dtype: tf.DType, xla: Optional[bool] = None) -> chain_lib.Segments:
+             loss_dtype: tf.DType, xla: Optional[bool] = None,
+             draws: Draws = Draws()) -> chain_lib.Segments:
     """The chunks of one sequence as chain segments over the flat state.
 
     Args:
@@ -206,6 +214,7 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
       reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
       xla: whether the stock cells' loops are compiled with XLA on their own (`layers.Loop`).
+      draws: what the call drew once; each chunk replays its own draws from it.
     """
     size, total, batch = call.chunk_size, steps(call), call.batch
     loop = layers.Loop(size, xla)
@@ -217,12 +226,14 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
     def advance(k, state):
         start, stop = bounds(k)
         return core(window(batch.inputs, start, stop), state,
-                    flags=chunk_flags(batch, start, stop), with_outputs=False, loop=loop)[1]
+                    flags=chunk_flags(batch, start, stop), with_outputs=False, loop=loop,
+                    draws=draws, chunk=k)[1]
 
     def segment(k, state):
         start, stop = bounds(k)
         predictions, state = core(window(batch.inputs, start, stop), state,
-                                  flags=chunk_flags(batch, start, stop), loop=loop)
+                                  flags=chunk_flags(batch, start, stop), loop=loop,
+                                  draws=draws, chunk=k)
         loss_args = [window(batch.targets, start, stop), predictions]
         losses.check_per_step(reduction, *loss_args)
         sample_weight = masked_weight(
