@@ -352,6 +352,107 @@ def test_a_keras_loss_whose_attribute_changes_is_seen_by_the_compiled_step():
     assert_all_close(second.grads, [3.0 * g for g in first.grads], 1e-12)
 
 
+class ArrayWeightedL1(keras.losses.Loss):
+    """Weights the outputs by an array attribute (changed in place by the user)."""
+
+    def __init__(self, weights):
+        super().__init__(reduction="sum", dtype="float64")
+        self.weights = weights
+
+    def call(self, y_true, y_pred):
+        return tf.sqrt(tf.square(y_true - y_pred) + 1e-3) * self.weights
+
+
+class EqualByName:
+    """Equal to any other of its name (a user's __eq__/__hash__), whatever its scale."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __eq__(self, other):
+        return isinstance(other, EqualByName)
+
+    def __hash__(self):
+        return 0
+
+    def __call__(self, y_true, y_pred):
+        return self.scale * l1_loss(y_true, y_pred)
+
+
+def _twice(change):
+    """A loss changed in Python between two calls: the second call must see the change."""
+    chain = gru()
+    x, y = data()
+    loss_fn, expected_ratio = change(first=True)
+    first = chain.value_and_gradients(x, y, loss_fn)
+    loss_fn, _ = change(first=False)
+    second = chain.value_and_gradients(x, y, loss_fn)
+    np.testing.assert_allclose(float(second.loss), expected_ratio * float(first.loss),
+                               rtol=1e-12)
+
+
+def test_an_array_changed_in_place_in_a_loss_is_seen():
+    weights = np.ones([2], "float64")
+    loss = ArrayWeightedL1(weights)
+
+    def change(first):
+        if not first:
+            weights[:] = 3.0  # in place: the same array object
+        return loss, 3.0
+    _twice(change)
+
+
+def test_a_tensor_attribute_replaced_and_a_closed_over_list_mutated_are_seen():
+    loss = ArrayWeightedL1(tf.ones([2], tf.float64))
+
+    def replace(first):
+        if not first:
+            loss.weights = 3.0 * tf.ones([2], tf.float64)
+        return loss, 3.0
+    _twice(replace)
+    scales = [1.0]
+    closing = lambda y_true, y_pred: scales[0] * l1_loss(y_true, y_pred)  # noqa: E731
+
+    def mutate(first):
+        if not first:
+            scales[0] = 3.0
+        return closing, 3.0
+    _twice(mutate)
+
+
+def test_losses_equal_by_their_own_eq_but_computing_differently_trace_apart():
+    _twice(lambda first: (EqualByName(1.0 if first else 100.0), 100.0))
+
+
+class ScaledHead(keras.layers.Layer):
+    """A head whose Python attribute a user changes between calls (a temperature, say)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(2, dtype="float64")
+        self.scale = 1.0
+
+    def call(self, h):
+        return self.scale * self.dense(h)
+
+
+@pytest.mark.parametrize("entry", ["value_and_gradients", "chain(x)", "online step"])
+def test_a_head_attribute_changed_between_calls_is_seen(entry):
+    head = ScaledHead(dtype="float64")
+    chain = gru(head=head)
+    x, y = data()
+    steps = 1 if entry == "online step" else T
+
+    def run():
+        if entry == "value_and_gradients":
+            return chain.value_and_gradients(x, y, lambda a, b: tf.reduce_sum(b)).loss
+        return tf.reduce_sum(chain(x[:, :steps])[0])
+
+    first = float(run())
+    head.scale = 3.0
+    np.testing.assert_allclose(float(run()), 3.0 * first, rtol=1e-12)
+
+
 class UnhashableLoss:
     __hash__ = None
 

@@ -1,19 +1,24 @@
 """Compiling a chain's entry points once per argument structure, with relaxed shapes.
 
 The compiled functions are kept in a bounded cache, least recently used first out, keyed by the
-call's kind, its static values and its argument specs. A Keras loss in the static values is
-keyed by its class and config, so a new `keras.losses.MeanSquaredError()` per call (an everyday
-pattern) shares one trace with the last one instead of tracing again. What a trace reads from a
-Python object is frozen into it: a loss or head whose Python attributes change between calls
-keeps the values of its first trace (use a `tf.Variable` for what changes).
+call's kind, its static values, its argument specs and the Python state its layers hold
+(`static_key`, `attributes_key`). What a trace reads from Python is frozen into it, so the key
+holds all of it by value: a loss or head whose Python attributes change between calls (an
+array changed in place, a list a lambda closes over) traces again and is seen. A Keras loss is
+keyed by its class and attribute values, so a new `keras.losses.MeanSquaredError()` per call
+(an everyday pattern) shares one trace with the last one. What changes often belongs in a
+`tf.Variable`, which a trace reads anew at each call.
 """
 
 import collections
+import functools
+import hashlib
 import threading
 import types
 import warnings
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from tbptt._src import compat
@@ -38,29 +43,92 @@ def signature(args: dict, unknown_dims: Callable[[str], int]) -> dict:
             for name, value in args.items()}
 
 
-def static_key(value):
-    """A hashable key for a static value: a Keras loss by its class and attribute values, a
-    Python function by its code and the values it closes over and defaults to (so equal losses
-    share a trace and losses that differ in any setting do not: a lambda made anew in a loop
-    is one trace), other unhashable objects by identity (the cache entry keeps them alive, so
-    the identity is not reused)."""
-    if isinstance(value, tuple):
-        return tuple(static_key(v) for v in value)
-    if isinstance(value, compat.keras.losses.Loss):
-        try:
-            return ("keras loss", type(value), _plain(vars(value)))
-        except TypeError:
-            pass  # an attribute that is no plain value (a tensor, a variable): by identity
+def static_key(value, seen: frozenset = frozenset()):
+    """A hashable key of everything a trace reads from a Python value, so that a call whose
+    Python state changed traces again rather than answering with the old values:
+
+    - plain values, lists, tuples and dicts by value; NumPy arrays and eager tensors by
+      content (a change in place is seen); variables by identity (a trace reads them anew);
+    - a function by its code, the values it closes over and its defaults (a lambda made anew
+      in a loop is one trace), a bound method by its function and its object;
+    - a Keras loss by its class and attribute values (equal losses share a trace);
+    - a layer or module by identity (its variables are read anew; a head's and cells' own
+      attributes are keyed apart, see `attributes_key`);
+    - any other object by its class and attribute values (two objects alike compute
+      alike): never by its own `__eq__` or `__hash__`, which may call two different losses
+      equal; an object without attributes (a builtin, a C function) by identity.
+    """
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, (tf.DType, tf.TensorSpec, tf.TensorShape, tf.dtypes.DType)):
+        return value
+    if id(value) in seen:
+        return ("cycle", id(value))
+    seen = seen | {id(value)}
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(static_key(v, seen) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), static_key(v, seen)) for k, v in value.items())))
+    content = _content_key(value)
+    if content is not None:
+        return content
     if isinstance(value, types.FunctionType):
-        return ("function", value.__code__, id(value.__globals__), static_key(tuple(
-            cell.cell_contents for cell in value.__closure__ or ())),
-            static_key(tuple(value.__defaults__ or ())),
-            static_key(tuple(sorted((value.__kwdefaults__ or {}).items()))))
-    try:
-        hash(value)
-    except TypeError:
-        return ("object", id(value))
-    return value
+        return ("function", value.__code__, id(value.__globals__),
+                static_key(tuple(c.cell_contents for c in value.__closure__ or ()), seen),
+                static_key(value.__defaults__ or (), seen),
+                static_key(value.__kwdefaults__ or {}, seen))
+    if isinstance(value, types.MethodType):
+        return ("method", static_key(value.__func__, seen), static_key(value.__self__, seen))
+    if isinstance(value, functools.partial):
+        return ("partial", static_key(value.func, seen), static_key(value.args, seen),
+                static_key(value.keywords, seen))
+    if isinstance(value, compat.keras.losses.Loss):
+        return ("keras loss", type(value), static_key(vars(value), seen))
+    if isinstance(value, (tf.Module, types.ModuleType, type)) or compat.is_keras_layer(value) \
+            or not hasattr(value, "__dict__"):
+        return ("object", id(value))  # builtins, C functions, modules, layers
+    return ("object", type(value), static_key(vars(value), seen))
+
+
+def _content_key(value):
+    """An array, an eager tensor or a variable as a key (None for anything else)."""
+    if isinstance(value, (tf.Variable, getattr(compat.keras, "Variable", tf.Variable))):
+        return ("variable", id(value))
+    if isinstance(value, tf.Tensor):
+        if not hasattr(value, "numpy"):  # symbolic: its value is not known here
+            return ("tensor", id(value))
+        value = value.numpy()
+    if isinstance(value, (np.ndarray, np.generic)):
+        array = np.ascontiguousarray(value)
+        digest = hashlib.blake2b(array.tobytes(), digest_size=16).digest() if (
+            array.dtype != object) else id(value)
+        return ("array", array.dtype.str, array.shape, digest)
+    return None
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def attributes_key(layer) -> tuple:
+    """The public attributes of a layer (the head, a cell, the inputs layer, and the layers
+    inside them) that a trace may read from Python, by value: plain values and lists of them,
+    arrays and eager tensors by content, functions by identity. Its other objects are Keras's
+    own (initializers, specs) or read anew (variables). Made at every call, so kept cheap."""
+    keyed = []
+    for name, value in vars(layer).items():
+        if name[0] == "_":
+            continue
+        if isinstance(value, _PLAIN):
+            keyed.append((name, value))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
+            keyed.append((name, tuple(value)))
+        elif isinstance(value, types.FunctionType):
+            keyed.append((name, id(value)))
+        elif isinstance(value, (np.ndarray, np.generic, tf.Tensor)):
+            keyed.append((name, _content_key(value)))
+        elif isinstance(value, dict):
+            keyed.append((name, static_key(value)))
+    return tuple(keyed)
 
 
 def kind_of(value):
@@ -81,21 +149,6 @@ def _kinds(static):
     return static_key(static) if kind is None else ("kind", kind)
 
 
-def _plain(value):
-    """`value` as a hashable tree of plain values; TypeError for anything else."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
-    if callable(value) and hasattr(value, "__qualname__") and not hasattr(value, "__self__"):
-        return ("function", value)  # a module-level function: the same object each time
-    if type(value).__name__.endswith("DTypePolicy"):
-        return ("dtype policy", value.name)
-    raise TypeError(f"not a plain value: {type(value).__name__}")
-
-
 class FunctionCache:
     """`impl(args, static)` compiled once per (kind, static, argument specs), LRU-bounded.
 
@@ -104,11 +157,14 @@ class FunctionCache:
     """
 
     def __init__(self, unknown_dims: Callable[[str], int],
-                 variables: Callable[[], list] = list):
+                 variables: Callable[[], list] = list, state: Callable[[], tuple] = tuple):
         """`unknown_dims(name)`: the leading dims of argument `name` left unknown;
-        `variables()`: the variables the functions read (for `compat.second_order_recording`)."""
+        `variables()`: the variables the functions read (for `compat.second_order_recording`);
+        `state()`: the Python state of the layers the functions run (see `attributes_key`),
+        a part of each key."""
         self._unknown_dims = unknown_dims
         self._variables = variables
+        self._state = state
         self._functions = collections.OrderedDict()
         # key -> the concrete function of a call made unrecorded: one per key, since the
         # signature is fixed; looking it up anew would cost about as much as a small call.
@@ -147,7 +203,7 @@ class FunctionCache:
             self._refuse_forward_mode(kind, args, forward_mode)
             specs = signature(args, unknown)
             shapes = tuple((name, tuple(tf.nest.flatten(s))) for name, s in sorted(specs.items()))
-            context = (kind, shapes)
+            context = (kind, shapes, self._state())
             key = (static_key(static),) + context
             self._note_variant((_kinds(static),) + context, key, static)
             function = self._function(key, impl, static, specs)

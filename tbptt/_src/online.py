@@ -92,7 +92,7 @@ class OnlineSteps:
             return None
         return (tuple(inputs.shape), dtype,
                 tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves), bool(training),
-                structure)
+                structure, stack.python_state())
 
 
 def _leaves(state) -> list:

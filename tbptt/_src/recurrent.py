@@ -89,7 +89,8 @@ class RecurrentChain(saving.SerializableChain, tf.Module):
         self._stack = CellStack(cells, head, config.dtype, inputs_layer)
         self._config = config._replace(dtype=self._stack.dtype)
         self._functions = compiling.FunctionCache(
-            _unknown_dims, variables=lambda: self._stack.trainable_variables)
+            _unknown_dims, variables=lambda: self._stack.trainable_variables,
+            state=self._stack.python_state)
         self._online = online_lib.OnlineSteps()
 
     def _arguments(self) -> dict:

@@ -96,6 +96,13 @@ class CellStack(tf.Module):
         return compat.unique([v for part in self.parts
                               for v in compat.trainable_variables_of(part)])
 
+    def python_state(self) -> tuple:
+        """The Python attributes of every part and the layers inside it that a trace may
+        read (`compiling.attributes_key`): a part of every compiled function's key, so a
+        head's or a cell's attribute changed between calls is seen."""
+        return tuple(compiling.attributes_key(layer) for part in self.parts
+                     for layer in compat.sublayers(part) if hasattr(layer, "__dict__"))
+
     @property
     def state_floats(self) -> int:
         """Floats in one row of the state (all layers)."""
