@@ -544,3 +544,22 @@ def test_a_float32_chain_under_a_mixed_policy_computes_in_float32():
     result = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError())
     expected = full_bptt(chain, x, y, lambda a, b: tf.reduce_mean(tf.square(a - b)))
     _assert_close([result.loss] + result.grads, [expected[0]] + list(expected[1]))
+
+
+def test_a_dynamic_loss_scale_is_read_at_every_step_as_keras_reads_it():
+    """LossScaleOptimizer whose scale doubles every step: each step's chunk losses and logged
+    loss use that step's scale (an unbuilt optimizer once froze its initial scale into the
+    trace, and the loss was logged with the scale after the update)."""
+    x, y = _data()
+    chain = _chain()
+    reference = _keras_gru_model(chain, "float32")
+    model = tbptt.keras.ChunkedModel(chain)
+    for m in (model, reference):
+        m.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0 ** 10, dynamic_growth_steps=1),
+            loss="mse")
+    ours = model.fit(x, y, batch_size=2, shuffle=False, verbose=0).history["loss"]
+    theirs = reference.fit(x, y, batch_size=2, shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert float(model.optimizer.scale_loss(1.0)) == 2.0 ** 12
+    _assert_close(_weights(chain), [v.numpy() for v in reference.trainable_variables], 1e-5)

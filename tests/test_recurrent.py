@@ -450,3 +450,19 @@ def test_an_inputs_layer_that_looks_across_steps_is_refused():
                                                                             padding="causal")])))
     with pytest.raises(ValueError, match="inputs_layer looks across time steps"):
         chain(np.zeros([2, 6], "int32"))
+
+
+def test_stacked_cells_with_a_multi_part_state_take_their_states_nested():
+    """StackedRNNCells([LSTMCell, GRUCell]) has state_size [[4, 4], 3]: its call takes
+    [[h, c], h2], while the chain carries the three tensors flat."""
+    stacked = keras.layers.StackedRNNCells([keras.layers.LSTMCell(4, dtype="float64"),
+                                            keras.layers.GRUCell(3, dtype="float64")])
+    chain = tbptt.RecurrentChain([stacked], chunk_size=4, dtype="float64")
+    x, y = data(outputs=3)
+    result = chain.value_and_gradients(x, y, l1_loss)
+    with tf.GradientTape() as tape:
+        outputs = keras.layers.RNN(stacked, return_sequences=True, dtype="float64")(x)
+        loss = l1_loss(y, outputs)
+    expected = tape.gradient(loss, chain.trainable_variables)
+    assert_all_close([result.loss] + result.grads, [loss] + expected, 1e-10)
+    assert [tuple(s.shape) for s in result.final_state[0]] == [(3, 4), (3, 4), (3, 3)]

@@ -240,3 +240,20 @@ def test_models_saved_by_version_0_1_0_load_predict_and_train(name, inputs, expe
     assert model.optimizer.iterations.numpy() > 0
     targets = saved["y"] if inputs == "x" else saved["labels"]
     model.fit(saved[inputs], targets, batch_size=2, shuffle=False, verbose=0)
+
+
+@pytest.mark.parametrize("inputs_layer,inputs", [
+    (lambda: keras.layers.Dense(3), lambda: make_sequence(2, 6, 5)),
+    (lambda: keras.layers.Embedding(7, 3), lambda: np.arange(12).reshape(2, 6) % 7)])
+def test_weights_load_into_a_fresh_model_with_an_inputs_layer(tmp_path, inputs_layer, inputs):
+    def make():
+        return tbptt.keras.ChunkedModel(tbptt.RecurrentChain(
+            [keras.layers.GRUCell(4)], chunk_size=3, inputs_layer=inputs_layer(),
+            head=keras.layers.Dense(2)))
+
+    model, x = make(), inputs()
+    model.predict(x, verbose=0)
+    model.save_weights(tmp_path / "w.weights.h5")
+    fresh = make()  # unbuilt: the inputs' shape comes from the file
+    fresh.load_weights(tmp_path / "w.weights.h5")
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), model.predict(x, verbose=0))

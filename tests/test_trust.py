@@ -524,3 +524,31 @@ def test_the_ownership_check_leaves_moving_statistics_and_seeds_as_they_were():
     fresh.build([None, None, 4])
     assert [v.numpy().tolist() for v in fresh.non_trainable_variables] == [
         b.tolist() for b in before]
+
+
+def test_layers_frozen_before_the_first_call_are_held_back():
+    """`layer.trainable = False` (fine-tuning): the layer's variables are its own, not
+    trained, and the others' gradients are the full-BPTT ones."""
+    cell = keras.layers.GRUCell(4, dtype="float64")
+    frozen = keras.layers.Dense(3, dtype="float64")
+    head = keras.Sequential([frozen, keras.layers.Dense(2, dtype="float64")])
+    cell.build((None, F))
+    cell.trainable = False
+    frozen.trainable = False
+    chain = tbptt.RecurrentChain([cell], head=head, chunk_size=4, dtype="float64")
+    x, y = data()
+    result = chain.value_and_gradients(x, y, l1_loss)
+    assert len(chain.trainable_variables) == 2  # the last Dense's kernel and bias
+    with tf.GradientTape() as tape:
+        outputs = head(keras.layers.RNN(cell, return_sequences=True, dtype="float64")(x))
+        loss = l1_loss(y, outputs)
+    assert_all_close(result.grads, tape.gradient(loss, chain.trainable_variables), 1e-10)
+
+
+def test_a_head_that_computes_otherwise_when_traced_is_refused_by_name():
+    """Keras's TimeDistributed maps over the batch when the steps are unknown (as the chain
+    traces its chunks): it would return [B, B, ...], refused with the way out."""
+    x, y = data()
+    head = keras.layers.TimeDistributed(keras.layers.Dense(2, dtype="float64"))
+    with pytest.raises(ValueError, match="TimeDistributed.*pass the layer it wraps"):
+        gru(head=head).value_and_gradients(x, y, l1_loss)

@@ -136,7 +136,9 @@ def check_owns_its_variables(what: str, part, run):
             return run()
     with left_as_it_was(part), tf.GradientTape(watch_accessed_variables=True) as tape:
         result = run()
-    listed = {id(c) for v in trainable_variables_of(part) for c in _components(v)}
+    # Its own variables, frozen ones too (`layer.trainable = False`: held back on purpose).
+    own = list(getattr(part, "variables", None) or []) + trainable_variables_of(part)
+    listed = {id(c) for v in own for c in _components(v)}
     hidden = [v for v in tape.watched_variables()
               if v.trainable and id(tf_variable(v)) not in listed]
     if hidden:

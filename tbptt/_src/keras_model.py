@@ -198,6 +198,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         x, y, sample_weight = _unpack(data)
         inputs, flags = _split_inputs(x)
         chain = self._train_chain
+        _build_before_tracing(chain, self.optimizer, inputs)
         if self.stateful:
             result, new_carry = chain.stream_step(inputs, y, self._chunk_loss, carry,
                                                   sample_weight=sample_weight, **flags)
@@ -209,8 +210,8 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         if compat.has_compiled_metrics(self):  # as Keras: predictions before the update
             y_pred = _predictions(chain, carry, inputs, flags)
         grads, penalty = _with_weight_penalty(self, result.grads, chain.trainable_variables)
+        loss = self._chunk_loss.logged(result.loss) + penalty  # the scale of this step
         self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
-        loss = self._chunk_loss.logged(result.loss) + penalty
         compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
         logs = self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
                                     sample_weight=sample_weight)
@@ -290,6 +291,17 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
             return super().fit(**_stateful_fit_arguments(self._stream, args, kwargs))
         return super().fit(*args, **kwargs)
 
+
+
+def _build_before_tracing(chain: RecurrentChain, optimizer, inputs) -> None:
+    """The chain and the optimizer built before the chain's gradient is first traced: the
+    chunk loss reads the optimizer's loss scale, which an unbuilt `LossScaleOptimizer` gives
+    as its initial scale, a Python number the trace would keep; built, it is the dynamic
+    scale, a variable read anew at every step."""
+    if optimizer.built:
+        return
+    chain.build(inputs.shape, inputs.dtype)
+    optimizer.build(chain.trainable_variables)
 
 
 def _stateful_fit_arguments(stream: Stream, args: tuple, kwargs: dict) -> dict:

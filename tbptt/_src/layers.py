@@ -46,6 +46,18 @@ def runs_cell_itself(cell) -> bool:
     return type(cell) not in _RUNNERS
 
 
+def cell_states(cell, leaves: list) -> list:
+    """A cell's flat state `leaves` nested as its `state_size` is (a StackedRNNCells of an
+    LSTM and a GRU takes ``[[h, c], h2]``), as the cell's `call` takes them."""
+    def structure(size):
+        if isinstance(size, (list, tuple)):
+            return [structure(s) for s in size]
+        return 0
+
+    nest = structure(cell.state_size)
+    return tf.nest.pack_sequence_as(nest if isinstance(nest, list) else [nest], list(leaves))
+
+
 class Loop(NamedTuple):
     """How one chunk's time loops run.
 
@@ -268,7 +280,8 @@ class _CellRunner:
             return loops.run(xs, list(states), self._weights(), flags, loop)
 
         def step(x, states):
-            y, new_states = compat.call_layer(self._cell, x, list(states), training=training)
+            y, new_states = compat.call_layer(self._cell, x, cell_states(self._cell, states),
+                                              training=training)
             return y, tf.nest.flatten(new_states)
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  loop=loop)
@@ -281,9 +294,12 @@ class _CellRunner:
         stateless step (see `compat.stateless_step`), or one that draws random numbers or
         changes a variable (a step run again in the backward would be another step)."""
         if training not in self._loops:
-            step = compat.stateless_step(self._cell, training)
-            if step is None:
+            own_step = compat.stateless_step(self._cell, training)
+            if own_step is None:
                 return None  # not kept: the cell may be built later
+
+            def step(x, states, weights):
+                return own_step(x, cell_states(self._cell, states), weights)
             specs = [tf.TensorSpec(xs.shape[1:], xs.dtype),
                      [tf.TensorSpec(s.shape, s.dtype) for s in states],
                      [tf.TensorSpec(w.shape, w.dtype) for w in self._weights()]]

@@ -131,7 +131,8 @@ def cell_problem(index: int, cell, x: tf.Tensor, states: list) -> Optional[str]:
     """Why the chunked gradient cannot replay `cell` (run as itself, step by step), or None:
     a cell that draws random numbers or changes a variable at each step would draw or change
     again in the recompute."""
-    specs = [tf.TensorSpec(x.shape, x.dtype), [tf.TensorSpec(s.shape, s.dtype) for s in states]]
+    specs = [tf.TensorSpec(x.shape, x.dtype), tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape, s.dtype), states)]
     if not draws_or_writes(lambda x, s: compat.call_layer(cell, x, s, training=True), specs):
         return None
     return (f"cells[{index}] ({type(cell).__name__}) draws random numbers or changes a variable "

@@ -114,7 +114,7 @@ class SavableModel:
         file's weights were made for, and a compiled one's optimizer too (so that its state,
         saved with the weights, is restored)."""
         if not self.built:
-            self.build(saved_input_shape(str(filepath), self.chain))
+            self.build(saved_input_shape(str(filepath), self.chain, self.chain_layers))
         if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         return super().load_weights(filepath, *args, **kwargs)
@@ -134,34 +134,40 @@ class SavableModel:
             self.optimizer.build(self.trainable_variables)
 
 
-def saved_input_shape(path: str, chain) -> list:
+def saved_input_shape(path: str, chain, saved_layers: list) -> list:
     """The inputs' shape a saved `ChunkedModel` was built for: its build config in a ".keras"
-    file; in a ".weights.h5" file, token ids [B, T] for a chain with an inputs layer, else
-    [B, T, F] with F the rows of its first cell's input kernel (Keras stores a list's layers
-    by class name, the first of a class without a suffix)."""
+    file; in a ".weights.h5" file, read off the weights of the layer that takes the inputs
+    (`saved_layers` is the model's list of the chain's layers, as Keras stored it): token ids
+    [B, T] for an Embedding inputs layer, else [B, T, F] with F the rows of the first input
+    kernel (the inputs layer's or the first cell's)."""
     if path.endswith(".keras") and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             build = json.loads(archive.read("config.json")).get("build_config") or {}
         if build.get("input_shape"):
             return build["input_shape"]
-    elif path.endswith(".h5") and chain.inputs_layer is not None:
+    first = chain.cells[0] if chain.inputs_layer is None else chain.inputs_layer
+    if hasattr(first, "input_dim"):  # an Embedding: token ids
         return [None, None]
-    return [None, None, saved_features(path, chain.cells[0])]
+    return [None, None, saved_features(path, first, saved_layers)]
 
 
-def saved_features(path: str, first_cell) -> int:
-    """The rows of the first cell's input kernel in a ".weights.h5" file (see
-    `saved_input_shape`)."""
+def saved_features(path: str, first, saved_layers: list) -> int:
+    """The rows of `first`'s input kernel in a ".weights.h5" file (see `saved_input_shape`;
+    Keras stores a list's layers by class name, the first of a class without a suffix)."""
     features = None
-    if path.endswith(".h5"):
+    if path.endswith(".h5") and any(layer is first for layer in saved_layers):
         import h5py  # a Keras 3 dependency
 
+        name = _snake_case(type(first).__name__)
+        before = sum(1 for layer in saved_layers[:[id(v) for v in saved_layers].index(id(first))]
+                     if _snake_case(type(layer).__name__) == name)
         with h5py.File(path, "r") as weights:
-            kernel = weights.get(f"chain_layers/{_snake_case(type(first_cell).__name__)}/vars/0")
+            kernel = weights.get(f"chain_layers/{name}{f'_{before}' if before else ''}/vars/0")
             features = kernel.shape[0] if kernel is not None and len(kernel.shape) == 2 else None
     if not features:
-        raise ValueError(f"cannot tell from {path!r} which feature size F the weights are for. "
-                         "Build the model before loading: model.build([None, None, F]).")
+        raise ValueError(f"cannot tell from {path!r} which inputs the weights are for. Build "
+                         "the model before loading: model.build([None, None, F]) (or model("
+                         "x) on one batch).")
     return int(features)
 
 

@@ -97,9 +97,8 @@ class CellStack(tf.Module):
                               for v in compat.trainable_variables_of(part)])
 
     def python_state(self) -> tuple:
-        """The Python attributes of every part and the layers inside it that a trace may
-        read (`compiling.attributes_key`): a part of every compiled function's key, so a
-        head's or a cell's attribute changed between calls is seen."""
+        """The Python attributes of the parts and their layers that a trace may read
+        (`compiling.attributes_key`): in every compiled function's key, so changes are seen."""
         return tuple(compiling.attributes_key(layer) for part in self.parts
                      for layer in compat.sublayers(part) if hasattr(layer, "__dict__"))
 
@@ -218,7 +217,8 @@ class CellStack(tf.Module):
         x = tf.zeros([1, features], self.dtype)
         zeros = [tf.zeros((1,) + shape, self.dtype) for shape in self.leaf_shapes]
         for index, (cell, states) in enumerate(zip(self._cells, self._per_layer(zeros))):
-            run = functools.partial(compat.call_layer, cell, x, states, training=owned)
+            run = functools.partial(compat.call_layer, cell, x, layers.cell_states(cell, states),
+                                    training=owned)
             if owned:
                 x, _ = compat.check_owns_its_variables(f"cells[{index}]", cell, run)
             else:
@@ -227,7 +227,8 @@ class CellStack(tf.Module):
                 _check_new_states(index, cell, states, new_states)
                 if layers.runs_cell_itself(cell):
                     with compat.left_as_it_was(cell):
-                        self._note(randomness.cell_problem(index, cell, inputs, states))
+                        self._note(randomness.cell_problem(
+                            index, cell, inputs, layers.cell_states(cell, states)))
         if self._head is not None:
             run = functools.partial(compat.call_layer, self._head, x[:, None], training=owned)
             if owned:
@@ -330,6 +331,7 @@ def _check_acts_step_by_step(part, what: str, x: tf.Tensor, dtype: tf.DType) -> 
         raise ValueError(f"the {what} must return one tensor [batch, steps, ...] with the steps "
                          f"of its input: for {x.shape.as_list()} it returned "
                          f"{getattr(whole, 'shape', type(whole).__name__)}. {HEAD_RULE}")
+    _check_traced_like_eager(part, what, x, whole)
     cuts = [0, 1, steps // 2, steps]
     pieces = tf.concat([compat.call_layer(part, x[:, a:b], training=False)
                         for a, b in zip(cuts[:-1], cuts[1:])], axis=1)
@@ -352,6 +354,29 @@ def _check_part(part, what: str, x: tf.Tensor, dtype: tf.DType) -> Optional[str]
     if problem is None:  # draws that cannot be replayed would hide a mixing of steps
         _check_training_acts_step_by_step(part, what, x, dtype)
     return problem
+
+
+def _check_traced_like_eager(part, what: str, x: tf.Tensor, whole: tf.Tensor) -> None:
+    """The part traced as the chain traces it, batch and steps unknown, must compute what it
+    computes eagerly (Keras's TimeDistributed maps over the batch axis when the steps are
+    unknown, and returns [B, B, ...])."""
+    spec = tf.TensorSpec([None, None] + x.shape[2:].as_list(), x.dtype)
+    traced = tf.function(lambda v: compat.call_layer(part, v, training=False),
+                         input_signature=[spec], autograph=False)
+    try:
+        got = traced(x)
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+        got = error
+    if isinstance(got, tf.Tensor) and got.shape == whole.shape:
+        error = tf.abs(tf.cast(got, tf.float64) - tf.cast(whole, tf.float64))
+        if bool(tf.reduce_all(error <= 1e-6 * (1 + tf.abs(tf.cast(whole, tf.float64))))):
+            return
+    result = f"shape {got.shape.as_list()}" if isinstance(got, tf.Tensor) else repr(got)[:200]
+    raise ValueError(f"the {what} computes otherwise when traced with the number of steps "
+                     f"unknown, as the chain runs it: for inputs {x.shape.as_list()} it gave "
+                     f"{result}, eagerly shape {whole.shape.as_list()}. Keras's "
+                     "TimeDistributed does so (it maps over the batch axis then): pass the "
+                     "layer it wraps directly; a Dense acts on each step already.")
 
 
 def _check_training_acts_step_by_step(part, what: str, x: tf.Tensor, dtype: tf.DType) -> None:
