@@ -563,3 +563,33 @@ def test_a_dynamic_loss_scale_is_read_at_every_step_as_keras_reads_it():
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     assert float(model.optimizer.scale_loss(1.0)) == 2.0 ** 12
     _assert_close(_weights(chain), [v.numpy() for v in reference.trainable_variables], 1e-5)
+
+
+def test_mixed_float16_sums_weight_gradients_in_float32_and_trains_like_keras():
+    """Under mixed_float16 the weights are kept in float32 and their gradients summed so, as a
+    Keras layer's are: summed in float16 over B*K rows they overflowed at the default loss
+    scale (32768), every step was skipped, and the model never trained."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        rng = np.random.default_rng(6)
+        x = rng.normal(size=(4, 10, 3)).astype("float32")
+        y = rng.normal(size=(4, 10, 2)).astype("float32")
+        keras.utils.set_random_seed(8)
+        cell, head = keras.layers.SimpleRNNCell(5, activation="relu"), keras.layers.Dense(
+            2, dtype="float32")
+        model = tbptt.keras.ChunkedModel(tbptt.RecurrentChain([cell], chunk_size=3, head=head))
+        model.build([None, None, 3])
+        twin_cell = keras.layers.SimpleRNNCell(5, activation="relu")
+        reference = keras.Sequential([keras.Input((10, 3)),
+                                      keras.layers.RNN(twin_cell, return_sequences=True),
+                                      keras.layers.Dense(2, dtype="float32")])
+        for v, w in zip(reference.trainable_variables, model.trainable_variables):
+            v.assign(w)
+        for m in (model, reference):
+            m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        ours = model.fit(x, y, epochs=3, verbose=0).history["loss"]
+        theirs = reference.fit(x, y, epochs=3, verbose=0).history["loss"]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    np.testing.assert_allclose(ours, theirs, rtol=2e-3)
+    assert ours[-1] < 0.5 * ours[0]

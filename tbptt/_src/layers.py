@@ -251,11 +251,43 @@ def _project(xs: tf.Tensor, kernel: tf.Tensor, bias, batch_major: bool,
     if masks is not None:  # [B, F] broadcast over the steps of [B, K, F] or [K, B, F]
         xs = xs * (masks[0][:, None] if batch_major else masks[0][None])
     shape = tf.shape(xs)
-    flat = tf.matmul(tf.reshape(xs, [-1, shape[2]]), kernel)
-    if bias is not None:
-        flat = tf.nn.bias_add(flat, bias)
+    flat = tf.reshape(xs, [-1, shape[2]])
+    if kernel.dtype != xs.dtype:  # mixed precision: kept in float32
+        flat = _affine_in(flat, kernel, bias)
+    else:
+        flat = tf.matmul(flat, kernel)
+        flat = flat if bias is None else tf.nn.bias_add(flat, bias)
     projected = tf.reshape(flat, [shape[0], shape[1], kernel.shape[-1]])
     return time_major(projected) if batch_major else projected
+
+
+def _affine_in(x: tf.Tensor, kernel: tf.Tensor, bias=None) -> tf.Tensor:
+    """``x @ kernel + bias`` in x's dtype, with kernel and bias kept in another (float32
+    under mixed precision): their gradients are computed and summed in the kept dtype, as a
+    Keras layer's are, rather than in 16 bits, where the sum over B*K rows overflows."""
+    kept = kernel.dtype
+
+    @tf.custom_gradient
+    def affine(x, kernel, *bias):
+        y = tf.matmul(x, tf.cast(kernel, x.dtype))
+        y = tf.nn.bias_add(y, tf.cast(bias[0], x.dtype)) if bias else y
+
+        def grad(dy):
+            d_x = tf.matmul(dy, tf.cast(kernel, x.dtype), transpose_b=True)
+            d_kernel = tf.matmul(tf.cast(x, kept), tf.cast(dy, kept), transpose_a=True)
+            d_bias = [tf.reduce_sum(tf.cast(dy, kept), axis=0)] if bias else []
+            return [d_x, d_kernel] + d_bias
+
+        return y, grad
+
+    return affine(x, kernel, *([] if bias is None else [bias]))
+
+
+def weight_product(a: tf.Tensor, b: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """``sum_t a_t^T b_t`` over ``[K, B, M]`` and ``[K, B, N]``: a weight's gradient over
+    all steps as one matmul, in the weight's kept `dtype`."""
+    return tf.matmul(tf.cast(_flat_steps(a), dtype), tf.cast(_flat_steps(b), dtype),
+                     transpose_a=True)
 
 
 class _CellRunner:
@@ -351,9 +383,9 @@ class _FusedRunner(abc.ABC):
         return None if masks == DropoutMasks() else masks
 
     def _weight(self, name: str):
-        dtype = tf.as_dtype(compat.compute_dtype(self._cell))
-        value = tf.convert_to_tensor(getattr(self._cell, name))
-        return value if value.dtype == dtype else tf.cast(value, dtype)
+        """A weight as it is kept (float32 under mixed precision): the loops cast it to the
+        compute dtype inside, so its gradient is summed in the kept dtype, as Keras sums it."""
+        return tf.convert_to_tensor(getattr(self._cell, name))
 
     def _default_activations(self) -> bool:
         activations = compat.keras.activations
@@ -396,8 +428,11 @@ class _FusedRunner(abc.ABC):
             weights += list(recurrent_masks or ())
             return self._loops.run(xs, list(states), weights, flags, loop)
 
+        kernel, bias = [None if w is None else tf.cast(w, xs.dtype)
+                        for w in (recurrent_kernel, recurrent_bias)]
+
         def step(x, s):
-            return self._step(x, s, recurrent_kernel, recurrent_bias, recurrent_masks)
+            return self._step(x, s, kernel, bias, recurrent_masks)
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
                                  loop=loop)
 
@@ -843,17 +878,18 @@ def _gru_sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
 
     @tf.custom_gradient
     def gru_sequence(projected, length, h0, recurrent_kernel, recurrent_bias, *flags):
+        kept = recurrent_kernel.dtype  # float32 under mixed precision: cast in here
+        kernel, bias = (tf.cast(w, projected.dtype) for w in (recurrent_kernel, recurrent_bias))
         saved, h_last = _loop_function(_gru_loop, jit, reset_after=reset_after, kinds=kinds)(
-            projected, length, h0, recurrent_kernel, recurrent_bias, *flags)
+            projected, length, h0, kernel, bias, *flags)
         outputs = saved[..., :recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_last = tf.zeros_like(h0) if d_last is None else d_last
             d_projected, d_h0, d_kernel, d_bias = _loop_function(
-                _gru_sequence_backward, jit, reset_after=reset_after, kinds=kinds)(
-                    d_outputs, d_last, length, h0, saved, recurrent_kernel, recurrent_bias,
-                    *flags)
+                _gru_sequence_backward, jit, reset_after=reset_after, kinds=kinds, kept=kept)(
+                    d_outputs, d_last, length, h0, saved, kernel, bias, *flags)
             return (d_projected, None, d_h0, d_kernel, d_bias) + (None,) * len(flags)
 
         return (outputs, h_last), grad
@@ -862,11 +898,12 @@ def _gru_sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
 
 
 def _gru_sequence_backward(d_outputs, d_last, length, h0, saved, recurrent_kernel,
-                           recurrent_bias, *flags, reset_after: bool, kinds: tuple):
+                           recurrent_bias, *flags, reset_after: bool, kinds: tuple,
+                           kept: tf.DType):
     """The gradients of `_gru_sequence`'s inputs: `_gru_step_backward` over the steps in
     reverse (one read and one write per step, through the flags' `where`s), then the
-    recurrent weights' gradients as one matmul over all steps (the padded steps' gradients
-    are zero)."""
+    recurrent weights' gradients as one matmul over all steps, in their `kept` dtype (the
+    padded steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
     steps = length
     # The state each step started from: saved with flags, else the previous step's output.
@@ -892,14 +929,14 @@ def _gru_sequence_backward(d_outputs, d_last, length, h0, saved, recurrent_kerne
         lambda i, *_: i < steps, back,
         (tf.constant(0), d_last, tf.TensorArray(saved.dtype, size=_length(saved))))
     d_projected, d_inner = _gru_step_parts(d_steps.stack(), units, reset_after)
-    d_kernel = tf.matmul(_flat_steps(previous), _flat_steps(d_inner), transpose_a=True)
+    d_kernel = weight_product(previous, d_inner, kept)
     if reset_after:
-        d_bias = tf.reduce_sum(_flat_steps(d_inner), axis=0)
+        d_bias = tf.reduce_sum(tf.cast(_flat_steps(d_inner), kept), axis=0)
     else:  # the candidate's recurrent term multiplies the reset state r * h (aux)
-        d_candidate = tf.matmul(_flat_steps(saved[..., 4 * units:5 * units]),
-                                _flat_steps(d_projected[..., 2 * units:]), transpose_a=True)
+        d_candidate = weight_product(saved[..., 4 * units:5 * units],
+                                     d_projected[..., 2 * units:], kept)
         d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
-        d_bias = tf.zeros_like(recurrent_bias)
+        d_bias = tf.zeros(recurrent_bias.shape, kept)
     return d_projected, d_h0, d_kernel, d_bias
 
 
@@ -927,10 +964,10 @@ def _lstm_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tuple
 
 
 def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, length, h0, c0, saved,
-                            recurrent_kernel, *flags, kinds: tuple):
+                            recurrent_kernel, *flags, kinds: tuple, kept: tf.DType):
     """The gradients of `_lstm_sequence`'s inputs: `_lstm_step_backward` over the steps in
     reverse (through the flags' `where`s), then the recurrent kernel's gradient as one matmul
-    over all steps (the padded steps' gradients are zero)."""
+    over all steps, in its `kept` dtype (the padded steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
     steps = length
     if flags:  # the states each step started from
@@ -959,8 +996,7 @@ def _lstm_sequence_backward(d_outputs, d_h_last, d_c_last, length, h0, c0, saved
         lambda k, *_: k < steps, back,
         (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=_length(saved))))
     d_projected = d_projected.stack()
-    d_kernel = tf.matmul(_flat_steps(h_previous), _flat_steps(d_projected), transpose_a=True)
-    return d_projected, d_h0, d_c0, d_kernel
+    return d_projected, d_h0, d_c0, weight_product(h_previous, d_projected, kept)
 
 
 @functools.lru_cache(maxsize=None)
@@ -972,8 +1008,10 @@ def _lstm_sequence(jit: bool, kinds: tuple = ()):
 
     @tf.custom_gradient
     def lstm_sequence(projected, length, h0, c0, recurrent_kernel, *flags):
+        kept = recurrent_kernel.dtype  # float32 under mixed precision: cast in here
+        kernel = tf.cast(recurrent_kernel, projected.dtype)
         saved, h_last, c_last = _loop_function(_lstm_loop, jit, kinds=kinds)(
-            projected, length, h0, c0, recurrent_kernel, *flags)
+            projected, length, h0, c0, kernel, *flags)
         outputs = saved[..., :recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_h_last, d_c_last):
@@ -981,8 +1019,8 @@ def _lstm_sequence(jit: bool, kinds: tuple = ()):
             d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
             d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
             d_projected, d_h0, d_c0, d_kernel = _loop_function(
-                _lstm_sequence_backward, jit, kinds=kinds)(
-                d_outputs, d_h_last, d_c_last, length, h0, c0, saved, recurrent_kernel, *flags)
+                _lstm_sequence_backward, jit, kinds=kinds, kept=kept)(
+                d_outputs, d_h_last, d_c_last, length, h0, c0, saved, kernel, *flags)
             return (d_projected, None, d_h0, d_c0, d_kernel) + (None,) * len(flags)
 
         return (outputs, h_last, c_last), grad
@@ -1075,7 +1113,10 @@ class StepLoops:
     ``step(x_t, states, weights) -> (y_t, new states)``, traced once per layout and kept."""
 
     def __init__(self, step):
-        self._step = step
+        # Weights kept in another dtype (float32 under mixed precision) are cast inside each
+        # step: their gradient is summed over the steps in the kept dtype.
+        self._step = lambda x, states, weights: step(
+            x, states, [tf.cast(w, x.dtype) for w in weights])
         self._sequences = {}
 
     def run(self, xs, states: list, weights: list, flags: Optional[StepFlags], loop: Loop):
