@@ -105,17 +105,20 @@ def kept(new_states: list, states: list, mask) -> list:
     return [tf.where(_rows(mask, s), n, s) for n, s in zip(new_states, states)]
 
 
-def flagged(step):
+def flagged(step, output_is_state: bool = False):
     """`step` with a reset before it and a mask after it: ``(x_t, states, reset_t, mask_t)``.
 
     reset_t: rows whose state is zeroed before the step. mask_t: rows that take the step; the
-    others keep the state they entered with (after any reset). The step's output is its own
-    either way.
+    others keep the state they entered with (after any reset). With `output_is_state` (a cell
+    whose output is its first state: Keras's GRU, LSTM and SimpleRNN cells) a masked row
+    outputs the state it keeps, which is the last output, as Keras's RNN repeats it; else the
+    step's output is its own either way.
     """
     def run(x, states, reset, mask):
         states = entering(states, reset)
         y, new_states = step(x, states)
-        return y, kept(new_states, states, mask)
+        new_states = kept(new_states, states, mask)
+        return (new_states[0] if output_is_state else y), new_states
     return run
 
 
@@ -125,18 +128,21 @@ def time_major(xs: tf.Tensor) -> tf.Tensor:
 
 
 def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-                      flags: Optional[StepFlags] = None, loop: Loop = Loop()):
+                      flags: Optional[StepFlags] = None, loop: Loop = Loop(),
+                      output_is_state: bool = False):
     """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``.
 
-    With `flags`, each step is `flagged` with the step's reset and mask; `loop.max_steps`
-    bounds K where it is unknown when traced (autodiff inside XLA sizes its accumulators).
+    With `flags`, each step is `flagged` with the step's reset and mask (and
+    `output_is_state`); `loop.max_steps` bounds K where it is unknown when traced (autodiff
+    inside XLA sizes its accumulators).
     """
     if is_short(xs):
-        return _unrolled(step, xs, states, with_outputs=with_outputs, flags=flags)
+        return _unrolled(step, xs, states, with_outputs=with_outputs, flags=flags,
+                         output_is_state=output_is_state)
     steps = _length(xs)
     inputs = _readable(xs)
     outputs = tf.TensorArray(xs.dtype, size=steps) if with_outputs else None
-    with_flags = flagged(step) if flags is not None else None
+    with_flags = flagged(step, output_is_state) if flags is not None else None
     flag_arrays = [None if f is None else tf.TensorArray(tf.bool, size=steps).unstack(f)
                    for f in (flags or ())]
 
@@ -166,9 +172,10 @@ def is_short(xs: tf.Tensor) -> bool:
 
 
 def _unrolled(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-              flags: Optional[StepFlags] = None):
+              flags: Optional[StepFlags] = None, output_is_state: bool = False):
     """`unroll_time_major` over a short, static K as K copies of the step."""
-    run = flagged(step) if flags is not None else (lambda x, s, *_: step(x, s))
+    run = flagged(step, output_is_state) if flags is not None else (
+        lambda x, s, *_: step(x, s))
     outputs = []
     for t in range(xs.shape[0]):
         y, states = run(xs[t], list(states), *[None if f is None else f[t]
@@ -353,7 +360,7 @@ class _FusedRunner(abc.ABC):
         # weights: [recurrent_kernel], the recurrent bias where there is one, then the
         # recurrent dropout masks where there are some (constants of the call)
         self._loops = StepLoops(lambda x, states, weights: self._step(
-            x, states, *self._split_weights(weights)))
+            x, states, *self._split_weights(weights)), output_is_state=True)
 
     def _split_weights(self, weights: list) -> tuple:
         """``[recurrent_kernel, (recurrent_bias), *masks]`` -> (kernel, bias or None, masks
@@ -434,7 +441,7 @@ class _FusedRunner(abc.ABC):
         def step(x, s):
             return self._step(x, s, kernel, bias, recurrent_masks)
         return unroll_time_major(step, xs, states, with_outputs=with_outputs, flags=flags,
-                                 loop=loop)
+                                 loop=loop, output_is_state=True)
 
     @abc.abstractmethod
     def _input_bias(self):
@@ -832,8 +839,8 @@ def _gru_loop(projected, length, h0, recurrent_kernel, recurrent_bias, *flags,
         h_in = entering([h], reset)[0]
         values = _gru_step(xs.read(t), h_in, recurrent_kernel, recurrent_bias, reset_after,
                            tf.tanh, tf.sigmoid)
-        h_next = kept([values[0]], [h_in], mask)[0]
-        row = values + ((h_in,) if flags else ())
+        h_next = kept([values[0]], [h_in], mask)[0]  # a masked row outputs the kept state
+        row = (h_next,) + values[1:] + ((h_in,) if flags else ())
         return t + 1, h_next, saved.write(t, tf.concat(row, axis=1))
 
     _, h_last, saved = tf.while_loop(
@@ -847,7 +854,8 @@ def _through_flags(d_state: list, d_own: list, step_backward, reset, mask) -> tu
 
     Args:
       d_state: the carried gradients of the states after the step.
-      d_own: the gradients of the step's new states from elsewhere (its output's), or None.
+      d_own: the gradients of the states after the step from elsewhere (the output's: a
+        masked row outputs the state it keeps, see `flagged`), or None.
       step_backward: ``d_new_states -> (d_states_in, d_step)``, the unflagged step's
         transpose.
       reset, mask: the step's ``[B, 1]`` flags, or None.
@@ -858,12 +866,13 @@ def _through_flags(d_state: list, d_own: list, step_backward, reset, mask) -> tu
     def plus_own(d_new):
         return [d if own is None else own + d for own, d in zip(d_own, d_new)]
 
+    d_after = plus_own(d_state)
     if mask is None:
-        d_in, d_step = step_backward(plus_own(d_state))
-    else:  # masked rows pass the carried gradient by; the others take it through the step
-        zeros = [tf.zeros_like(d) for d in d_state]
-        d_in, d_step = step_backward(plus_own(kept(d_state, zeros, mask)))
-        d_in = [d + passed for d, passed in zip(d_in, kept(zeros, d_state, mask))]
+        d_in, d_step = step_backward(d_after)
+    else:  # masked rows pass the gradient by; the others take it through the step
+        zeros = [tf.zeros_like(d) for d in d_after]
+        d_in, d_step = step_backward(kept(d_after, zeros, mask))
+        d_in = [d + passed for d, passed in zip(d_in, kept(zeros, d_after, mask))]
     return entering(d_in, reset), d_step
 
 
@@ -954,7 +963,7 @@ def _lstm_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tuple
         h_in, c_in = entering([h, c], reset)
         values = _lstm_step(xs.read(t), h_in, c_in, recurrent_kernel, tf.tanh, tf.sigmoid)
         h_next, c_next = kept(values[:2], [h_in, c_in], mask)
-        row = values + ((h_in, c_in) if flags else ())
+        row = (h_next,) + values[1:] + ((h_in, c_in) if flags else ())
         return t + 1, h_next, c_next, saved.write(t, tf.concat(row, axis=1))
 
     _, h_last, c_last, saved = tf.while_loop(
@@ -1041,11 +1050,13 @@ def _zeros_for_none(values: list, like: list) -> list:
 
 
 class _Counts(NamedTuple):
-    """How a step's flat arguments split: weights, state leaves, flags (their kinds)."""
+    """How a step's flat arguments split: weights, state leaves, flags (their kinds); and
+    whether a masked row outputs its kept first state (see `flagged`)."""
 
     weights: int
     states: int
     kinds: tuple
+    output_is_state: bool = False
 
     def split(self, values) -> tuple:
         w, s = self.weights, self.states
@@ -1065,8 +1076,10 @@ def _step_loop(step, counts: _Counts, xs, length, *rest):
         reset, mask = flags_at(t)
         entered = entering(states, reset)
         y, new_states = step(inputs.read(t), entered, weights)
+        new_states = kept(new_states, entered, mask)
+        y = new_states[0] if counts.output_is_state else y
         saved = [a.write(t, s) for a, s in zip(saved, entered)]
-        return t + 1, kept(new_states, entered, mask), outputs.write(t, y), saved
+        return t + 1, new_states, outputs.write(t, y), saved
 
     _, last, outputs, saved = tf.while_loop(
         lambda t, *_: t < length, body,
@@ -1092,13 +1105,15 @@ def _step_loop_backward(step, counts: _Counts, d_outputs, *args):
             with tf.GradientTape() as tape:
                 tape.watch([x, entered, weights])
                 y, new_states = step(x, entered, weights)
-            d_x, d_entered, d_w = tape.gradient([y] + list(new_states), [x, entered, weights],
-                                                output_gradients=[d_y] + d_new)
+            own = [] if counts.output_is_state else [d_y]  # else d_y joins the state's below
+            d_x, d_entered, d_w = tape.gradient(
+                ([] if counts.output_is_state else [y]) + list(new_states),
+                [x, entered, weights], output_gradients=own + d_new)
             d_x = tf.zeros_like(x) if d_x is None else d_x
             return _zeros_for_none(d_entered, entered), (d_x, _zeros_for_none(d_w, weights))
 
-        d_prev, (d_x, d_w) = _through_flags(d_states, [None] * n, step_backward,
-                                            *flags_at(t))
+        d_own = [d_y] + [None] * (n - 1) if counts.output_is_state else [None] * n
+        d_prev, (d_x, d_w) = _through_flags(d_states, d_own, step_backward, *flags_at(t))
         return i + 1, d_prev, [a + b for a, b in zip(d_weights, d_w)], d_xs.write(t, d_x)
 
     _, d_states, d_weights, d_xs = tf.while_loop(
@@ -1112,18 +1127,19 @@ class StepLoops:
     """The compiled time loops of one step with explicit weights,
     ``step(x_t, states, weights) -> (y_t, new states)``, traced once per layout and kept."""
 
-    def __init__(self, step):
+    def __init__(self, step, output_is_state: bool = False):
         # Weights kept in another dtype (float32 under mixed precision) are cast inside each
         # step: their gradient is summed over the steps in the kept dtype.
         self._step = lambda x, states, weights: step(
             x, states, [tf.cast(w, x.dtype) for w in weights])
+        self._output_is_state = output_is_state  # see `flagged`
         self._sequences = {}
 
     def run(self, xs, states: list, weights: list, flags: Optional[StepFlags], loop: Loop):
         """The step over ``xs [K, B, F]``, time-major: ``(outputs [K, B, U], states)``."""
         length = _length(xs)
         kinds, padded_flags = _padded_flags(flags, length, loop.max_steps)
-        counts = _Counts(len(weights), len(states), kinds)
+        counts = _Counts(len(weights), len(states), kinds, self._output_is_state)
         sequence = self._sequence(counts, loop.compiled_alone())
         outputs, *last = sequence(_padded_steps(xs, length, loop.max_steps),
                                   tf.convert_to_tensor(length, tf.int32), *weights, *states,

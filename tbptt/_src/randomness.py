@@ -121,7 +121,8 @@ def draws_or_writes(fn, specs: list) -> bool:
     """Whether `fn` traced on `specs` has an op whose output would differ when run again (a
     random draw, a variable update), in its graph or in the functions it calls (branches,
     loops, nested tf.functions)."""
-    graph = tf.function(fn, autograph=False).get_concrete_function(*specs).graph.as_graph_def()
+    graph = compat.probe_function(fn, autograph=False).get_concrete_function(
+        *specs).graph.as_graph_def()
     ops = [node.op for node in graph.node] + [node.op for f in graph.library.function
                                               for node in f.node_def]
     return any(name in op for op in ops for name in _UNREPEATABLE_OPS)

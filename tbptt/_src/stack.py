@@ -361,8 +361,8 @@ def _check_traced_like_eager(part, what: str, x: tf.Tensor, whole: tf.Tensor) ->
     computes eagerly (Keras's TimeDistributed maps over the batch axis when the steps are
     unknown, and returns [B, B, ...])."""
     spec = tf.TensorSpec([None, None] + x.shape[2:].as_list(), x.dtype)
-    traced = tf.function(lambda v: compat.call_layer(part, v, training=False),
-                         input_signature=[spec], autograph=False)
+    traced = compat.probe_function(lambda v: compat.call_layer(part, v, training=False),
+                                   input_signature=[spec], autograph=False)
     try:
         got = traced(x)
     except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
@@ -438,7 +438,7 @@ def _resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
     if dtype is None:
         dtype = compat.compute_dtype(cells[0]) or keras.backend.floatx()
     dtype = tf.as_dtype(dtype)
-    parts = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
+    parts = [("cells", c) for c in cells]
     for what, layer in [("head", head), ("inputs_layer", inputs_layer)]:
         if not (compat.is_keras_layer(layer) and compat.has_own_dtype(layer)):
             parts.append((what, layer))
@@ -447,9 +447,18 @@ def _resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
         # chain computing in another dtype (float32 given explicitly) like any other layer.
         if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype:
             continue
+        if layer.built and what != "cells" and _float32_beside_16_bits(layer, dtype):
+            continue  # a float32 output layer under mixed precision, loaded (already built)
         if layer.built:
-            raise ValueError(f"{what} is already built in {compat.compute_dtype(layer).name}, "
+            name = f"a cell ({type(layer).__name__})" if what == "cells" else f"the {what}"
+            raise ValueError(f"{name} is already built in {compat.compute_dtype(layer).name}, "
                              f"but the chain computes in {dtype.name}. Pass an unbuilt layer, "
                              "or leave dtype=None to use the layer's dtype.")
         compat.set_compute_dtype(layer, dtype)
     return dtype
+
+
+def _float32_beside_16_bits(layer, dtype: tf.DType) -> bool:
+    """A float32 head or inputs layer of a chain computing in 16 bits: Keras's advice under
+    mixed precision (the layer casts its inputs), kept as it is."""
+    return dtype in (tf.float16, tf.bfloat16) and compat.compute_dtype(layer) == tf.float32
