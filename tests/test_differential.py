@@ -15,6 +15,7 @@ found is kept below as regular tests (`test_found_*`).
 """
 
 import dataclasses
+import functools
 import os
 import zlib
 
@@ -106,6 +107,8 @@ def compositions(draw):
     steps = draw(st.integers(6, 10))
     context = draw(st.sampled_from(["default", "default", "jit", "eager", "mirrored"]))
     stateful = draw(st.booleans()) and context != "mirrored"  # Keras's stateful RNN cannot
+    if stateful and context == "jit" and dropout != (0.0, 0.0):
+        context = "default"  # Keras's stateful RNN with dropout trains otherwise under XLA
     head = draw(st.sampled_from(["dense", "mlp_norm"]))
     return Composition(
         # Keras's own fit fails on a float64 model with weight regularizers (it adds float32
@@ -181,7 +184,13 @@ def _loss(c: Composition, dtype):
 
 
 def _optimizer(c: Composition):
-    return keras.optimizers.SGD(0.05) if c.optimizer == "sgd" else keras.optimizers.Adam(0.01)
+    inner = keras.optimizers.SGD(0.05) if c.optimizer == "sgd" else keras.optimizers.Adam(0.01)
+    if c.dtype != "mixed_float16":
+        return inner
+    # A loss scale that overflows neither model: where float16 overflows depends on how a
+    # gradient is summed (the chain sums weight gradients in float32), and one step skipped by
+    # one model and not by the other parts them for good.
+    return keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 6)
 
 
 def _metrics(c: Composition):
@@ -276,8 +285,7 @@ def _models(c: Composition):
     if c.dtype == "mixed_float16":
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        scope = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope()
-                 if c.context == "mirrored" else _nothing())
+        scope = _strategy().scope() if c.context == "mirrored" else _nothing()
         with scope:
             ours, theirs = _ours(c, _layers(c, 1)), _keras(c, _layers(c, 1))
             ours.build([None, None] if c.inputs == "embedding" else [None, None, F])
@@ -290,6 +298,14 @@ def _models(c: Composition):
     finally:
         keras.mixed_precision.set_global_policy(policy)
     return ours, theirs
+
+
+@functools.lru_cache(maxsize=None)
+def _strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole module: strategies made
+    anew for each example share TensorFlow's collective ops, and one that failed (Keras's
+    own, say) leaves them aborted for the next."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
 class _nothing:
@@ -341,6 +357,13 @@ def check_composition(c: Composition, tmp_path=None, new_process: bool = False) 
         _check_reloaded(c, ours, x, y, weights, mask, tmp_path, new_process)
 
 
+def _slots(optimizer) -> list:
+    """The optimizer's state that matters: a LossScaleOptimizer's inner optimizer's (Keras
+    does not round-trip the wrapper's own unused learning rate)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return list((inner or optimizer).variables)
+
+
 def _check_reloaded(c, ours, x, y, weights, mask, tmp_path, new_process: bool) -> None:
     """Saved and loaded, the model predicts alike and takes the same next step."""
     path = str(tmp_path / "ours.keras")
@@ -365,8 +388,12 @@ def _check_reloaded(c, ours, x, y, weights, mask, tmp_path, new_process: bool) -
     loaded = keras.models.load_model(path)
     _close(_predict(loaded, x, mask, ours=True), _predict(ours, x, mask, ours=True), 1e-12,
            f"{c}: reloaded predictions")
-    for mine, again in zip(ours.optimizer.variables, loaded.optimizer.variables):
+    for mine, again in zip(_slots(ours.optimizer), _slots(loaded.optimizer)):
         _close(again, mine, 0.0, f"{c}: reloaded {mine.path}")
+    if c.dropout != (0.0, 0.0) or c.context == "mirrored":
+        # Keras saves no seed generator's state: a loaded model draws other masks; and a
+        # model loaded outside the strategy sums its gradient over other replicas.
+        return
     _fit(c, ours, x, y, weights, mask, ours=True)
     _fit(c, loaded, x, y, weights, mask, ours=True)
     for mine, again in zip(ours.trainable_variables, loaded.trainable_variables):
@@ -406,6 +433,7 @@ def test_drawn_compositions_save_and_load_as_they_trained(composition, tmp_path_
     Composition(dtype="float32", inputs="dense", cells=("gru", "simple"), head="mlp_norm",
                 loss="huber", optimizer="adam", regularize=True, stateful=True)])
 def test_saved_compositions_load_and_train_on_in_a_new_process(composition, tmp_path):
+    assert composition.dropout == (0.0, 0.0)  # a loaded model draws other masks
     check_composition(composition, tmp_path, new_process=True)
 
 
@@ -430,3 +458,11 @@ def test_found_a_mixed_precision_model_with_a_float32_head_reloads_in_a_float32_
     assert loaded.chain.dtype == tf.float16 and loaded.chain.head.compute_dtype == "float32"
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-3, atol=1e-3)
+
+
+def test_found_a_float64_model_with_a_sequential_head_reloads(tmp_path):
+    """A Sequential head of float64 layers: the chain makes the container cast its inputs to
+    float64; Keras does not save a Sequential's dtype, and the loaded (built) container was
+    refused."""
+    c = Composition(inputs="dense_norm", head="mlp_norm", metrics=False)
+    check_composition(c, tmp_path)

@@ -449,6 +449,9 @@ def _resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
             continue
         if layer.built and what != "cells" and _float32_beside_16_bits(layer, dtype):
             continue  # a float32 output layer under mixed precision, loaded (already built)
+        if layer.built and what != "cells" and _holds_no_variables_of_its_own(layer):
+            compat.set_compute_dtype(layer, dtype)  # a loaded Sequential: how it casts inputs
+            continue
         if layer.built:
             name = f"a cell ({type(layer).__name__})" if what == "cells" else f"the {what}"
             raise ValueError(f"{name} is already built in {compat.compute_dtype(layer).name}, "
@@ -456,6 +459,14 @@ def _resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
                              "or leave dtype=None to use the layer's dtype.")
         compat.set_compute_dtype(layer, dtype)
     return dtype
+
+
+def _holds_no_variables_of_its_own(layer) -> bool:
+    """A container (Sequential, Functional): its dtype says only how it casts its inputs, so it
+    may follow the chain after it was built (Keras does not save a Sequential's dtype)."""
+    inner = compat.sublayers(layer)[1:]
+    own = {id(v) for v in layer.weights} - {id(v) for sub in inner for v in sub.weights}
+    return bool(inner) and not own
 
 
 def _float32_beside_16_bits(layer, dtype: tf.DType) -> bool:
