@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it (a submodule: the module itself).
 _PUBLIC = {
     "ChainConfig": "tbptt._src.config",
-    "ChainResult": "tbptt._src.types",
-    "ChunkSource": "tbptt._src.sources",
-    "NonFiniteError": "tbptt._src.checks",
+    "ChainResult": "tbptt._src.core.types",
+    "ChunkSource": "tbptt._src.core.sources",
+    "NonFiniteError": "tbptt._src.core.checks",
     "RecurrentChain": "tbptt._src.recurrent",
     "StageChain": "tbptt._src.stages",
     "StageResult": "tbptt._src.stages",
@@ -138,11 +138,11 @@ def __dir__() -> list:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from tbptt import compat, data, diagnostics, keras  # noqa: F401
-    from tbptt._src.checks import NonFiniteError  # noqa: F401
+    from tbptt._src.core.checks import NonFiniteError  # noqa: F401
     from tbptt._src.config import ChainConfig  # noqa: F401
     from tbptt._src.layers import unroll  # noqa: F401
     from tbptt._src.recurrent import RecurrentChain, StatefulGRUChain  # noqa: F401
     from tbptt._src.streaming import StreamCarry  # noqa: F401
-    from tbptt._src.sources import ChunkSource  # noqa: F401
+    from tbptt._src.core.sources import ChunkSource  # noqa: F401
     from tbptt._src.stages import StageChain, StageResult, split_sequential  # noqa: F401
-    from tbptt._src.types import ChainResult  # noqa: F401
+    from tbptt._src.core.types import ChainResult  # noqa: F401

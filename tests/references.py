@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 
 def _layer_states(chain, state):

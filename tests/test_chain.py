@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tbptt._src import chain as chain_lib
-from tbptt._src import schedules
-from tbptt._src import vjp as vjp_lib
+from tbptt._src.core import chain as chain_lib
+from tbptt._src.core import schedules
+from tbptt._src.core import vjp as vjp_lib
 
 A, C = 0.8, 1.3
 XS = np.array([0.5, -1.0, 2.0, 0.25, 1.5, -0.75])  # one step per segment

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tbptt
 from conftest import assert_all_close, l1_loss, make_sequence
 from references import full_bptt
-from tbptt._src import chunking
+from tbptt._src.core import chunking
 
 F64 = 1e-10
 

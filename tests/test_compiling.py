@@ -91,7 +91,7 @@ def test_each_replica_of_an_eager_strategy_run_reads_its_own_weights():
     x, y = data()
     loss = keras.losses.MeanSquaredError(dtype="float64")
     # Replica 1's copy of the first kernel differs: its loss shows whose weights it read.
-    kernel = tbptt._src.compat.tf_variable(model.trainable_variables[0])
+    kernel = tbptt._src.core.compat.tf_variable(model.trainable_variables[0])
     kernel.values[1].assign(kernel.values[1] * 0 + 0.5)
     for _ in range(2):
         results = strategy.run(lambda: model.value_and_gradients(x, y, loss).loss)
@@ -102,7 +102,7 @@ def test_each_replica_of_an_eager_strategy_run_reads_its_own_weights():
                                      chunk_size=5, dtype="float64")
         other.build([None, None, 3])
         for target, source in zip(other.trainable_variables, model.trainable_variables):
-            target.assign(tbptt._src.compat.tf_variable(source).values[1])
+            target.assign(tbptt._src.core.compat.tf_variable(source).values[1])
         expected = float(full_bptt(other, x, y, loss)[0])
     assert losses[0] != losses[1]
     # A mean loss is a replica's share of the global batch's, as in Keras under a strategy.

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "tbptt" / "_src"
-MODULES = sorted(SRC.glob("*.py"))
+MODULES = sorted(SRC.rglob("*.py"))
 # The loops over segments live in chain.py; the per-cell time loops in layers.py.
 WHILE_LOOP_HOMES = {"chain.py", "layers.py"}
 

@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from tbptt._src import schedules
+from tbptt._src.core import schedules
 from tbptt._src import calls
-from tbptt._src import chain as chain_lib
+from tbptt._src.core import chain as chain_lib
 from tbptt._src import losses
 from tbptt._src import timechain
-from tbptt._src import vjp as vjp_lib
+from tbptt._src.core import vjp as vjp_lib
 
 A, C = 0.8, 1.3
 

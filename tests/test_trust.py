@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from tbptt._src import compiling
+from tbptt._src.core import compiling
 from conftest import assert_all_close, l1_loss, make_sequence, needs_keras3
 from references import full_bptt
 

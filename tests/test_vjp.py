@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tbptt._src import vjp as vjp_lib
+from tbptt._src.core import vjp as vjp_lib
 
 
 def vjp(backend, fn, primals, variables, seeds, want):

@@ -18,12 +18,12 @@ from typing import Any, NamedTuple, Optional
 
 import tensorflow as tf
 
-from tbptt._src import checks
-from tbptt._src import chunking
-from tbptt._src import compat
+from tbptt._src.core import checks
+from tbptt._src.core import chunking
+from tbptt._src.core import compat
 from tbptt._src import layers
 from tbptt._src import losses
-from tbptt._src import sources as sources_lib
+from tbptt._src.core import sources as sources_lib
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
 

@@ -11,10 +11,10 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import chain as chain_lib
-from tbptt._src import schedules
-from tbptt._src import vjp as vjp_lib
-from tbptt._src.types import State
+from tbptt._src.core import chain as chain_lib
+from tbptt._src.core import schedules
+from tbptt._src.core import vjp as vjp_lib
+from tbptt._src.core.types import State
 
 
 

@@ -8,10 +8,10 @@ from typing import Optional, Union
 
 import tensorflow as tf
 
-from tbptt._src import checks
+from tbptt._src.core import checks
 from tbptt._src import losses
-from tbptt._src import schedules
-from tbptt._src import vjp as vjp_lib
+from tbptt._src.core import schedules
+from tbptt._src.core import vjp as vjp_lib
 
 MODES = ("exact", "truncated")
 # The environment variable an `xla=None` config reads at each call ("0": loops without XLA).

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import checks
+from tbptt._src.core import checks
 
 EPISODES_MSG = ("episodes must be a non-empty sequence of arrays [T_i, ...] with the same "
                 "trailing shape, got {value}.")

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 from tbptt._src.recurrent import StatefulGRUChain
 
 keras = compat.keras

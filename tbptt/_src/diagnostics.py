@@ -19,9 +19,9 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import checks
+from tbptt._src.core import checks
 from tbptt._src.recurrent import RecurrentChain
-from tbptt._src.types import LossFn
+from tbptt._src.core.types import LossFn
 
 SIGNIFICANT = 1e-2  # a carried gradient below 1% of its size one chunk back is "noise"
 CLOSE = 0.1  # a truncated gradient within 10% (relative error) of the exact one is "close"

@@ -24,11 +24,12 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tbptt._src import chain as chain_lib
-from tbptt._src import checks
-from tbptt._src import compat
+from tbptt._src.core import chain as chain_lib
+from tbptt._src.core import checks
+from tbptt._src.core import compat
 from tbptt._src import losses
 from tbptt._src import saving
+from tbptt._src.core import serialization
 from tbptt._src import serving
 from tbptt._src.recurrent import RecurrentChain
 from tbptt._src.keras_stream import Carried
@@ -43,7 +44,7 @@ keras = compat.keras
 
 
 
-@saving.register
+@serialization.register
 class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingSteps,
                    keras.Model):
     """A Keras model around a chain; `fit` trains it with the chain's chunked gradient.

@@ -30,9 +30,9 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from tbptt._src import compat
-from tbptt._src import randomness
-from tbptt._src.randomness import DropoutMasks
+from tbptt._src.core import compat
+from tbptt._src.core import randomness
+from tbptt._src.core.randomness import DropoutMasks
 
 
 def runner_for(cell):

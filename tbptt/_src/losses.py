@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 # Keras loss reductions that average over the elements (Keras 3, and tf.keras's "auto").
 MEAN_LOSS_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")

@@ -14,20 +14,20 @@ import numpy as np
 import tensorflow as tf
 
 from tbptt._src import calls
-from tbptt._src import checks
-from tbptt._src import chunking
-from tbptt._src import compat
-from tbptt._src import compiling
+from tbptt._src.core import checks
+from tbptt._src.core import chunking
+from tbptt._src.core import compat
+from tbptt._src.core import compiling
 from tbptt._src import online as online_lib
-from tbptt._src import saving
-from tbptt._src import sources as sources_lib
+from tbptt._src.core import serialization
+from tbptt._src.core import sources as sources_lib
 from tbptt._src import streaming
 from tbptt._src import timechain
 from tbptt._src.config import ChainConfig
 from tbptt._src.config import config_from
 from tbptt._src.stack import CellStack
 from tbptt._src.streaming import StreamCarry
-from tbptt._src.types import ChainResult, LossFn, State
+from tbptt._src.core.types import ChainResult, LossFn, State
 
 keras = compat.keras
 
@@ -36,8 +36,8 @@ def _stack_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._stack, name), doc=doc)
 
 
-@saving.register
-class RecurrentChain(saving.SerializableChain, tf.Module):
+@serialization.register
+class RecurrentChain(serialization.SerializableChain, tf.Module):
     """Stacked RNN cells and a head, trained over time chunks with carried state and gradient.
 
     ```
@@ -316,7 +316,7 @@ def _unknown_dims(name: str) -> int:
     return 2 if name in calls.PER_STEP else 1
 
 
-@saving.register
+@serialization.register
 class StatefulGRUChain(RecurrentChain):
     """Stacked Keras `GRUCell`s and a head, trained over time chunks.
 

@@ -14,7 +14,7 @@ Batch size and number of steps are free. The loops are the chain's own, run as T
 
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 
 class ServingModule(tf.Module):

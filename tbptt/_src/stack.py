@@ -18,12 +18,12 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from tbptt._src import checks
-from tbptt._src import compat
-from tbptt._src import compiling
+from tbptt._src.core import checks
+from tbptt._src.core import compat
+from tbptt._src.core import compiling
 from tbptt._src import layers
-from tbptt._src import randomness
-from tbptt._src.randomness import Draws
+from tbptt._src.core import randomness
+from tbptt._src.core.randomness import Draws
 
 keras = compat.keras
 

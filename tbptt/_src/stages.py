@@ -11,14 +11,14 @@ from typing import NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from tbptt._src import chain as chain_lib
-from tbptt._src import checks
-from tbptt._src import compat
-from tbptt._src import compiling
-from tbptt._src import saving
-from tbptt._src import schedules
-from tbptt._src import vjp as vjp_lib
-from tbptt._src.types import LossFn
+from tbptt._src.core import chain as chain_lib
+from tbptt._src.core import checks
+from tbptt._src.core import compat
+from tbptt._src.core import compiling
+from tbptt._src.core import serialization
+from tbptt._src.core import schedules
+from tbptt._src.core import vjp as vjp_lib
+from tbptt._src.core.types import LossFn
 
 keras = compat.keras
 
@@ -43,8 +43,8 @@ class StageResult(NamedTuple):
     input_grad: tf.Tensor
 
 
-@saving.register
-class StageChain(saving.SerializableStages, tf.Module):
+@serialization.register
+class StageChain(serialization.SerializableStages, tf.Module):
     """Stages run in order, each differentiated with its own tape (or tf.gradients).
 
     ```

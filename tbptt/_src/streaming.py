@@ -20,10 +20,10 @@ import numpy as np
 import tensorflow as tf
 
 from tbptt._src import calls
-from tbptt._src import checks
+from tbptt._src.core import checks
 from tbptt._src.config import ChainConfig
 from tbptt._src.stack import CellStack
-from tbptt._src.types import State
+from tbptt._src.core.types import State
 
 class StreamCarry(NamedTuple):
     """What one `stream_step` hands to the next: a value, not a variable.

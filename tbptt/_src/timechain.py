@@ -26,15 +26,15 @@ from typing import Callable, NamedTuple, Optional
 import tensorflow as tf
 
 from tbptt._src import calls
-from tbptt._src import chain as chain_lib
-from tbptt._src import checks
+from tbptt._src.core import chain as chain_lib
+from tbptt._src.core import checks
 from tbptt._src import layers
 from tbptt._src import losses
-from tbptt._src import sources as sources_lib
-from tbptt._src import vjp as vjp_lib
+from tbptt._src.core import sources as sources_lib
+from tbptt._src.core import vjp as vjp_lib
 from tbptt._src.calls import Batch, Call, Static
 from tbptt._src.config import ChainConfig
-from tbptt._src.randomness import Draws
+from tbptt._src.core.randomness import Draws
 
 
 class SourceReader(NamedTuple):

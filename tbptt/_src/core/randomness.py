@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 # How far one call advances a seed generator: the draws of one chunk of one call (of each
 # generator) may number up to this many before they meet the next call's.

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 # Held while variables are built (a chain's first call), so that threads build them once.
 BUILD_LOCK = threading.RLock()

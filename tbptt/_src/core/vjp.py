@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 BACKENDS = ("eager", "graph")
 

@@ -9,7 +9,7 @@ import numbers
 
 import tensorflow as tf
 
-from tbptt._src import compat
+from tbptt._src.core import compat
 
 INPUTS_RANK_MSG = ("inputs must have shape [batch, time, features] (rank 3), got shape {shape}. "
                    "One sequence [time, features] needs a batch axis: x[None]; a batch of "

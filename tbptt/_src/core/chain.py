@@ -35,8 +35,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from tbptt._src import checks
-from tbptt._src import chunking
+from tbptt._src.core import checks
+from tbptt._src.core import chunking
 
 # Segments run one after the other anyway (each needs the carry of the one before), but a
 # while_loop may start up to `parallel_iterations` iterations' carry-independent work early: the
