@@ -16,21 +16,21 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it (a submodule: the module itself).
 _PUBLIC = {
-    "ChainConfig": "tbptt._src.config",
+    "ChainConfig": "tbptt._src.recurrent.config",
     "ChainResult": "tbptt._src.core.types",
     "ChunkSource": "tbptt._src.core.sources",
     "NonFiniteError": "tbptt._src.core.checks",
-    "RecurrentChain": "tbptt._src.recurrent",
+    "RecurrentChain": "tbptt._src.recurrent.chain",
     "StageChain": "tbptt._src.stages",
     "StageResult": "tbptt._src.stages",
-    "StatefulGRUChain": "tbptt._src.recurrent",
-    "StreamCarry": "tbptt._src.streaming",
+    "StatefulGRUChain": "tbptt._src.recurrent.chain",
+    "StreamCarry": "tbptt._src.recurrent.streaming",
     "compat": "tbptt.compat",
     "data": "tbptt.data",
     "diagnostics": "tbptt.diagnostics",
     "keras": "tbptt.keras",
     "split_sequential": "tbptt._src.stages",
-    "unroll": "tbptt._src.layers",
+    "unroll": "tbptt._src.recurrent.loops.timeloop",
 }
 
 # The submodules `tbptt.keras` and `tbptt.data` stay out of __all__: `from tbptt import *`
@@ -64,9 +64,9 @@ def __getattr__(name: str):
 # What a saved Keras model names: "tbptt>class" -> the module that defines the class.
 _SAVED_CLASSES = {
     "ChunkedModel": "tbptt._src.keras_model",
-    "RecurrentChain": "tbptt._src.recurrent",
+    "RecurrentChain": "tbptt._src.recurrent.chain",
     "StageChain": "tbptt._src.stages",
-    "StatefulGRUChain": "tbptt._src.recurrent",
+    "StatefulGRUChain": "tbptt._src.recurrent.chain",
 }
 
 
@@ -139,10 +139,10 @@ def __dir__() -> list:
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from tbptt import compat, data, diagnostics, keras  # noqa: F401
     from tbptt._src.core.checks import NonFiniteError  # noqa: F401
-    from tbptt._src.config import ChainConfig  # noqa: F401
-    from tbptt._src.layers import unroll  # noqa: F401
-    from tbptt._src.recurrent import RecurrentChain, StatefulGRUChain  # noqa: F401
-    from tbptt._src.streaming import StreamCarry  # noqa: F401
+    from tbptt._src.recurrent.config import ChainConfig  # noqa: F401
+    from tbptt._src.recurrent.loops.timeloop import unroll  # noqa: F401
+    from tbptt._src.recurrent.chain import RecurrentChain, StatefulGRUChain  # noqa: F401
+    from tbptt._src.recurrent.streaming import StreamCarry  # noqa: F401
     from tbptt._src.core.sources import ChunkSource  # noqa: F401
     from tbptt._src.stages import StageChain, StageResult, split_sequential  # noqa: F401
     from tbptt._src.core.types import ChainResult  # noqa: F401

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tbptt
 from conftest import assert_all_close, make_sequence, needs_keras3
 from references import full_bptt, stepwise_forward
-from tbptt._src import layers
+from tbptt._src.recurrent.loops import runners, timeloop
 
 B, T, F, K = 3, 23, 4, 6  # a ragged last chunk
 F64 = 1e-12
@@ -123,13 +123,13 @@ def flags_of(kind: str) -> dict:
 def step_loops(monkeypatch):
     """Counts the step-by-step loops run while tracing (0: every layer took a compiled loop)."""
     counts = {"step_by_step": 0}
-    step_by_step = layers.unroll_time_major
+    step_by_step = timeloop.unroll_time_major
 
     def counted(*args, **kwargs):
         counts["step_by_step"] += 1
         return step_by_step(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "unroll_time_major", counted)
+    monkeypatch.setattr(timeloop, "unroll_time_major", counted)
     return counts
 
 

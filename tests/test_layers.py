@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import assert_all_close
-from tbptt._src import layers
+from tbptt._src.recurrent.loops import gru, lstm, runners, timeloop
 
 CELLS = {
     "gru": lambda: keras.layers.GRUCell(5, dtype="float64"),
@@ -70,9 +70,9 @@ def keras_run(rnn):
 
 def hoisted_run(cell, xla=True):
     def run(x, states):
-        top, (final,) = layers.run_layers([layers.runner_for(cell)], [states], x, training=True,
-                                          loop=layers.Loop(xla=xla))
-        return layers.time_major(top), final
+        top, (final,) = runners.run_layers([runners.runner_for(cell)], [states], x, training=True,
+                                          loop=timeloop.Loop(xla=xla))
+        return timeloop.time_major(top), final
     return run
 
 
@@ -136,12 +136,12 @@ def test_only_stock_cells_are_hoisted():
     class MyGRU(keras.layers.GRUCell):
         pass
 
-    assert isinstance(layers.runner_for(keras.layers.GRUCell(3)), layers._GRURunner)
-    assert isinstance(layers.runner_for(keras.layers.LSTMCell(3)), layers._LSTMRunner)
-    assert isinstance(layers.runner_for(keras.layers.SimpleRNNCell(3)),
-                      layers._SimpleRNNRunner)
+    assert isinstance(runners.runner_for(keras.layers.GRUCell(3)), runners._GRURunner)
+    assert isinstance(runners.runner_for(keras.layers.LSTMCell(3)), runners._LSTMRunner)
+    assert isinstance(runners.runner_for(keras.layers.SimpleRNNCell(3)),
+                      runners._SimpleRNNRunner)
     # A subclass may override call(): it runs as itself.
-    assert isinstance(layers.runner_for(MyGRU(3)), layers._CellRunner)
+    assert isinstance(runners.runner_for(MyGRU(3)), runners._CellRunner)
 
 
 def test_the_hand_written_backward_is_used():
@@ -182,13 +182,13 @@ def test_gru_step_backward_is_the_transpose_of_the_step(reset_after):
     x, h, kernel, bias, dh = _step_problem(4, 3)
     with tf.GradientTape() as tape:
         tape.watch([x, h, kernel, bias])
-        h_new, z, r, hh, aux = layers._gru_step(x, h, kernel, bias if reset_after else None,
+        h_new, z, r, hh, aux = gru.step(x, h, kernel, bias if reset_after else None,
                                                 reset_after, tf.tanh, tf.sigmoid)
     expected = tape.gradient(h_new, [x, h, kernel, bias], output_gradients=dh,
                              unconnected_gradients="zero")
-    dh_prev, d_step = layers._gru_step_backward(
-        dh, h, z, r, hh, aux, layers._gru_kernels(kernel, reset_after), reset_after)
-    d_x, d_inner = layers._gru_step_parts(d_step, 4, reset_after)
+    dh_prev, d_step = gru.step_backward(
+        dh, h, z, r, hh, aux, gru.kernels_of(kernel, reset_after), reset_after)
+    d_x, d_inner = gru.step_parts(d_step, 4, reset_after)
     d_kernel = tf.matmul(h, d_inner, transpose_a=True)  # the gates' (or all) columns
     if not reset_after:  # the candidate's columns multiply the reset state r * h
         d_kernel = tf.concat([d_kernel, tf.matmul(aux, d_x[:, 8:], transpose_a=True)], axis=1)
@@ -201,11 +201,11 @@ def test_lstm_step_backward_is_the_transpose_of_the_step():
     c, dc = h * 0.5 + 0.1, dh * -0.3
     with tf.GradientTape() as tape:
         tape.watch([x, h, c, kernel])
-        h_new, c_new, i, f, o, g, tanh_c = layers._lstm_step(x, h, c, kernel, tf.tanh,
+        h_new, c_new, i, f, o, g, tanh_c = lstm.step(x, h, c, kernel, tf.tanh,
                                                              tf.sigmoid)
         total = tf.reduce_sum(h_new * dh) + tf.reduce_sum(c_new * dc)
     expected = tape.gradient(total, [x, h, c, kernel])
-    dh_prev, dc_prev, d_x = layers._lstm_step_backward(dh, dc, c, i, f, o, g, tanh_c, kernel)
+    dh_prev, dc_prev, d_x = lstm.step_backward(dh, dc, c, i, f, o, g, tanh_c, kernel)
     d_kernel = tf.matmul(h, d_x, transpose_a=True)
     assert_all_close([d_x, dh_prev, dc_prev, d_kernel], expected, 1e-13)
 
@@ -216,7 +216,7 @@ def test_unroll_keeps_any_state_nest():
 
     x = tf.constant(np.arange(1.0, 7.0).reshape(1, 3, 2))
     state = {"scale": tf.ones([1, 2], tf.float64), "sum": (tf.zeros([1, 2], tf.float64),)}
-    outputs, final = layers.unroll(core, x, state)
+    outputs, final = timeloop.unroll(core, x, state)
     np.testing.assert_allclose(outputs[0], [[1, 2], [6, 8], [15, 18]])
     np.testing.assert_allclose(final["scale"], [[4, 4]])
     np.testing.assert_allclose(final["sum"][0], [[9, 12]])

@@ -7,10 +7,10 @@ import tensorflow as tf
 
 import tbptt
 from tbptt._src.core import schedules
-from tbptt._src import calls
+from tbptt._src.recurrent import calls
 from tbptt._src.core import chain as chain_lib
-from tbptt._src import losses
-from tbptt._src import timechain
+from tbptt._src.recurrent import losses
+from tbptt._src.recurrent import timechain
 from tbptt._src.core import vjp as vjp_lib
 
 A, C = 0.8, 1.3

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from tbptt._src.core import compat
-from tbptt._src.recurrent import StatefulGRUChain
+from tbptt._src.recurrent.chain import StatefulGRUChain
 
 keras = compat.keras
 

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tbptt._src.core import checks
-from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.recurrent.chain import RecurrentChain
 from tbptt._src.core.types import LossFn
 
 SIGNIFICANT = 1e-2  # a carried gradient below 1% of its size one chunk back is "noise"

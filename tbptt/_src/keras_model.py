@@ -27,18 +27,18 @@ import tensorflow as tf
 from tbptt._src.core import chain as chain_lib
 from tbptt._src.core import checks
 from tbptt._src.core import compat
-from tbptt._src import losses
+from tbptt._src.recurrent import losses
 from tbptt._src import saving
 from tbptt._src.core import serialization
 from tbptt._src import serving
-from tbptt._src.recurrent import RecurrentChain
+from tbptt._src.recurrent.chain import RecurrentChain
 from tbptt._src.keras_stream import Carried
 from tbptt._src.keras_stream import Stream
 from tbptt._src.keras_stream import StreamingSteps
 from tbptt._src.keras_stream import StreamPosition
-from tbptt._src.streaming import StreamCarry
-from tbptt._src.streaming import check_window
-from tbptt._src.streaming import join_context
+from tbptt._src.recurrent.streaming import StreamCarry
+from tbptt._src.recurrent.streaming import check_window
+from tbptt._src.recurrent.streaming import join_context
 
 keras = compat.keras
 
@@ -342,7 +342,7 @@ class _ChunkLoss(keras.losses.Loss):
     computes in the chain's loss dtype (float64 for a float64 chain: the user's loss object
     itself, its inputs cast, every setting it holds kept) and shows the chain its reduction and
     kept labels, so the chunk losses add up as the loss of the whole sequence would (see
-    `tbptt._src.losses`)."""
+    `tbptt._src.recurrent.losses`)."""
 
     def __init__(self, model: ChunkedModel):
         dtype = chain_lib.loss_dtype_for(model.chain.dtype)

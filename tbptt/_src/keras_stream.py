@@ -24,8 +24,8 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src.streaming import StreamCarry
-from tbptt._src.streaming import check_window
+from tbptt._src.recurrent.streaming import StreamCarry
+from tbptt._src.recurrent.streaming import check_window
 
 
 class StreamPosition(NamedTuple):

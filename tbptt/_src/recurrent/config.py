@@ -9,7 +9,7 @@ from typing import Optional, Union
 import tensorflow as tf
 
 from tbptt._src.core import checks
-from tbptt._src import losses
+from tbptt._src.recurrent import losses
 from tbptt._src.core import schedules
 from tbptt._src.core import vjp as vjp_lib
 
@@ -113,7 +113,7 @@ class ChainConfig:
         "mean"; with "auto", "mean" for a Keras loss that averages (the total is then the
         whole-sequence mean, over the kept labels with ignore_class, over the sample weights
         with "mean_with_sample_weight") and "sum" for any other (a plain function returns its
-        chunk's total: the total is the sum). See `tbptt._src.losses`.
+        chunk's total: the total is the sum). See `tbptt._src.recurrent.losses`.
 
         >>> import keras
         >>> config = ChainConfig(chunk_size=10)

@@ -22,9 +22,9 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import layers
-from tbptt._src import timechain
-from tbptt._src.calls import Static
+from tbptt._src.recurrent.loops import timeloop
+from tbptt._src.recurrent import timechain
+from tbptt._src.recurrent.calls import Static
 
 # The shapes (batch size, steps) whose concrete functions a chain keeps.
 MAX_SHAPES = 8
@@ -80,7 +80,7 @@ class OnlineSteps:
         if getattr(inputs, "_keras_mask", None) is not None or len(inputs.shape) < 2:
             return None
         steps = inputs.shape[1]
-        if steps is None or not 1 <= steps <= layers.SHORT_STEPS:
+        if steps is None or not 1 <= steps <= timeloop.SHORT_STEPS:
             return None
         dtype = tf.as_dtype(inputs.dtype)
         if dtype != stack.dtype and not (stack.inputs_layer is not None and dtype.is_integer):

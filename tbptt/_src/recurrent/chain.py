@@ -13,20 +13,20 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import calls
+from tbptt._src.recurrent import calls
 from tbptt._src.core import checks
 from tbptt._src.core import chunking
 from tbptt._src.core import compat
 from tbptt._src.core import compiling
-from tbptt._src import online as online_lib
+from tbptt._src.recurrent import online as online_lib
 from tbptt._src.core import serialization
 from tbptt._src.core import sources as sources_lib
-from tbptt._src import streaming
-from tbptt._src import timechain
-from tbptt._src.config import ChainConfig
-from tbptt._src.config import config_from
-from tbptt._src.stack import CellStack
-from tbptt._src.streaming import StreamCarry
+from tbptt._src.recurrent import streaming
+from tbptt._src.recurrent import timechain
+from tbptt._src.recurrent.config import ChainConfig
+from tbptt._src.recurrent.config import config_from
+from tbptt._src.recurrent.stack import CellStack
+from tbptt._src.recurrent.streaming import StreamCarry
 from tbptt._src.core.types import ChainResult, LossFn, State
 
 keras = compat.keras

@@ -9,7 +9,7 @@ stack(x [B, K, F], state) -> (y [B, K, O], state)        state: a flat list of t
 The stack owns the state layout (how the flat list maps onto each layer's state nest), the
 dtypes (the cells compute in `dtype`; the state crosses chunk cuts in `state_dtype`, float32
 under mixed precision), and building the variables. The chunk is run layer by layer with the
-fastest exact runner for each cell (`layers.py`).
+fastest exact runner for each cell (`loops/runners.py`).
 """
 
 import functools
@@ -21,7 +21,8 @@ import tensorflow as tf
 from tbptt._src.core import checks
 from tbptt._src.core import compat
 from tbptt._src.core import compiling
-from tbptt._src import layers
+from tbptt._src.recurrent.loops import runners
+from tbptt._src.recurrent.loops import timeloop
 from tbptt._src.core import randomness
 from tbptt._src.core.randomness import Draws
 
@@ -56,7 +57,7 @@ class CellStack(tf.Module):
             if part is not None and not callable(part):
                 raise TypeError(f"{what} must be a Keras layer or a callable, got {part!r}.")
         self._head, self._inputs_layer = head, inputs_layer
-        self._runners = [layers.runner_for(cell) for cell in self._cells]
+        self._runners = [runners.runner_for(cell) for cell in self._cells]
         self.dtype = _resolve_dtype(self._cells, head, dtype, inputs_layer)
         # Under mixed precision the cells compute in float16/bfloat16, but the state carried
         # across cuts (and dLoss/dstate carried back) stays float32, as Keras keeps variables:
@@ -217,7 +218,7 @@ class CellStack(tf.Module):
         x = tf.zeros([1, features], self.dtype)
         zeros = [tf.zeros((1,) + shape, self.dtype) for shape in self.leaf_shapes]
         for index, (cell, states) in enumerate(zip(self._cells, self._per_layer(zeros))):
-            run = functools.partial(compat.call_layer, cell, x, layers.cell_states(cell, states),
+            run = functools.partial(compat.call_layer, cell, x, runners.cell_states(cell, states),
                                     training=owned)
             if owned:
                 x, _ = compat.check_owns_its_variables(f"cells[{index}]", cell, run)
@@ -225,10 +226,10 @@ class CellStack(tf.Module):
                 with compat.left_as_it_was(cell):
                     inputs, (x, new_states) = x, run()
                 _check_new_states(index, cell, states, new_states)
-                if layers.runs_cell_itself(cell):
+                if runners.runs_cell_itself(cell):
                     with compat.left_as_it_was(cell):
                         self._note(randomness.cell_problem(
-                            index, cell, inputs, layers.cell_states(cell, states)))
+                            index, cell, inputs, runners.cell_states(cell, states)))
         if self._head is not None:
             run = functools.partial(compat.call_layer, self._head, x[:, None], training=owned)
             if owned:
@@ -256,8 +257,8 @@ class CellStack(tf.Module):
         return Draws(seeds, () if not any(m is not None for m in masks) else masks)
 
     def __call__(self, x: tf.Tensor, leaves: list, *, training: bool = True,
-                 flags: Optional[layers.StepFlags] = None, with_outputs: bool = True,
-                 loop: layers.Loop = layers.Loop(), draws: Draws = Draws(), chunk=0):
+                 flags: Optional[timeloop.StepFlags] = None, with_outputs: bool = True,
+                 loop: timeloop.Loop = timeloop.Loop(), draws: Draws = Draws(), chunk=0):
         """All layers and the head over one chunk.
 
         Args:
@@ -267,7 +268,7 @@ class CellStack(tf.Module):
           flags: the chunk's per-step reset and mask, time-major (None: no flags).
           with_outputs: False skips the head and the top layer's outputs (a forward that only
             carries the state).
-          loop: how the chunk's time loops run (see `layers.Loop`).
+          loop: how the chunk's time loops run (see `timeloop.Loop`).
           draws: what the call drew once (`draws`); chunk: this chunk's index in the call,
             from which its draws are replayed.
 
@@ -279,13 +280,13 @@ class CellStack(tf.Module):
             if self._inputs_layer is not None:
                 x = tf.cast(compat.call_layer(self._inputs_layer, x, training=training),
                             self.dtype)
-            top, per_layer = layers.run_layers(self._runners, self._per_layer(leaves), x,
+            top, per_layer = runners.run_layers(self._runners, self._per_layer(leaves), x,
                                                training=training, with_outputs=with_outputs,
                                                flags=flags, loop=loop, masks=draws.masks)
             leaves = [tf.cast(leaf, self.state_dtype) for layer in per_layer for leaf in layer]
             if not with_outputs:
                 return None, leaves
-            top = layers.time_major(top)
+            top = timeloop.time_major(top)
             if self._head is not None:
                 top = compat.call_layer(self._head, top, training=training)
         return top, leaves
@@ -420,7 +421,7 @@ def _checked_cells(cells) -> list:
             dropout = getattr(inner, "dropout", 0) or 0
             recurrent = getattr(inner, "recurrent_dropout", 0) or 0
             if (dropout > 0 or recurrent > 0) and (
-                    inner is not cell or layers.runs_cell_itself(cell)):
+                    inner is not cell or runners.runs_cell_itself(cell)):
                 raise ValueError(
                     f"cell {index} ({type(inner).__name__}) has dropout={dropout} / "
                     f"recurrent_dropout={recurrent}: the chain draws Keras's dropout masks once "

@@ -25,15 +25,15 @@ from typing import Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
-from tbptt._src import calls
+from tbptt._src.recurrent import calls
 from tbptt._src.core import chain as chain_lib
 from tbptt._src.core import checks
-from tbptt._src import layers
-from tbptt._src import losses
+from tbptt._src.recurrent.loops import timeloop
+from tbptt._src.recurrent import losses
 from tbptt._src.core import sources as sources_lib
 from tbptt._src.core import vjp as vjp_lib
-from tbptt._src.calls import Batch, Call, Static
-from tbptt._src.config import ChainConfig
+from tbptt._src.recurrent.calls import Batch, Call, Static
+from tbptt._src.recurrent.config import ChainConfig
 from tbptt._src.core.randomness import Draws
 
 
@@ -77,7 +77,7 @@ def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
         segments_, call.state, stack.trainable_variables, vjp_lib.get_linearize(config.backend),
         config.schedule, loss_dtype=loss_dtype, final_carry_grad=call.final_state_grad,
         keep=chain_lib.Keep(keep_at, config.check_numerics, static.record))
-    total = steps(call)
+    total = steps_of(call)
     kept, kept_from = (result.final_carry, total) if keep_at is None else (
         result.kept_carry, tf.minimum(keep_at * call.chunk_size, total))
     return Run(result.loss, result.grads, result.final_carry, result.initial_carry_grad, kept,
@@ -92,9 +92,9 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
     if not static.source_specs:
         flags = chunk_flags(call.batch, 0, tf.shape(call.batch.inputs)[1])
         return stack(call.batch.inputs, call.state, training=static.training, flags=flags,
-                     loop=layers.Loop(xla=static.xla), draws=draws)
-    size, total = call.chunk_size, steps(call)
-    loop = layers.Loop(size, static.xla)
+                     loop=timeloop.Loop(xla=static.xla), draws=draws)
+    size, total = call.chunk_size, steps_of(call)
+    loop = timeloop.Loop(size, static.xla)
 
     def output(k, state):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
@@ -102,11 +102,11 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
                                    training=static.training,
                                    flags=chunk_flags(call.batch, start, stop), loop=loop,
                                    draws=draws, chunk=k)
-        return layers.time_major(predictions), state
+        return timeloop.time_major(predictions), state
 
     outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
                                                list(call.state), stack.dtype, rank=3)
-    return layers.time_major(outputs), state
+    return timeloop.time_major(outputs), state
 
 
 def _rebuilt(tensors: dict, static: Static) -> Call:
@@ -117,7 +117,7 @@ def _rebuilt(tensors: dict, static: Static) -> Call:
     return Call.from_tensors({k: v for k, v in tensors.items() if k != "sources"}, readers)
 
 
-def steps(call: Call):
+def steps_of(call: Call):
     """T: static for chunk sources, else read from the inputs."""
     return call.steps if call.steps is not None else tf.shape(call.batch.inputs)[1]
 
@@ -129,11 +129,11 @@ def window(value, start, stop):
     return value[:, start:stop]
 
 
-def chunk_flags(batch: Batch, start, stop) -> Optional[layers.StepFlags]:
+def chunk_flags(batch: Batch, start, stop) -> Optional[timeloop.StepFlags]:
     """The chunk's reset and mask, time-major; None when neither is set."""
     if batch.reset is None and batch.mask is None:
         return None
-    return layers.StepFlags(*[None if flag is None else layers.time_major(window(flag, start, stop))
+    return timeloop.StepFlags(*[None if flag is None else timeloop.time_major(window(flag, start, stop))
                               for flag in (batch.reset, batch.mask)])
 
 
@@ -167,7 +167,7 @@ def chunk_weights(call: Call, size, reduction: losses.Reduction, dtype: tf.DType
 
     Context chunks (streaming) weigh 0 and do not count in the whole.
     """
-    total = steps(call)
+    total = steps_of(call)
     context = tf.zeros([], tf.int32) if call.context_steps is None else call.context_steps
     zero, one = tf.zeros([], dtype), tf.ones([], dtype)
     if reduction.combine == "sum":
@@ -213,11 +213,11 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
       loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
       reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
-      xla: whether the stock cells' loops are compiled with XLA on their own (`layers.Loop`).
+      xla: whether the stock cells' loops are compiled with XLA on their own (`timeloop.Loop`).
       draws: what the call drew once; each chunk replays its own draws from it.
     """
-    size, total, batch = call.chunk_size, steps(call), call.batch
-    loop = layers.Loop(size, xla)
+    size, total, batch = call.chunk_size, steps_of(call), call.batch
+    loop = timeloop.Loop(size, xla)
     weight = chunk_weights(call, size, reduction, loss_dtype)
 
     def bounds(k):

@@ -21,11 +21,11 @@ import tensorflow as tf
 from tbptt._src.core import checks
 from tbptt._src.core import chunking
 from tbptt._src.core import compat
-from tbptt._src import layers
-from tbptt._src import losses
+from tbptt._src.recurrent.loops import timeloop
+from tbptt._src.recurrent import losses
 from tbptt._src.core import sources as sources_lib
-from tbptt._src.config import ChainConfig
-from tbptt._src.stack import CellStack
+from tbptt._src.recurrent.config import ChainConfig
+from tbptt._src.recurrent.stack import CellStack
 
 PER_STEP = ("inputs", "targets", "sample_weight", "reset", "mask")
 
@@ -90,7 +90,7 @@ class Static(NamedTuple):
     source_specs: tuple = ()  # ((name, relaxed spec), ...) of the chunk sources
     training: bool = True
     record: bool = False  # diagnostics: the carried cotangents' norms
-    xla: bool = True  # the stock cells' loops compiled with XLA on their own (`layers.Loop`)
+    xla: bool = True  # the stock cells' loops compiled with XLA on their own (`timeloop.Loop`)
 
 
 class Prepared(NamedTuple):
@@ -104,7 +104,7 @@ class Prepared(NamedTuple):
         if self.sources:
             return False
         steps = self.call.batch.inputs.shape[1]
-        return steps is not None and steps <= layers.SHORT_STEPS
+        return steps is not None and steps <= timeloop.SHORT_STEPS
 
 
 def relaxed_spec(spec: tf.TensorSpec) -> tf.TensorSpec:

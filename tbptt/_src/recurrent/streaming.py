@@ -19,10 +19,10 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src import calls
+from tbptt._src.recurrent import calls
 from tbptt._src.core import checks
-from tbptt._src.config import ChainConfig
-from tbptt._src.stack import CellStack
+from tbptt._src.recurrent.config import ChainConfig
+from tbptt._src.recurrent.stack import CellStack
 from tbptt._src.core.types import State
 
 class StreamCarry(NamedTuple):
