@@ -11,7 +11,7 @@ import tensorflow as tf
 import tbptt
 from conftest import assert_all_close, make_sequence, needs_keras3
 from references import full_bptt, stepwise_forward
-from tbptt._src.recurrent.loops import runners, timeloop
+from tbptt._src.recurrent.loops import timeloop
 
 B, T, F, K = 3, 23, 4, 6  # a ragged last chunk
 F64 = 1e-12

@@ -2,7 +2,6 @@
 Keras's RNN over the whole stream, in every context."""
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 

@@ -3,7 +3,7 @@
 Run once, from the repository root, with that version; kept as the record of how the files
 were made. Later versions must load them and predict the same."""
 import os; os.environ["TF_CPP_MIN_LOG_LEVEL"]="2"
-import numpy as np, keras, tensorflow as tf, tbptt
+import numpy as np, keras, tbptt
 out = "tests/data"
 keras.utils.set_random_seed(7)
 x = np.sin(np.arange(2 * 9 * 3).reshape(2, 9, 3) * 0.37).astype("float32")

@@ -270,10 +270,11 @@ def forward_accumulating(tensors: list, variables: list) -> bool:
     return bool(watched) and bool(_forwardprop_util.pack_tangents(watched).tangents)
 
 
-def probe_function(fn, **options):
-    """`tf.function(fn, **options)` for a probe traced once per layer it checks: without
-    TensorFlow's warning that a function of the same code traces often (each chain built
-    traces a new probe, as intended); no public option turns that warning off."""
+def quiet_function(fn, **options):
+    """`tf.function(fn, **options)` without TensorFlow's warning that a function of the same
+    code traces often: for what traces a few times by design (a probe per layer checked, a
+    stateful model's step per carry structure and per fit/evaluate/predict); no public option
+    turns that warning off."""
     function = tf.function(fn, **options)
     function._omit_frequent_tracing_warning = True
     return function

@@ -121,7 +121,7 @@ def draws_or_writes(fn, specs: list) -> bool:
     """Whether `fn` traced on `specs` has an op whose output would differ when run again (a
     random draw, a variable update), in its graph or in the functions it calls (branches,
     loops, nested tf.functions)."""
-    graph = compat.probe_function(fn, autograph=False).get_concrete_function(
+    graph = compat.quiet_function(fn, autograph=False).get_concrete_function(
         *specs).graph.as_graph_def()
     ops = [node.op for node in graph.node] + [node.op for f in graph.library.function
                                               for node in f.node_def]

@@ -362,7 +362,7 @@ def _check_traced_like_eager(part, what: str, x: tf.Tensor, whole: tf.Tensor) ->
     computes eagerly (Keras's TimeDistributed maps over the batch axis when the steps are
     unknown, and returns [B, B, ...])."""
     spec = tf.TensorSpec([None, None] + x.shape[2:].as_list(), x.dtype)
-    traced = compat.probe_function(lambda v: compat.call_layer(part, v, training=False),
+    traced = compat.quiet_function(lambda v: compat.call_layer(part, v, training=False),
                                    input_signature=[spec], autograph=False)
     try:
         got = traced(x)

@@ -64,7 +64,7 @@ def backward_loop(step, counts: Counts, d_outputs, *args):
     *states, *flags)``; returns ``[d_xs, *d_weights, *d_states]``."""
     n = counts.states
     d_last, (xs, length), rest = list(args[:n]), args[n:n + 2], args[n + 2:]
-    saved, (weights, states, flags) = [timeloop.readable(a) for a in rest[:n]], counts.split(rest[n:])
+    saved, (weights, _, flags) = [timeloop.readable(a) for a in rest[:n]], counts.split(rest[n:])
     inputs, d_ys = timeloop.readable(xs), timeloop.readable(d_outputs)
     flags_at = timeloop.flag_steps(flags, counts.kinds)
 

@@ -159,7 +159,7 @@ class _CellRunner:
     def _weights(self) -> list:
         return [tf.convert_to_tensor(v) for v in self._cell.trainable_variables]
 
-    def _step_loops(self, training: bool, xs, states) -> Optional["StepLoops"]:
+    def _step_loops(self, training: bool, xs, states) -> Optional[any_cell.StepLoops]:
         """The cell's `any_cell.StepLoops`, or None for a cell that cannot be run again alike: no
         stateless step (see `compat.stateless_step`), or one that draws random numbers or
         changes a variable (a step run again in the backward would be another step)."""

@@ -24,18 +24,17 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tbptt._src.core import chain as chain_lib
 from tbptt._src.core import checks
 from tbptt._src.core import compat
-from tbptt._src.recurrent import losses
-from tbptt._src import saving
+from tbptt._src.keras import saving
 from tbptt._src.core import serialization
-from tbptt._src import serving
+from tbptt._src.keras import serving
 from tbptt._src.recurrent.chain import RecurrentChain
-from tbptt._src.keras_stream import Carried
-from tbptt._src.keras_stream import Stream
-from tbptt._src.keras_stream import StreamingSteps
-from tbptt._src.keras_stream import StreamPosition
+from tbptt._src.keras import losses as losses_lib
+from tbptt._src.keras import stream as stream_lib
+from tbptt._src.keras.stream import Carried
+from tbptt._src.keras.stream import Stream
+from tbptt._src.keras.stream import StreamPosition
 from tbptt._src.recurrent.streaming import StreamCarry
 from tbptt._src.recurrent.streaming import check_window
 from tbptt._src.recurrent.streaming import join_context
@@ -45,8 +44,7 @@ keras = compat.keras
 
 
 @serialization.register
-class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingSteps,
-                   keras.Model):
+class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     """A Keras model around a chain; `fit` trains it with the chain's chunked gradient.
 
     ```
@@ -89,21 +87,14 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
             `reset_state()`, and (with a warning) when the batch size changes.
           **kwargs: passed to `keras.Model` (name, ...).
         """
-        if compat.KERAS_MAJOR < 3:
-            raise ImportError("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found "
-                              f"Keras {keras.__version__}. With Keras 2, call "
-                              "chain.value_and_gradients in your own training loop.")
-        if not isinstance(chain, RecurrentChain):
-            raise TypeError(checks.CHAIN_MSG.format(value=chain))
-        if stateful and chain.config.schedule.context_chunks:
-            check_window(chain.config, None)  # refuses chunk_size="auto"
-        _refuse_activity_regularizers(chain)
+        _check_chain(chain, stateful)
         super().__init__(**kwargs)
         self._chain = chain
         self._train_chain = chain  # the chain with the compiled loss's reduction (`compile`)
-        # Tracked by Keras, so that weights, save_weights and checkpoints see the chain's layers.
-        self.chain_layers = [layer for layer in chain.cells + [chain.head, chain.inputs_layer]
-                             if compat.is_keras_layer(layer)]
+        # Tracked by Keras, so that weights, save_weights and checkpoints see the chain's layers
+        # (in this order: the names of saved weights depend on it).
+        self.chain_layers = [p for p in chain.cells + [chain.head, chain.inputs_layer]
+                             if compat.is_keras_layer(p)]
         self.stateful = bool(stateful)
         self._chunk_loss = None
         # What a stateful fit carries between batches (checkpointed with the model), and what
@@ -111,8 +102,6 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         self._stream = Stream(chain, lambda: self.distribute_strategy)
         self._evaluation = Carried(lambda: self.distribute_strategy)
         self.built = chain.built
-
-    # -- the chain -----------------------------------------------------------------------------
 
     @property
     def chain(self) -> RecurrentChain:
@@ -126,9 +115,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         tracked layers' variables in the order they were tracked.)"""
         return self._chain.trainable_variables if self.trainable else []
 
-    @property
-    def trainable_variables(self) -> list:
-        return self.trainable_weights
+    trainable_variables = trainable_weights
 
     @property
     def chunk_loss(self):
@@ -164,14 +151,12 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         """Forgets the carried state: the next batch starts from zeros."""
         self._stream.reset()
 
-    def reset_states(self) -> None:
-        """`reset_state`, under the name of Keras's stateful RNN layers."""
-        self.reset_state()
+    reset_states = reset_state  # the name of Keras's stateful RNN layers
 
     def export(self, filepath, format: str = "tf_saved_model", verbose: bool = True,
                **kwargs) -> None:
         """Writes a SavedModel that serves the chain with its state in and out, loadable by
-        `tf.saved_model.load(filepath)` in a process without tbptt (see `tbptt._src.serving`):
+        `tf.saved_model.load(filepath)` in a process without tbptt (see `tbptt._src.keras.serving`):
         `step(inputs, state) -> (outputs, state)`, `initial_state(batch_size)`, and a
         `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...)."""
         serving.export(self._chain, filepath, format=format, verbose=verbose, **kwargs)
@@ -180,7 +165,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
-        self._chunk_loss = _ChunkLoss(self)
+        self._chunk_loss = losses_lib.ChunkLoss(self)
         if self._chunk_loss.dtype == tf.float64:  # Keras logs the loss in float32 otherwise.
             compat.log_loss_in(self, "float64")
         # The compiled loss says how its chunk losses add up, as in a chain's reduction="auto".
@@ -214,7 +199,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         loss = self._chunk_loss.logged(result.loss) + penalty  # the scale of this step
         self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
         compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
-        logs = self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
+        logs = self.compute_metrics(x, y, losses_lib.with_keras_mask(y_pred, flags.get("mask")),
                                     sample_weight=sample_weight)
         return logs, new_carry, result.final_state
 
@@ -230,7 +215,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
         loss += _with_weight_penalty(self, [], [])[1]
         compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
-        logs = self.compute_metrics(x, y, _with_keras_mask(y_pred, flags.get("mask")),
+        logs = self.compute_metrics(x, y, losses_lib.with_keras_mask(y_pred, flags.get("mask")),
                                     sample_weight=sample_weight)
         return logs, final_state
 
@@ -240,6 +225,39 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
         inputs, flags = _split_inputs(x)
         return self._chain(inputs, state, training=False, **flags)
 
+    # -- the step loops of a stateful model (Keras's own run each batch from nothing) --------
+
+    def make_train_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_train_function(force)
+        if self.train_function is None or force:
+            self.train_function = stream_lib.train_function(
+                self._on_replicas(self._train_step, "logs"), self._stream,
+                self.steps_per_execution)
+        return self.train_function
+
+    def make_test_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_test_function(force)
+        if self.test_function is None or force:
+            self.test_function = stream_lib.test_function(
+                self._on_replicas(self._test_step, "logs"), self._evaluation,
+                self.steps_per_execution)
+        return self.test_function
+
+    def make_predict_function(self, force: bool = False):
+        if not self.stateful:
+            return super().make_predict_function(force)
+        if self.predict_function is None or force:
+            self.predict_function = stream_lib.predict_function(
+                self._on_replicas(self._predict_step, "outputs"), self._evaluation)
+        return self.predict_function
+
+    def _on_replicas(self, replica_step, kind: str):
+        return stream_lib.distributed(self.distribute_strategy, replica_step, kind,
+                                      run_eagerly=self.run_eagerly,
+                                      jit_compile=bool(self.jit_compile))
+
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
         start (not at the start of an epoch resumed from a checkpoint)."""
@@ -247,15 +265,17 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
             raise ValueError("ChunkedModel.fit does not take class_weight (a chunked loss sees "
                              "steps, not samples): pass a sample_weight [B, T] built from the "
                              "class of each step instead.")
-        with self._fresh_steps_after_an_error():
-            return self._fit(*args, **kwargs)
+        with _fresh_steps_after_an_error(self):
+            if self.stateful:
+                return super().fit(**_stateful_fit_arguments(self._stream, args, kwargs))
+            return super().fit(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         """`keras.Model.evaluate`; with stateful=True the batches are consecutive windows of
         the same streams: the state is carried from one to the next, from zeros at the call's
         start (the training carry is left alone)."""
         self._evaluation.reset()
-        with self._fresh_steps_after_an_error():
+        with _fresh_steps_after_an_error(self):
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args, initial_state=None, **kwargs):
@@ -272,26 +292,20 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, StreamingStep
                              "outputs, state = model.chain(x, initial_state).")
         self._evaluation.reset()
         self._evaluation.state = initial_state
-        with self._fresh_steps_after_an_error():
+        with _fresh_steps_after_an_error(self):
             return super().predict(*args, **kwargs)
 
-    @contextlib.contextmanager
-    def _fresh_steps_after_an_error(self):
-        """A call refused while its step was being traced (bad data, say) leaves that
-        tf.function with a failed first trace, and TensorFlow refuses to create variables
-        (the chain's, the optimizer's) in any later one. Forget the compiled steps then, so the
-        next call starts from new ones."""
-        try:
-            yield
-        except BaseException:
-            self.train_function = self.test_function = self.predict_function = None
-            raise
-
-    def _fit(self, *args, **kwargs):
-        if self.stateful:
-            return super().fit(**_stateful_fit_arguments(self._stream, args, kwargs))
-        return super().fit(*args, **kwargs)
-
+@contextlib.contextmanager
+def _fresh_steps_after_an_error(model: ChunkedModel):
+    """A call refused while its step was being traced (bad data, say) leaves that tf.function
+    with a failed first trace, and TensorFlow refuses to create variables (the chain's, the
+    optimizer's) in any later one. Forget the compiled steps then, so the next call starts from
+    new ones."""
+    try:
+        yield
+    except BaseException:
+        model.train_function = model.test_function = model.predict_function = None
+        raise
 
 
 def _build_before_tracing(chain: RecurrentChain, optimizer, inputs) -> None:
@@ -335,93 +349,6 @@ class _EpochStart(keras.callbacks.Callback):
         self._stream.begin_epoch(epoch)
 
 
-class _ChunkLoss(keras.losses.Loss):
-    """The compiled loss as the chain's per-chunk `loss_fn`: the Keras loss itself (which, as
-    in Keras's own `train_step`, divides a mean by the replicas of a tf.distribute strategy,
-    whose gradients are summed), times the optimizer's loss scale (mixed precision). It
-    computes in the chain's loss dtype (float64 for a float64 chain: the user's loss object
-    itself, its inputs cast, every setting it holds kept) and shows the chain its reduction and
-    kept labels, so the chunk losses add up as the loss of the whole sequence would (see
-    `tbptt._src.recurrent.losses`)."""
-
-    def __init__(self, model: ChunkedModel):
-        dtype = chain_lib.loss_dtype_for(model.chain.dtype)
-        self._model_ref = lambda: model  # not an attribute Keras would track
-        self.inner = _keras_loss(model.loss, dtype)
-        reduction = getattr(self.inner, "reduction", None)
-        if reduction in (None, "none"):
-            raise ValueError("the compiled loss must reduce to a scalar per chunk: reduction "
-                             "'sum_over_batch_size' (the default: whole-sequence mean), 'sum' or "
-                             f"'mean_with_sample_weight', got {reduction!r}.")
-        super().__init__(name=self.inner.name, reduction=reduction, dtype=dtype.name)
-        self.ignore_class = getattr(self.inner, "ignore_class", None)
-        self.combine = losses.reduction_of("auto", self).combine
-
-    def scale(self) -> tf.Tensor:
-        """The optimizer's loss scale."""
-        scale = self._model_ref().optimizer.scale_loss(tf.ones([], self.dtype))
-        return tf.cast(scale, self.dtype)
-
-    def call(self, y_true, y_pred):
-        return self.inner.call(y_true, y_pred)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        return tf.cast(self.unscaled(y_true, y_pred, sample_weight), self.dtype) * self.scale()
-
-    def unscaled(self, y_true, y_pred, sample_weight=None):
-        """The user's loss of a chunk (or a whole sequence), without the loss scale: computed
-        by the loss itself, in the chain's loss dtype where the loss computes in a narrower
-        one (Keras's `Loss.__call__` run with this wrapper's dtype on the loss's own `call`,
-        so no setting is lost), else as the loss computes it."""
-        if tf.as_dtype(self.inner.dtype) == tf.as_dtype(self.dtype) or not _keras_call(
-                self.inner):
-            return self.inner(y_true, y_pred, sample_weight)
-        return keras.losses.Loss.__call__(self, y_true, y_pred, sample_weight)
-
-    def logged(self, total: tf.Tensor) -> tf.Tensor:
-        """The chain's total loss as Keras logs a loss: without the loss scale, and times
-        the replicas (Keras's own `unscale_loss_for_distribution`)."""
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return total / tf.cast(self.scale(), total.dtype) * replicas
-
-    def whole_sequence(self, y_true, y_pred, sample_weight, mask) -> tf.Tensor:
-        """The loss of a whole sequence in one piece as Keras computes and logs it, a mask
-        attached to the predictions (the chain's chunk losses add up to it)."""
-        loss = self.unscaled(y_true, _with_keras_mask(y_pred, mask), sample_weight)
-        return self.logged(tf.cast(loss, self.dtype) * self.scale())
-
-
-def _keras_call(loss) -> bool:
-    """Whether `loss` is computed by Keras's own `Loss.__call__` (its `call`, then Keras's
-    reduction): then it can be run in another dtype without being remade."""
-    return type(loss).__call__ is keras.losses.Loss.__call__
-
-
-class _FunctionLoss(keras.losses.Loss):
-    """A function loss (per-step values) as a Keras loss with the default mean reduction."""
-
-    def __init__(self, fn, dtype: tf.DType):
-        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype.name)
-        self._fn = fn
-
-    def call(self, y_true, y_pred):
-        return self._fn(y_true, y_pred)
-
-
-def _keras_loss(loss, dtype: tf.DType):
-    """The compiled loss as a Keras loss: a loss object as given (never remade: `get_config`
-    need not hold every setting), a name as Keras makes it, a function wrapped."""
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-    if callable(loss):
-        return _FunctionLoss(loss, dtype)
-    raise ValueError("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
-                     "name or a function loss_fn(y_true, y_pred) -> per-step values; got "
-                     f"{loss!r}.")
-
-
 def _unpack(data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if y is None:
@@ -440,14 +367,6 @@ def _split_inputs(x):
     return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
 
 
-def _with_keras_mask(y_pred, mask):
-    """The predictions with `mask` as their Keras mask, as a masked Keras model hands them to
-    its loss and metrics (which then count the unmasked steps only)."""
-    if mask is None or y_pred is None:
-        return y_pred
-    return compat.with_keras_mask(y_pred, tf.cast(mask, tf.bool))
-
-
 def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> tuple:
     """The layers' weight regularization (`model.losses`), added once per step as Keras's own
     train_step adds it (its share of each replica: the replicas' gradients are summed):
@@ -461,6 +380,19 @@ def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> t
         scaled = penalty * model.chunk_loss.scale() / replicas
     extra = tape.gradient(scaled, variables) if variables else []
     return [g if e is None else g + tf.cast(e, g.dtype) for g, e in zip(grads, extra)], penalty
+
+
+def _check_chain(chain, stateful: bool) -> None:
+    """What a ChunkedModel needs of Keras and of its chain, checked before it is made."""
+    if compat.KERAS_MAJOR < 3:
+        raise ImportError("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found "
+                          f"Keras {keras.__version__}. With Keras 2, call "
+                          "chain.value_and_gradients in your own training loop.")
+    if not isinstance(chain, RecurrentChain):
+        raise TypeError(checks.CHAIN_MSG.format(value=chain))
+    if stateful and chain.config.schedule.context_chunks:
+        check_window(chain.config, None)  # refuses chunk_size="auto"
+    _refuse_activity_regularizers(chain)
 
 
 def _refuse_activity_regularizers(chain: RecurrentChain) -> None:

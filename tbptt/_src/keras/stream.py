@@ -1,5 +1,5 @@
 """What a stateful `ChunkedModel` carries from one batch to the next: one value with methods,
-and the step loops that carry it (`StreamingSteps`).
+and the step loops that carry it (`train_function`, `test_function`, `predict_function`).
 
 ```
 stream.reset()                      # epoch start (unless resumed mid-epoch), reset_state()
@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from tbptt._src.core import compat
 from tbptt._src.recurrent.streaming import StreamCarry
 from tbptt._src.recurrent.streaming import check_window
 
@@ -154,6 +155,13 @@ class Carried:
     def reset(self) -> None:
         self.state = None
 
+    def step(self, step, data):
+        """`step(data, state) -> (result, state)` from the carried state, which it carries on;
+        returns the result."""
+        self.check_batch(data)
+        result, self.state = step(data, self.state)
+        return result
+
     def check_batch(self, data) -> None:
         """A batch of another size than the carried streams resets the state, with a warning."""
         if self.state is None:
@@ -168,80 +176,61 @@ class Carried:
             self.reset()
 
 
-class StreamingSteps:
-    """The step loops of a stateful `ChunkedModel` (a mixin: a model without `stateful` runs
-    Keras's own): `fit` continues its training stream, `evaluate` and `predict` the state
-    carried across the batches of their call. Each step runs under the model's strategy; the
-    carried values stay tensors between steps (per-replica values under a strategy)."""
+# -- the step loops of a stateful model: Keras's own run one batch from nothing -------------------
 
-    def make_train_function(self, force: bool = False):
-        if not self.stateful:
-            return super().make_train_function(force)
-        if self.train_function is None or force:
-            step = self._distributed(self._train_step, "logs")
 
-            def train_function(iterator):
-                return _each_batch(iterator, self.steps_per_execution, self._train_one, step)
-
-            self.train_function = train_function
-        return self.train_function
-
-    def _train_one(self, data, step):
-        self._stream.check_batch(data)
-        logs, carry, final_state = step(data, self._stream.carry)
-        self._stream.stepped(carry, final_state)
+def train_function(step, stream: Stream, steps_per_execution: int):
+    """`fit`'s function over batches: `step(data, carry) -> (logs, carry, final state)` on up
+    to `steps_per_execution` batches, the training stream carried from one to the next."""
+    def one(data):
+        stream.check_batch(data)
+        logs, carry, final_state = step(data, stream.carry)
+        stream.stepped(carry, final_state)
         return logs
 
-    def make_test_function(self, force: bool = False):
-        if not self.stateful:
-            return super().make_test_function(force)
-        if self.test_function is None or force:
-            step = self._distributed(self._test_step, "logs")
-
-            def test_function(iterator):
-                return _each_batch(iterator, self.steps_per_execution, self._carry_one, step)
-
-            self.test_function = test_function
-        return self.test_function
-
-    def make_predict_function(self, force: bool = False):
-        if not self.stateful:
-            return super().make_predict_function(force)
-        if self.predict_function is None or force:
-            step = self._distributed(self._predict_step, "outputs")
-
-            def predict_function(batches):
-                outputs = [self._carry_one(data, step) for data in batches]
-                return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0),
-                                             *outputs)
-
-            self.predict_function = predict_function
-        return self.predict_function
-
-    def _carry_one(self, data, step):
-        self._evaluation.check_batch(data)
-        result, self._evaluation.state = step(data, self._evaluation.state)
-        return result
-
-    def _distributed(self, replica_step, kind: str):
-        """`replica_step(data, carried) -> (result, *carried)` run on every replica (compiled
-        unless run_eagerly): logs are the first replica's, outputs all replicas' in order."""
-        strategy = self.distribute_strategy
-
-        def gather(value):
-            if kind == "logs":
-                return _local(strategy, value)
-            return tf.concat(strategy.experimental_local_results(value), axis=0)
-
-        def step(data, carried):
-            result, *carried = strategy.run(replica_step, args=(data, carried))
-            return (tf.nest.map_structure(gather, result), *carried)
-
-        return step if self.run_eagerly else tf.function(step, reduce_retracing=True)
+    return lambda iterator: _each_batch(iterator, steps_per_execution, one)
 
 
-def _each_batch(iterator, count: int, one, step):
-    """`one(data, step)` on up to `count` batches of `iterator`; the last result."""
+def test_function(step, carried: Carried, steps_per_execution: int):
+    """`evaluate`'s: `step(data, state) -> (logs, state)`, the state carried across the batches
+    of the call (from zeros at its start)."""
+    return lambda iterator: _each_batch(iterator, steps_per_execution,
+                                        lambda data: carried.step(step, data))
+
+
+def predict_function(step, carried: Carried):
+    """`predict`'s: `step(data, state) -> (outputs, state)` over the batches it is given, the
+    state carried; the outputs joined."""
+    def run(batches):
+        outputs = [carried.step(step, data) for data in batches]
+        return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *outputs)
+
+    return run
+
+
+def distributed(strategy, replica_step, kind: str, *, run_eagerly: bool, jit_compile: bool):
+    """`replica_step(data, carried) -> (result, *carried)` run on every replica of `strategy`
+    (compiled unless `run_eagerly`; each replica's step with XLA with `jit_compile`, as Keras
+    compiles its own): logs are the first replica's, outputs all replicas' in order."""
+    if jit_compile and not run_eagerly:
+        replica_step = compat.quiet_function(replica_step, jit_compile=True,
+                                             reduce_retracing=True)
+
+    def gather(value):
+        if kind == "logs":
+            return _local(strategy, value)
+        return tf.concat(strategy.experimental_local_results(value), axis=0)
+
+    def step(data, carried):
+        result, *carried = strategy.run(replica_step, args=(data, carried))
+        return (tf.nest.map_structure(gather, result), *carried)
+
+    # Traced once per carry structure (none, then a carry) and per kind of step, by design.
+    return step if run_eagerly else compat.quiet_function(step, reduce_retracing=True)
+
+
+def _each_batch(iterator, count: int, one):
+    """`one(data)` on up to `count` batches of `iterator`; the last result."""
     result = None
     for _ in range(count):
         try:
@@ -250,7 +239,7 @@ def _each_batch(iterator, count: int, one, step):
             if result is None:
                 raise
             break
-        result = one(data, step)
+        result = one(data)
     return result
 
 
