@@ -44,7 +44,7 @@ class StageResult(NamedTuple):
 
 
 @serialization.register
-class StageChain(serialization.SerializableStages, tf.Module):
+class StageChain(tf.Module):
     """Stages run in order, each differentiated with its own tape (or tf.gradients).
 
     ```
@@ -107,12 +107,16 @@ class StageChain(serialization.SerializableStages, tf.Module):
     def stages(self) -> list:
         return list(self._stages)
 
-    @property
-    def _options(self) -> dict:
-        """The constructor's keywords besides `stages` and `name` (for `get_config`)."""
-        return {"backend": self._backend, "recompute": self._recompute,
-                "devices": self._devices, "compiled": self._compiled,
-                "check_numerics": self._check_numerics}
+    def get_config(self) -> dict:
+        """Keras's config of a chain of Keras layers: the architecture and the options."""
+        options = {"backend": self._backend, "recompute": self._recompute,
+                   "devices": self._devices, "compiled": self._compiled,
+                   "check_numerics": self._check_numerics}
+        return serialization.stages_config(self._stages, options, self.name)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "StageChain":
+        return cls(**serialization.stages_arguments(config))
 
     @property
     def stage_variables(self) -> list:

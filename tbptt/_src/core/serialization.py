@@ -22,52 +22,46 @@ def register(cls):
     return register_with_keras(package="tbptt")(cls)
 
 
-class SerializableChain:
-    """`get_config`/`from_config` for a chain: its constructor's keywords as given
-    (`_arguments`), layers serialized; a chain made from `units` is saved without its cells,
-    which its constructor makes."""
-
-    def get_config(self) -> dict:
-        config = self._arguments()
-        if "units" in config:
-            del config["cells"]
-        if config.get("dtype") is not None:
-            config["dtype"] = tf.as_dtype(config["dtype"]).name
-        for key in ("cells", "head", "inputs_layer", "units"):
-            if key in config:
-                config[key] = _serialize(key, config[key])
-        return config
-
-    @classmethod
-    def from_config(cls, config: dict):
-        config = dict(config)
-        for key in ("cells", "head", "inputs_layer"):
-            if key in config:
-                config[key] = _deserialize(config[key])
-        return cls(**config)
+def chain_config(arguments: dict) -> dict:
+    """A chain's config from its constructor's keywords as given: layers serialized; a chain
+    made from `units` is saved without its cells, which its constructor makes."""
+    config = dict(arguments)
+    if "units" in config:
+        del config["cells"]
+    if config.get("dtype") is not None:
+        config["dtype"] = tf.as_dtype(config["dtype"]).name
+    for key in ("cells", "head", "inputs_layer", "units"):
+        if key in config:
+            config[key] = _serialize(key, config[key])
+    return config
 
 
-class SerializableStages:
-    """`get_config`/`from_config` for a `StageChain` whose stages are Keras layers: the
-    architecture and options, not the weights (`tf.train.Checkpoint(chain=chain)` holds those;
-    `chain.stage_variables` lists them per stage)."""
+def chain_arguments(config: dict) -> dict:
+    """The constructor's keywords of a chain's config (see `chain_config`)."""
+    config = dict(config)
+    for key in ("cells", "head", "inputs_layer"):
+        if key in config:
+            config[key] = _deserialize(config[key])
+    return config
 
-    def get_config(self) -> dict:
-        stages = []
-        for index, stage in enumerate(self.stages):
-            if not compat.is_keras_layer(stage):
-                raise TypeError(
-                    f"only a StageChain whose stages are Keras layers has a config; "
-                    f"stages[{index}] is {stage!r}. Rebuild the chain in code and restore its "
-                    f"weights with tf.train.Checkpoint(chain=chain).")
-            stages.append(keras.saving.serialize_keras_object(stage))
-        return dict(self._options, stages=stages, name=self.name)
 
-    @classmethod
-    def from_config(cls, config: dict):
-        config = dict(config)
-        config["stages"] = _deserialize(config["stages"])
-        return cls(**config)
+def stages_config(stages: list, options: dict, name: str) -> dict:
+    """A `StageChain`'s config when its stages are Keras layers: the architecture and
+    options, not the weights (`tf.train.Checkpoint(chain=chain)` holds those)."""
+    serialized = []
+    for index, stage in enumerate(stages):
+        if not compat.is_keras_layer(stage):
+            raise TypeError(
+                f"only a StageChain whose stages are Keras layers has a config; "
+                f"stages[{index}] is {stage!r}. Rebuild the chain in code and restore its "
+                f"weights with tf.train.Checkpoint(chain=chain).")
+        serialized.append(keras.saving.serialize_keras_object(stage))
+    return dict(options, stages=serialized, name=name)
+
+
+def stages_arguments(config: dict) -> dict:
+    """The constructor's keywords of a `StageChain`'s config."""
+    return dict(config, stages=_deserialize(config["stages"]))
 
 
 def _serialize(key: str, value):

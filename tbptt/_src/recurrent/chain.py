@@ -37,7 +37,7 @@ def _stack_field(name: str, doc: str) -> property:
 
 
 @serialization.register
-class RecurrentChain(serialization.SerializableChain, tf.Module):
+class RecurrentChain(tf.Module):
     """Stacked RNN cells and a head, trained over time chunks with carried state and gradient.
 
     ```
@@ -98,6 +98,14 @@ class RecurrentChain(serialization.SerializableChain, tf.Module):
         return {"cells": self.cells, "head": self.head, "inputs_layer": self.inputs_layer,
                 "name": self.name, **self._options}
 
+    def get_config(self) -> dict:
+        """Keras's config of the chain: its constructor's keywords, layers serialized."""
+        return serialization.chain_config(self._arguments())
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RecurrentChain":
+        return cls(**serialization.chain_arguments(config))
+
     def with_config(self, **changes) -> "RecurrentChain":
         """A chain of the same class over the same cells and head (so the same weights), its
         config changed; made by the constructor, so it is checked as a new chain is.
@@ -122,12 +130,11 @@ class RecurrentChain(serialization.SerializableChain, tf.Module):
     inputs_layer = _stack_field("inputs_layer", "The inputs layer, or None.")
     parts = _stack_field("parts", "The inputs layer (if any), the cells, the head (if any).")
     features = _stack_field("features", "The inputs' feature size F once built, else None.")
-    trainable_variables = _stack_field("trainable_variables", "Cells' variables bottom to "
-                                       "top, then the head's; available once built.")
+    trainable_variables = _stack_field("trainable_variables", "The inputs layer's variables, "
+                                       "the cells' bottom to top, then the head's; once built.")
 
-    @property
-    def built(self) -> bool:
-        return self._stack.features is not None
+    built = property(lambda self: self._stack.features is not None,
+                     doc="Whether the variables exist (after the first call or `build`).")
 
     @property
     def input_shape(self) -> Optional[list]:
@@ -149,10 +156,8 @@ class RecurrentChain(serialization.SerializableChain, tf.Module):
         return calls.plan_for(self._config, self._stack, checks.positive_int("steps", steps),
                               checks.positive_int("batch_size", batch_size), features)
 
-    @property
-    def trace_count(self) -> int:
-        """How many times the compiled functions were traced (for tests of retracing)."""
-        return self._functions.trace_count
+    trace_count = property(lambda self: self._functions.trace_count, doc="How many times "
+                           "the compiled functions were traced (for tests of retracing).")
 
     def initial_state(self, batch_size: int) -> State:
         """Zero state: a tuple with one entry per layer (a tensor, or a tuple of tensors)."""
@@ -184,19 +189,14 @@ class RecurrentChain(serialization.SerializableChain, tf.Module):
         """
         online = reset is None and mask is None and self._config.compiled
         done = self._online.call(self._stack, inputs, initial_state, training) if online else None
-        if done is not None:  # an online step of a shape checked before: its concrete function
-            return done[0], self._stack.pack(list(done[1]))
-        prepared = calls.forward_call(self._config, self._stack, inputs, initial_state, reset,
-                                      mask, training)
-        if online:
-            self._online.add(self._stack, inputs, initial_state, training,
-                             prepared.static.xla)
-        fn = self._functions.get("call", functools.partial(timechain.forward, self._stack),
-                                 prepared.static, self._config.compiled,
-                                 static_time=prepared.short, forward_mode=prepared.short)
-        with sources_lib.live(prepared.sources) as handles:
-            outputs, leaves = fn({**prepared.call.tensors(), "sources": handles})
-        return outputs, self._stack.pack(list(leaves))
+        if done is None:
+            prepared = calls.forward_call(self._config, self._stack, inputs, initial_state,
+                                          reset, mask, training)
+            if online:
+                self._online.add(self._stack, inputs, initial_state, training,
+                                 prepared.static.xla)
+            done = _run_forward(self._functions, self._stack, self._config, prepared)
+        return done[0], self._stack.pack(list(done[1]))
 
     @tf.autograph.experimental.do_not_convert
     def value_and_gradients(self, inputs, targets, loss_fn: LossFn, initial_state: State = None,
@@ -304,6 +304,15 @@ def _run_gradients(functions: compiling.FunctionCache, stack: CellStack, config:
         run.non_finite, (run.loss, run.grads), chunk_size=prepared.call.chunk_size,
         steps=prepared.call.static_steps())
     return run._replace(loss=loss, grads=grads)
+
+
+def _run_forward(functions: compiling.FunctionCache, stack: CellStack, config: ChainConfig,
+                 prepared: calls.Prepared) -> tuple:
+    """Runs the compiled forward of `prepared`'s call: ``(outputs, flat final state)``."""
+    fn = functions.get("call", functools.partial(timechain.forward, stack), prepared.static,
+                       config.compiled, static_time=prepared.short, forward_mode=prepared.short)
+    with sources_lib.live(prepared.sources) as handles:
+        return fn({**prepared.call.tensors(), "sources": handles})
 
 
 def _result(stack: CellStack, run: timechain.Run) -> ChainResult:
