@@ -157,12 +157,3 @@ def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad
     grads, state_grad = tape.gradient(total, [chain.trainable_variables, s0],
                                       unconnected_gradients="zero")
     return total, grads, state_grad
-
-
-def stream_reference(chain, windows, loss_fn, m):
-    """One truncated `value_and_gradients` over the whole stream (the windows joined in time):
-    what the summed gradients of `stream_step` over the windows must equal."""
-    x = np.concatenate([w[0] for w in windows], axis=1)
-    y = np.concatenate([w[1] for w in windows], axis=1)
-    state = chain.initial_state(x.shape[0])
-    return truncated_reference(chain, x, y, loss_fn, m, state)

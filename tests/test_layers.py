@@ -71,7 +71,7 @@ def keras_run(rnn):
 def hoisted_run(cell, xla=True):
     def run(x, states):
         top, (final,) = runners.run_layers([runners.runner_for(cell)], [states], x, training=True,
-                                          loop=timeloop.Loop(xla=xla))
+                                          loop=timeloop.LoopSettings(xla=xla))
         return timeloop.time_major(top), final
     return run
 

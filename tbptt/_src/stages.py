@@ -340,7 +340,7 @@ def _linear_layers(model) -> list:
                                                  why="has several inputs or outputs"))
     previous = None
     for index, layer in enumerate(layers):
-        nodes = [n for n in getattr(layer, "_inbound_nodes", [])]
+        nodes = compat.inbound_nodes(layer)
         parents = [p.operation for n in nodes for p in getattr(n, "parent_nodes", [])]
         if previous is None:  # the first layer takes the model input
             linear = len(parents) == 1 and isinstance(parents[0], keras.layers.InputLayer)

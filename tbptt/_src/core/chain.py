@@ -17,7 +17,7 @@ one sweep when no cotangent crosses a cut, or two levels of boundaries) and ever
 cotangents back with one function, `step_back`. Which cotangents a segment receives and passes
 on (all of them, or only the young ones under truncation) is the schedule's answer
 (`schedules.py`, plain values), so the loops do not know about truncation. What a run records
-beside the loss and gradients (a carry to keep, NaN findings, cotangent norms) is a `Keep`.
+beside the loss and gradients (a carry to keep, NaN findings, cotangent norms) is a `Record`.
 
 The loops over segments of one shape are `tf.while_loop`s with the boundary values in
 `TensorArray`s, so in a `tf.function` one trace serves any number of segments; executing
@@ -83,7 +83,7 @@ class ChainGradients(NamedTuple):
     carry_grad_norms: Optional[tf.Tensor] = None  # [n, ages], see `record_carry_grads`
 
 
-class Keep(NamedTuple):
+class Record(NamedTuple):
     """What a run records beside the loss and gradients.
 
     Attributes:
@@ -216,7 +216,7 @@ def _linearize_segment(segments: Segments, k, carry: list, variables: list, line
 
 def gradients(segments: Segments, carry: list, variables: list, linearize, schedule, *,
               loss_dtype: tf.DType, final_carry_grad: Optional[list] = None,
-              keep: Keep = Keep()) -> ChainGradients:
+              record: Record = Record()) -> ChainGradients:
     """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
 
     ```
@@ -233,23 +233,23 @@ def gradients(segments: Segments, carry: list, variables: list, linearize, sched
       schedule: which cotangents travel (see `schedules.py`).
       loss_dtype: dtype of the loss accumulator.
       final_carry_grad: flat list, dLoss/d(final carry) from outside the chain (or None).
-      keep: what to record beside (see `Keep`).
+      record: what to record beside (see `Record`).
 
     Returns:
       `ChainGradients`, grads aligned with `variables`, the carries as flat lists.
     """
     if not schedule.carried_ages:  # nothing crosses a cut: each backward right after its forward
-        if keep.carry_at is not None or keep.carry_grad_norms:
+        if record.carry_at is not None or record.carry_grad_norms:
             raise ValueError(KEEP_NEEDS_CARRIED_MSG)
         return _one_sweep(segments, carry, variables, linearize, schedule, loss_dtype,
-                          keep.non_finite)
+                          record.non_finite)
     if schedule.grouped:
-        if keep.carry_at is not None or keep.carry_grad_norms:
+        if record.carry_at is not None or record.carry_grad_norms:
             raise ValueError(KEEP_NEEDS_CARRIED_MSG)
         return _two_levels(segments, carry, variables, linearize, schedule, loss_dtype,
-                           final_carry_grad, keep.non_finite)
+                           final_carry_grad, record.non_finite)
     return _forward_backward(segments, carry, variables, linearize, schedule, loss_dtype,
-                             final_carry_grad, keep)
+                             final_carry_grad, record)
 
 
 KEEP_NEEDS_CARRIED_MSG = ("keeping a carry and recording cotangent norms need the one-level "
@@ -257,12 +257,12 @@ KEEP_NEEDS_CARRIED_MSG = ("keeping a carry and recording cotangent norms need th
 
 
 def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtype,
-                      final_carry_grad, keep: Keep) -> ChainGradients:
+                      final_carry_grad, record: Record) -> ChainGradients:
     # The sweep stops before the last segment, whose recompute (the backward's first step)
     # gives the final carry: one segment's forward less. A kept carry may be the final one.
     last = segments.count - 1
-    carry_out, boundaries, kept, found = forward(segments, carry, keep_at=keep.carry_at,
-                                                 check=keep.non_finite, stop=last)
+    carry_out, boundaries, kept, found = forward(segments, carry, keep_at=record.carry_at,
+                                                 check=record.non_finite, stop=last)
     boundaries = [ta.write(last, c) for ta, c in zip(boundaries, carry_out)]
     carried = schedule.initial_carried(list(_zeros(carry_out) if final_carry_grad is None
                                             else final_carry_grad))
@@ -272,14 +272,14 @@ def _forward_backward(segments, carry, variables, linearize, schedule, loss_dtyp
     alive = None if segments.live is None and schedule.seed_count == 1 else [
         tf.constant(final_carry_grad is not None and age == 0) for age in range(len(carried))]
     back = backward(segments, boundaries, carried, variables, linearize, schedule, loss_dtype,
-                    check=keep.non_finite, found=found, record=keep.carry_grad_norms,
+                    check=record.non_finite, found=found, record=record.carry_grad_norms,
                     alive=alive)
-    if keep.carry_at is not None:
-        kept = [tf.where(tf.equal(keep.carry_at, segments.count), f, s)
+    if record.carry_at is not None:
+        kept = [tf.where(tf.equal(record.carry_at, segments.count), f, s)
                 for f, s in zip(back.final_carry, kept)]
     initial_carry_grad = [tf.add_n(list(ages)) for ages in zip(*back.carried)]
     return ChainGradients(back.loss, back.grads, back.final_carry, initial_carry_grad, kept,
-                          back.non_finite if keep.non_finite else None, back.carry_grad_norms)
+                          back.non_finite if record.non_finite else None, back.carry_grad_norms)
 
 
 def _two_levels(segments, carry, variables, linearize, schedule, loss_dtype, final_carry_grad,
@@ -290,7 +290,7 @@ def _two_levels(segments, carry, variables, linearize, schedule, loss_dtype, fin
     boundaries and one segment, for one more forward pass."""
     group = chunking.group_size_tensor(segments.count)
     groups = Segments((segments.count + group - 1) // group,
-                      lambda j, c: forward(_group(segments, group, j), c, keep=False)[0], None)
+                      lambda j, c: forward(_group(segments, group, j), c, with_boundaries=False)[0], None)
     # The coarse forward is not checked: each group's chain re-runs (and checks) its segments.
     final_carry, boundaries, _, _ = forward(groups, carry)
     if final_carry_grad is None:
@@ -300,7 +300,7 @@ def _two_levels(segments, carry, variables, linearize, schedule, loss_dtype, fin
         j = groups.count - 1 - i
         inner = _forward_backward(_group(segments, group, j), [ta.read(j) for ta in boundaries],
                                   variables, linearize, schedule, loss_dtype, carried,
-                                  Keep(non_finite=check))
+                                  Record(non_finite=check))
         if check:
             found = merge_non_finite(found, offset_non_finite(inner.non_finite, j * group))
         return (i + 1, inner.initial_carry_grad, _added(grads, inner.grads),
@@ -327,16 +327,17 @@ def _group(segments: Segments, group, j) -> Segments:
 # -- loops over segments of one shape --------------------------------------------------------------
 
 
-def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
+def forward(segments: Segments, carry: list, with_boundaries: bool = True, keep_at=None,
             check: bool = False, stop=None):
     """Runs `advance` over the segments before `stop` (None: all n).
 
-    Returns s_stop, the TensorArrays of s_0 .. s_{stop-1} (None with keep=False), s_{keep_at}
+    Returns s_stop, the TensorArrays of s_0 .. s_{stop-1} (None without `with_boundaries`),
+    s_{keep_at}
     (None without it) and the non-finite findings. s_{keep_at} is selected as the loop passes it
     rather than read from the TensorArray: executing eagerly, a TensorArray element can be read
     only once.
     """
-    boundaries = [tf.TensorArray(c.dtype, size=segments.most if keep else 0,
+    boundaries = [tf.TensorArray(c.dtype, size=segments.most if with_boundaries else 0,
                                  element_shape=c.shape) for c in carry]
     kept = list(carry)
 
@@ -346,7 +347,7 @@ def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
         return [tf.where(tf.equal(k, keep_at), c, s) for c, s in zip(carry, kept)]
 
     def body(k, carry, boundaries, kept, found):
-        if keep:
+        if with_boundaries:
             boundaries = [ta.write(k, c) for ta, c in zip(boundaries, carry)]
         kept = select(k, carry, kept)
         carry = list(segments.advance(k, carry))
@@ -358,7 +359,7 @@ def forward(segments: Segments, carry: list, keep: bool = True, keep_at=None,
         (tf.constant(0), list(carry), boundaries, kept, no_findings()),
         parallel_iterations=PARALLEL_SEGMENTS, maximum_iterations=segments.most)
     kept = select(count, carry, kept) if keep_at is not None else None
-    return carry, (boundaries if keep else None), kept, found
+    return carry, (boundaries if with_boundaries else None), kept, found
 
 
 class Backward(NamedTuple):

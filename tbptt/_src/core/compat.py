@@ -1,4 +1,6 @@
-"""Version switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), kept in one place."""
+"""What the library needs of TensorFlow and Keras beyond their public, stable API, in one
+place: the switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), and every private name
+(each with the reason no public one serves)."""
 
 import contextlib
 import inspect
@@ -234,6 +236,12 @@ def in_xla_context() -> bool:
     if tf.executing_eagerly():
         return False
     return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def inbound_nodes(layer) -> list:
+    """The nodes a functional model's layer is called at (which layers feed it): no public
+    name lists them."""
+    return list(getattr(layer, "_inbound_nodes", []))
 
 
 def keras_mask(x):

@@ -6,7 +6,7 @@ A call becomes `Prepared(call, sources, static)`, three typed values:
 Call(batch: Batch(inputs, targets, sample_weight, reset, mask),   the per-step values
      state, chunk_size, final_state_grad, context_steps, steps)   the rest of the argument
 sources: {name: ChunkSource}                                        registered for the call
-Static(loss_fn, source_specs, training, record)                    what keys a trace
+Static(loss_fn, source_specs, training, record, xla)               what keys a trace
 ```
 
 A `Call` crosses into the compiled function as the flat dict of its present tensors
@@ -90,7 +90,7 @@ class Static(NamedTuple):
     source_specs: tuple = ()  # ((name, relaxed spec), ...) of the chunk sources
     training: bool = True
     record: bool = False  # diagnostics: the carried cotangents' norms
-    xla: bool = True  # the stock cells' loops compiled with XLA on their own (`timeloop.Loop`)
+    xla: bool = True  # the stock cells' loops compiled with XLA on their own (`timeloop.LoopSettings`)
 
 
 class Prepared(NamedTuple):

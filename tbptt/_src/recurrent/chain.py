@@ -195,7 +195,7 @@ class RecurrentChain(tf.Module):
             if online:
                 self._online.add(self._stack, inputs, initial_state, training,
                                  prepared.static.xla)
-            done = _run_forward(self._functions, self._stack, self._config, prepared)
+            done = _run_forward(self._functions, self._config, self._stack, prepared)
         return done[0], self._stack.pack(list(done[1]))
 
     @tf.autograph.experimental.do_not_convert
@@ -286,15 +286,15 @@ class RecurrentChain(tf.Module):
         return np.asarray(self._run(prepared).carry_grad_norms, "float64")
 
     def _run(self, prepared: calls.Prepared) -> timechain.Run:
-        return _run_gradients(self._functions, self._stack, self._config, prepared)
+        return _run_gradients(self._functions, self._config, self._stack, prepared)
 
 
-def _run_gradients(functions: compiling.FunctionCache, stack: CellStack, config: ChainConfig,
+def _run_gradients(functions: compiling.FunctionCache, config: ChainConfig, stack: CellStack,
                    prepared: calls.Prepared) -> timechain.Run:
     """Runs the compiled gradient function of `prepared`'s call; a non-finite value found
     inside is reported here, outside the function, by name."""
     fn = functions.get("value_and_gradients",
-                       functools.partial(timechain.gradients, stack, config),
+                       functools.partial(timechain.gradients, config, stack),
                        prepared.static, config.compiled, recorded=False)
     with sources_lib.live(prepared.sources) as handles:
         run = fn({**prepared.call.tensors(), "sources": handles})
@@ -306,7 +306,7 @@ def _run_gradients(functions: compiling.FunctionCache, stack: CellStack, config:
     return run._replace(loss=loss, grads=grads)
 
 
-def _run_forward(functions: compiling.FunctionCache, stack: CellStack, config: ChainConfig,
+def _run_forward(functions: compiling.FunctionCache, config: ChainConfig, stack: CellStack,
                  prepared: calls.Prepared) -> tuple:
     """Runs the compiled forward of `prepared`'s call: ``(outputs, flat final state)``."""
     fn = functions.get("call", functools.partial(timechain.forward, stack), prepared.static,

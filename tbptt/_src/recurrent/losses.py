@@ -24,8 +24,6 @@ from tbptt._src.core import compat
 
 # Keras loss reductions that average over the elements (Keras 3, and tf.keras's "auto").
 MEAN_LOSS_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
-# What a chunk's share of the whole counts, for the reductions that average (see `Reduction`).
-SHARES = ("steps", "kept", "weights")
 
 
 class Reduction(NamedTuple):

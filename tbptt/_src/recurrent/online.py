@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tbptt._src.core import compat
 from tbptt._src.recurrent.loops import timeloop
 from tbptt._src.recurrent import timechain
 from tbptt._src.recurrent.calls import Static
@@ -77,7 +78,7 @@ class OnlineSteps:
             return None
         if not isinstance(inputs, (tf.Tensor, np.ndarray)) or isinstance(inputs, np.memmap):
             return None
-        if getattr(inputs, "_keras_mask", None) is not None or len(inputs.shape) < 2:
+        if compat.keras_mask(inputs) is not None or len(inputs.shape) < 2:
             return None
         steps = inputs.shape[1]
         if steps is None or not 1 <= steps <= timeloop.SHORT_STEPS:

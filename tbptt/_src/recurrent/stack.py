@@ -258,7 +258,7 @@ class CellStack(tf.Module):
 
     def __call__(self, x: tf.Tensor, leaves: list, *, training: bool = True,
                  flags: Optional[timeloop.StepFlags] = None, with_outputs: bool = True,
-                 loop: timeloop.Loop = timeloop.Loop(), draws: Draws = Draws(), chunk=0):
+                 loop: timeloop.LoopSettings = timeloop.LoopSettings(), draws: Draws = Draws(), chunk=0):
         """All layers and the head over one chunk.
 
         Args:
@@ -268,7 +268,7 @@ class CellStack(tf.Module):
           flags: the chunk's per-step reset and mask, time-major (None: no flags).
           with_outputs: False skips the head and the top layer's outputs (a forward that only
             carries the state).
-          loop: how the chunk's time loops run (see `timeloop.Loop`).
+          loop: how the chunk's time loops run (see `timeloop.LoopSettings`).
           draws: what the call drew once (`draws`); chunk: this chunk's index in the call,
             from which its draws are replayed.
 

@@ -17,7 +17,7 @@ read a window of a source registered for the call (`sources.py`): the compiled f
 the source's handle as a value, never an object stored on the chain.
 
 ```
-gradients(stack, config, call):  segments of the call -> chain.gradients -> Run
+gradients(config, stack, call):  segments of the call -> chain.gradients -> Run
 ```
 """
 
@@ -62,7 +62,7 @@ class Run(NamedTuple):
     carry_grad_norms: Optional[tf.Tensor]
 
 
-def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
+def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
     """The compiled body of `value_and_gradients` and `stream_step`: the call's chunks as
     segments, run by `chain.gradients` with the config's schedule and backend."""
     call = _rebuilt(tensors, static)
@@ -76,7 +76,7 @@ def gradients(stack, config: ChainConfig, tensors: dict, static: Static) -> Run:
     result = chain_lib.gradients(
         segments_, call.state, stack.trainable_variables, vjp_lib.get_linearize(config.backend),
         config.schedule, loss_dtype=loss_dtype, final_carry_grad=call.final_state_grad,
-        keep=chain_lib.Keep(keep_at, config.check_numerics, static.record))
+        record=chain_lib.Record(keep_at, config.check_numerics, static.record))
     total = steps_of(call)
     kept, kept_from = (result.final_carry, total) if keep_at is None else (
         result.kept_carry, tf.minimum(keep_at * call.chunk_size, total))
@@ -92,9 +92,9 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
     if not static.source_specs:
         flags = chunk_flags(call.batch, 0, tf.shape(call.batch.inputs)[1])
         return stack(call.batch.inputs, call.state, training=static.training, flags=flags,
-                     loop=timeloop.Loop(xla=static.xla), draws=draws)
+                     loop=timeloop.LoopSettings(xla=static.xla), draws=draws)
     size, total = call.chunk_size, steps_of(call)
-    loop = timeloop.Loop(size, static.xla)
+    loop = timeloop.LoopSettings(size, static.xla)
 
     def output(k, state):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
@@ -213,11 +213,11 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
       loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
       reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
-      xla: whether the stock cells' loops are compiled with XLA on their own (`timeloop.Loop`).
+      xla: whether the stock cells' loops are compiled with XLA on their own (`timeloop.LoopSettings`).
       draws: what the call drew once; each chunk replays its own draws from it.
     """
     size, total, batch = call.chunk_size, steps_of(call), call.batch
-    loop = timeloop.Loop(size, xla)
+    loop = timeloop.LoopSettings(size, xla)
     weight = chunk_weights(call, size, reduction, loss_dtype)
 
     def bounds(k):

@@ -47,7 +47,7 @@ def forward_loop(step, counts: Counts, xs, length, *rest):
         reset, mask = flags_at(t)
         entered = timeloop.entering(states, reset)
         y, new_states = step(inputs.read(t), entered, weights)
-        new_states = timeloop.kept(new_states, entered, mask)
+        new_states = timeloop.leaving(new_states, entered, mask)
         y = new_states[0] if counts.output_is_state else y
         saved = [a.write(t, s) for a, s in zip(saved, entered)]
         return t + 1, new_states, outputs.write(t, y), saved
@@ -106,7 +106,7 @@ class StepLoops:
         self._output_is_state = output_is_state  # see `timeloop.flagged`
         self._sequences = {}
 
-    def run(self, xs, states: list, weights: list, flags: Optional[timeloop.StepFlags], loop: timeloop.Loop):
+    def run(self, xs, states: list, weights: list, flags: Optional[timeloop.StepFlags], loop: timeloop.LoopSettings):
         """The step over ``xs [K, B, F]``, time-major: ``(outputs [K, B, U], states)``."""
         length = timeloop.length_of(xs)
         kinds, padded_flags = timeloop.padded_flags(flags, length, loop.max_steps)

@@ -130,7 +130,7 @@ def forward_loop(projected, length, h0, recurrent_kernel, recurrent_bias, *flags
         h_in = timeloop.entering([h], reset)[0]
         values = step(xs.read(t), h_in, recurrent_kernel, recurrent_bias, reset_after,
                            tf.tanh, tf.sigmoid)
-        h_next = timeloop.kept([values[0]], [h_in], mask)[0]  # a masked row outputs the kept state
+        h_next = timeloop.leaving([values[0]], [h_in], mask)[0]  # a masked row outputs the kept state
         row = (h_next,) + values[1:] + ((h_in,) if flags else ())
         return t + 1, h_next, saved.write(t, tf.concat(row, axis=1))
 
@@ -146,7 +146,7 @@ def sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
     [3U], *flags) -> (outputs [P, B, U], h_length)`` for sigmoid/tanh GRUs over the first
     `length` steps (outputs past them zero), each step `timeloop.flagged` by `flags` (the `kinds` of
     `timeloop.padded_flags`), with its backward written out; with `jit` (see
-    `Loop.compiled_alone`), the forward loop and the backward loop are each compiled with
+    `LoopSettings.compiled_alone`), the forward loop and the backward loop are each compiled with
     XLA."""
 
     @tf.custom_gradient

@@ -64,7 +64,7 @@ def forward_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tup
         reset, mask = flags_at(t)
         h_in, c_in = timeloop.entering([h, c], reset)
         values = step(xs.read(t), h_in, c_in, recurrent_kernel, tf.tanh, tf.sigmoid)
-        h_next, c_next = timeloop.kept(values[:2], [h_in, c_in], mask)
+        h_next, c_next = timeloop.leaving(values[:2], [h_in, c_in], mask)
         row = (h_next,) + values[1:] + ((h_in, c_in) if flags else ())
         return t + 1, h_next, c_next, saved.write(t, tf.concat(row, axis=1))
 

@@ -53,7 +53,7 @@ def cell_states(cell, leaves: list) -> list:
 
 def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
                with_outputs: bool = True, flags: Optional[timeloop.StepFlags] = None,
-               loop: timeloop.Loop = timeloop.Loop(), masks: tuple = ()):
+               loop: timeloop.LoopSettings = timeloop.LoopSettings(), masks: tuple = ()):
     """All layers over one chunk.
 
     Args:
@@ -64,7 +64,7 @@ def run_layers(runners: list, states: list, xs: tf.Tensor, *, training: bool,
       with_outputs: whether the top layer's outputs are needed (a forward that only carries
         the state lets a step loop skip writing them).
       flags: the chunk's per-step reset and mask (None: no flags).
-      loop: how the time loops run (see `timeloop.Loop`).
+      loop: how the time loops run (see `timeloop.LoopSettings`).
       masks: each layer's `DropoutMasks` for this call (or None); () for none.
 
     Returns:
@@ -144,7 +144,7 @@ class _CellRunner:
         return None
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
-            loop: timeloop.Loop = timeloop.Loop(), masks=None):
+            loop: timeloop.LoopSettings = timeloop.LoopSettings(), masks=None):
         loops = None if timeloop.is_short(xs) else self._step_loops(training, xs, states)
         if loops is not None:
             return loops.run(xs, list(states), self._weights(), flags, loop)
@@ -235,7 +235,7 @@ class _FusedRunner(abc.ABC):
                         None if masks is None else masks.inputs)
 
     def run(self, xs, states, *, training: bool, with_outputs: bool, flags=None,
-            loop: timeloop.Loop = timeloop.Loop(), masks: Optional[DropoutMasks] = None):
+            loop: timeloop.LoopSettings = timeloop.LoopSettings(), masks: Optional[DropoutMasks] = None):
         """The layer over ``xs [K, B, 3U or 4U]`` (projected, input dropout applied): the
         compiled loop with its written-out backward for sigmoid/tanh cells, flags or not (a
         forward that only carries the state runs it too: the same program, so the same state
@@ -258,7 +258,7 @@ class _FusedRunner(abc.ABC):
                                with_outputs, flags, loop)
 
     def _step_loop(self, xs, states, recurrent_kernel, recurrent_bias, recurrent_masks,
-                   with_outputs: bool, flags, loop: timeloop.Loop):
+                   with_outputs: bool, flags, loop: timeloop.LoopSettings):
         """The compiled loops of `_step` (other activations, recurrent dropout), or the
         step unrolled on a few steps."""
         if not timeloop.is_short(xs):

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tbptt._src.core import compat
 
 
-class Loop(NamedTuple):
+class LoopSettings(NamedTuple):
     """How one chunk's time loops run.
 
     Attributes:
@@ -55,7 +55,7 @@ def entering(states: list, reset) -> list:
     return [tf.where(_rows(reset, s), tf.zeros_like(s), s) for s in states]
 
 
-def kept(new_states: list, states: list, mask) -> list:
+def leaving(new_states: list, states: list, mask) -> list:
     """The states after a step: the new ones in the rows of ``mask [B]``, the entering ones
     elsewhere (None: every row takes the step)."""
     if mask is None:
@@ -75,7 +75,7 @@ def flagged(step, output_is_state: bool = False):
     def run(x, states, reset, mask):
         states = entering(states, reset)
         y, new_states = step(x, states)
-        new_states = kept(new_states, states, mask)
+        new_states = leaving(new_states, states, mask)
         return (new_states[0] if output_is_state else y), new_states
     return run
 
@@ -86,7 +86,7 @@ def time_major(xs: tf.Tensor) -> tf.Tensor:
 
 
 def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-                      flags: Optional[StepFlags] = None, loop: Loop = Loop(),
+                      flags: Optional[StepFlags] = None, loop: LoopSettings = LoopSettings(),
                       output_is_state: bool = False):
     """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``.
 
@@ -247,8 +247,8 @@ def through_flags(d_state: list, d_own: list, transpose, reset, mask) -> tuple:
         d_in, d_step = transpose(d_after)
     else:  # masked rows pass the gradient by; the others take it through the step
         zeros = [tf.zeros_like(d) for d in d_after]
-        d_in, d_step = transpose(kept(d_after, zeros, mask))
-        d_in = [d + passed for d, passed in zip(d_in, kept(zeros, d_after, mask))]
+        d_in, d_step = transpose(leaving(d_after, zeros, mask))
+        d_in = [d + passed for d, passed in zip(d_in, leaving(zeros, d_after, mask))]
     return entering(d_in, reset), d_step
 
 
