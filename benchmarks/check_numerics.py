@@ -15,17 +15,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from harness import positive_int  # noqa: E402 (benchmarks/ is the script folder)
 
 import tbptt  # noqa: E402
-from harness import positive_int  # noqa: E402 (benchmarks/ is the script folder)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive_int, default=1000,
-                        help="sequence length T (default: 1000)")
-    parser.add_argument("--repeats", type=positive_int, default=7,
-                        help="timed steps of each setting after the warm-up (default: 7)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=1000, help="sequence length T (default: 1000)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=7,
+        help="timed steps of each setting after the warm-up (default: 7)",
+    )
     args = parser.parse_args()
     rng = np.random.RandomState(0)
     x = rng.randn(34, args.steps, 200).astype("float32")

@@ -17,8 +17,9 @@ def measure(step, repeats: int) -> dict:
     process's peak RSS (MB) and its growth over the measurement: the peak minus the resident
     memory just before the first call (inputs already made, so they do not count).
     """
+
     def force(result):
-        for leaf in (result if isinstance(result, (list, tuple)) else [result]):
+        for leaf in result if isinstance(result, (list, tuple)) else [result]:
             if isinstance(leaf, (list, tuple)):
                 force(leaf)
             elif hasattr(leaf, "numpy"):
@@ -36,8 +37,12 @@ def measure(step, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     peak = _peak_rss_kb()
     times = sorted(times) or [first]
-    return {"first_s": first, "step_s": times[len(times) // 2], "peak_mb": peak / 1024,
-            "growth_mb": (peak - base) / 1024}
+    return {
+        "first_s": first,
+        "step_s": times[len(times) // 2],
+        "peak_mb": peak / 1024,
+        "growth_mb": (peak - base) / 1024,
+    }
 
 
 def _reset_peak_rss() -> None:
@@ -79,9 +84,13 @@ def run_worker(script: str, *args, cap_gb: float = 0.0) -> dict:
     row says so: that is how full BPTT "cannot run" at long T without swapping the machine.
     """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    process = subprocess.Popen([sys.executable, script, "--worker", *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env)
+    process = subprocess.Popen(
+        [sys.executable, script, "--worker", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     peak = 0.0
     while cap_gb and process.poll() is None:
         peak = max(peak, _rss_gb(process.pid))
@@ -100,8 +109,11 @@ def run_worker(script: str, *args, cap_gb: float = 0.0) -> dict:
 def markdown_table(rows: list, key: str, key_label, baseline: str, ms: bool = False) -> str:
     """One row per measurement; the ratio column divides by `baseline`'s time at the same key."""
     unit = "ms" if ms else "s"
-    lines = [f"| {key_label} | method | step time ({unit}) | x {baseline} | peak RSS (MB) | "
-             "RSS growth (MB) |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| {key_label} | method | step time ({unit}) | x {baseline} | peak RSS (MB) | "
+        "RSS growth (MB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     base = {r[key]: r for r in rows if r["method"] == baseline and "step_s" in r}
     for r in rows:
         if "step_s" not in r:
@@ -110,8 +122,10 @@ def markdown_table(rows: list, key: str, key_label, baseline: str, ms: bool = Fa
             continue
         ratio = f"{r['step_s'] / base[r[key]]['step_s']:.2f}" if r[key] in base else "-"
         step = r["step_s"] * (1e3 if ms else 1)
-        lines.append(f"| {r[key]} | {r['method']} | {step:.{1 if ms else 3}f} | {ratio} | "
-                     f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
+        lines.append(
+            f"| {r[key]} | {r['method']} | {step:.{1 if ms else 3}f} | {ratio} | "
+            f"{r['peak_mb']:.0f} | {r['growth_mb']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -119,6 +133,7 @@ def plot(rows: list, key: str, methods, path: str, xlabel: str, xlog: bool = Fal
     """Step time and RSS growth against `key`, one line per method (needs matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -138,8 +153,17 @@ def plot(rows: list, key: str, methods, path: str, xlabel: str, xlog: bool = Fal
     figure.savefig(path, dpi=100)
 
 
-def save(rows: list, name: str, text: str, key: str, methods, xlabel: str,
-         xlog: bool = False, update_readme: bool = False, plot_fn=None) -> None:
+def save(
+    rows: list,
+    name: str,
+    text: str,
+    key: str,
+    methods,
+    xlabel: str,
+    xlog: bool = False,
+    update_readme: bool = False,
+    plot_fn=None,
+) -> None:
     """Prints the table and writes NAME.md and NAME.png to benchmarks/results/ (not tracked);
     `plot_fn(path)` draws the plot instead of `plot` when given.
 

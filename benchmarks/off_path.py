@@ -29,7 +29,6 @@ import statistics
 import time
 
 import numpy as np
-
 from harness import positive_int, replace_in_readme, save  # noqa: E402
 from peers import force  # noqa: E402 (a step's loss and gradients, waited for)
 
@@ -40,6 +39,7 @@ LARGE = {"batch": 128, "features": 128, "units": (512,)}
 
 def weighted_l1(y_true, y_pred, sample_weight=None):
     import tensorflow as tf
+
     error = tf.abs(y_true - y_pred)
     if sample_weight is not None:
         error *= tf.cast(sample_weight, error.dtype)[..., None]
@@ -48,6 +48,7 @@ def weighted_l1(y_true, y_pred, sample_weight=None):
 
 def make_cells(kind: str, units=SETUP["units"]):
     import keras
+
     if kind == "simple":
         return [keras.layers.SimpleRNNCell(u) for u in units]
     if kind == "lstm":
@@ -56,14 +57,16 @@ def make_cells(kind: str, units=SETUP["units"]):
     return [keras.layers.GRUCell(u, activation=activation) for u in units]
 
 
-def keras_tape_step(kind: str, weights: list, mask=None, units=SETUP["units"],
-                    features=SETUP["features"]):
+def keras_tape_step(
+    kind: str, weights: list, mask=None, units=SETUP["units"], features=SETUP["features"]
+):
     """One tf.GradientTape over Keras RNN layers of the same cells and weights."""
     import keras
     import tensorflow as tf
 
     layer = {"simple": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM}.get(
-        kind, keras.layers.GRU)
+        kind, keras.layers.GRU
+    )
     activation = "relu" if kind == "relu" else "tanh"
     rnns = [layer(u, return_sequences=True, activation=activation) for u in units]
     head = keras.layers.Dense(SETUP["labels"])
@@ -86,37 +89,46 @@ def group_steps(group: str, x, rng) -> dict:
     """name -> step(x, y) for one group, all from the weights of one tbptt chain; the
     reference's name first."""
     import keras
+
     import tbptt
 
     kind = {"flags": "gru", "large_gru": "gru", "large_lstm": "lstm"}.get(group, group)
     units = LARGE["units"] if group.startswith("large") else SETUP["units"]
     keras.utils.set_random_seed(0)
-    chain = tbptt.RecurrentChain(make_cells(kind, units),
-                                 head=keras.layers.Dense(SETUP["labels"]),
-                                 chunk_size=SETUP["chunk"])
+    chain = tbptt.RecurrentChain(
+        make_cells(kind, units), head=keras.layers.Dense(SETUP["labels"]), chunk_size=SETUP["chunk"]
+    )
     chain.build(x.shape)
     weights = [v.numpy() for v in chain.trainable_variables]
-    exact = lambda **flags: lambda x, y: chain.value_and_gradients(  # noqa: E731
-        x, y, weighted_l1, **flags)[:2]
+
+    def exact(**flags):
+        return lambda x, y: chain.value_and_gradients(x, y, weighted_l1, **flags)[:2]
+
     if group.startswith("large"):
         budget = chain.with_config(chunk_size="auto", memory_budget=4 * 2**30)
         truncated = chain.with_config(mode="truncated")
-        return {"keras tape": keras_tape_step(kind, weights, units=units,
-                                              features=x.shape[-1]),
-                "tbptt exact": exact(),
-                "tbptt exact, memory_budget=4GB": lambda x, y: budget.value_and_gradients(
-                    x, y, weighted_l1)[:2],
-                "tbptt truncated m=1": lambda x, y: truncated.value_and_gradients(
-                    x, y, weighted_l1)[:2]}
+        return {
+            "keras tape": keras_tape_step(kind, weights, units=units, features=x.shape[-1]),
+            "tbptt exact": exact(),
+            "tbptt exact, memory_budget=4GB": lambda x, y: budget.value_and_gradients(
+                x, y, weighted_l1
+            )[:2],
+            "tbptt truncated m=1": lambda x, y: truncated.value_and_gradients(x, y, weighted_l1)[
+                :2
+            ],
+        }
     if group != "flags":
         return {"keras tape": keras_tape_step(kind, weights), "tbptt exact": exact()}
     batch, steps = x.shape[:2]
     lengths = rng.integers(steps // 2, steps + 1, size=batch)
     mask = np.arange(steps)[None] < lengths[:, None]
     reset = rng.random([batch, steps]) < 1 / 200
-    return {"tbptt exact": exact(), "tbptt exact, mask": exact(mask=mask),
-            "tbptt exact, reset": exact(reset=reset),
-            "keras tape, mask": keras_tape_step(kind, weights, mask)}
+    return {
+        "tbptt exact": exact(),
+        "tbptt exact, mask": exact(mask=mask),
+        "tbptt exact, reset": exact(reset=reset),
+        "keras tape, mask": keras_tape_step(kind, weights, mask),
+    }
 
 
 def round_robin(steps: dict, x, y, repeats: int) -> dict:
@@ -127,38 +139,62 @@ def round_robin(steps: dict, x, y, repeats: int) -> dict:
             start = time.perf_counter()
             force(step(x, y))
             times[name].append(time.perf_counter() - start)
-    return {name: {"time": statistics.median(times[name]), "loss": losses[name]}
-            for name in steps}
+    return {name: {"time": statistics.median(times[name]), "loss": losses[name]} for name in steps}
 
 
 def table(rows: list) -> str:
-    lines = ["| group | T | method | step (s) | x reference | x tbptt exact | loss |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| group | T | method | step (s) | x reference | x tbptt exact | loss |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         same = [r for r in rows if (r["group"], r["T"]) == (row["group"], row["T"])]
         exact = next(r["time"] for r in same if r["method"] == "tbptt exact")
-        lines.append(f"| {row['group']} | {row['T']} | {row['method']} | {row['time']:.3f} | "
-                     f"{row['time'] / same[0]['time']:.2f} | {row['time'] / exact:.2f} | "
-                     f"{row['loss']:.6g} |")
+        lines.append(
+            f"| {row['group']} | {row['T']} | {row['method']} | {row['time']:.3f} | "
+            f"{row['time'] / same[0]['time']:.2f} | {row['time'] / exact:.2f} | "
+            f"{row['loss']:.6g} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1000], metavar="T",
-                        help="sequence lengths (default: %(default)s)")
-    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS,
-                        help="the groups to run (default: all)")
-    parser.add_argument("--repeats", type=positive_int, default=7,
-                        help="timed rounds after the warm-up, at most 3 for the large groups "
-                             "(default: %(default)s)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also put the table in README.md and benchmarks/off_path.md")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        nargs="+",
+        default=[1000],
+        metavar="T",
+        help="sequence lengths (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        default=list(GROUPS),
+        choices=GROUPS,
+        help="the groups to run (default: all)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=7,
+        help="timed rounds after the warm-up, at most 3 for the large groups "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also put the table in README.md and benchmarks/off_path.md",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
+
     tf.get_logger().setLevel("ERROR")
     rows = []
     for group in args.groups:

@@ -19,9 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from harness import positive_int, replace_in_readme  # noqa: E402 (benchmarks/ is the folder)
 
 import tbptt  # noqa: E402
-from harness import positive_int, replace_in_readme  # noqa: E402 (benchmarks/ is the folder)
 
 FEATURES, OUTPUTS = 16, 4
 
@@ -32,8 +32,9 @@ def pair(batch: int, units: int):
     chain.build([None, None, FEATURES])
     cell, dense = keras.layers.GRUCell(units), keras.layers.Dense(OUTPUTS)
     cell.build([None, FEATURES]), dense.build([None, units])
-    for target, source in zip(cell.trainable_variables + dense.trainable_variables,
-                              chain.trainable_variables):
+    for target, source in zip(
+        cell.trainable_variables + dense.trainable_variables, chain.trainable_variables
+    ):
         target.assign(source)
 
     @tf.function
@@ -67,19 +68,25 @@ def timed(step, calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--units", type=positive_int, default=64,
-                        help="GRU units (default: 64)")
-    parser.add_argument("--repeats", type=positive_int, default=7,
-                        help="timed rounds of each step (default: 7)")
-    parser.add_argument("--calls", type=positive_int, default=500,
-                        help="calls per round (default: 500)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also put the table in the README (between its online markers)")
+    parser.add_argument("--units", type=positive_int, default=64, help="GRU units (default: 64)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=7, help="timed rounds of each step (default: 7)"
+    )
+    parser.add_argument(
+        "--calls", type=positive_int, default=500, help="calls per round (default: 500)"
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also put the table in the README (between its online markers)",
+    )
     args = parser.parse_args()
-    lines = [f"GRU {args.units} + Dense {OUTPUTS}, F={FEATURES}, one step per call; median of "
-             f"{args.repeats} rounds of {args.calls} calls",
-             "| batch | tbptt `chain(x_t, state)` (ms) | compiled Keras step (ms) | ratio |",
-             "| ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"GRU {args.units} + Dense {OUTPUTS}, F={FEATURES}, one step per call; median of "
+        f"{args.repeats} rounds of {args.calls} calls",
+        "| batch | tbptt `chain(x_t, state)` (ms) | compiled Keras step (ms) | ratio |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
     for batch in (1, 32):
         ours, theirs = pair(batch, args.units)
         times = {"tbptt": [], "keras": []}
@@ -87,8 +94,10 @@ def main() -> None:
             times["tbptt"].append(timed(ours, args.calls))
             times["keras"].append(timed(theirs, args.calls))
         median = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
-        lines.append(f"| {batch} | {median['tbptt']:.3f} | {median['keras']:.3f} | "
-                     f"{median['tbptt'] / median['keras']:.2f} |")
+        lines.append(
+            f"| {batch} | {median['tbptt']:.3f} | {median['keras']:.3f} | "
+            f"{median['tbptt'] / median['keras']:.2f} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.update_readme:

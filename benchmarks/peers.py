@@ -36,12 +36,19 @@ import statistics
 import time
 
 import numpy as np
-
 from harness import positive_int, replace_in_readme, save  # noqa: E402 (benchmarks/ is the script folder)
 
 SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
-METHODS = ("keras_full", "tbptt_exact", "tbptt_exact_graph", "tbptt_truncated", "jax_full",
-           "jax_checkpoint", "tbptt_apply", "tbptt_fit")
+METHODS = (
+    "keras_full",
+    "tbptt_exact",
+    "tbptt_exact_graph",
+    "tbptt_truncated",
+    "jax_full",
+    "jax_checkpoint",
+    "tbptt_apply",
+    "tbptt_fit",
+)
 GATES = {"gru": 3, "lstm": 4}
 # Forward passes of a step: one, plus a recompute where memory is bounded.
 FORWARDS = {"keras_full": 1, "tbptt_truncated": 1, "jax_full": 1}
@@ -49,19 +56,25 @@ FORWARDS = {"keras_full": 1, "tbptt_truncated": 1, "jax_full": 1}
 
 def l1(y_true, y_pred):
     import tensorflow as tf
+
     return tf.reduce_sum(tf.abs(y_true - y_pred))
 
 
 # -- the implementations, each a step (x, y) -> (loss, grads) from the same weights -----------
 
+
 def tbptt_chain(cell: str, **options):
     import keras
+
     import tbptt
 
     make = {"gru": keras.layers.GRUCell, "lstm": keras.layers.LSTMCell}[cell]
-    return tbptt.RecurrentChain([make(u) for u in SETUP["units"]],
-                                head=keras.layers.Dense(SETUP["labels"]),
-                                chunk_size=SETUP["chunk"], **options)
+    return tbptt.RecurrentChain(
+        [make(u) for u in SETUP["units"]],
+        head=keras.layers.Dense(SETUP["labels"]),
+        chunk_size=SETUP["chunk"],
+        **options,
+    )
 
 
 def keras_full_step(cell: str, weights: list):
@@ -79,6 +92,7 @@ def keras_full_step(cell: str, weights: list):
         with tf.GradientTape() as tape:
             loss = l1(y, model(x, training=True))
         return loss, tape.gradient(loss, model.trainable_variables)
+
     return step
 
 
@@ -86,6 +100,7 @@ def fit_steps(cell: str, weights: list, shape):
     """(value_and_gradients + apply_gradients, ChunkedModel.train_on_batch), SGD, on a chain of
     their own (they change its weights, by a step too small to matter)."""
     import keras
+
     import tbptt
 
     chain = tbptt_chain(cell)
@@ -100,8 +115,9 @@ def fit_steps(cell: str, weights: list, shape):
         return result.loss, result.grads
 
     model = tbptt.keras.ChunkedModel(chain)
-    model.compile(optimizer=keras.optimizers.SGD(1e-12),
-                  loss=keras.losses.MeanAbsoluteError(reduction="sum"))
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-12), loss=keras.losses.MeanAbsoluteError(reduction="sum")
+    )
 
     def fit(x, y):
         return model.train_on_batch(x, y, return_dict=True)["loss"] * 3, []  # MAE: L1 / labels
@@ -140,13 +156,14 @@ def jax_steps(cell: str, weights: list):
                 c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
                 h = jax.nn.sigmoid(o) * jnp.tanh(c)
                 return (h, c), h
+
         state, ys = jax.lax.scan(step, state, projected)
         return ys, state
 
     def run(params, xs, ys, states):  # time-major [K, B, ...]
         new_states = []
         for k in range(layers):
-            xs, state = run_layer(params[per_layer * k:per_layer * (k + 1)], xs, states[k])
+            xs, state = run_layer(params[per_layer * k : per_layer * (k + 1)], xs, states[k])
             new_states.append(state)
         head_kernel, head_bias = params[-2:]
         return jnp.sum(jnp.abs(ys - (xs @ head_kernel + head_bias))), new_states
@@ -187,11 +204,15 @@ def make_steps(cell: str, methods, x) -> dict:
     exact = tbptt_chain(cell)
     exact.build(x.shape)
     weights = [v.numpy() for v in exact.trainable_variables]
-    chains = {"tbptt_exact": exact,
-              "tbptt_exact_graph": exact.with_config(backend="graph"),
-              "tbptt_truncated": exact.with_config(mode="truncated")}
-    steps = {name: (lambda c: lambda x, y: c.value_and_gradients(x, y, l1)[:2])(chain)
-             for name, chain in chains.items()}
+    chains = {
+        "tbptt_exact": exact,
+        "tbptt_exact_graph": exact.with_config(backend="graph"),
+        "tbptt_truncated": exact.with_config(mode="truncated"),
+    }
+    steps = {
+        name: (lambda c: lambda x, y: c.value_and_gradients(x, y, l1)[:2])(chain)
+        for name, chain in chains.items()
+    }
     steps["keras_full"] = keras_full_step(cell, weights)
     steps["tbptt_apply"], steps["tbptt_fit"] = fit_steps(cell, weights, x.shape)
     if {"jax_full", "jax_checkpoint"} & set(methods):
@@ -220,8 +241,7 @@ def round_robin(steps: dict, x, y, repeats: int) -> dict:
             start = time.perf_counter()
             force(step(*inputs[name]))
             times[name].append(time.perf_counter() - start)
-    return {name: {"time": statistics.median(times[name]), "loss": losses[name]}
-            for name in steps}
+    return {name: {"time": statistics.median(times[name]), "loss": losses[name]} for name in steps}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -234,7 +254,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
         start = time.perf_counter()
         tf.matmul(a, a).numpy()
         times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times[1:]) / 1e9
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
 
 
 def step_flops(cell: str, steps: int, method: str) -> float:
@@ -251,17 +271,22 @@ def step_flops(cell: str, steps: int, method: str) -> float:
 
 
 def tables(rows: list, peak: float) -> str:
-    lines = ["| cell | T | method | step (s) | x keras_full | x jax_full | x jax_checkpoint "
-             "| loss | GFLOP/s | share of matmul peak |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| cell | T | method | step (s) | x keras_full | x jax_full | x jax_checkpoint "
+        "| loss | GFLOP/s | share of matmul peak |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
-        same = {r["method"]: r["time"] for r in rows if (r["cell"], r["T"]) == (row["cell"],
-                                                                                row["T"])}
+        same = {
+            r["method"]: r["time"] for r in rows if (r["cell"], r["T"]) == (row["cell"], row["T"])
+        }
         ratio = lambda name: f"{row['time'] / same[name]:.2f}" if name in same else "-"  # noqa
         gflops = step_flops(row["cell"], row["T"], row["method"]) / row["time"] / 1e9
-        lines.append(f"| {row['cell']} | {row['T']} | {row['method']} | {row['time']:.3f} | "
-                     f"{ratio('keras_full')} | {ratio('jax_full')} | {ratio('jax_checkpoint')} "
-                     f"| {row['loss']:.6g} | {gflops:.1f} | {gflops / peak:.1%} |")
+        lines.append(
+            f"| {row['cell']} | {row['T']} | {row['method']} | {row['time']:.3f} | "
+            f"{ratio('keras_full')} | {ratio('jax_full')} | {ratio('jax_checkpoint')} "
+            f"| {row['loss']:.6g} | {gflops:.1f} | {gflops / peak:.1%} |"
+        )
     lines.append(f"\nOne [2048, 2048] float32 matmul in the same process: {peak:.1f} GFLOP/s.")
     times = {(r["cell"], r["T"], r["method"]): r["time"] for r in rows}
     repeats = {(r["cell"], r["T"]): r["repeats"] for r in rows}
@@ -270,19 +295,24 @@ def tables(rows: list, peak: float) -> str:
             continue  # one or two samples say nothing about a few percent
         if method == "tbptt_fit" and (cell, steps, "tbptt_apply") in times:
             extra = times[cell, steps, "tbptt_fit"] / times[cell, steps, "tbptt_apply"] - 1
-            lines.append(f"{cell.upper()}, T={steps}: a ChunkedModel training step takes "
-                         f"{extra:+.1%} over value_and_gradients + apply_gradients.")
+            lines.append(
+                f"{cell.upper()}, T={steps}: a ChunkedModel training step takes "
+                f"{extra:+.1%} over value_and_gradients + apply_gradients."
+            )
     return "\n".join(lines)
 
 
 def summary(rows: list, peak: float) -> str:
     """The README's short table: tbptt exact beside the others, per cell and T."""
-    lines = ["| cell | T | Keras full BPTT (s) | tbptt exact (s) | x Keras | x JAX full "
-             "| x JAX checkpointed | share of matmul peak: tbptt / JAX full |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| cell | T | Keras full BPTT (s) | tbptt exact (s) | x Keras | x JAX full "
+        "| x JAX checkpointed | share of matmul peak: tbptt / JAX full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     times = {(r["cell"], r["T"], r["method"]): r["time"] for r in rows}
     share = lambda cell, steps, method: (  # noqa: E731
-        step_flops(cell, steps, method) / times[cell, steps, method] / 1e9 / peak)
+        step_flops(cell, steps, method) / times[cell, steps, method] / 1e9 / peak
+    )
     for cell, steps in dict.fromkeys((r["cell"], r["T"]) for r in rows):
         exact = times[cell, steps, "tbptt_exact"]
         lines.append(
@@ -290,7 +320,8 @@ def summary(rows: list, peak: float) -> str:
             f"| {exact / times[cell, steps, 'keras_full']:.2f} "
             f"| {exact / times[cell, steps, 'jax_full']:.2f} "
             f"| {exact / times[cell, steps, 'jax_checkpoint']:.2f} "
-            f"| {share(cell, steps, 'tbptt_exact'):.0%} / {share(cell, steps, 'jax_full'):.0%} |")
+            f"| {share(cell, steps, 'tbptt_exact'):.0%} / {share(cell, steps, 'jax_full'):.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -309,8 +340,9 @@ def plot(rows: list, path: str) -> None:
         for i, method in enumerate(methods):
             ratios = []
             for steps in lengths:
-                same = {r["method"]: r["time"] for r in rows if (r["cell"], r["T"]) == (cell,
-                                                                                         steps)}
+                same = {
+                    r["method"]: r["time"] for r in rows if (r["cell"], r["T"]) == (cell, steps)
+                }
                 ratios.append(same.get(method, np.nan) / same["keras_full"])
             axis.bar(np.arange(len(lengths)) + i * width, ratios, width, label=method)
         axis.set_xticks(np.arange(len(lengths)) + 0.4 - width / 2, [f"T={t}" for t in lengths])
@@ -323,23 +355,50 @@ def plot(rows: list, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1000, 4000, 16_000],
-                        metavar="T", help="sequence lengths (default: %(default)s)")
-    parser.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=sorted(GATES),
-                        help="cell kinds, a table each (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        metavar="METHOD", help="methods to run (default: all)")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timed rounds after the warm-up; T >= 16000 runs one (default: 5)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also put the table in README.md, benchmarks/peers.md and "
-                             "docs/peers.png")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        nargs="+",
+        default=[1000, 4000, 16_000],
+        metavar="T",
+        help="sequence lengths (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        default=["gru", "lstm"],
+        choices=sorted(GATES),
+        help="cell kinds, a table each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        metavar="METHOD",
+        help="methods to run (default: all)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed rounds after the warm-up; T >= 16000 runs one (default: 5)",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also put the table in README.md, benchmarks/peers.md and docs/peers.png",
+    )
     args = parser.parse_args()
     if any(steps % SETUP["chunk"] for steps in args.steps):
-        parser.error(f"every T must be a multiple of the chunk size {SETUP['chunk']} "
-                     f"(jax_checkpoint scans whole chunks); got {args.steps}")
+        parser.error(
+            f"every T must be a multiple of the chunk size {SETUP['chunk']} "
+            f"(jax_checkpoint scans whole chunks); got {args.steps}"
+        )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rows = []
     for cell in args.cells:
@@ -361,8 +420,10 @@ def main() -> None:
             f.write(text + "\n")
         replace_in_readme("peers", summary(rows, peak))
         os.makedirs(os.path.join(os.path.dirname(here), "docs"), exist_ok=True)
-        shutil.copy(os.path.join(here, "results", "peers.png"),
-                    os.path.join(os.path.dirname(here), "docs", "peers.png"))
+        shutil.copy(
+            os.path.join(here, "results", "peers.png"),
+            os.path.join(os.path.dirname(here), "docs", "peers.png"),
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ is stopped above --cap-gb):
     python benchmarks/run.py                # speed at 1k, 2k, 4k, 16k; scale at 16k .. 1M
 
 Activation memory is how much more a step's RSS grows at the longest T of the speed sweep than
-at the shortest (fixed costs such as tracing cancel out); T >= 16k runs one repeat, and recompute_grad
-stops at 4k (its Python loop over chunks is unrolled: the trace grows with T).
+at the shortest (fixed costs such as tracing cancel out); T >= 16k runs one repeat, and
+recompute_grad stops at 4k (its Python loop over chunks is unrolled: the trace grows with T).
 
 Writes benchmarks/results/results_speed.md and results_scale.md (tables) and a PNG plot of
 each; with --update-readme also the README's tables and the tracked benchmarks/results_*.md.
@@ -31,8 +31,14 @@ each; with --update-readme also the README's tables and the tracked benchmarks/r
 import argparse
 import json
 
-from harness import (markdown_table, measure, positive_float, positive_int,  # noqa: E402
-                     run_worker, save)  # (benchmarks/ is the script folder)
+from harness import (  # noqa: E402
+    markdown_table,
+    measure,
+    positive_float,
+    positive_int,
+    run_worker,  # (benchmarks/ is the script folder)
+    save,
+)
 
 SPEED = ("full_bptt", "exact_eager", "exact_graph", "recompute_grad", "truncated", "keras_loop")
 SCALE = ("full_bptt", "exact_auto", "exact_levels2")
@@ -42,14 +48,15 @@ SCALE_SETUP = {"batch": 8, "features": 16, "units": (64,), "labels": 1, "chunk":
 
 def l1(y_true, y_pred):
     import tensorflow as tf
+
     return tf.reduce_sum(tf.abs(y_true - y_pred))
 
 
 def keras_stack(setup, stateful_input=False):
     """The reference model: Keras GRU layers returning sequences and states, a Dense head."""
     import keras
-    grus = [keras.layers.GRU(u, return_sequences=True, return_state=True)
-            for u in setup["units"]]
+
+    grus = [keras.layers.GRU(u, return_sequences=True, return_state=True) for u in setup["units"]]
     head = keras.layers.Dense(setup["labels"])
 
     def run(x, states):
@@ -67,6 +74,7 @@ def keras_stack(setup, stateful_input=False):
 
 def zero_states(setup, batch):
     import tensorflow as tf
+
     return [tf.zeros([batch, u]) for u in setup["units"]]
 
 
@@ -80,16 +88,19 @@ def make_step(method: str, setup: dict, steps: int):
     import tensorflow as tf
 
     import tbptt
+
     batch = setup["batch"]
     if method in ("full_bptt", "recompute_grad", "keras_loop"):
         run, variables = keras_stack(setup)
         run(tf.zeros([batch, 1, setup["features"]]), zero_states(setup, batch))  # build
     if method == "full_bptt":
+
         @tf.function(reduce_retracing=True)
         def step(x, y):
             with tf.GradientTape() as tape:
                 loss = l1(y, run(x, zero_states(setup, batch))[0])
             return loss, tape.gradient(loss, variables())
+
         return step
     if method == "recompute_grad":
         chunk = tf.recompute_grad(lambda x, *states: run(x, list(states)))
@@ -102,8 +113,10 @@ def make_step(method: str, setup: dict, steps: int):
                     outputs, states = chunk(x[:, start:stop], *states)
                     loss += l1(y[:, start:stop], outputs)
             return loss, tape.gradient(loss, variables())
+
         return step
     if method == "keras_loop":
+
         @tf.function(reduce_retracing=True)
         def chunk_step(x, y, states):
             with tf.GradientTape() as tape:
@@ -114,18 +127,27 @@ def make_step(method: str, setup: dict, steps: int):
         def step(x, y):
             states, loss, grads = zero_states(setup, batch), 0.0, None
             for start, stop in chunks_of(steps, setup["chunk"]):
-                chunk_loss, chunk_grads, states = chunk_step(x[:, start:stop], y[:, start:stop],
-                                                             states)
+                chunk_loss, chunk_grads, states = chunk_step(
+                    x[:, start:stop], y[:, start:stop], states
+                )
                 loss += chunk_loss
-                grads = chunk_grads if grads is None else [a + b for a, b in zip(grads,
-                                                                                 chunk_grads)]
+                grads = (
+                    chunk_grads if grads is None else [a + b for a, b in zip(grads, chunk_grads)]
+                )
             return loss, grads
+
         return step
-    kwargs = {"mode": "truncated" if method == "truncated" else "exact",
-              "backend": "graph" if method == "exact_graph" else "eager",
-              "levels": 2 if method == "exact_levels2" else 1}
-    chain = tbptt.StatefulGRUChain(setup["units"], head=keras.layers.Dense(setup["labels"]),
-                                   chunk_size=setup["chunk"], **kwargs)
+    kwargs = {
+        "mode": "truncated" if method == "truncated" else "exact",
+        "backend": "graph" if method == "exact_graph" else "eager",
+        "levels": 2 if method == "exact_levels2" else 1,
+    }
+    chain = tbptt.StatefulGRUChain(
+        setup["units"],
+        head=keras.layers.Dense(setup["labels"]),
+        chunk_size=setup["chunk"],
+        **kwargs,
+    )
     return lambda x, y: chain.value_and_gradients(x, y, l1)[:2]
 
 
@@ -134,6 +156,7 @@ def synthetic(setup, steps):
     import numpy as np
 
     import tbptt
+
     batch, features, labels = setup["batch"], setup["features"], setup["labels"]
 
     def window(start, stop, width, phase):
@@ -149,6 +172,7 @@ def synthetic(setup, steps):
 
 def worker(sweep: str, method: str, steps: int, repeats: int) -> dict:
     import tensorflow as tf
+
     setup = SPEED_SETUP if sweep == "speed" else SCALE_SETUP
     if sweep == "speed":
         # Made by TensorFlow directly: a NumPy temporary would raise the RSS high-water mark
@@ -168,10 +192,15 @@ def activation_table(rows: list, short: int, long: int) -> str:
     """RSS growth of a step at the long T minus at the short T (fixed costs such as tracing
     cancel out), per method, and its share of full BPTT's."""
     growth = {(r["method"], r["T"]): r["growth_mb"] for r in rows if "growth_mb" in r}
-    extra = {m: growth[m, long] - growth[m, short] for m, _ in growth
-             if (m, long) in growth and (m, short) in growth}
-    lines = [f"| method | activation memory, T={short} -> {long} (MB) | x full_bptt |",
-             "| --- | ---: | ---: |"]
+    extra = {
+        m: growth[m, long] - growth[m, short]
+        for m, _ in growth
+        if (m, long) in growth and (m, short) in growth
+    }
+    lines = [
+        f"| method | activation memory, T={short} -> {long} (MB) | x full_bptt |",
+        "| --- | ---: | ---: |",
+    ]
     for method, value in extra.items():
         share = value / extra["full_bptt"] if extra.get("full_bptt") else float("nan")
         lines.append(f"| {method} | {value:.0f} | {share:.2f} |")
@@ -180,24 +209,48 @@ def activation_table(rows: list, short: int, long: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="speed at T = 1000, 2000; scale at T = 16k, 64k (a few minutes)")
-    parser.add_argument("--speed", type=positive_int, nargs="*", default=[1000, 2000, 4000, 16_000],
-                        metavar="T", help="sequence lengths of the speed sweep; none skips it "
-                        "(default: %(default)s)")
-    parser.add_argument("--scale", type=positive_int, nargs="*", metavar="T",
-                        default=[16_000, 64_000, 256_000, 1_000_000],
-                        help="sequence lengths of the scale sweep; none skips it "
-                        "(default: %(default)s)")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timed steps per row after the warm-up, T < 16k (default: 5)")
-    parser.add_argument("--cap-gb", type=positive_float, default=12.0,
-                        help="stop a process whose RSS passes this many GB (full BPTT at long "
-                        "T; default: 12)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also put the tables in README.md and benchmarks/results_*.md")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="speed at T = 1000, 2000; scale at T = 16k, 64k (a few minutes)",
+    )
+    parser.add_argument(
+        "--speed",
+        type=positive_int,
+        nargs="*",
+        default=[1000, 2000, 4000, 16_000],
+        metavar="T",
+        help="sequence lengths of the speed sweep; none skips it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=positive_int,
+        nargs="*",
+        metavar="T",
+        default=[16_000, 64_000, 256_000, 1_000_000],
+        help="sequence lengths of the scale sweep; none skips it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed steps per row after the warm-up, T < 16k (default: 5)",
+    )
+    parser.add_argument(
+        "--cap-gb",
+        type=positive_float,
+        default=12.0,
+        help="stop a process whose RSS passes this many GB (full BPTT at long T; default: 12)",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also put the tables in README.md and benchmarks/results_*.md",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -213,8 +266,13 @@ def main() -> None:
         for steps in lengths:
             for method in methods:
                 if sweep == "speed" and method == "recompute_grad" and steps > 4000:
-                    rows.append({"method": method, "T": steps,
-                                 "skipped": "skipped: unrolled trace grows with T"})
+                    rows.append(
+                        {
+                            "method": method,
+                            "T": steps,
+                            "skipped": "skipped: unrolled trace grows with T",
+                        }
+                    )
                     continue
                 repeats = (args.repeats if steps < 16_000 else 1) if sweep == "speed" else 0
                 row = run_worker(__file__, sweep, method, steps, repeats, cap_gb=args.cap_gb)
@@ -223,8 +281,16 @@ def main() -> None:
         text = markdown_table(rows, "T", "T", "full_bptt")
         if sweep == "speed" and len(lengths) > 1:
             text += "\n\n" + activation_table(rows, min(lengths), max(lengths))
-        save(rows, f"results_{sweep}", text, "T", methods, "T", xlog=True,
-             update_readme=args.update_readme)
+        save(
+            rows,
+            f"results_{sweep}",
+            text,
+            "T",
+            methods,
+            "T",
+            xlog=True,
+            update_readme=args.update_readme,
+        )
 
 
 if __name__ == "__main__":

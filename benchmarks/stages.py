@@ -23,14 +23,28 @@ JACOBIAN_SIZES = (10,)  # beyond this the Jacobians do not fit in memory on 24 G
 
 def model(size: int):
     import keras
+
     layers = keras.layers
-    return keras.Sequential([
-        keras.Input((size, size, 3)),
-        layers.Conv2D(32, 3, padding="same"), layers.Activation("relu"), layers.MaxPooling2D(),
-        layers.Conv2D(32, 3, padding="same"), layers.Activation("relu"), layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, padding="same"), layers.Activation("relu"), layers.MaxPooling2D(),
-        layers.Flatten(), layers.Dense(64), layers.Activation("relu"),
-        layers.Dropout(0.5, seed=1), layers.Dense(1), layers.Activation("sigmoid")])
+    return keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            layers.Conv2D(32, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(64),
+            layers.Activation("relu"),
+            layers.Dropout(0.5, seed=1),
+            layers.Dense(1),
+            layers.Activation("sigmoid"),
+        ]
+    )
 
 
 def make_step(method: str, size: int):
@@ -39,17 +53,20 @@ def make_step(method: str, size: int):
     import tensorflow as tf
 
     import tbptt
+
     rng = np.random.RandomState(0)
     x = tf.constant(rng.rand(BATCH, size, size, 3).astype("float32"))
     y = tf.constant(rng.randint(0, 2, (BATCH, 1)).astype("float32"))
     net, loss_fn = model(size), keras.losses.BinaryCrossentropy()
     if method == "joined_tape":
+
         @tf.function
         def step():  # dL/dx too, as StageChain returns it: the same work on both sides
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 loss = loss_fn(y, net(x, training=True))
             return loss, tape.gradient(loss, [net.trainable_variables, x])
+
         return step
     stages = tbptt.split_sequential(net, at=[9])
     if method.startswith("stage_chain"):
@@ -67,19 +84,35 @@ def make_step(method: str, size: int):
             jac = tape.jacobian(middle, variable)
             grads.append(tf.tensordot(upstream, jac, axes=len(middle.shape)))
         return loss, grads
+
     return jacobian_step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=positive_int, nargs="*", default=[10, 32, 64], metavar="PIXELS",
-                        help="image sizes, one row per method each (default: %(default)s)")
-    parser.add_argument("--repeats", type=positive_int, default=7,
-                        help="timed steps per row after the warm-up (default: 7)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also put the table in README.md and benchmarks/stages.md")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sizes",
+        type=positive_int,
+        nargs="*",
+        default=[10, 32, 64],
+        metavar="PIXELS",
+        help="image sizes, one row per method each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=7,
+        help="timed steps per row after the warm-up (default: 7)",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also put the table in README.md and benchmarks/stages.md",
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -91,15 +124,27 @@ def main() -> None:
     for size in args.sizes:
         for method in METHODS:
             if method == "jacobian" and size not in JACOBIAN_SIZES:
-                rows.append({"method": method, "size": size,
-                             "skipped": "does not fit: Jacobians of (activation x parameters)"})
+                rows.append(
+                    {
+                        "method": method,
+                        "size": size,
+                        "skipped": "does not fit: Jacobians of (activation x parameters)",
+                    }
+                )
                 continue
             repeats = min(args.repeats, 2) if method == "jacobian" else args.repeats  # ~15 s each
             row = dict(run_worker(__file__, method, size, repeats), method=method, size=size)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    save(rows, "stages", markdown_table(rows, "size", "image", "joined_tape", ms=True), "size",
-         METHODS, "image size", update_readme=args.update_readme)
+    save(
+        rows,
+        "stages",
+        markdown_table(rows, "size", "image", "joined_tape", ms=True),
+        "size",
+        METHODS,
+        "image size",
+        update_readme=args.update_readme,
+    )
 
 
 if __name__ == "__main__":

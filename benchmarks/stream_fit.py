@@ -18,7 +18,6 @@ import statistics
 import time
 
 import numpy as np
-
 from harness import positive_int  # noqa: E402
 
 SYMBOLS, UNITS, BATCH, WINDOW = 97, 256, 32, 128
@@ -33,25 +32,36 @@ def data(windows: int):
     ids, targets = text[:, :-1], text[:, 1:]
     x = np.eye(SYMBOLS, dtype="float32")[ids]
     # [B, windows * W] -> [windows * B, W]: window j of every row, then window j+1
-    x = x.reshape(BATCH, windows, WINDOW, SYMBOLS).transpose(1, 0, 2, 3).reshape(-1, WINDOW,
-                                                                                 SYMBOLS)
+    x = (
+        x.reshape(BATCH, windows, WINDOW, SYMBOLS)
+        .transpose(1, 0, 2, 3)
+        .reshape(-1, WINDOW, SYMBOLS)
+    )
     y = targets.reshape(BATCH, windows, WINDOW).transpose(1, 0, 2).reshape(-1, WINDOW)
     return x, y
 
 
 def keras_model():
     import keras
-    model = keras.Sequential([keras.Input(batch_shape=(BATCH, WINDOW, SYMBOLS)),
-                              keras.layers.GRU(UNITS, return_sequences=True, stateful=True),
-                              keras.layers.Dense(SYMBOLS)])
+
+    model = keras.Sequential(
+        [
+            keras.Input(batch_shape=(BATCH, WINDOW, SYMBOLS)),
+            keras.layers.GRU(UNITS, return_sequences=True, stateful=True),
+            keras.layers.Dense(SYMBOLS),
+        ]
+    )
     return model
 
 
 def tbptt_model(chunk: int, weights: list):
     import keras
+
     import tbptt
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(UNITS)],
-                                 head=keras.layers.Dense(SYMBOLS), chunk_size=chunk)
+
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(UNITS)], head=keras.layers.Dense(SYMBOLS), chunk_size=chunk
+    )
     chain.build([None, None, SYMBOLS])
     for variable, value in zip(chain.trainable_variables, weights):
         variable.assign(value)
@@ -60,8 +70,11 @@ def tbptt_model(chunk: int, weights: list):
 
 def epochs(model, x, y, count: int) -> tuple:
     import keras
-    model.compile(optimizer=keras.optimizers.SGD(0.5),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     times, loss = [], None
     for _ in range(count):
         start = time.perf_counter()
@@ -76,23 +89,35 @@ def epochs(model, x, y, count: int) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=positive_int, default=20,
-                        help="windows per epoch (default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=4,
-                        help="epochs, the first one not timed (default: %(default)s)")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--windows", type=positive_int, default=20, help="windows per epoch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=4,
+        help="epochs, the first one not timed (default: %(default)s)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+
     keras.utils.set_random_seed(0)
     x, y = data(args.windows)
     reference = keras_model()
     weights = [v.numpy() for v in reference.trainable_variables]
     rows = [("Keras GRU(stateful=True)", *epochs(reference, x, y, args.epochs))]
     for chunk in (32, WINDOW):
-        rows.append((f"tbptt ChunkedModel(stateful=True), chunks of {chunk}",
-                     *epochs(tbptt_model(chunk, weights), x, y, args.epochs)))
+        rows.append(
+            (
+                f"tbptt ChunkedModel(stateful=True), chunks of {chunk}",
+                *epochs(tbptt_model(chunk, weights), x, y, args.epochs),
+            )
+        )
     print("| method | s / epoch | x Keras | last epoch's loss |")
     print("| --- | ---: | ---: | ---: |")
     for name, seconds, loss in rows:

@@ -25,7 +25,6 @@ import os
 import time
 
 import numpy as np
-
 from harness import positive_int, replace_in_readme  # noqa: E402
 
 B, F, UNITS, K, STEPS = 32, 32, 64, 100, 4000
@@ -39,25 +38,39 @@ def data(window: int):
     windows = STEPS // window
 
     def laid_out(a):
-        return a.reshape(B, windows, window, -1).transpose(1, 0, 2, 3).reshape(-1, window,
-                                                                               a.shape[-1])
+        return (
+            a.reshape(B, windows, window, -1).transpose(1, 0, 2, 3).reshape(-1, window, a.shape[-1])
+        )
+
     return laid_out(x), laid_out(y.astype("float32"))
 
 
 def keras_model(window: int, weights):
     import keras
-    model = keras.Sequential([keras.Input(batch_shape=(B, window, F)),
-                              keras.layers.GRU(UNITS, return_sequences=True, stateful=True),
-                              keras.layers.Dense(1)])
+
+    model = keras.Sequential(
+        [
+            keras.Input(batch_shape=(B, window, F)),
+            keras.layers.GRU(UNITS, return_sequences=True, stateful=True),
+            keras.layers.Dense(1),
+        ]
+    )
     model.set_weights(weights)
     return model
 
 
 def tbptt_model(m: int, weights):
     import keras
+
     import tbptt
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(UNITS)], head=keras.layers.Dense(1),
-                                 chunk_size=K, mode="truncated", backprop_chunks=m)
+
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(UNITS)],
+        head=keras.layers.Dense(1),
+        chunk_size=K,
+        mode="truncated",
+        backprop_chunks=m,
+    )
     chain.build([None, None, F])
     for variable, value in zip(chain.trainable_variables, weights):
         variable.assign(value)
@@ -66,13 +79,19 @@ def tbptt_model(m: int, weights):
 
 def rows(weights) -> list:
     """(name, model, window, what it computes)."""
-    return [("tbptt, m=1", tbptt_model(1, weights), K, "TBPTT(K, K)"),
-            ("tbptt, m=2", tbptt_model(2, weights), K, "TBPTT(K, 2K)"),
-            ("tbptt, m=4", tbptt_model(4, weights), K, "TBPTT(K, 4K)"),
-            ("tbptt, m=4, windows of 4 chunks", tbptt_model(4, weights), 4 * K, "TBPTT(K, 4K)"),
-            ("Keras GRU(stateful=True)", keras_model(K, weights), K, "TBPTT(K, K)"),
-            ("Keras GRU(stateful=True), windows of 4K", keras_model(4 * K, weights), 4 * K,
-             "TBPTT(4K, 4K)")]
+    return [
+        ("tbptt, m=1", tbptt_model(1, weights), K, "TBPTT(K, K)"),
+        ("tbptt, m=2", tbptt_model(2, weights), K, "TBPTT(K, 2K)"),
+        ("tbptt, m=4", tbptt_model(4, weights), K, "TBPTT(K, 4K)"),
+        ("tbptt, m=4, windows of 4 chunks", tbptt_model(4, weights), 4 * K, "TBPTT(K, 4K)"),
+        ("Keras GRU(stateful=True)", keras_model(K, weights), K, "TBPTT(K, K)"),
+        (
+            "Keras GRU(stateful=True), windows of 4K",
+            keras_model(4 * K, weights),
+            4 * K,
+            "TBPTT(4K, 4K)",
+        ),
+    ]
 
 
 def one_epoch(model, x, y) -> tuple:
@@ -94,18 +113,24 @@ def one_epoch(model, x, y) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=positive_int, default=9,
-                        help="timed epochs of each row, after one that is not (default: "
-                             "%(default)s)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="put the table in the README")
-    parser.add_argument("--show-times", action="store_true",
-                        help="also print every epoch's time, row by row")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=9,
+        help="timed epochs of each row, after one that is not (default: %(default)s)",
+    )
+    parser.add_argument("--update-readme", action="store_true", help="put the table in the README")
+    parser.add_argument(
+        "--show-times", action="store_true", help="also print every epoch's time, row by row"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+
     keras.utils.set_random_seed(0)
     table = rows(initial_weights())
     datasets = {window: data(window) for window in {window for _, _, window, _ in table}}
@@ -120,16 +145,20 @@ def main() -> None:
     if args.show_times:
         print({name: [round(t, 3) for t in ts] for name, ts in times.items()})
     reference = min(times[table[0][0]])
-    lines = ["| method | gradient | s / epoch | x TBPTT(K, K) | last epoch's loss |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| method | gradient | s / epoch | x TBPTT(K, K) | last epoch's loss |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for name, _, _, what in table:
         seconds = min(times[name])
-        lines.append(f"| {name} | {what} | {seconds:.3f} | {seconds / reference:.2f} "
-                     f"| {losses[name]:.5f} |")
+        lines.append(
+            f"| {name} | {what} | {seconds:.3f} | {seconds / reference:.2f} | {losses[name]:.5f} |"
+        )
     print("\n".join(lines))
     if args.update_readme:  # the tracked copy beside the script, as the other benchmarks keep
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                               "stream_truncated.md"), "w") as f:
+        with open(
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "stream_truncated.md"), "w"
+        ) as f:
             f.write("\n".join(lines) + "\n")
         replace_in_readme("stream_truncated", "\n".join(lines))
 
@@ -137,8 +166,10 @@ def main() -> None:
 def initial_weights() -> list:
     """Keras's initial weights of the model, in the order of both models' variables."""
     import keras
-    model = keras.Sequential([keras.Input(batch_shape=(B, K, F)), keras.layers.GRU(UNITS),
-                              keras.layers.Dense(1)])
+
+    model = keras.Sequential(
+        [keras.Input(batch_shape=(B, K, F)), keras.layers.GRU(UNITS), keras.layers.Dense(1)]
+    )
     return model.get_weights()
 
 

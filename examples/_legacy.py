@@ -22,19 +22,23 @@ def require_legacy_cells() -> None:
     try:
         tf.compat.v1.nn.rnn_cell.GRUCell(1)
     except Exception as error:  # noqa: BLE001 - any failure here means the same fix
-        sys.exit("tf.compat.v1.nn.rnn_cell is not available on TensorFlow "
-                 f"{tf.__version__} ({type(error).__name__}: {error}). Install the legacy extra, "
-                 "pip install 'tbptt[legacy]', and set TF_USE_LEGACY_KERAS=1 before TensorFlow "
-                 "is imported.")
+        sys.exit(
+            "tf.compat.v1.nn.rnn_cell is not available on TensorFlow "
+            f"{tf.__version__} ({type(error).__name__}: {error}). Install the legacy extra, "
+            "pip install 'tbptt[legacy]', and set TF_USE_LEGACY_KERAS=1 before TensorFlow "
+            "is imported."
+        )
 
 
 def quiet_tf1_warnings() -> None:
     tf.get_logger().setLevel("ERROR")
     import warnings
+
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def relative_error(actual, expected) -> float:
     import numpy as np
+
     actual, expected = np.asarray(actual, "float64"), np.asarray(expected, "float64")
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))

@@ -30,15 +30,16 @@ import argparse
 import numpy as np
 
 WINDOW, STREAMS, UNITS = 128, 16, 128
-RUNS = {"exact": dict(mode="exact", chunk_size=16),
-        "truncated": dict(mode="truncated", backprop_chunks=1, chunk_size=4)}
+RUNS = {
+    "exact": dict(mode="exact", chunk_size=16),
+    "truncated": dict(mode="truncated", backprop_chunks=1, chunk_size=4),
+}
 
 
 def load_text(doubled: bool, limit: int = 600_000):
     """(ids [N], second [N] 1 on the second copy of a word, vocabulary); `doubled` writes
     every word twice, else `second` is all 0."""
     import re
-
     from pydoc_data.topics import topics
 
     text = "\n".join(topics[name] for name in sorted(topics))
@@ -59,8 +60,9 @@ def load_text(doubled: bool, limit: int = 600_000):
 def held_out_batch(valid_ids, valid_second, vocab_size: int):
     """The held-out text as one batch of 16 streams: (one-hot inputs, next ids, weights that
     are 1 where the next character belongs to a word's second copy)."""
-    import tbptt
     import tensorflow as tf
+
+    import tbptt
 
     window = len(valid_ids) // STREAMS - 1
     x, y = next(iter(tbptt.data.batchify(valid_ids, batch_size=STREAMS, window=window)))
@@ -87,20 +89,27 @@ def sample(chain, vocab: list, length: int, prompt: str = "The ", seed: int = 0)
     return text
 
 
-def train(run: str, train_ids, valid, vocab_size: int, batches: int, eval_every: int,
-          verbose: int) -> tuple:
+def train(
+    run: str, train_ids, valid, vocab_size: int, batches: int, eval_every: int, verbose: int
+) -> tuple:
     """Trains one run; returns ([(batches done, held-out nats/char on all characters, on the
     second copies)], the trained chain)."""
     import keras
     import tensorflow as tf
+
     import tbptt
 
     keras.utils.set_random_seed(0)
     chain = tbptt.StatefulGRUChain(UNITS, head=keras.layers.Dense(vocab_size), **RUNS[run])
     model = tbptt.keras.ChunkedModel(chain, stateful=True)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3, clipnorm=1.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    one_hot = lambda x, y: (tf.one_hot(x, vocab_size), y)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3, clipnorm=1.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    def one_hot(x, y):
+        return (tf.one_hot(x, vocab_size), y)
+
     stream = tbptt.data.batchify(train_ids, batch_size=STREAMS, window=WINDOW).map(one_hot)
     x, y, second = valid
     curve, done = [], [0]
@@ -108,12 +117,18 @@ def train(run: str, train_ids, valid, vocab_size: int, batches: int, eval_every:
     share = float(np.mean(second))  # Keras's weighted mean divides by all the elements
 
     def evaluate():
-        on_second = float(model.evaluate(x, y, sample_weight=second, verbose=0)) / share if (
-            share) else np.nan
+        on_second = (
+            float(model.evaluate(x, y, sample_weight=second, verbose=0)) / share
+            if (share)
+            else np.nan
+        )
         curve.append((done[0], float(model.evaluate(x, y, verbose=0)), on_second))
         if verbose:
-            print(f"{run}: {done[0]} batches, held-out {curve[-1][1]:.3f} nats/char, "
-                  f"{curve[-1][2]:.3f} on second copies", flush=True)
+            print(
+                f"{run}: {done[0]} batches, held-out {curve[-1][1]:.3f} nats/char, "
+                f"{curve[-1][2]:.3f} on second copies",
+                flush=True,
+            )
 
     def after_batch(batch, logs):
         done[0] += 1
@@ -123,36 +138,66 @@ def train(run: str, train_ids, valid, vocab_size: int, batches: int, eval_every:
 
     evaluate()
     epochs = -(-batches // int(stream.cardinality()))  # each epoch is one pass over the text
-    model.fit(stream, epochs=epochs, verbose=0,
-              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)])
+    model.fit(
+        stream,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)],
+    )
     return curve, chain
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=1500,
-                        help="training windows per run, 16 streams x 128 characters each "
-                             "(default: 1500)")
-    parser.add_argument("--eval-every", type=int, default=250,
-                        help="batches between two held-out measurements (default: 250)")
-    parser.add_argument("--plot", default="char_lm.png",
-                        help="where to write the plot; '' for none (default: char_lm.png)")
-    parser.add_argument("--text", choices=["doubled", "plain"], default="doubled",
-                        help="'doubled': every word written twice, so the second copy can be "
-                             "predicted only by a model that kept the first in its state "
-                             "(default); 'plain': the text as it is")
-    parser.add_argument("--verbose", type=int, default=1,
-                        help="0: only the final table; 1: each held-out measurement (default)")
-    parser.add_argument("--sample", type=int, default=200,
-                        help="characters to sample from each trained model (default: 200)")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=1500,
+        help="training windows per run, 16 streams x 128 characters each (default: 1500)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=250,
+        help="batches between two held-out measurements (default: 250)",
+    )
+    parser.add_argument(
+        "--plot",
+        default="char_lm.png",
+        help="where to write the plot; '' for none (default: char_lm.png)",
+    )
+    parser.add_argument(
+        "--text",
+        choices=["doubled", "plain"],
+        default="doubled",
+        help="'doubled': every word written twice, so the second copy can be "
+        "predicted only by a model that kept the first in its state "
+        "(default); 'plain': the text as it is",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        help="0: only the final table; 1: each held-out measurement (default)",
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=200,
+        help="characters to sample from each trained model (default: 200)",
+    )
     args = parser.parse_args(argv)
     ids, second, vocab = load_text(args.text == "doubled")
     split = int(len(ids) * 0.95)
     valid = held_out_batch(ids[split:], second[split:], len(vocab))
-    trained = {run: train(run, ids[:split], valid, len(vocab), args.batches, args.eval_every,
-                          args.verbose) for run in RUNS}
+    trained = {
+        run: train(run, ids[:split], valid, len(vocab), args.batches, args.eval_every, args.verbose)
+        for run in RUNS
+    }
     results = {run: curve for run, (curve, _) in trained.items()}
     print(f"held-out loss, nats/char ({len(vocab)} symbols, {args.batches} batches)")
     print(f"{'run':10s} {'gradient reaches':>17s} {'all':>7s} {'second copies':>14s}")
@@ -179,11 +224,19 @@ def _plot(results: dict, path: str) -> None:
         done, loss, on_second = zip(*curve)
         axis.plot(done, loss, marker="o", color=color, label=f"{run}: all ({loss[-1]:.3f})")
         if not np.isnan(on_second[-1]):  # the plain text has no second copies
-            axis.plot(done, on_second, marker="s", linestyle="--", color=color,
-                      label=f"{run}: second copies ({on_second[-1]:.3f})")
-    axis.set(xlabel=f"batches ({STREAMS} streams x {WINDOW} characters)",
-             ylabel="held-out loss, nats/char",
-             title="char LM: gradient through 128 vs 4 characters")
+            axis.plot(
+                done,
+                on_second,
+                marker="s",
+                linestyle="--",
+                color=color,
+                label=f"{run}: second copies ({on_second[-1]:.3f})",
+            )
+    axis.set(
+        xlabel=f"batches ({STREAMS} streams x {WINDOW} characters)",
+        ylabel="held-out loss, nats/char",
+        title="char LM: gradient through 128 vs 4 characters",
+    )
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

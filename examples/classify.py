@@ -56,18 +56,26 @@ def chunked_batch(x, labels, lengths):
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400,
-                        help="training steps of each run (default: %(default)s)")
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--steps", type=int, default=400, help="training steps of each run (default: %(default)s)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
-    parser.add_argument("--units", type=int, default=32,
-                        help="GRU units (default: %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=20,
-                        help="steps per chunk of the tbptt runs (default: %(default)s)")
-    parser.add_argument("--plot", default="classify.png",
-                        help="where to save the training curves; '' for none "
-                             "(default: %(default)s)")
+    parser.add_argument("--units", type=int, default=32, help="GRU units (default: %(default)s)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=20,
+        help="steps per chunk of the tbptt runs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--plot",
+        default="classify.png",
+        help="where to save the training curves; '' for none (default: %(default)s)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -81,14 +89,17 @@ def main() -> None:
     summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
 
     keras.utils.set_random_seed(1)
-    chains = {mode: tbptt.StatefulGRUChain(args.units, head=keras.layers.Dense(CLASSES),
-                                           chunk_size=args.chunk_size, mode=mode)
-              for mode in ("exact", "truncated")}
+    chains = {
+        mode: tbptt.StatefulGRUChain(
+            args.units, head=keras.layers.Dense(CLASSES), chunk_size=args.chunk_size, mode=mode
+        )
+        for mode in ("exact", "truncated")
+    }
     chains["exact"].build(train[0][:1].shape)
     start = [v.numpy() for v in chains["exact"].trainable_variables]
     # The update gates start open toward keeping the state (z = sigmoid(bias) ~ 0.95), so that
     # a state set at the first steps is still there 100 steps on and a gradient can reach it.
-    start[2][0, :args.units] = 3.0
+    start[2][0, : args.units] = 3.0
     chains["truncated"].build(train[0][:1].shape)
     gru, dense = keras.layers.GRU(args.units), keras.layers.Dense(CLASSES)
     dense(gru(train[0][:1]))
@@ -108,12 +119,17 @@ def main() -> None:
             targets, last, mask = chunked_batch(x, labels, lengths)
             result = chain.value_and_gradients(x, targets, summed, mask=mask, sample_weight=last)
             return result.loss / len(labels), [g / len(labels) for g in result.grads]
+
         return step
 
-    runs = {"keras": (lambda x, labels, lengths: keras_step(
-                          x, labels, chunked_batch(x, labels, lengths)[2]), keras_variables),
-            "exact": (chain_step(chains["exact"]), chains["exact"].trainable_variables),
-            "truncated": (chain_step(chains["truncated"]), chains["truncated"].trainable_variables)}
+    runs = {
+        "keras": (
+            lambda x, labels, lengths: keras_step(x, labels, chunked_batch(x, labels, lengths)[2]),
+            keras_variables,
+        ),
+        "exact": (chain_step(chains["exact"]), chains["exact"].trainable_variables),
+        "truncated": (chain_step(chains["truncated"]), chains["truncated"].trainable_variables),
+    }
     optimizers = {name: keras.optimizers.Adam(3e-3) for name in runs}
     curves = {name: [] for name in runs}
     for i in range(args.steps):
@@ -130,13 +146,16 @@ def main() -> None:
     for name, chain in chains.items():
         outputs, _ = chain(x, mask=mask)
         logits[name] = tf.gather(outputs, lengths - 1, axis=1, batch_dims=1)
-    print(f"{'run':<10} {'held-out loss':>14} {'accuracy':>9}   (chance: {1 / CLASSES:.2f}; "
-          f"training-loss gap to keras over the last 50 steps)")
+    print(
+        f"{'run':<10} {'held-out loss':>14} {'accuracy':>9}   (chance: {1 / CLASSES:.2f}; "
+        f"training-loss gap to keras over the last 50 steps)"
+    )
     for name, values in logits.items():
         accuracy = float(np.mean(np.argmax(values, -1) == labels))
         gap = np.max(np.abs(np.subtract(curves[name], curves["keras"])[-50:]))
-        print(f"{name:<10} {float(cross_entropy(labels, values)):>14.4f} {accuracy:>9.3f}   "
-              f"{gap:.2g}")
+        print(
+            f"{name:<10} {float(cross_entropy(labels, values)):>14.4f} {accuracy:>9.3f}   {gap:.2g}"
+        )
     if args.plot:
         import matplotlib
 

@@ -56,8 +56,9 @@ def load_weights(variables, seed: int, sess) -> None:
     for variable in variables:
         shape = variable.shape.as_list()
         limit = np.sqrt(6.0 / sum(shape)) if len(shape) == 2 else 0.1
-        variable.load(rng.uniform(-limit, limit, shape).astype(variable.dtype.base_dtype.name),
-                      sess)
+        variable.load(
+            rng.uniform(-limit, limit, shape).astype(variable.dtype.base_dtype.name), sess
+        )
 
 
 def tf1_routes(m_dtype, seed: int = 123) -> dict:
@@ -74,11 +75,9 @@ def tf1_routes(m_dtype, seed: int = 123) -> dict:
             cell1 = v1.nn.rnn_cell.GRUCell(CELL_SIZE, dtype=m_dtype)
             cell2 = v1.nn.rnn_cell.GRUCell(CELL_SIZE, dtype=m_dtype)
             with v1.variable_scope("First50"):
-                output1, new_state1 = v1.nn.dynamic_rnn(cell1, input_1,
-                                                        initial_state=initial_state)
+                output1, new_state1 = v1.nn.dynamic_rnn(cell1, input_1, initial_state=initial_state)
             with v1.variable_scope("Second50"):
-                output2, new_state2 = v1.nn.dynamic_rnn(cell2, input_2,
-                                                        initial_state=new_state1)
+                output2, new_state2 = v1.nn.dynamic_rnn(cell2, input_2, initial_state=new_state1)
         with v1.variable_scope("output"):
             output = tf.concat([output1, output2], axis=1)
             dense = v1.layers.Dense(1, dtype=m_dtype)
@@ -101,18 +100,30 @@ def tf1_routes(m_dtype, seed: int = 123) -> dict:
         route_a = [g1 + g2 + g3 for g1, g2, g3 in zip(local1, local2, carried)]
         # (b) the library, in the same graph.
         result = tbptt.compat.v1.backprop_chunks(
-            [loss1, loss2], [initial_state, new_state1, new_state2], variables=variables)
+            [loss1, loss2], [initial_state, new_state1, new_state2], variables=variables
+        )
         route_b = result.variable_grads + [result.initial_state_grad]
         # (c) one tf.gradients over the whole loss.
         route_c = dense_grads(loss, sources)
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
             load_weights(variables, seed, sess)
-            feed = {input_1: x[:, :STEPS1], input_2: x[:, STEPS1:], labels: y,
-                    initial_state: np.zeros([1, CELL_SIZE], m_dtype.name)}
-            values = sess.run({"a": route_a, "b": route_b, "c": route_c, "loss": loss,
-                               "weights": [cell1.variables, cell2.variables, dense.variables]},
-                              feed_dict=feed)
+            feed = {
+                input_1: x[:, :STEPS1],
+                input_2: x[:, STEPS1:],
+                labels: y,
+                initial_state: np.zeros([1, CELL_SIZE], m_dtype.name),
+            }
+            values = sess.run(
+                {
+                    "a": route_a,
+                    "b": route_b,
+                    "c": route_c,
+                    "loss": loss,
+                    "weights": [cell1.variables, cell2.variables, dense.variables],
+                },
+                feed_dict=feed,
+            )
     return values
 
 
@@ -131,10 +142,15 @@ def tf2_route(weights, dtype: str) -> list:
     first, second = chains
     (x1, x2), (y1, y2) = np.split(x, [STEPS1], axis=1), np.split(y, [STEPS1], axis=1)
     s0 = first.initial_state(1)
-    _, s1 = first(x1, s0)                                            # state forward
+    _, s1 = first(x1, s0)  # state forward
     late = second.value_and_gradients(x2, y2, l1, initial_state=s1)
-    early = first.value_and_gradients(x1, y1, l1, initial_state=s0,  # dL/dstate back
-                                      final_state_grad=late.initial_state_grad)
+    early = first.value_and_gradients(
+        x1,
+        y1,
+        l1,
+        initial_state=s0,  # dL/dstate back
+        final_state_grad=late.initial_state_grad,
+    )
     cell1, cell2 = early.grads[:3], late.grads[:3]
     head = [a + b for a, b in zip(early.grads[3:], late.grads[3:])]
     return [g.numpy() for g in cell1 + cell2 + head] + [early.initial_state_grad[0].numpy()]
@@ -152,11 +168,16 @@ def compare(m_dtype) -> bool:
     values = tf1_routes(m_dtype)
     routes = {name: to_keras_layout(values[name]) for name in "abc"}
     routes["d"] = tf2_route(values["weights"], m_dtype.name)
-    labels = {"a": "(a) thread: grads2 + grads3", "b": "(b) compat.v1.backprop_chunks",
-              "c": "(c) tf.gradients(loss)", "d": "(d) TF2 RecurrentChain x2"}
+    labels = {
+        "a": "(a) thread: grads2 + grads3",
+        "b": "(b) compat.v1.backprop_chunks",
+        "c": "(c) tf.gradients(loss)",
+        "d": "(d) TF2 RecurrentChain x2",
+    }
     reference = routes["c"]
-    print(f"\n{m_dtype.name}: seed 001, 500+500 steps, GRU {CELL_SIZE}, "
-          f"loss = {values['loss']:.2f}")
+    print(
+        f"\n{m_dtype.name}: seed 001, 500+500 steps, GRU {CELL_SIZE}, loss = {values['loss']:.2f}"
+    )
     print(f"{'route':<32} {'mean dL/ds0':>14} {'sum dL/ds0':>14} {'max rel diff vs (c)':>20}")
     agree = True
     for name, grads in routes.items():
@@ -166,8 +187,10 @@ def compare(m_dtype) -> bool:
         if name == "d" and m_dtype == tf.float32:
             tolerance = TOLERANCE_TF2_FLOAT32
         agree &= error <= tolerance
-        print(f"{labels[name]:<32} {np.mean(state_grad):>14.6e} {np.sum(state_grad):>14.6e} "
-              f"{error:>20.2e}{'' if error <= tolerance else '  > ' + format(tolerance, '.0e')}")
+        print(
+            f"{labels[name]:<32} {np.mean(state_grad):>14.6e} {np.sum(state_grad):>14.6e} "
+            f"{error:>20.2e}{'' if error <= tolerance else '  > ' + format(tolerance, '.0e')}"
+        )
     return agree
 
 
@@ -175,9 +198,11 @@ def main() -> int:
     _legacy.quiet_tf1_warnings()
     _legacy.require_legacy_cells()
     agree = all([compare(tf.float32), compare(tf.float64)])
-    print(f"\ntolerances (relative to the largest gradient entry): float64 "
-          f"{TOLERANCE['float64']:.0e}; float32 {TOLERANCE['float32']:.0e}, route (d) "
-          f"{TOLERANCE_TF2_FLOAT32:.0e} (see the comment at TOLERANCE)")
+    print(
+        f"\ntolerances (relative to the largest gradient entry): float64 "
+        f"{TOLERANCE['float64']:.0e}; float32 {TOLERANCE['float32']:.0e}, route (d) "
+        f"{TOLERANCE_TF2_FLOAT32:.0e} (see the comment at TOLERANCE)"
+    )
     if not agree:
         print("DISAGREEMENT")
         return 1

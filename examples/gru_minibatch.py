@@ -51,15 +51,25 @@ def build_tf1_graph():
     with v1.variable_scope("output_layer"):
         fc_w = v1.get_variable("fc_weights", [UNITS[-1], LABELS])
         fc_b = v1.get_variable("fc_bias", [LABELS], initializer=v1.zeros_initializer())
-        predictions = tf.reshape(tf.reshape(output, [-1, UNITS[-1]]) @ fc_w + fc_b,
-                                 [BATCH, -1, LABELS])
+        predictions = tf.reshape(
+            tf.reshape(output, [-1, UNITS[-1]]) @ fc_w + fc_b, [BATCH, -1, LABELS]
+        )
     loss = l1(labels, predictions)
     # One mini-batch is one chunk: its final state takes the next mini-batch's dL/dstate.
-    backprop = tbptt.compat.v1.backprop_chunks([loss], [initial_state, new_state],
-                                               final_state_grad=final_state_grad)
-    return dict(inputs=inputs, labels=labels, initial_state=initial_state,
-                final_state_grad=final_state_grad, new_state=new_state, loss=loss,
-                backprop=backprop, cells=cells, dense=[fc_w, fc_b])
+    backprop = tbptt.compat.v1.backprop_chunks(
+        [loss], [initial_state, new_state], final_state_grad=final_state_grad
+    )
+    return dict(
+        inputs=inputs,
+        labels=labels,
+        initial_state=initial_state,
+        final_state_grad=final_state_grad,
+        new_state=new_state,
+        loss=loss,
+        backprop=backprop,
+        cells=cells,
+        dense=[fc_w, fc_b],
+    )
 
 
 def tf1_session(graph_ops, x, y):
@@ -68,23 +78,37 @@ def tf1_session(graph_ops, x, y):
     zeros = np.zeros([BATCH, sum(UNITS)], "float32")
     with v1.Session() as sess:
         sess.run(v1.global_variables_initializer())
-        windows = [(x[:, i * WINDOW:(i + 1) * WINDOW], y[:, i * WINDOW:(i + 1) * WINDOW])
-                   for i in range(WINDOWS)]
+        windows = [
+            (x[:, i * WINDOW : (i + 1) * WINDOW], y[:, i * WINDOW : (i + 1) * WINDOW])
+            for i in range(WINDOWS)
+        ]
         states = [zeros]
-        for xb, _ in windows:                                   # forward: carry the state
-            states.append(sess.run(g["new_state"], {g["inputs"]: xb, g["initial_state"]:
-                                                    states[-1]}))
+        for xb, _ in windows:  # forward: carry the state
+            states.append(
+                sess.run(g["new_state"], {g["inputs"]: xb, g["initial_state"]: states[-1]})
+            )
         carried, totals = zeros, None
-        for i in reversed(range(WINDOWS)):                      # backward: carry dL/dstate
+        for i in reversed(range(WINDOWS)):  # backward: carry dL/dstate
             xb, yb = windows[i]
             grads, carried = sess.run(
                 [g["backprop"].variable_grads, g["backprop"].initial_state_grad],
-                {g["inputs"]: xb, g["labels"]: yb, g["initial_state"]: states[i],
-                 g["final_state_grad"]: carried})
+                {
+                    g["inputs"]: xb,
+                    g["labels"]: yb,
+                    g["initial_state"]: states[i],
+                    g["final_state_grad"]: carried,
+                },
+            )
             totals = grads if totals is None else [t + d for t, d in zip(totals, grads)]
-        whole = sess.run(g["backprop"].variable_grads,
-                         {g["inputs"]: x, g["labels"]: y, g["initial_state"]: zeros,
-                          g["final_state_grad"]: zeros})
+        whole = sess.run(
+            g["backprop"].variable_grads,
+            {
+                g["inputs"]: x,
+                g["labels"]: y,
+                g["initial_state"]: zeros,
+                g["final_state_grad"]: zeros,
+            },
+        )
         weights = sess.run([c.variables for c in g["cells"]] + [g["dense"]])
     return totals, whole, carried, weights
 
@@ -98,24 +122,30 @@ def tf2_chain(weights, x, y):
     for cell, tf1_weights in zip(cells, weights[:2]):
         cell.set_weights(tbptt.compat.v1.gru_weights_from_tf1(*tf1_weights))
     dense.set_weights(weights[2])
-    windows = [(x[:, i * WINDOW:(i + 1) * WINDOW], y[:, i * WINDOW:(i + 1) * WINDOW])
-               for i in range(WINDOWS)]
+    windows = [
+        (x[:, i * WINDOW : (i + 1) * WINDOW], y[:, i * WINDOW : (i + 1) * WINDOW])
+        for i in range(WINDOWS)
+    ]
     states = [chain.initial_state(BATCH)]
     for xb, _ in windows:
         states.append(chain(xb, states[-1])[1])
     carried, totals = None, None
     for i in reversed(range(WINDOWS)):
         xb, yb = windows[i]
-        result = chain.value_and_gradients(xb, yb, l1, initial_state=states[i],
-                                           final_state_grad=carried)
+        result = chain.value_and_gradients(
+            xb, yb, l1, initial_state=states[i], final_state_grad=carried
+        )
         carried = result.initial_state_grad
         totals = result.grads if totals is None else [t + d for t, d in zip(totals, result.grads)]
     return [t.numpy() for t in totals], np.concatenate([c.numpy() for c in carried], axis=-1)
 
 
 def keras_layout(tf1_grads):
-    return (tbptt.compat.v1.gru_weights_from_tf1(*tf1_grads[0:4]) +
-            tbptt.compat.v1.gru_weights_from_tf1(*tf1_grads[4:8]) + list(tf1_grads[8:]))
+    return (
+        tbptt.compat.v1.gru_weights_from_tf1(*tf1_grads[0:4])
+        + tbptt.compat.v1.gru_weights_from_tf1(*tf1_grads[4:8])
+        + list(tf1_grads[8:])
+    )
 
 
 def main() -> int:
@@ -132,8 +162,10 @@ def main() -> int:
         tf1_minibatches, tf1_whole, tf1_state_grad, weights = tf1_session(ops, x, y)
     tf2_minibatches, tf2_state_grad = tf2_chain(weights, x, y)
     reference = keras_layout(tf1_whole)
-    rows = [("TF1 Session, 3 mini-batches carried", keras_layout(tf1_minibatches)),
-            ("TF2 RecurrentChain, 3 mini-batches", tf2_minibatches)]
+    rows = [
+        ("TF1 Session, 3 mini-batches carried", keras_layout(tf1_minibatches)),
+        ("TF2 RecurrentChain, 3 mini-batches", tf2_minibatches),
+    ]
     print(f"\n{'route':<38} {'max rel diff vs one TF1 pass over 300 steps':>44}")
     worst = 0.0
     for name, grads in rows:

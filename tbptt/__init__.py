@@ -78,8 +78,15 @@ def _stand_in(name: str, module: str) -> type:
     def from_config(cls, config):
         return getattr(importlib.import_module(module), name).from_config(config)
 
-    return type(name, (), {"get_config": lambda self: {}, "from_config": classmethod(from_config),
-                           "__module__": module})
+    return type(
+        name,
+        (),
+        {
+            "get_config": lambda self: {},
+            "from_config": classmethod(from_config),
+            "__module__": module,
+        },
+    )
 
 
 def _register_with_keras() -> None:
@@ -139,10 +146,10 @@ def __dir__() -> list:
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from tbptt import compat, data, diagnostics, keras  # noqa: F401
     from tbptt._src.core.checks import NonFiniteError  # noqa: F401
+    from tbptt._src.core.sources import ChunkSource  # noqa: F401
+    from tbptt._src.core.types import ChainResult  # noqa: F401
+    from tbptt._src.recurrent.chain import RecurrentChain, StatefulGRUChain  # noqa: F401
     from tbptt._src.recurrent.config import ChainConfig  # noqa: F401
     from tbptt._src.recurrent.loops.timeloop import unroll  # noqa: F401
-    from tbptt._src.recurrent.chain import RecurrentChain, StatefulGRUChain  # noqa: F401
     from tbptt._src.recurrent.streaming import StreamCarry  # noqa: F401
-    from tbptt._src.core.sources import ChunkSource  # noqa: F401
     from tbptt._src.stages import StageChain, StageResult, split_sequential  # noqa: F401
-    from tbptt._src.core.types import ChainResult  # noqa: F401

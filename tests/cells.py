@@ -46,8 +46,10 @@ def make_cells(kind, features, dtype="float32"):
     return {
         "gru": lambda: [keras.layers.GRUCell(5, dtype=dtype)],
         "lstm": lambda: [keras.layers.LSTMCell(4, dtype=dtype)],
-        "stacked": lambda: [keras.layers.GRUCell(5, dtype=dtype),
-                            keras.layers.LSTMCell(3, dtype=dtype)],
+        "stacked": lambda: [
+            keras.layers.GRUCell(5, dtype=dtype),
+            keras.layers.LSTMCell(3, dtype=dtype),
+        ],
         "custom": lambda: [TwoStateCell(4, dtype=dtype)],
         "module": lambda: [ModuleCell(features, 4, dtype=dtype)],
         "simple": lambda: [keras.layers.SimpleRNNCell(4, dtype=dtype)],

@@ -59,9 +59,13 @@ def assert_all_close(actual, expected, rtol, what=""):
 def run_python(code: str, *args, timeout: float = 300) -> str:
     """Runs `code` in a new Python process (`sys.argv[1:]` are `args`) and returns its stdout;
     a failure shows the process's own traceback."""
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                         text=True, timeout=timeout,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -80,8 +84,9 @@ tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceCon
 
 # tests/legacy needs the TF1 cells, which on TF >= 2.16 exist only with TF_USE_LEGACY_KERAS=1
 # set before TensorFlow is imported: tests/test_compat_v1.py runs it in a subprocess.
-LEGACY_CELLS_HERE = (os.environ.get("TF_USE_LEGACY_KERAS") == "1"
-                     or tuple(int(v) for v in tf.__version__.split(".")[:2]) < (2, 16))
+LEGACY_CELLS_HERE = os.environ.get("TF_USE_LEGACY_KERAS") == "1" or tuple(
+    int(v) for v in tf.__version__.split(".")[:2]
+) < (2, 16)
 # tests/data holds the script that wrote the saved models kept there, not tests.
 collect_ignore = ["data"] + ([] if LEGACY_CELLS_HERE else ["legacy"])
 
@@ -91,9 +96,11 @@ def _seed():
     keras.utils.set_random_seed(1234)
     yield
 
+
 # tbptt.keras.ChunkedModel needs Keras 3; CI's TF 2.15 leg runs the core tests with Keras 2.
-needs_keras3 = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
-                                  reason="tbptt.keras needs Keras 3")
+needs_keras3 = pytest.mark.skipif(
+    int(keras.__version__.split(".")[0]) < 3, reason="tbptt.keras needs Keras 3"
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
@@ -104,7 +111,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if getattr(item, "callspec", None) is None:
             continue
-        function = (item.nodeid.split("[")[0])
+        function = item.nodeid.split("[")[0]
         if function in seen:
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.more_cases)

@@ -18,7 +18,8 @@ def strategy_for(kind: str):
     if kind == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
         return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     if kind == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -28,6 +29,7 @@ def strategy_for(kind: str):
 def main(out: str, kind: str) -> None:
     strategy = strategy_for(kind)
     import keras
+
     import tbptt
 
     rng = np.random.default_rng(0)
@@ -36,15 +38,19 @@ def main(out: str, kind: str) -> None:
     dataset = tf.data.Dataset.from_tensor_slices((x, y))  # consecutive windows of 8 streams
     with strategy.scope():
         keras.utils.set_random_seed(3)
-        chain = tbptt.StatefulGRUChain(6, head=keras.layers.Dense(1), chunk_size=4,
-                                       mode="truncated", backprop_chunks=2)
+        chain = tbptt.StatefulGRUChain(
+            6, head=keras.layers.Dense(1), chunk_size=4, mode="truncated", backprop_chunks=2
+        )
         model = tbptt.keras.ChunkedModel(chain, stateful=True)
         model.build([None, None, FEATURES])
         model.compile(optimizer=keras.optimizers.SGD(0.3), loss="mse")
     history = model.fit(dataset, epochs=2, verbose=0)
-    np.savez(out, *[v.numpy() for v in chain.trainable_variables],
-             loss=np.array(history.history["loss"]),
-             replicas=np.array(strategy.num_replicas_in_sync))
+    np.savez(
+        out,
+        *[v.numpy() for v in chain.trainable_variables],
+        loss=np.array(history.history["loss"]),
+        replicas=np.array(strategy.num_replicas_in_sync),
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ def _chain_state(chain, layer_states):
 
 def _python_loop(cells, inputs, layer_states):
     """One `cell(x_t, states)` per layer and step, for cells that are no Keras layer."""
-    outputs, states = [], [list(s) if isinstance(s, (list, tuple)) else [s]
-                           for s in layer_states]
+    outputs, states = [], [list(s) if isinstance(s, (list, tuple)) else [s] for s in layer_states]
     for t in range(inputs.shape[1]):
         x = inputs[:, t]
         for index, cell in enumerate(cells):
@@ -44,8 +43,7 @@ def forward(chain, inputs, state=None):
     cells = chain.cells
     if all(compat.is_keras_layer(cell) for cell in cells):
         stacked = keras.layers.StackedRNNCells(cells, dtype=chain.dtype)
-        rnn = keras.layers.RNN(stacked, return_sequences=True,
-                               return_state=True, dtype=chain.dtype)
+        rnn = keras.layers.RNN(stacked, return_sequences=True, return_state=True, dtype=chain.dtype)
         outputs, *layer_states = rnn(inputs, initial_state=_layer_states(chain, state))
     else:
         outputs, layer_states = _python_loop(cells, inputs, _layer_states(chain, state))
@@ -54,8 +52,9 @@ def forward(chain, inputs, state=None):
     return outputs, _chain_state(chain, layer_states)
 
 
-def full_bptt(chain, inputs, targets, loss_fn, initial_state=None, final_state_grad=None,
-              sample_weight=None):
+def full_bptt(
+    chain, inputs, targets, loss_fn, initial_state=None, final_state_grad=None, sample_weight=None
+):
     """Full BPTT: one tape over `forward`, whole-sequence loss.
 
     Only valid for reduction="sum" with a loss that is a sum over steps. Returns
@@ -71,8 +70,12 @@ def full_bptt(chain, inputs, targets, loss_fn, initial_state=None, final_state_g
         loss = loss_fn(*args)
         total = loss
         if final_state_grad is not None:
-            total = total + tf.add_n([tf.reduce_sum(tf.cast(g, s.dtype) * s) for g, s in zip(
-                tf.nest.flatten(final_state_grad), tf.nest.flatten(final_state))])
+            total = total + tf.add_n(
+                [
+                    tf.reduce_sum(tf.cast(g, s.dtype) * s)
+                    for g, s in zip(tf.nest.flatten(final_state_grad), tf.nest.flatten(final_state))
+                ]
+            )
     grads = tape.gradient(total, [chain.trainable_variables, initial_state])
     return loss, grads[0], final_state, grads[1]
 
@@ -88,11 +91,11 @@ def stepwise_forward(chain, inputs, state, reset=None, mask=None):
         for index, cell in enumerate(chain.cells):
             states = layers[index]
             if reset is not None:
-                states = [tf.where(reset[:, t:t + 1], tf.zeros_like(s), s) for s in states]
+                states = [tf.where(reset[:, t : t + 1], tf.zeros_like(s), s) for s in states]
             x, new = cell(x, [tf.cast(s, chain.dtype) for s in states])
             new = tf.nest.flatten(new)
             if mask is not None:
-                new = [tf.where(mask[:, t:t + 1], n, s) for n, s in zip(new, states)]
+                new = [tf.where(mask[:, t : t + 1], n, s) for n, s in zip(new, states)]
             layers[index] = new
         outputs.append(x)
     outputs = tf.stack(outputs, axis=1)
@@ -101,8 +104,18 @@ def stepwise_forward(chain, inputs, state, reset=None, mask=None):
     return outputs, tuple(tuple(s) if len(s) > 1 else s[0] for s in layers)
 
 
-def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad=None,
-                        sample_weight=None, reset=None, mask=None):
+def truncated_reference(
+    chain,
+    x,
+    y,
+    loss_fn,
+    m,
+    initial_state,
+    final_state_grad=None,
+    sample_weight=None,
+    reset=None,
+    mask=None,
+):
     """TBPTT(K, mK) written out: loss L_j back-propagates through chunks j-m+1 .. j only, each
     term run from the boundary state, which is stop_gradient-ed where the cotangent is dropped.
     With flags (`reset`, `mask` [B, T] bool) the forward is `stepwise_forward` and `loss_fn`
@@ -117,9 +130,13 @@ def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad
     def run(a, b, state):
         if not flagged:
             return forward(chain, x[:, a:b], state)
-        return stepwise_forward(chain, x[:, a:b], state,
-                                None if reset is None else reset[:, a:b],
-                                None if mask is None else mask[:, a:b])
+        return stepwise_forward(
+            chain,
+            x[:, a:b],
+            state,
+            None if reset is None else reset[:, a:b],
+            None if mask is None else mask[:, a:b],
+        )
 
     boundaries, state = [initial_state], initial_state
     for j in range(count):
@@ -129,8 +146,11 @@ def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad
     def run_from(start, stop, s0):
         """Chunks start..stop-1 from the boundary state, cut where the cotangent drops."""
         if start >= 0:
-            return run(start * size, stop * size, tf.nest.map_structure(
-                tf.stop_gradient, boundaries[start]))
+            return run(
+                start * size,
+                stop * size,
+                tf.nest.map_structure(tf.stop_gradient, boundaries[start]),
+            )
         return run(0, stop * size, s0)
 
     def chunk_loss(j, outputs):
@@ -152,8 +172,13 @@ def truncated_reference(chain, x, y, loss_fn, m, initial_state, final_state_grad
             total += chunk_loss(j, outputs)
         if final_state_grad is not None and m > 1:
             _, last = run_from(count - m + 1, count, s0)
-            total += tf.add_n([tf.reduce_sum(g * s) for g, s in zip(
-                tf.nest.flatten(final_state_grad), tf.nest.flatten(last))])
-    grads, state_grad = tape.gradient(total, [chain.trainable_variables, s0],
-                                      unconnected_gradients="zero")
+            total += tf.add_n(
+                [
+                    tf.reduce_sum(g * s)
+                    for g, s in zip(tf.nest.flatten(final_state_grad), tf.nest.flatten(last))
+                ]
+            )
+    grads, state_grad = tape.gradient(
+        total, [chain.trainable_variables, s0], unconnected_gradients="zero"
+    )
     return total, grads, state_grad

@@ -1,8 +1,8 @@
 """A stateful ChunkedModel fit that checkpoints after every batch, run as its own process.
 
-    python tests/resume_fit.py DIR full       # uninterrupted: DIR/full.npz
-    python tests/resume_fit.py DIR killable   # checkpoints to DIR/ckpt, then hangs at KILL_AT
-    python tests/resume_fit.py DIR resume     # restores DIR/ckpt, finishes: DIR/resumed.npz
+python tests/resume_fit.py DIR full       # uninterrupted: DIR/full.npz
+python tests/resume_fit.py DIR killable   # checkpoints to DIR/ckpt, then hangs at KILL_AT
+python tests/resume_fit.py DIR resume     # restores DIR/ckpt, finishes: DIR/resumed.npz
 """
 
 import os
@@ -17,6 +17,7 @@ EPOCHS, BATCH, WINDOW, KILL_AT = 3, 4, 8, 8  # 6 windows per epoch; killed in ep
 
 def build():
     import keras
+
     import tbptt
 
     tf.config.experimental.enable_op_determinism()
@@ -25,8 +26,9 @@ def build():
     stream = rng.normal(size=[BATCH * WINDOW * 6, 3]).astype("float32")
     targets = np.cumsum(stream, axis=0)[:, :1] * 0.05
     dataset = tbptt.data.stream_windows(stream, targets, batch_size=BATCH, window=WINDOW)
-    chain = tbptt.StatefulGRUChain(6, head=keras.layers.Dense(1), chunk_size=4,
-                                   mode="truncated", backprop_chunks=2)
+    chain = tbptt.StatefulGRUChain(
+        6, head=keras.layers.Dense(1), chunk_size=4, mode="truncated", backprop_chunks=2
+    )
     model = tbptt.keras.ChunkedModel(chain, stateful=True)
     model.build([None, None, 3])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
@@ -57,8 +59,12 @@ def main(directory: str, phase: str) -> None:
                 open(os.path.join(directory, "ready"), "w").close()
                 time.sleep(600)  # the test kills the process here, mid-epoch
 
-        model.fit(dataset, epochs=EPOCHS, verbose=0,
-                  callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)])
+        model.fit(
+            dataset,
+            epochs=EPOCHS,
+            verbose=0,
+            callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)],
+        )
     else:
         checkpoint.restore(manager.latest_checkpoint).assert_consumed()
         epoch, batch = model.stream_position

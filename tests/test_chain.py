@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tbptt._src.core import chain as chain_lib
 from tbptt._src.core import schedules
+from tbptt._src.core import segments as segments_lib
 from tbptt._src.core import vjp as vjp_lib
 
 A, C = 0.8, 1.3
@@ -24,7 +25,7 @@ def toy_segments(a, c):
         s = a * carry[0] + xs[k]
         return c * tf.reduce_sum(s), [s]
 
-    return chain_lib.Segments(tf.constant(len(XS)), advance, segment)
+    return segments_lib.Segments(tf.constant(len(XS)), advance, segment)
 
 
 def states():
@@ -37,22 +38,26 @@ def states():
 def closed_form(m=None, final_grad=0.0):
     """d(sum_j L_j + final_grad * s_n)/d(a, c, s_0), the cotangent of L_j dropped after m steps."""
     n, s = len(XS), states()
-    m = 10 ** 6 if m is None else m  # exact: nothing is ever dropped
+    m = 10**6 if m is None else m  # exact: nothing is ever dropped
     da = dc = ds0 = 0.0
     for j in range(1, n + 1):
         dc += s[j]
         depth = min(m, j)  # segments L_j reaches back through
         # s_j = a^depth s_{j-depth} + sum_{i<depth} a^i x_{j-i}, with s_{j-depth} held fixed
-        da += C * (depth * A ** (depth - 1) * s[j - depth] +
-                   sum(i * A ** (i - 1) * XS[j - i - 1] for i in range(1, depth)))
+        da += C * (
+            depth * A ** (depth - 1) * s[j - depth]
+            + sum(i * A ** (i - 1) * XS[j - i - 1] for i in range(1, depth))
+        )
         if j < m:
-            ds0 += C * A ** j
+            ds0 += C * A**j
     if final_grad:
         depth = min(m - 1, n)  # the final cotangent arrives having crossed one cut already
-        da += final_grad * (depth * A ** (depth - 1) * s[n - depth] +
-                            sum(i * A ** (i - 1) * XS[n - i - 1] for i in range(1, depth)))
+        da += final_grad * (
+            depth * A ** (depth - 1) * s[n - depth]
+            + sum(i * A ** (i - 1) * XS[n - i - 1] for i in range(1, depth))
+        )
         if n < m - 1:
-            ds0 += final_grad * A ** n
+            ds0 += final_grad * A**n
     return da, dc, ds0
 
 
@@ -63,9 +68,15 @@ def run(backend, m=None, final_grad=None):
     def compute():
         carry_grad = None if final_grad is None else [tf.constant(final_grad, tf.float64)]
         schedule = schedules.Exact() if m is None else schedules.Truncated(m)
-        return chain_lib.gradients(toy_segments(a, c), [tf.constant(S0, tf.float64)], [a, c],
-                                   vjp_lib.get_linearize(backend), schedule,
-                                   loss_dtype=tf.float64, final_carry_grad=carry_grad)
+        return chain_lib.gradients(
+            toy_segments(a, c),
+            [tf.constant(S0, tf.float64)],
+            [a, c],
+            vjp_lib.get_linearize(backend),
+            schedule,
+            loss_dtype=tf.float64,
+            final_carry_grad=carry_grad,
+        )
 
     return tf.function(compute)() if backend == "graph" else compute()
 

@@ -6,32 +6,39 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close, l1_loss, make_sequence
 from references import full_bptt
+
+import tbptt
 from tbptt._src.core import chunking
 
 F64 = 1e-10
 
 
 def gru_chain(**kwargs):
-    return tbptt.StatefulGRUChain((5, 3), head=keras.layers.Dense(2, dtype="float64"),
-                                  dtype="float64", **kwargs)
+    return tbptt.StatefulGRUChain(
+        (5, 3), head=keras.layers.Dense(2, dtype="float64"), dtype="float64", **kwargs
+    )
 
 
 def data(steps, batch=3):
-    return (make_sequence(batch, steps, 4, "float64"),
-            make_sequence(batch, steps, 2, "float64", offset=0.5))
+    return (
+        make_sequence(batch, steps, 4, "float64"),
+        make_sequence(batch, steps, 2, "float64", offset=0.5),
+    )
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"chunk_size": "auto"},
-    {"chunk_size": "auto", "levels": 2},
-    {"chunk_size": 2, "levels": 2},
-    {"chunk_size": 3, "levels": 2, "backend": "graph"},
-    {"chunk_size": "auto", "memory_budget": 12000},
-], ids=["auto", "auto-levels2", "k2-levels2", "k3-levels2-graph", "budget"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"chunk_size": "auto"},
+        {"chunk_size": "auto", "levels": 2},
+        {"chunk_size": 2, "levels": 2},
+        {"chunk_size": 3, "levels": 2, "backend": "graph"},
+        {"chunk_size": "auto", "memory_budget": 12000},
+    ],
+    ids=["auto", "auto-levels2", "k2-levels2", "k3-levels2-graph", "budget"],
+)
 def test_exact_gradient_whatever_the_chunking(kwargs):
     x, y = data(37)
     chain = gru_chain(**kwargs)
@@ -76,8 +83,11 @@ def test_memory_budget_gives_the_largest_chunk_that_fits(levels):
 def test_a_budget_too_small_is_refused_before_tracing():
     chain = gru_chain(chunk_size="auto", memory_budget=1000)
     x, y = data(400)
-    with pytest.raises(ValueError, match=r"memory_budget=1000 bytes is too small for T=400.*"
-                                         r"levels=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"memory_budget=1000 bytes is too small for T=400.*"
+        r"levels=2",
+    ):
         chain.value_and_gradients(x, y, l1_loss)
     assert chain.trace_count == 0
 
@@ -87,8 +97,12 @@ def test_auto_inside_a_tf_function_with_unknown_time_is_refused():
     x, y = data(12)
     chain.build(x.shape)
 
-    @tf.function(input_signature=[tf.TensorSpec([3, None, 4], tf.float64),
-                                  tf.TensorSpec([3, None, 2], tf.float64)])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([3, None, 4], tf.float64),
+            tf.TensorSpec([3, None, 2], tf.float64),
+        ]
+    )
     def step(x, y):
         return chain.value_and_gradients(x, y, l1_loss).loss
 
@@ -96,16 +110,29 @@ def test_auto_inside_a_tf_function_with_unknown_time_is_refused():
         step(x, y)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"chunk_size": "big"}, ValueError, "chunk_size must be a positive int .* or 'auto'"),
-    ({"chunk_size": 4, "levels": 3}, ValueError, "levels must be 1 or 2, got 3"),
-    ({"chunk_size": 4, "levels": 2, "mode": "truncated"}, ValueError,
-     "levels=2 only applies to mode='exact'"),
-    ({"chunk_size": 4, "memory_budget": 1e6}, ValueError,
-     "memory_budget only applies with chunk_size='auto'"),
-    ({"chunk_size": "auto", "memory_budget": -5}, ValueError, "memory_budget must be a positive"),
-    ({"chunk_size": "auto", "memory_budget": "1GB"}, TypeError, "memory_budget must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"chunk_size": "big"}, ValueError, "chunk_size must be a positive int .* or 'auto'"),
+        ({"chunk_size": 4, "levels": 3}, ValueError, "levels must be 1 or 2, got 3"),
+        (
+            {"chunk_size": 4, "levels": 2, "mode": "truncated"},
+            ValueError,
+            "levels=2 only applies to mode='exact'",
+        ),
+        (
+            {"chunk_size": 4, "memory_budget": 1e6},
+            ValueError,
+            "memory_budget only applies with chunk_size='auto'",
+        ),
+        (
+            {"chunk_size": "auto", "memory_budget": -5},
+            ValueError,
+            "memory_budget must be a positive",
+        ),
+        ({"chunk_size": "auto", "memory_budget": "1GB"}, TypeError, "memory_budget must be"),
+    ],
+)
 def test_bad_chunking_configuration(kwargs, error, match):
     with pytest.raises(error, match=match):
         gru_chain(**kwargs)

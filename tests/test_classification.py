@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_all_close
 
 import tbptt
-from conftest import assert_all_close
 
 B, T, F, C, K = 4, 12, 3, 3, 5
 
@@ -27,14 +27,14 @@ def test_a_label_per_sequence_equals_keras_on_the_last_step(ragged):
     # The label at every step; only the last real step weighs.
     targets = np.repeat(labels[:, None], T, axis=1)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
-    result = chain.value_and_gradients(x, targets, loss_fn, mask=mask,
-                                       sample_weight=last_step_weights(lengths, T))
+    result = chain.value_and_gradients(
+        x, targets, loss_fn, mask=mask, sample_weight=last_step_weights(lengths, T)
+    )
 
     # The reference: Keras's GRU over each sequence to its last real step, one tape.
     gru, dense = keras.layers.GRU(6), keras.layers.Dense(C)
     gru(x[:, :1]), dense(tf.zeros([1, 6]))
-    for v, w in zip(gru.trainable_variables + dense.trainable_variables,
-                    chain.trainable_variables):
+    for v, w in zip(gru.trainable_variables + dense.trainable_variables, chain.trainable_variables):
         v.assign(w)
     with tf.GradientTape() as tape:
         logits = dense(gru(x, mask=mask))  # the state stops at each sequence's end
@@ -58,22 +58,29 @@ def test_many_to_one_fit_trains_as_a_keras_classifier_step_by_step():
     keras.utils.set_random_seed(6)
     chain = tbptt.StatefulGRUChain(6, head=keras.layers.Dense(C), chunk_size=K)
     model = tbptt.keras.ChunkedModel(chain)
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.
-                  SparseCategoricalCrossentropy(from_logits=True,
-                                                reduction="mean_with_sample_weight"))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight"
+        ),
+    )
     model.build([None, None, F])
-    plain = keras.Sequential([keras.Input((T, F)), keras.layers.Masking(0.0),
-                              keras.layers.GRU(6), keras.layers.Dense(C)])
+    plain = keras.Sequential(
+        [keras.Input((T, F)), keras.layers.Masking(0.0), keras.layers.GRU(6), keras.layers.Dense(C)]
+    )
     for v, w in zip(plain.trainable_variables, chain.trainable_variables):
         v.assign(w)
-    plain.compile(optimizer=keras.optimizers.SGD(0.5),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     targets = np.repeat(labels[:, None], T, axis=1)
     weights = tbptt.data.last_step_weights(lengths, T)
     for step in range(4):
         rows = slice((step % 2) * B, (step % 2 + 1) * B)
-        ours = model.train_on_batch({"inputs": x[rows], "mask": mask[rows]}, targets[rows],
-                                    sample_weight=weights[rows])
+        ours = model.train_on_batch(
+            {"inputs": x[rows], "mask": mask[rows]}, targets[rows], sample_weight=weights[rows]
+        )
         theirs = plain.train_on_batch(x[rows], labels[rows])
         np.testing.assert_allclose(np.ravel(ours)[0], np.ravel(theirs)[0], rtol=2e-5)
     assert_all_close(chain.trainable_variables, plain.trainable_variables, 2e-5)

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import LEGACY_CELLS_HERE, make_sequence
 
 import tbptt
-from conftest import LEGACY_CELLS_HERE, make_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,30 @@ def run(args, legacy=True):
 @pytest.mark.slow
 @pytest.mark.skipif(LEGACY_CELLS_HERE, reason="collected directly in this process")
 def test_tf1_graph_suite_in_a_legacy_keras_process():
-    code, output = run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-                        "-W", "ignore::UserWarning", "tests/legacy"])
+    code, output = run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore::UserWarning",
+            "tests/legacy",
+        ]
+    )
     assert code == 0, output[-3000:]
     assert " passed" in output
 
 
 @pytest.mark.slow  # end-to-end script runs in their own processes (60 s)
-@pytest.mark.parametrize("experiment,expected", [("gru-500-500", "all four routes agree"),
-                                                 ("gru-minibatch", "equal one pass")])
+@pytest.mark.parametrize(
+    "experiment,expected",
+    [("gru-500-500", "all four routes agree"), ("gru-minibatch", "equal one pass")],
+)
 def test_reproduce_seed_001(experiment, expected):
     code, output = run([sys.executable, "-m", "tbptt._src.cli", "reproduce", experiment])
     assert code == 0, output[-3000:]
@@ -57,8 +72,8 @@ def test_backprop_chunks_in_a_tf_function_equals_one_tape():
     def chunked(final_grad):
         state, losses, boundary = s0, [], [s0]
         for k in range(3):
-            out, state = rnn(x[:, 3 * k:3 * k + 3], initial_state=[state])
-            losses.append(tf.reduce_sum(tf.abs(dense(out) - y[:, 3 * k:3 * k + 3])))
+            out, state = rnn(x[:, 3 * k : 3 * k + 3], initial_state=[state])
+            losses.append(tf.reduce_sum(tf.abs(dense(out) - y[:, 3 * k : 3 * k + 3])))
             boundary.append(state)
         result = tbptt.compat.v1.backprop_chunks(losses, boundary, variables, final_grad)
         return result.variable_grads, result.initial_state_grad
@@ -85,10 +100,12 @@ def test_gru_weights_from_tf1_layout():
     gates = np.arange((inputs + units) * 2 * units, dtype=float).reshape(inputs + units, -1)
     candidate = -np.arange((inputs + units) * units, dtype=float).reshape(inputs + units, -1)
     gates_bias, candidate_bias = np.arange(2 * units) + 100.0, np.arange(units) + 200.0
-    kernel, recurrent, bias = tbptt.compat.v1.gru_weights_from_tf1(gates, gates_bias, candidate,
-                                                                   candidate_bias)
-    np.testing.assert_array_equal(kernel[:, :units], gates[:inputs, units:])      # z = TF1 u
-    np.testing.assert_array_equal(kernel[:, units:2 * units], gates[:inputs, :units])  # r
-    np.testing.assert_array_equal(recurrent[:, 2 * units:], candidate[inputs:])   # h
-    np.testing.assert_array_equal(bias, np.r_[gates_bias[units:], gates_bias[:units],
-                                              candidate_bias])
+    kernel, recurrent, bias = tbptt.compat.v1.gru_weights_from_tf1(
+        gates, gates_bias, candidate, candidate_bias
+    )
+    np.testing.assert_array_equal(kernel[:, :units], gates[:inputs, units:])  # z = TF1 u
+    np.testing.assert_array_equal(kernel[:, units : 2 * units], gates[:inputs, :units])  # r
+    np.testing.assert_array_equal(recurrent[:, 2 * units :], candidate[inputs:])  # h
+    np.testing.assert_array_equal(
+        bias, np.r_[gates_bias[units:], gates_bias[:units], candidate_bias]
+    )

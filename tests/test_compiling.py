@@ -8,16 +8,19 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close
 from references import full_bptt
 
+import tbptt
+
 
 def chain(chunk_size=5):
-    return tbptt.RecurrentChain([keras.layers.GRUCell(8, dtype="float64")],
-                                head=keras.layers.Dense(2, dtype="float64"),
-                                chunk_size=chunk_size, dtype="float64")
+    return tbptt.RecurrentChain(
+        [keras.layers.GRUCell(8, dtype="float64")],
+        head=keras.layers.Dense(2, dtype="float64"),
+        chunk_size=chunk_size,
+        dtype="float64",
+    )
 
 
 def data(steps=20):
@@ -28,7 +31,7 @@ def data(steps=20):
 def resident_mb() -> float:
     gc.collect()
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2 ** 20
+        return int(f.read().split()[1]) * 4096 / 2**20
 
 
 def scaled_squares(scale):
@@ -97,9 +100,12 @@ def test_each_replica_of_an_eager_strategy_run_reads_its_own_weights():
         results = strategy.run(lambda: model.value_and_gradients(x, y, loss).loss)
         losses = [float(r) for r in strategy.experimental_local_results(results)]
     with tf.device("/cpu:1"):
-        other = tbptt.RecurrentChain([keras.layers.GRUCell(8, dtype="float64")],
-                                     head=keras.layers.Dense(2, dtype="float64"),
-                                     chunk_size=5, dtype="float64")
+        other = tbptt.RecurrentChain(
+            [keras.layers.GRUCell(8, dtype="float64")],
+            head=keras.layers.Dense(2, dtype="float64"),
+            chunk_size=5,
+            dtype="float64",
+        )
         other.build([None, None, 3])
         for target, source in zip(other.trainable_variables, model.trainable_variables):
             target.assign(tbptt._src.core.compat.tf_variable(source).values[1])

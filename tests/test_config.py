@@ -5,9 +5,9 @@ import sys
 
 import keras
 import pytest
+from conftest import assert_all_close, l1_loss, make_sequence
 
 import tbptt
-from conftest import assert_all_close, l1_loss, make_sequence
 
 
 def test_a_config_is_validated_when_made_and_replaced():
@@ -33,15 +33,20 @@ def test_with_config_shares_the_weights_and_changes_only_the_config():
     assert truncated.cells == chain.cells and truncated.head is chain.head
     # Same weights: its exact twin gives the same gradient as the chain itself.
     twin = truncated.with_config(mode="exact", backprop_chunks=1)
-    assert_all_close(twin.value_and_gradients(x, y, l1_loss).grads,
-                     chain.value_and_gradients(x, y, l1_loss).grads, 0.0)
+    assert_all_close(
+        twin.value_and_gradients(x, y, l1_loss).grads,
+        chain.value_and_gradients(x, y, l1_loss).grads,
+        0.0,
+    )
 
 
 def test_stateful_gru_chain_takes_every_config_keyword():
-    chain = tbptt.StatefulGRUChain((4, 3), chunk_size="auto", levels=2, dtype="float64",
-                                   reduction="mean", check_numerics=True)
-    assert chain.config == tbptt.ChainConfig("auto", levels=2, dtype="float64",
-                                             reduction="mean", check_numerics=True)
+    chain = tbptt.StatefulGRUChain(
+        (4, 3), chunk_size="auto", levels=2, dtype="float64", reduction="mean", check_numerics=True
+    )
+    assert chain.config == tbptt.ChainConfig(
+        "auto", levels=2, dtype="float64", reduction="mean", check_numerics=True
+    )
     assert chain.units == (4, 3) and chain.dtype.name == "float64"
     with pytest.raises(ValueError, match="units=64"):
         tbptt.StatefulGRUChain(0, chunk_size=3)
@@ -57,8 +62,11 @@ def test_star_import_does_not_shadow_keras():
 @pytest.mark.slow
 def test_another_keras_backend_is_refused_by_name():
     code = "import tbptt; tbptt.RecurrentChain"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3",
-                              "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode != 0
     assert "KERAS_BACKEND" in out.stderr and "tensorflow" in out.stderr

@@ -19,15 +19,23 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close, l1_loss, make_sequence, needs_keras3
 from references import forward, full_bptt, truncated_reference
 
+import tbptt
+
 B, T, F, K = 2, 11, 3, 4  # a ragged last chunk
 F64 = 1e-10
-CONTEXTS = ["eager", "function", "jit", "persistent_tape", "nested_tape", "no_xla",
-            "distribute", "traced_then_taped"]
+CONTEXTS = [
+    "eager",
+    "function",
+    "jit",
+    "persistent_tape",
+    "nested_tape",
+    "no_xla",
+    "distribute",
+    "traced_then_taped",
+]
 
 
 def weighted_l1(y_true, y_pred, sample_weight=None):
@@ -67,8 +75,9 @@ def run_in(context, fn, monkeypatch):
         results = tf.function(lambda: strategy.run(fn))()
         replicas = [strategy.experimental_local_results(r) for r in tf.nest.flatten(results)]
         assert len(replicas[0]) == 2
-        return [tf.nest.pack_sequence_as(results, [_numpy(r[i]) for r in replicas])
-                for i in range(2)]
+        return [
+            tf.nest.pack_sequence_as(results, [_numpy(r[i]) for r in replicas]) for i in range(2)
+        ]
     return _numpy(fn())
 
 
@@ -83,8 +92,9 @@ def each_replica(context, got):
 def gru_lstm_chain(**kwargs):
     keras.utils.set_random_seed(5)
     cells = [keras.layers.GRUCell(4, dtype="float64"), keras.layers.LSTMCell(3, dtype="float64")]
-    chain = tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"),
-                                 chunk_size=K, dtype="float64", **kwargs)
+    chain = tbptt.RecurrentChain(
+        cells, head=keras.layers.Dense(2, dtype="float64"), chunk_size=K, dtype="float64", **kwargs
+    )
     chain.build([None, None, F])
     return chain
 
@@ -92,10 +102,13 @@ def gru_lstm_chain(**kwargs):
 def any_cell_chain():
     """Cells without a written-out backward: their compiled loops pull each step back."""
     keras.utils.set_random_seed(5)
-    cells = [keras.layers.GRUCell(4, activation="relu", dtype="float64"),
-             keras.layers.SimpleRNNCell(3, dtype="float64")]
-    chain = tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"),
-                                 chunk_size=K, dtype="float64")
+    cells = [
+        keras.layers.GRUCell(4, activation="relu", dtype="float64"),
+        keras.layers.SimpleRNNCell(3, dtype="float64"),
+    ]
+    chain = tbptt.RecurrentChain(
+        cells, head=keras.layers.Dense(2, dtype="float64"), chunk_size=K, dtype="float64"
+    )
     chain.build([None, None, F])
     return chain
 
@@ -128,9 +141,13 @@ def test_forward_under_an_outer_tape(context, monkeypatch):
     loss, grads, _, state_grad = full_bptt(chain, x, y, l1_loss, state)
     # The user's own tape is the persistent one: no other tape around it.
     got = run_in("eager" if context == "persistent_tape" else context, fn, monkeypatch)
-    for got in each_replica(context, got):
-        assert_all_close([got[0]] + got[1][0] + tf.nest.flatten(got[1][1]),
-                         [loss] + grads + tf.nest.flatten(state_grad), F64, context)
+    for replica in each_replica(context, got):
+        assert_all_close(
+            [replica[0]] + replica[1][0] + tf.nest.flatten(replica[1][1]),
+            [loss] + grads + tf.nest.flatten(state_grad),
+            F64,
+            context,
+        )
 
 
 # -- value_and_gradients ------------------------------------------------------------------------
@@ -139,8 +156,13 @@ def test_forward_under_an_outer_tape(context, monkeypatch):
 @pytest.mark.parametrize("context", first("jit"))
 @pytest.mark.parametrize("mode", ["exact", "truncated", "levels2", "flags", "any_cell"])
 def test_value_and_gradients(context, mode, monkeypatch):
-    options = {"exact": {}, "flags": {}, "levels2": {"levels": 2}, "any_cell": {},
-               "truncated": {"mode": "truncated", "backprop_chunks": 2}}[mode]
+    options = {
+        "exact": {},
+        "flags": {},
+        "levels2": {"levels": 2},
+        "any_cell": {},
+        "truncated": {"mode": "truncated", "backprop_chunks": 2},
+    }[mode]
     chain = gru_lstm_chain(**options) if mode != "any_cell" else any_cell_chain()
     x, y = data()
     state = initial_state(chain)
@@ -163,8 +185,12 @@ def test_value_and_gradients(context, mode, monkeypatch):
     else:
         loss, grads, _, state_grad = full_bptt(chain, x, y, l1_loss, state)
     for got in each_replica(context, run_in(context, fn, monkeypatch)):
-        assert_all_close([got[0]] + got[1] + tf.nest.flatten(got[2]),
-                         [loss] + grads + tf.nest.flatten(state_grad), F64, context)
+        assert_all_close(
+            [got[0]] + got[1] + tf.nest.flatten(got[2]),
+            [loss] + grads + tf.nest.flatten(state_grad),
+            F64,
+            context,
+        )
 
 
 def _flagged_reference(chain, x, y, state, reset, mask):
@@ -175,14 +201,14 @@ def _flagged_reference(chain, x, y, state, reset, mask):
         tape.watch(state)
         total = 0.0
         for b in range(B):
-            row = tf.nest.map_structure(lambda s: s[b:b + 1], state)
+            row = tf.nest.map_structure(lambda s: s[b : b + 1], state)
             starts = [0] + [t for t in range(T) if reset[b, t] and t > 0] + [T]
             for a, z in zip(starts[:-1], starts[1:]):
                 if a > 0:
                     row = tf.nest.map_structure(tf.zeros_like, row)
                 real = a + int(mask[b, a:z].sum())  # the padding is at the end
-                outputs, row = forward(chain, x[b:b + 1, a:real], row)
-                total += l1_loss(y[b:b + 1, a:real], outputs)
+                outputs, row = forward(chain, x[b : b + 1, a:real], row)
+                total += l1_loss(y[b : b + 1, a:real], outputs)
     grads, state_grad = tape.gradient(total, [chain.trainable_variables, state])
     return total, grads, state_grad
 
@@ -192,12 +218,10 @@ def test_chunk_sources_and_check_numerics_are_refused_by_name_inside_xla():
     x, y = data()
     source = tbptt.ChunkSource(lambda a, b: x[:, a:b], x.shape, "float64")
     with pytest.raises(ValueError, match="chunk source cannot run inside .*jit_compile"):
-        tf.function(lambda: chain.value_and_gradients(source, y, l1_loss).loss,
-                    jit_compile=True)()
+        tf.function(lambda: chain.value_and_gradients(source, y, l1_loss).loss, jit_compile=True)()
     checked = chain.with_config(check_numerics=True)
     with pytest.raises(ValueError, match="check_numerics=True cannot run inside"):
-        tf.function(lambda: checked.value_and_gradients(x, y, l1_loss).loss,
-                    jit_compile=True)()
+        tf.function(lambda: checked.value_and_gradients(x, y, l1_loss).loss, jit_compile=True)()
 
 
 @pytest.mark.parametrize("context", first("function", ["function", "persistent_tape"]))
@@ -231,8 +255,7 @@ def test_stream_step(context, monkeypatch):
             window = slice(start, start + 2 * K)
             result, carry = chain.stream_step(x[:, window], y[:, window], l1_loss, carry)
             loss += result.loss
-            grads = result.grads if grads is None else [g + d for g, d in zip(grads,
-                                                                                 result.grads)]
+            grads = result.grads if grads is None else [g + d for g, d in zip(grads, result.grads)]
         return loss, grads
 
     loss, grads, _ = truncated_reference(chain, x, y, l1_loss, 3, chain.initial_state(B))
@@ -247,9 +270,11 @@ def test_stream_step(context, monkeypatch):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_stage_chain(context, recompute, monkeypatch):
     keras.utils.set_random_seed(6)
-    stages = [keras.layers.Dense(5, activation="tanh", dtype="float64"),
-              keras.layers.Dense(4, activation="tanh", dtype="float64"),
-              keras.layers.Dense(1, dtype="float64")]
+    stages = [
+        keras.layers.Dense(5, activation="tanh", dtype="float64"),
+        keras.layers.Dense(4, activation="tanh", dtype="float64"),
+        keras.layers.Dense(1, dtype="float64"),
+    ]
     chain = tbptt.StageChain(stages, recompute=recompute)
     x, y = make_sequence(4, 1, 3, "float64")[:, 0], make_sequence(4, 1, 1, "float64")[:, 0]
     chain.build(x.shape, "float64")
@@ -267,15 +292,15 @@ def test_stage_chain(context, recompute, monkeypatch):
         loss = l1_loss(y, value)
     grads, input_grad = tape.gradient(loss, [chain.trainable_variables, inputs])
     for got in each_replica(context, run_in(context, fn, monkeypatch)):
-        assert_all_close([got[0]] + got[1] + [got[2]], [loss] + grads + [input_grad], F64,
-                         context)
+        assert_all_close([got[0]] + got[1] + [got[2]], [loss] + grads + [input_grad], F64, context)
 
 
 # -- compat.v1.backprop_chunks -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("context", first("function", ["function", "jit", "persistent_tape",
-                                                       "nested_tape", "eager"]))
+@pytest.mark.parametrize(
+    "context", first("function", ["function", "jit", "persistent_tape", "nested_tape", "eager"])
+)
 def test_backprop_chunks(context, monkeypatch):
     w = tf.Variable([[0.9, -0.2], [0.3, 0.7]], dtype=tf.float64)
     x = tf.constant(make_sequence(2, 6, 2, "float64"))
@@ -313,13 +338,18 @@ def keras_pair(strategy=None):
     scope = strategy.scope() if strategy is not None else _nullcontext()
     with scope:
         keras.utils.set_random_seed(7)
-        chain = tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2, dtype="float64"),
-                                       chunk_size=K, dtype="float64")
+        chain = tbptt.StatefulGRUChain(
+            4, head=keras.layers.Dense(2, dtype="float64"), chunk_size=K, dtype="float64"
+        )
         model = tbptt.keras.ChunkedModel(chain)
         model.build([None, None, F])
-    plain = keras.Sequential([keras.Input((None, F), dtype="float64"),
-                              keras.layers.GRU(4, return_sequences=True, dtype="float64"),
-                              keras.layers.Dense(2, dtype="float64")])
+    plain = keras.Sequential(
+        [
+            keras.Input((None, F), dtype="float64"),
+            keras.layers.GRU(4, return_sequences=True, dtype="float64"),
+            keras.layers.Dense(2, dtype="float64"),
+        ]
+    )
     for target, source in zip(plain.trainable_variables, chain.trainable_variables):
         target.assign(source)
     return model, plain
@@ -334,11 +364,17 @@ class _nullcontext:
 
 
 def _compile(model, context):
-    options = {"jit": {"jit_compile": True}, "function": {"jit_compile": False},
-               "run_eagerly": {"run_eagerly": True}}.get(context, {})
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.MeanSquaredError(dtype="float64"), metrics=["mae"],
-                  **options)
+    options = {
+        "jit": {"jit_compile": True},
+        "function": {"jit_compile": False},
+        "run_eagerly": {"run_eagerly": True},
+    }.get(context, {})
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.MeanSquaredError(dtype="float64"),
+        metrics=["mae"],
+        **options,
+    )
 
 
 @needs_keras3
@@ -346,8 +382,9 @@ def _compile(model, context):
 def test_chunked_model_fit_evaluate_predict(context, monkeypatch):
     if context == "no_xla":
         monkeypatch.setenv("TBPTT_XLA", "0")
-    strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-                if context == "distribute" else None)
+    strategy = (
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if context == "distribute" else None
+    )
     model, plain = keras_pair(strategy)
     x, y = (np.concatenate([a, a[::-1] * 0.5]) for a in data())  # 4 rows, 2 batches of 2
     _compile(model, context)
@@ -358,10 +395,10 @@ def test_chunked_model_fit_evaluate_predict(context, monkeypatch):
     for name in ("loss", "mae"):
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, err_msg=name)
     assert_all_close(model.trainable_variables, plain.trainable_variables, 1e-9, "weights")
-    np.testing.assert_allclose(model.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0),
-                               rtol=1e-6)
-    np.testing.assert_allclose(model.predict(x, verbose=0), plain.predict(x, verbose=0),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        model.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0), rtol=1e-6
+    )
+    np.testing.assert_allclose(model.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-9)
 
 
 SAVED_SCRIPT = textwrap.dedent("""
@@ -390,11 +427,16 @@ def test_a_saved_model_loads_predicts_and_trains_in_a_new_process(tmp_path, orde
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     script = tmp_path / "load.py"
-    script.write_text(SAVED_SCRIPT.replace("import keras, numpy as np, tbptt",
-                                           order + "\nimport numpy as np"))
-    out = subprocess.run([sys.executable, str(script), path, str(tmp_path / "x.npy"),
-                          str(tmp_path / "y.npy")], capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
+    script.write_text(
+        SAVED_SCRIPT.replace("import keras, numpy as np, tbptt", order + "\nimport numpy as np")
+    )
+    out = subprocess.run(
+        [sys.executable, str(script), path, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(loaded["predicted"], model.predict(x, verbose=0), rtol=1e-12)

@@ -25,10 +25,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_sequence, needs_keras3, run_python
 from hypothesis import HealthCheck, Phase, given, settings
 
 import tbptt
-from conftest import make_sequence, needs_keras3, run_python
 
 pytestmark = needs_keras3
 
@@ -91,11 +91,21 @@ class Composition:
 @st.composite
 def compositions(draw):
     dtype = draw(st.sampled_from(["float64", "float64", "float32", "mixed_float16"]))
-    cells = tuple(draw(st.lists(st.sampled_from(
-        ["gru", "gru_before", "lstm", "simple", "relu_gru", "custom"]), min_size=1, max_size=3)))
+    cells = tuple(
+        draw(
+            st.lists(
+                st.sampled_from(["gru", "gru_before", "lstm", "simple", "relu_gru", "custom"]),
+                min_size=1,
+                max_size=3,
+            )
+        )
+    )
     stock = all(c != "custom" for c in cells)
-    dropout = draw(st.sampled_from([(0.0, 0.0), (0.2, 0.0), (0.0, 0.3), (0.2, 0.3)])) if (
-        stock and dtype != "mixed_float16") else (0.0, 0.0)
+    dropout = (
+        draw(st.sampled_from([(0.0, 0.0), (0.2, 0.0), (0.0, 0.3), (0.2, 0.3)]))
+        if (stock and dtype != "mixed_float16")
+        else (0.0, 0.0)
+    )
     loss = draw(st.sampled_from(["mse", "huber", "mae", "cce", "scce", "scce_ignore"]))
     inputs = draw(st.sampled_from(["none", "dense", "embedding", "dense_norm"]))
     optimizer = draw(st.sampled_from(["sgd", "adam"]))
@@ -113,16 +123,24 @@ def compositions(draw):
     return Composition(
         # Keras's own fit fails on a float64 model with weight regularizers (it adds float32
         # and float64 losses): no oracle there.
-        dtype=dtype, inputs=inputs, cells=cells, dropout=dropout,
+        dtype=dtype,
+        inputs=inputs,
+        cells=cells,
+        dropout=dropout,
         regularize=draw(st.booleans()) and dtype != "float64",
-        head=head, loss=loss, reduction=reduction,
+        head=head,
+        loss=loss,
+        reduction=reduction,
         sample_weight=draw(st.booleans()) or reduction == "mean_with_sample_weight",
         # Keras's Sequential (an inputs layer or a head) drops a mask: no oracle there
         mask=draw(st.booleans()) and not stateful and inputs != "dense_norm" and head == "dense",
-        metrics=draw(st.booleans()) and dropout == (0.0, 0.0), optimizer=optimizer,
-        stateful=stateful, steps=steps,
+        metrics=draw(st.booleans()) and dropout == (0.0, 0.0),
+        optimizer=optimizer,
+        stateful=stateful,
+        steps=steps,
         chunk_size=draw(st.sampled_from([steps, 3, 4, max(2, steps // 2)])),
-        context=context)
+        context=context,
+    )
 
 
 # -- the layers, twice: one set for the chain, one for Keras's own model ---------------------------
@@ -136,10 +154,10 @@ def _layers(c: Composition, seed: int):
     inputs = {
         "none": lambda: None,
         "dense": lambda: keras.layers.Dense(4, kernel_regularizer=regularizer, dtype=dtype),
-        "embedding": lambda: keras.layers.Embedding(VOCABULARY, 4, mask_zero=c.mask,
-                                                    dtype=dtype),
-        "dense_norm": lambda: keras.Sequential([keras.layers.Dense(4, dtype=dtype),
-                                                keras.layers.LayerNormalization(dtype=dtype)]),
+        "embedding": lambda: keras.layers.Embedding(VOCABULARY, 4, mask_zero=c.mask, dtype=dtype),
+        "dense_norm": lambda: keras.Sequential(
+            [keras.layers.Dense(4, dtype=dtype), keras.layers.LayerNormalization(dtype=dtype)]
+        ),
     }[c.inputs]()
     drop = dict(dropout=c.dropout[0], recurrent_dropout=c.dropout[1])
     reg = dict(kernel_regularizer=regularizer, recurrent_regularizer=regularizer)
@@ -158,12 +176,16 @@ def _layers(c: Composition, seed: int):
     cells = [cell(kind, index) for index, kind in enumerate(c.cells)]
     head_dtype = "float32" if c.dtype == "mixed_float16" else dtype
     head = {
-        "dense": lambda: keras.layers.Dense(c.outputs, bias_regularizer=regularizer,
-                                            dtype=head_dtype),
-        "mlp_norm": lambda: keras.Sequential([
-            keras.layers.Dense(6, activation="tanh", dtype=dtype),
-            keras.layers.LayerNormalization(dtype=dtype),
-            keras.layers.Dense(c.outputs, dtype=head_dtype)]),
+        "dense": lambda: keras.layers.Dense(
+            c.outputs, bias_regularizer=regularizer, dtype=head_dtype
+        ),
+        "mlp_norm": lambda: keras.Sequential(
+            [
+                keras.layers.Dense(6, activation="tanh", dtype=dtype),
+                keras.layers.LayerNormalization(dtype=dtype),
+                keras.layers.Dense(c.outputs, dtype=head_dtype),
+            ]
+        ),
     }[c.head]()
     return inputs, cells, head
 
@@ -174,12 +196,13 @@ def _loss(c: Composition, dtype):
         "mse": lambda: keras.losses.MeanSquaredError(**settings_),
         "huber": lambda: keras.losses.Huber(delta=0.3, **settings_),
         "mae": lambda: keras.losses.MeanAbsoluteError(**settings_),
-        "cce": lambda: keras.losses.CategoricalCrossentropy(from_logits=True,
-                                                            label_smoothing=0.1, **settings_),
-        "scce": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                                   **settings_),
+        "cce": lambda: keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=0.1, **settings_
+        ),
+        "scce": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True, **settings_),
         "scce_ignore": lambda: keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, ignore_class=0, **settings_),
+            from_logits=True, ignore_class=0, **settings_
+        ),
     }[c.loss]()
 
 
@@ -190,7 +213,7 @@ def _optimizer(c: Composition):
     # A loss scale that overflows neither model: where float16 overflows depends on how a
     # gradient is summed (the chain sums weight gradients in float32), and one step skipped by
     # one model and not by the other parts them for good.
-    return keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 6)
+    return keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**6)
 
 
 def _metrics(c: Composition):
@@ -218,8 +241,9 @@ def _data(c: Composition, windows: int):
         y = rng.integers(0, CLASSES, size=[rows, steps])
     else:
         y = make_sequence(rows, steps, O, float_dtype, offset=0.5)
-    weights = rng.uniform(0.5, 2.0, size=[rows, steps]).astype(float_dtype) if (
-        c.sample_weight) else None
+    weights = (
+        rng.uniform(0.5, 2.0, size=[rows, steps]).astype(float_dtype) if (c.sample_weight) else None
+    )
     mask = None
     if c.mask:  # trailing padding, as Keras's Masking and mask_zero see it
         lengths = steps - rng.integers(0, 3, size=[rows])
@@ -233,8 +257,9 @@ def _data(c: Composition, windows: int):
 
 def _ours(c: Composition, layers):
     inputs_layer, cells, head = layers
-    chain = tbptt.RecurrentChain(cells, head=head, inputs_layer=inputs_layer,
-                                 chunk_size=c.chunk_size)
+    chain = tbptt.RecurrentChain(
+        cells, head=head, inputs_layer=inputs_layer, chunk_size=c.chunk_size
+    )
     return tbptt.keras.ChunkedModel(chain, stateful=c.stateful)
 
 
@@ -242,14 +267,19 @@ def _keras(c: Composition, layers):
     inputs_layer, cells, head = layers
     shape = [c.steps] if c.inputs == "embedding" else [c.steps, F]
     dtype = "int64" if c.inputs == "embedding" else None
-    first = keras.Input(batch_shape=[B] + shape, dtype=dtype) if c.stateful else keras.Input(
-        shape, dtype=dtype)
+    first = (
+        keras.Input(batch_shape=[B] + shape, dtype=dtype)
+        if c.stateful
+        else keras.Input(shape, dtype=dtype)
+    )
     stack = [first]
     if c.mask and c.inputs != "embedding":
         stack.append(keras.layers.Masking(0.0))
     stack += [layer for layer in [inputs_layer] if layer is not None]
-    stack += [keras.layers.RNN(cell, return_sequences=True, stateful=c.stateful,
-                               dtype=cell.dtype_policy) for cell in cells]
+    stack += [
+        keras.layers.RNN(cell, return_sequences=True, stateful=c.stateful, dtype=cell.dtype_policy)
+        for cell in cells
+    ]
     return keras.Sequential(stack + [head])
 
 
@@ -260,8 +290,9 @@ def _compile(c: Composition, model, loss):
 
 def _fit(c: Composition, model, x, y, weights, mask, ours: bool):
     inputs = {"inputs": x, "mask": mask} if ours and mask is not None else x
-    return model.fit(inputs, y, sample_weight=weights, batch_size=B, shuffle=False, verbose=0,
-                     epochs=1).history
+    return model.fit(
+        inputs, y, sample_weight=weights, batch_size=B, shuffle=False, verbose=0, epochs=1
+    ).history
 
 
 def _tolerance(c: Composition) -> float:
@@ -300,7 +331,7 @@ def _models(c: Composition):
     return ours, theirs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _strategy():
     """One MirroredStrategy over the two logical CPUs for the whole module: strategies made
     anew for each example share TensorFlow's collective ops, and one that failed (Keras's
@@ -371,23 +402,35 @@ def _check_reloaded(c, ours, x, y, weights, mask, tmp_path, new_process: bool) -
     if new_process:
         np.save(tmp_path / "x.npy", x)
         np.save(tmp_path / "y.npy", y)
-        code = ("import sys, numpy as np, keras, tbptt\n"
-                "import test_differential  # the custom cell's registration\n"
-                "model = keras.models.load_model(sys.argv[1])\n"
-                "x, y = np.load(sys.argv[2]), np.load(sys.argv[3])\n"
-                "model.fit(x, y, batch_size=4, shuffle=False, verbose=0)\n"
-                "np.save(sys.argv[4], np.concatenate([v.numpy().ravel().astype('float64') "
-                "for v in model.trainable_variables]))\n")
-        run_python(f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n" + code,
-                   path, tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "w.npy")
+        code = (
+            "import sys, numpy as np, keras, tbptt\n"
+            "import test_differential  # the custom cell's registration\n"
+            "model = keras.models.load_model(sys.argv[1])\n"
+            "x, y = np.load(sys.argv[2]), np.load(sys.argv[3])\n"
+            "model.fit(x, y, batch_size=4, shuffle=False, verbose=0)\n"
+            "np.save(sys.argv[4], np.concatenate([v.numpy().ravel().astype('float64') "
+            "for v in model.trainable_variables]))\n"
+        )
+        run_python(
+            f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n" + code,
+            path,
+            tmp_path / "x.npy",
+            tmp_path / "y.npy",
+            tmp_path / "w.npy",
+        )
         ours.fit(x, y, batch_size=B, shuffle=False, verbose=0)
-        expected = np.concatenate([v.numpy().ravel().astype("float64")
-                                   for v in ours.trainable_variables])
+        expected = np.concatenate(
+            [v.numpy().ravel().astype("float64") for v in ours.trainable_variables]
+        )
         _close(np.load(tmp_path / "w.npy"), expected, _tolerance(c), f"{c}: new process")
         return
     loaded = keras.models.load_model(path)
-    _close(_predict(loaded, x, mask, ours=True), _predict(ours, x, mask, ours=True), 1e-12,
-           f"{c}: reloaded predictions")
+    _close(
+        _predict(loaded, x, mask, ours=True),
+        _predict(ours, x, mask, ours=True),
+        1e-12,
+        f"{c}: reloaded predictions",
+    )
     for mine, again in zip(_slots(ours.optimizer), _slots(loaded.optimizer)):
         _close(again, mine, 0.0, f"{c}: reloaded {mine.path}")
     if c.dropout != (0.0, 0.0) or c.context == "mirrored":
@@ -403,8 +446,13 @@ def _check_reloaded(c, ours, x, y, weights, mask, tmp_path, new_process: bool) -
 # -- the drawn compositions ------------------------------------------------------------------------
 
 # No shrinking: each example trains two models; the failing composition is printed whole.
-_SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+_SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @settings(max_examples=FEW, **_SETTINGS)
@@ -428,26 +476,38 @@ def test_drawn_compositions_save_and_load_as_they_trained(composition, tmp_path_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("composition", [
-    Composition(inputs="embedding", cells=("lstm", "custom"), loss="scce", optimizer="adam"),
-    Composition(dtype="float32", inputs="dense", cells=("gru", "simple"), head="mlp_norm",
-                loss="huber", optimizer="adam", regularize=True, stateful=True)])
+@pytest.mark.parametrize(
+    "composition",
+    [
+        Composition(inputs="embedding", cells=("lstm", "custom"), loss="scce", optimizer="adam"),
+        Composition(
+            dtype="float32",
+            inputs="dense",
+            cells=("gru", "simple"),
+            head="mlp_norm",
+            loss="huber",
+            optimizer="adam",
+            regularize=True,
+            stateful=True,
+        ),
+    ],
+)
 def test_saved_compositions_load_and_train_on_in_a_new_process(composition, tmp_path):
     assert composition.dropout == (0.0, 0.0)  # a loaded model draws other masks
     check_composition(composition, tmp_path, new_process=True)
 
 
-# -- what the drawn compositions found, kept as regular tests ---------------------------------------
+# -- what the drawn compositions found, kept as regular tests -------------------------------------
 
 
-def test_found_a_mixed_precision_model_with_a_float32_head_reloads_in_a_float32_process(
-        tmp_path):
+def test_found_a_mixed_precision_model_with_a_float32_head_reloads_in_a_float32_process(tmp_path):
     """Keras's advice under mixed precision, a float32 output layer: the saved model loads
     where the global policy is float32 (the loaded head, built in float32, was refused)."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = _ours(Composition(dtype="mixed_float16"), _layers(
-            Composition(dtype="mixed_float16"), 1))
+        model = _ours(
+            Composition(dtype="mixed_float16"), _layers(Composition(dtype="mixed_float16"), 1)
+        )
         model.compile(optimizer="sgd", loss="mse")
         x = make_sequence(B, 6, F)
         model.fit(x, make_sequence(B, 6, O, offset=0.5), verbose=0)
@@ -456,8 +516,9 @@ def test_found_a_mixed_precision_model_with_a_float32_head_reloads_in_a_float32_
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert loaded.chain.dtype == tf.float16 and loaded.chain.head.compute_dtype == "float32"
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_found_a_float64_model_with_a_sequential_head_reloads(tmp_path):

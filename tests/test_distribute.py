@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def _run(out, kind, env=None, wait=True):
-    process = subprocess.Popen([sys.executable, SCRIPT, str(out), kind],
-                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, str(out), kind],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if wait:
         _finish(process)
     return process
@@ -67,9 +71,19 @@ def test_mirrored_strategy_on_two_cpu_devices_equals_one_device(single, tmp_path
 
 def test_multi_worker_mirrored_strategy_with_two_processes_equals_one_process(single, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    processes = [_run(tmp_path / f"worker{index}.npz", "multiworker", wait=False, env={
-        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
-        for index in range(2)]
+    processes = [
+        _run(
+            tmp_path / f"worker{index}.npz",
+            "multiworker",
+            wait=False,
+            env={
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                )
+            },
+        )
+        for index in range(2)
+    ]
     for process in processes:
         _finish(process)
     for index in range(2):

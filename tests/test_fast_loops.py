@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close, make_sequence, needs_keras3
 from references import full_bptt, stepwise_forward
+
+import tbptt
 from tbptt._src.recurrent.loops import timeloop
 
 B, T, F, K = 3, 23, 4, 6  # a ragged last chunk
@@ -32,8 +32,9 @@ class MinimalRNNCell(keras.layers.Layer):
 
     def build(self, input_shape):
         self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
-        self.recurrent_kernel = self.add_weight(shape=(self.units, self.units),
-                                                name="recurrent_kernel")
+        self.recurrent_kernel = self.add_weight(
+            shape=(self.units, self.units), name="recurrent_kernel"
+        )
 
     def call(self, inputs, states):
         h = tf.tanh(tf.matmul(inputs, self.kernel) + tf.matmul(states[0], self.recurrent_kernel))
@@ -45,8 +46,7 @@ class CountingCell(MinimalRNNCell):
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                     name="calls")
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
 
 
 class GridCell(keras.layers.Layer):
@@ -79,11 +79,16 @@ class NoisyCell(MinimalRNNCell):
     def call(self, inputs, states, training=False):
         h, _ = super().call(inputs, states)
         if training:
+
             def noisy():
                 return h * tf.random.uniform(tf.shape(h), 0.5, 1.5, dtype=h.dtype)
+
             # inside a tf.cond the draw is in a branch function, not in the step's own graph
-            h = tf.cond(tf.reduce_all(tf.math.is_finite(h)), noisy, lambda: h) if (
-                self.in_branch) else noisy()
+            h = (
+                tf.cond(tf.reduce_all(tf.math.is_finite(h)), noisy, lambda: h)
+                if (self.in_branch)
+                else noisy()
+            )
         return h, [h]
 
 
@@ -101,9 +106,13 @@ CELLS = {
 
 def chain_of(cell: str, **options):
     keras.utils.set_random_seed(3)
-    chain = tbptt.RecurrentChain([CELLS[cell](), CELLS[cell]()],
-                                 head=keras.layers.Dense(2, dtype="float64"), chunk_size=K,
-                                 dtype="float64", **options)
+    chain = tbptt.RecurrentChain(
+        [CELLS[cell](), CELLS[cell]()],
+        head=keras.layers.Dense(2, dtype="float64"),
+        chunk_size=K,
+        dtype="float64",
+        **options,
+    )
     chain.build([None, None, F])
     return chain
 
@@ -115,8 +124,12 @@ def data():
 def flags_of(kind: str) -> dict:
     rng = np.random.default_rng(7)
     reset, mask = rng.random([B, T]) < 0.15, rng.random([B, T]) < 0.8
-    return {"none": {}, "reset": {"reset": reset}, "mask": {"mask": mask},
-            "both": {"reset": reset, "mask": mask}}[kind]
+    return {
+        "none": {},
+        "reset": {"reset": reset},
+        "mask": {"mask": mask},
+        "both": {"reset": reset, "mask": mask},
+    }[kind]
 
 
 @pytest.fixture
@@ -150,7 +163,8 @@ def flagged_reference(chain, x, y, state, flags):
 @pytest.mark.parametrize("cell", [c for c in CELLS if c != "grid_cell"])  # [B, 2, 3] outputs
 @pytest.mark.parametrize("mode", ["exact", "truncated"])
 def test_compiled_loops_with_and_without_flags_equal_the_cells_step_by_step(
-        mode, cell, flags, step_loops):
+    mode, cell, flags, step_loops
+):
     options = {"mode": "truncated", "backprop_chunks": T} if mode == "truncated" else {}
     chain = chain_of(cell, **options)  # truncated far enough back to be exact
     x, y = data()
@@ -162,8 +176,12 @@ def test_compiled_loops_with_and_without_flags_equal_the_cells_step_by_step(
         loss, grads, state_grad = flagged_reference(chain, x, y, state, given)
     else:  # one tape over keras.layers.RNN
         loss, grads, _, state_grad = full_bptt(chain, x, y, weighted_l1, state)
-    assert_all_close([result.loss] + result.grads + tf.nest.flatten(result.initial_state_grad),
-                     [loss] + grads + tf.nest.flatten(state_grad), F64, f"{cell} {flags}")
+    assert_all_close(
+        [result.loss] + result.grads + tf.nest.flatten(result.initial_state_grad),
+        [loss] + grads + tf.nest.flatten(state_grad),
+        F64,
+        f"{cell} {flags}",
+    )
 
 
 @needs_keras3
@@ -173,19 +191,25 @@ def test_the_forward_of_any_cell_runs_compiled_and_equals_keras_rnn(cell, step_l
     x, _ = data()
     outputs, state = chain(x)
     assert step_loops["step_by_step"] == 0
-    rnn = keras.layers.RNN(keras.layers.StackedRNNCells(chain.cells, dtype="float64"), return_sequences=True,
-                           return_state=True, dtype="float64")
+    rnn = keras.layers.RNN(
+        keras.layers.StackedRNNCells(chain.cells, dtype="float64"),
+        return_sequences=True,
+        return_state=True,
+        dtype="float64",
+    )
     expected, *states = rnn(x)
-    assert_all_close([outputs] + tf.nest.flatten(state),
-                     [chain.head(expected)] + states, F64, cell)
+    assert_all_close([outputs] + tf.nest.flatten(state), [chain.head(expected)] + states, F64, cell)
 
 
 @needs_keras3
 def test_a_cell_with_state_of_its_own_runs_step_by_step_and_stays_exact(step_loops):
     keras.utils.set_random_seed(3)
-    chain = tbptt.RecurrentChain([CountingCell(5, dtype="float64")],
-                                 head=keras.layers.Dense(2, dtype="float64"), chunk_size=K,
-                                 dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [CountingCell(5, dtype="float64")],
+        head=keras.layers.Dense(2, dtype="float64"),
+        chunk_size=K,
+        dtype="float64",
+    )
     x, y = data()
     chain.build([None, None, F])
     result = chain.value_and_gradients(x, y, weighted_l1)
@@ -205,13 +229,16 @@ def test_a_gradient_penalty_differentiates_the_compiled_loops_of_any_cell(cell):
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 outputs, _ = run(x)
-                loss = tf.reduce_sum(outputs ** 2)
+                loss = tf.reduce_sum(outputs**2)
             grads = inner.gradient(loss, chain.trainable_variables)
-            total = tf.add_n([tf.reduce_sum(g ** 2) for g in grads])
+            total = tf.add_n([tf.reduce_sum(g**2) for g in grads])
         return outer.gradient(total, chain.trainable_variables)
 
-    rnn = keras.layers.RNN(keras.layers.StackedRNNCells(chain.cells, dtype="float64"), return_sequences=True,
-                           dtype="float64")
+    rnn = keras.layers.RNN(
+        keras.layers.StackedRNNCells(chain.cells, dtype="float64"),
+        return_sequences=True,
+        dtype="float64",
+    )
     expected = penalty(lambda x: (chain.head(rnn(x)), None))
     assert_all_close(penalty(chain), expected, 1e-10)
 
@@ -219,10 +246,12 @@ def test_a_gradient_penalty_differentiates_the_compiled_loops_of_any_cell(cell):
 @needs_keras3
 @pytest.mark.parametrize("in_branch", [False, True])
 def test_a_cell_that_draws_noise_runs_step_by_step_and_differentiates_what_it_drew(
-        in_branch, step_loops):
+    in_branch, step_loops
+):
     keras.utils.set_random_seed(3)
-    chain = tbptt.RecurrentChain([NoisyCell(5, in_branch, dtype="float64")], chunk_size=K,
-                                 dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [NoisyCell(5, in_branch, dtype="float64")], chunk_size=K, dtype="float64"
+    )
     x, _ = data()
     with tf.GradientTape() as tape:
         outputs, _ = chain(x, training=True)
@@ -254,5 +283,8 @@ def test_under_one_plain_tape_the_call_stays_compiled():
     with tf.GradientTape(persistent=True) as tape:
         loss = tf.reduce_sum(chain(x)[0])
     assert chain.trace_count == 1
-    assert_all_close(tape.gradient(loss, chain.trainable_variables),
-                     full_bptt(chain, x, x[..., :2], lambda y, p: tf.reduce_sum(p))[1], F64)
+    assert_all_close(
+        tape.gradient(loss, chain.trainable_variables),
+        full_bptt(chain, x, x[..., :2], lambda y, p: tf.reduce_sum(p))[1],
+        F64,
+    )

@@ -7,12 +7,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from references import forward, full_bptt, truncated_reference
 
-pytestmark = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
-                                reason="ChunkedModel needs Keras 3")
+import tbptt
+
+pytestmark = pytest.mark.skipif(
+    int(keras.__version__.split(".")[0]) < 3, reason="ChunkedModel needs Keras 3"
+)
 
 B, T, F, O, K = 4, 12, 3, 2, 4
 
@@ -84,8 +85,10 @@ def test_one_fit_step_is_sgd_on_the_reference_gradient(mode, reduction):
     ref_loss, ref_grads = _mse_reference(ref, x, y, mode, reduction)
     history = model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
     np.testing.assert_allclose(history.history["loss"][0], float(ref_loss), rtol=1e-6)
-    _assert_close(_weights(chain), [w.numpy() - 0.1 * g.numpy()
-                                    for w, g in zip(ref.trainable_variables, ref_grads)])
+    _assert_close(
+        _weights(chain),
+        [w.numpy() - 0.1 * g.numpy() for w, g in zip(ref.trainable_variables, ref_grads)],
+    )
 
 
 def test_mean_loss_is_the_whole_sequence_mean_with_ragged_last_chunk():
@@ -106,11 +109,19 @@ def test_fit_with_metrics_validation_sample_weight_callbacks_and_tensorboard(tmp
     model = tbptt.keras.ChunkedModel(_chain())
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
     batches = []
-    callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(
-        dict(logs)))
-    history = model.fit(x, y, sample_weight=weight, batch_size=4, epochs=2, verbose=0,
-                        validation_data=_data(batch=4, seed=1),
-                        callbacks=[callback, keras.callbacks.TensorBoard(str(tmp_path))])
+    callback = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: batches.append(dict(logs))
+    )
+    history = model.fit(
+        x,
+        y,
+        sample_weight=weight,
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        validation_data=_data(batch=4, seed=1),
+        callbacks=[callback, keras.callbacks.TensorBoard(str(tmp_path))],
+    )
     assert set(history.history) == {"loss", "mae", "val_loss", "val_mae"}
     assert len(batches) == 4 and all(np.isfinite(b["loss"]) for b in batches)
     assert any(name.startswith("events") for _, _, files in os.walk(tmp_path) for name in files)
@@ -133,12 +144,12 @@ def test_weights_save_and_load(tmp_path):
     path = str(tmp_path / "model.weights.h5")
     model.save_weights(path)
     keras.utils.set_random_seed(7)
-    other = tbptt.keras.ChunkedModel(tbptt.StatefulGRUChain((5,), head=keras.layers.Dense(O),
-                                                            chunk_size=K))
+    other = tbptt.keras.ChunkedModel(
+        tbptt.StatefulGRUChain((5,), head=keras.layers.Dense(O), chunk_size=K)
+    )
     other.build([None, None, F])
     other.load_weights(path)
-    np.testing.assert_allclose(other.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(other.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
 
 
 def _stream_batches(count=3, seed=0):
@@ -155,8 +166,10 @@ def test_stateful_exact_carries_the_final_state_into_the_next_batch():
     model.fit(dataset, epochs=1, verbose=0)
     state = ref.initial_state(B)
     for x, y in batches:  # one tape over Keras's RNN per batch, from the carried state
+
         def mse(y_true, y_pred):
             return tf.reduce_mean(tf.square(y_true - y_pred))
+
         _, grads, final_state, _ = full_bptt(ref, x, y, mse, state)
         for v, g in zip(ref.trainable_variables, grads):
             v.assign_sub(0.1 * g)
@@ -177,31 +190,35 @@ def _truncated_stream_reference(chain, batches, lr, m):
         starts, state = [], kept_state or chain.initial_state(x.shape[0])
         for k in range(0, full_x.shape[1], K):  # states entering each chunk, current weights
             starts.append(state)
-            _, state = forward(chain, full_x[:, k:k + K], state)
+            _, state = forward(chain, full_x[:, k : k + K], state)
         grads = [tf.zeros_like(v) for v in chain.trainable_variables]
         for index in range(skip // K, len(starts)):
             first = max(index - (m - 1), 0)
             with tf.GradientTape() as tape:
                 state = tf.nest.map_structure(tf.stop_gradient, starts[first])
                 for j in range(first, index + 1):
-                    outputs, state = forward(chain, full_x[:, j * K:(j + 1) * K], state)
-                target = y[:, index * K - skip:(index + 1) * K - skip]
+                    outputs, state = forward(chain, full_x[:, j * K : (j + 1) * K], state)
+                target = y[:, index * K - skip : (index + 1) * K - skip]
                 loss = tf.reduce_mean(tf.square(outputs - target)) * target.shape[1] / steps
-            grads = [g + d for g, d in zip(grads, tape.gradient(loss,
-                                                                chain.trainable_variables))]
+            grads = [g + d for g, d in zip(grads, tape.gradient(loss, chain.trainable_variables))]
         for v, g in zip(chain.trainable_variables, grads):
             v.assign_sub(lr * g)
         kept_state = starts[max(len(starts) - (m - 1), 0)]
-        context_x = full_x[:, max(len(starts) - (m - 1), 0) * K:]
+        context_x = full_x[:, max(len(starts) - (m - 1), 0) * K :]
     return chain
 
 
 # Keras's compile contexts: jit_compile=True is what "auto" resolves to on a GPU; the skipped
 # seed sets of the kept context are branches inside the compiled train step.
-@pytest.mark.parametrize("compiled", [
-    {}, pytest.param({"jit_compile": True}, marks=pytest.mark.slow),
-    pytest.param({"run_eagerly": True}, marks=pytest.mark.slow)],
-    ids=["default", "jit", "run_eagerly"])
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        {},
+        pytest.param({"jit_compile": True}, marks=pytest.mark.slow),
+        pytest.param({"run_eagerly": True}, marks=pytest.mark.slow),
+    ],
+    ids=["default", "jit", "run_eagerly"],
+)
 @pytest.mark.parametrize("m", [2, 3])
 def test_stateful_truncated_gradient_reaches_into_the_previous_batch(m, compiled):
     batches = _stream_batches(count=4)
@@ -241,8 +258,7 @@ def test_reset_state_epoch_reset_and_batch_size_change():
     assert model.carried_state[0].shape == (2, 5)
     # lr = 0: the carried state after an epoch is the chain's state over the last batch alone
     # (the epoch start and the size change both reset it).
-    _assert_close(tf.nest.flatten(model.carried_state),
-                  tf.nest.flatten(model.chain(x[4:])[1]))
+    _assert_close(tf.nest.flatten(model.carried_state), tf.nest.flatten(model.chain(x[4:])[1]))
     model.reset_state()
     assert model.carried_state is None
     with warnings.catch_warnings():
@@ -266,12 +282,14 @@ def test_reset_and_mask_in_fit_data_equal_separate_sequences():
     with tf.GradientTape() as tape:
         total = 0.0
         for row, start, stop in pieces:
-            outputs, _ = ref(x[row:row + 1, start:stop])
-            total += _mse_sum(y[row:row + 1, start:stop], outputs)
+            outputs, _ = ref(x[row : row + 1, start:stop])
+            total += _mse_sum(y[row : row + 1, start:stop], outputs)
         loss = total / float(mask.sum())
     grads = tape.gradient(loss, ref.trainable_variables)
-    _assert_close(_weights(chain), [w.numpy() - 0.1 * g.numpy()
-                                    for w, g in zip(ref.trainable_variables, grads)])
+    _assert_close(
+        _weights(chain),
+        [w.numpy() - 0.1 * g.numpy() for w, g in zip(ref.trainable_variables, grads)],
+    )
 
 
 @pytest.mark.slow
@@ -288,8 +306,9 @@ def test_mixed_precision_keeps_float32_state_and_gradients_close_to_float32(poli
             v.assign(w)
         assert chain.dtype == tf.as_dtype(policy.split("_")[1])
         assert chain.state_dtype == tf.float32
-        got = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError(),
-                                        final_state_grad=None)
+        got = chain.value_and_gradients(
+            x, y, keras.losses.MeanSquaredError(), final_state_grad=None
+        )
         assert all(g.dtype == tf.float32 for g in got.grads)
         assert all(s.dtype == tf.float32 for s in tf.nest.flatten(got.final_state))
         assert all(s.dtype == tf.float32 for s in tf.nest.flatten(got.initial_state_grad))
@@ -313,8 +332,10 @@ def test_bad_arguments_are_refused_with_clear_errors():
     with pytest.raises(TypeError, match="chain must be a tbptt.RecurrentChain"):
         tbptt.keras.ChunkedModel(keras.layers.GRU(3))
     with pytest.raises(ValueError, match="fixed int chunk_size"):
-        tbptt.keras.ChunkedModel(tbptt.StatefulGRUChain(3, chunk_size="auto", mode="truncated",
-                                                        backprop_chunks=2), stateful=True)
+        tbptt.keras.ChunkedModel(
+            tbptt.StatefulGRUChain(3, chunk_size="auto", mode="truncated", backprop_chunks=2),
+            stateful=True,
+        )
     model = tbptt.keras.ChunkedModel(_chain())
     with pytest.raises(ValueError, match="reduction"):
         model.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError(reduction=None))
@@ -336,17 +357,20 @@ def test_float64_fit_stays_float64(chunks, reduction):
     chain = _chain(dtype="float64")
     ref = _twin(chain, dtype="float64")
     model = tbptt.keras.ChunkedModel(chain)
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.MeanSquaredError(reduction=reduction))  # float32 as given
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.MeanSquaredError(reduction=reduction)
+    )  # float32 as given
     ref_loss, ref_grads = _mse_reference(ref, x, y, "exact", reduction)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(B)
     history = model.fit(data, verbose=0)
     assert ref_loss.dtype == tf.float64
     np.testing.assert_allclose(history.history["loss"][0], float(ref_loss), rtol=1e-12)
     lr = float(model.optimizer.learning_rate.numpy())  # Keras keeps it in float32: 0.1 + 1e-9
-    _assert_close(_weights(chain), [w.numpy() - lr * g.numpy()
-                                    for w, g in zip(ref.trainable_variables, ref_grads)],
-                  tol=1e-12)
+    _assert_close(
+        _weights(chain),
+        [w.numpy() - lr * g.numpy() for w, g in zip(ref.trainable_variables, ref_grads)],
+        tol=1e-12,
+    )
 
 
 def test_metrics_with_a_mask_count_the_real_steps_as_keras_does():
@@ -360,8 +384,14 @@ def test_metrics_with_a_mask_count_the_real_steps_as_keras_does():
     chain = _chain()
     model = tbptt.keras.ChunkedModel(chain)
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", metrics=["mae"])
-    plain = keras.Sequential([keras.Input((None, F)), keras.layers.Masking(0.0),
-                              keras.layers.GRU(5, return_sequences=True), keras.layers.Dense(O)])
+    plain = keras.Sequential(
+        [
+            keras.Input((None, F)),
+            keras.layers.Masking(0.0),
+            keras.layers.GRU(5, return_sequences=True),
+            keras.layers.Dense(O),
+        ]
+    )
     for target, source in zip(plain.trainable_variables, chain.trainable_variables):
         target.assign(source)
     plain.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", metrics=["mae"])
@@ -390,8 +420,7 @@ def test_a_float32_head_under_mixed_precision_stays_float32_and_loads_elsewhere(
     and the saved model loads in a process that uses float32 (a subprocess)."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        chain = tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2, dtype="float32"),
-                                       chunk_size=K)
+        chain = tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2, dtype="float32"), chunk_size=K)
         model = tbptt.keras.ChunkedModel(chain)
         model.compile(optimizer="sgd", loss="mse")
         x, y = _data()
@@ -407,10 +436,20 @@ def test_a_float32_head_under_mixed_precision_stays_float32_and_loads_elsewhere(
     script.write_text(MIXED_SCRIPT)
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "m.keras"),
-                          str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "m.keras"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "p.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-2  # float16 cells there, float32 here
 
@@ -421,8 +460,12 @@ def test_a_float32_head_under_mixed_precision_stays_float32_and_loads_elsewhere(
 def _windows(x, y, window):
     """Consecutive windows of the same B streams, batch j continuing batch j - 1."""
     starts = range(0, x.shape[1], window)
-    return tf.data.Dataset.from_tensor_slices((np.stack([x[:, s:s + window] for s in starts]),
-                                               np.stack([y[:, s:s + window] for s in starts])))
+    return tf.data.Dataset.from_tensor_slices(
+        (
+            np.stack([x[:, s : s + window] for s in starts]),
+            np.stack([y[:, s : s + window] for s in starts]),
+        )
+    )
 
 
 def test_stateful_evaluate_and_predict_carry_the_state_across_the_windows():
@@ -438,18 +481,21 @@ def test_stateful_evaluate_and_predict_carry_the_state_across_the_windows():
     data = _windows(x, y, T)
     whole, _ = forward(chain, x)  # Keras's RNN over the whole stream
     got = model.evaluate(data, verbose=0, return_dict=True)
-    np.testing.assert_allclose(got["loss"], float(tf.reduce_mean(tf.square(whole - y))),
-                               rtol=1e-5)
+    np.testing.assert_allclose(got["loss"], float(tf.reduce_mean(tf.square(whole - y))), rtol=1e-5)
     np.testing.assert_allclose(got["mae"], float(tf.reduce_mean(tf.abs(whole - y))), rtol=1e-5)
-    plain = keras.Sequential([keras.Input((T, F), batch_size=B),
-                              keras.layers.GRU(5, return_sequences=True, stateful=True),
-                              keras.layers.Dense(O)])
+    plain = keras.Sequential(
+        [
+            keras.Input((T, F), batch_size=B),
+            keras.layers.GRU(5, return_sequences=True, stateful=True),
+            keras.layers.Dense(O),
+        ]
+    )
     for v, w in zip(plain.trainable_variables, chain.trainable_variables):
         v.assign(w)
     plain.compile(loss="mse")
     np.testing.assert_allclose(got["loss"], plain.evaluate(data, verbose=0), rtol=1e-5)
     predicted = model.predict(data.map(lambda a, b: a), verbose=0)
-    joined = np.concatenate([predicted[k * B:(k + 1) * B] for k in range(3)], axis=1)
+    joined = np.concatenate([predicted[k * B : (k + 1) * B] for k in range(3)], axis=1)
     _assert_close([joined], [whole.numpy()])
     again = model.evaluate(data, verbose=0, return_dict=True)  # each call from zeros
     np.testing.assert_allclose(again["loss"], got["loss"], rtol=1e-6)
@@ -466,11 +512,13 @@ def test_a_stateful_fit_validates_on_the_held_out_stream_with_its_state_carried(
     chain = _chain()
     model = tbptt.keras.ChunkedModel(chain, stateful=True)
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    history = model.fit(_windows(x, y, T), validation_data=_windows(held_x, held_y, T),
-                        epochs=1, verbose=0)
+    history = model.fit(
+        _windows(x, y, T), validation_data=_windows(held_x, held_y, T), epochs=1, verbose=0
+    )
     whole, _ = forward(chain, held_x)
-    np.testing.assert_allclose(history.history["val_loss"][0],
-                               float(tf.reduce_mean(tf.square(whole - held_y))), rtol=1e-5)
+    np.testing.assert_allclose(
+        history.history["val_loss"][0], float(tf.reduce_mean(tf.square(whole - held_y))), rtol=1e-5
+    )
 
 
 def test_predict_from_a_given_state_and_the_keras_names():
@@ -484,8 +532,12 @@ def test_predict_from_a_given_state_and_the_keras_names():
     assert model.carried_state is None
     with pytest.raises(TypeError, match="outputs, state = model.chain"):
         model.predict(x, return_state=True, verbose=0)
-    with pytest.raises(ValueError, match="stateful=True"):
-        tbptt.keras.ChunkedModel(chain).predict(x, initial_state=state, verbose=0)
+    # Without stateful, initial_state starts one call over all the rows (one long series).
+    again = tbptt.keras.ChunkedModel(chain).predict(x[:, T:], initial_state=state, verbose=0)
+    _assert_close([again], [forward(chain, x[:, T:], state)[0].numpy()])
+    # A call does not continue the one before (Keras's stateful layers would).
+    first = model.predict(x[:, :T], batch_size=B, verbose=0)
+    np.testing.assert_array_equal(model.predict(x[:, :T], batch_size=B, verbose=0), first)
 
 
 class _ScaledMSE(keras.losses.Loss):
@@ -502,18 +554,26 @@ class _ScaledMSE(keras.losses.Loss):
 
 def _keras_gru_model(chain, dtype):
     """The chain as a plain Keras model holding the same weights."""
-    model = keras.Sequential([keras.Input((None, F), dtype=dtype),
-                              keras.layers.GRU(5, return_sequences=True, dtype=dtype),
-                              keras.layers.Dense(O, dtype=dtype)])
+    model = keras.Sequential(
+        [
+            keras.Input((None, F), dtype=dtype),
+            keras.layers.GRU(5, return_sequences=True, dtype=dtype),
+            keras.layers.Dense(O, dtype=dtype),
+        ]
+    )
     for v, w in zip(model.trainable_variables, chain.trainable_variables):
         v.assign(w)
     return model
 
 
-@pytest.mark.parametrize("make_loss", [
-    lambda dtype: keras.losses.Huber(delta=0.1, dtype=dtype),
-    lambda dtype: _ScaledMSE(3.0, dtype=dtype),
-    lambda dtype: keras.losses.LogCosh(reduction="sum", dtype=dtype)])
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda dtype: keras.losses.Huber(delta=0.1, dtype=dtype),
+        lambda dtype: _ScaledMSE(3.0, dtype=dtype),
+        lambda dtype: keras.losses.LogCosh(reduction="sum", dtype=dtype),
+    ],
+)
 def test_a_float64_model_trains_with_its_loss_as_given(make_loss):
     """The compiled loss object itself, every setting kept, computed in float64: the same fit
     as Keras's own model given that loss in float64."""
@@ -534,8 +594,9 @@ def test_a_float32_chain_under_a_mixed_policy_computes_in_float32():
     follow the chain (they computed float16 before, and the first matmul failed)."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        chain = tbptt.RecurrentChain([keras.layers.GRUCell(4)], head=keras.layers.Dense(2),
-                                     chunk_size=3, dtype="float32")
+        chain = tbptt.RecurrentChain(
+            [keras.layers.GRUCell(4)], head=keras.layers.Dense(2), chunk_size=3, dtype="float32"
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")
     x, y = _data()
@@ -555,13 +616,16 @@ def test_a_dynamic_loss_scale_is_read_at_every_step_as_keras_reads_it():
     reference = _keras_gru_model(chain, "float32")
     model = tbptt.keras.ChunkedModel(chain)
     for m in (model, reference):
-        m.compile(optimizer=keras.optimizers.LossScaleOptimizer(
-            keras.optimizers.SGD(0.1), initial_scale=2.0 ** 10, dynamic_growth_steps=1),
-            loss="mse")
+        m.compile(
+            optimizer=keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(0.1), initial_scale=2.0**10, dynamic_growth_steps=1
+            ),
+            loss="mse",
+        )
     ours = model.fit(x, y, batch_size=2, shuffle=False, verbose=0).history["loss"]
     theirs = reference.fit(x, y, batch_size=2, shuffle=False, verbose=0).history["loss"]
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
-    assert float(model.optimizer.scale_loss(1.0)) == 2.0 ** 12
+    assert float(model.optimizer.scale_loss(1.0)) == 2.0**12
     _assert_close(_weights(chain), [v.numpy() for v in reference.trainable_variables], 1e-5)
 
 
@@ -575,14 +639,20 @@ def test_mixed_float16_sums_weight_gradients_in_float32_and_trains_like_keras():
         x = rng.normal(size=(4, 10, 3)).astype("float32")
         y = rng.normal(size=(4, 10, 2)).astype("float32")
         keras.utils.set_random_seed(8)
-        cell, head = keras.layers.SimpleRNNCell(5, activation="relu"), keras.layers.Dense(
-            2, dtype="float32")
+        cell, head = (
+            keras.layers.SimpleRNNCell(5, activation="relu"),
+            keras.layers.Dense(2, dtype="float32"),
+        )
         model = tbptt.keras.ChunkedModel(tbptt.RecurrentChain([cell], chunk_size=3, head=head))
         model.build([None, None, 3])
         twin_cell = keras.layers.SimpleRNNCell(5, activation="relu")
-        reference = keras.Sequential([keras.Input((10, 3)),
-                                      keras.layers.RNN(twin_cell, return_sequences=True),
-                                      keras.layers.Dense(2, dtype="float32")])
+        reference = keras.Sequential(
+            [
+                keras.Input((10, 3)),
+                keras.layers.RNN(twin_cell, return_sequences=True),
+                keras.layers.Dense(2, dtype="float32"),
+            ]
+        )
         for v, w in zip(reference.trainable_variables, model.trainable_variables):
             v.assign(w)
         for m in (model, reference):

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import assert_all_close
-from tbptt._src.recurrent.loops import gru, lstm, runners, timeloop
+
+from tbptt._src.recurrent.loops import gru, lstm, runners, stock, timeloop
 
 CELLS = {
     "gru": lambda: keras.layers.GRUCell(5, dtype="float64"),
@@ -15,8 +15,9 @@ CELLS = {
     "gru_relu": lambda: keras.layers.GRUCell(5, activation="relu", dtype="float64"),
     "lstm": lambda: keras.layers.LSTMCell(4, dtype="float64"),
     "lstm_no_bias": lambda: keras.layers.LSTMCell(4, use_bias=False, dtype="float64"),
-    "lstm_hard_sigmoid": lambda: keras.layers.LSTMCell(4, recurrent_activation="hard_sigmoid",
-                                                       dtype="float64"),
+    "lstm_hard_sigmoid": lambda: keras.layers.LSTMCell(
+        4, recurrent_activation="hard_sigmoid", dtype="float64"
+    ),
 }
 
 
@@ -41,19 +42,38 @@ def problem(cell, batch=3, steps=9, features=4, seed=1):
 
 def value_and_grads(run, cell, x, states, weights, graph):
     """Loss (outputs and final states both reach it) and its gradient wrt x, states, weights."""
+
     def loss_of(x, states):
         outputs, final = run(x, states)
-        return (tf.reduce_sum(outputs * weights)
-                + tf.add_n([tf.reduce_sum(tf.sin(s)) for s in final])), outputs, final
+        return (
+            (
+                tf.reduce_sum(outputs * weights)
+                + tf.add_n([tf.reduce_sum(tf.sin(s)) for s in final])
+            ),
+            outputs,
+            final,
+        )
 
     wrt = lambda: [x] + states + list(cell.trainable_variables)  # noqa: E731
     if graph:
+
         @tf.function
         def compute(x, states):
             loss, outputs, final = loss_of(x, states)
-            return [loss, outputs] + final + tf.gradients(loss, [x] + states + [
-                v.value if hasattr(v, "value") and isinstance(v.value, tf.Variable) else v
-                for v in cell.trainable_variables])
+            return (
+                [loss, outputs]
+                + final
+                + tf.gradients(
+                    loss,
+                    [x]
+                    + states
+                    + [
+                        v.value if hasattr(v, "value") and isinstance(v.value, tf.Variable) else v
+                        for v in cell.trainable_variables
+                    ],
+                )
+            )
+
         return compute(x, states)
     with tf.GradientTape() as tape:
         tape.watch([x] + states)
@@ -65,14 +85,21 @@ def keras_run(rnn):
     def run(x, states):
         out = rnn(x, initial_state=states)
         return out[0], list(out[1:])
+
     return run
 
 
 def hoisted_run(cell, xla=True):
     def run(x, states):
-        top, (final,) = runners.run_layers([runners.runner_for(cell)], [states], x, training=True,
-                                          loop=timeloop.LoopSettings(xla=xla))
+        top, (final,) = runners.run_layers(
+            [runners.runner_for(cell)],
+            [states],
+            x,
+            training=True,
+            loop=timeloop.LoopSettings(xla=xla),
+        )
         return timeloop.time_major(top), final
+
     return run
 
 
@@ -110,8 +137,16 @@ def test_float32_hoisted_runner_equals_keras_cell():
     assert_all_close(actual, expected, 1e-5, "float32")
 
 
-@pytest.mark.parametrize("kind,xla", [("gru", True), ("lstm", False), ("gru_relu", True),
-                                      ("lstm", True), ("gru_reset_before", True)])
+@pytest.mark.parametrize(
+    "kind,xla",
+    [
+        ("gru", True),
+        ("lstm", False),
+        ("gru_relu", True),
+        ("lstm", True),
+        ("gru_reset_before", True),
+    ],
+)
 def test_second_derivatives_equal_keras(kind, xla):
     """A gradient penalty: the XLA-compiled loops (whose first derivative is written out), the
     same loops without XLA, and a cell stepped under autodiff all give Keras's own second
@@ -128,18 +163,18 @@ def test_second_derivatives_equal_keras(kind, xla):
             penalty = tf.add_n([tf.reduce_sum(g * g) for g in grads])
         return outer.gradient(penalty, cell.trainable_variables)
 
-    assert_all_close(penalty_gradient(hoisted_run(cell, xla)), penalty_gradient(keras_run(rnn)),
-                     1e-12, kind)
+    assert_all_close(
+        penalty_gradient(hoisted_run(cell, xla)), penalty_gradient(keras_run(rnn)), 1e-12, kind
+    )
 
 
 def test_only_stock_cells_are_hoisted():
     class MyGRU(keras.layers.GRUCell):
         pass
 
-    assert isinstance(runners.runner_for(keras.layers.GRUCell(3)), runners._GRURunner)
-    assert isinstance(runners.runner_for(keras.layers.LSTMCell(3)), runners._LSTMRunner)
-    assert isinstance(runners.runner_for(keras.layers.SimpleRNNCell(3)),
-                      runners._SimpleRNNRunner)
+    assert isinstance(runners.runner_for(keras.layers.GRUCell(3)), stock.GRURunner)
+    assert isinstance(runners.runner_for(keras.layers.LSTMCell(3)), stock.LSTMRunner)
+    assert isinstance(runners.runner_for(keras.layers.SimpleRNNCell(3)), stock.SimpleRNNRunner)
     # A subclass may override call(): it runs as itself.
     assert isinstance(runners.runner_for(MyGRU(3)), runners._CellRunner)
 
@@ -173,8 +208,16 @@ def test_the_hand_written_backward_is_used():
 
 def _step_problem(units, width, seed=3):
     rng = np.random.RandomState(seed)
-    return [tf.constant(rng.randn(*shape) * 0.7) for shape in
-            [(3, width * units), (3, units), (units, width * units), (width * units,), (3, units)]]
+    return [
+        tf.constant(rng.randn(*shape) * 0.7)
+        for shape in [
+            (3, width * units),
+            (3, units),
+            (units, width * units),
+            (width * units,),
+            (3, units),
+        ]
+    ]
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
@@ -182,12 +225,15 @@ def test_gru_step_backward_is_the_transpose_of_the_step(reset_after):
     x, h, kernel, bias, dh = _step_problem(4, 3)
     with tf.GradientTape() as tape:
         tape.watch([x, h, kernel, bias])
-        h_new, z, r, hh, aux = gru.step(x, h, kernel, bias if reset_after else None,
-                                                reset_after, tf.tanh, tf.sigmoid)
-    expected = tape.gradient(h_new, [x, h, kernel, bias], output_gradients=dh,
-                             unconnected_gradients="zero")
+        h_new, z, r, hh, aux = gru.step(
+            x, h, kernel, bias if reset_after else None, reset_after, tf.tanh, tf.sigmoid
+        )
+    expected = tape.gradient(
+        h_new, [x, h, kernel, bias], output_gradients=dh, unconnected_gradients="zero"
+    )
     dh_prev, d_step = gru.step_backward(
-        dh, h, z, r, hh, aux, gru.kernels_of(kernel, reset_after), reset_after)
+        dh, h, z, r, hh, aux, gru.kernels_of(kernel, reset_after), reset_after
+    )
     d_x, d_inner = gru.step_parts(d_step, 4, reset_after)
     d_kernel = tf.matmul(h, d_inner, transpose_a=True)  # the gates' (or all) columns
     if not reset_after:  # the candidate's columns multiply the reset state r * h
@@ -201,8 +247,7 @@ def test_lstm_step_backward_is_the_transpose_of_the_step():
     c, dc = h * 0.5 + 0.1, dh * -0.3
     with tf.GradientTape() as tape:
         tape.watch([x, h, c, kernel])
-        h_new, c_new, i, f, o, g, tanh_c = lstm.step(x, h, c, kernel, tf.tanh,
-                                                             tf.sigmoid)
+        h_new, c_new, i, f, o, g, tanh_c = lstm.step(x, h, c, kernel, tf.tanh, tf.sigmoid)
         total = tf.reduce_sum(h_new * dh) + tf.reduce_sum(c_new * dc)
     expected = tape.gradient(total, [x, h, c, kernel])
     dh_prev, dc_prev, d_x = lstm.step_backward(dh, dc, c, i, f, o, g, tanh_c, kernel)

@@ -9,8 +9,13 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "tbptt" / "_src"
 MODULES = sorted(SRC.rglob("*.py"))
 # The loops over segments live in core/chain.py; the per-cell time loops in recurrent/loops.
-WHILE_LOOP_HOMES = {"core/chain.py", "recurrent/loops/timeloop.py", "recurrent/loops/gru.py",
-                    "recurrent/loops/lstm.py", "recurrent/loops/any_cell.py"}
+WHILE_LOOP_HOMES = {
+    "core/chain.py",
+    "recurrent/loops/timeloop.py",
+    "recurrent/loops/gru.py",
+    "recurrent/loops/lstm.py",
+    "recurrent/loops/any_cell.py",
+}
 
 
 # A NamedTuple's public methods start with an underscore so as not to clash with fields.
@@ -40,8 +45,12 @@ def test_no_function_over_50_lines():
 def _private_reaches(tree):
     """`x._name` where x is not self/cls (or a module alias's private helper of its own)."""
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
-                and not node.attr.startswith("__") and node.attr not in NAMEDTUPLE_API):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and node.attr not in NAMEDTUPLE_API
+        ):
             owner = node.value
             if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
                 continue
@@ -52,8 +61,12 @@ def _private_reaches(tree):
 
 def test_no_private_attribute_reached_across_objects():
     """compat.py is the one adapter to private TensorFlow/Keras names (each said why there)."""
-    found = [(path.name, line, text) for path in MODULES if path.name != "compat.py"
-             for text, line in _private_reaches(_tree(path))]
+    found = [
+        (path.name, line, text)
+        for path in MODULES
+        if path.name != "compat.py"
+        for text, line in _private_reaches(_tree(path))
+    ]
     assert found == []
 
 
@@ -70,7 +83,10 @@ def test_loops_over_segments_in_one_place():
 def test_a_message_constant_is_used_more_than_once():
     """A message raised in one place is written where it is raised (STYLE.md 15)."""
     text = "\n".join(p.read_text() for p in MODULES)
-    once = [f"{path.name}: {name}" for path in MODULES
-            for name in re.findall(r"^([A-Z][A-Z0-9_]*_MSG)\s*=", path.read_text(), re.M)
-            if len(re.findall(rf"\b{name}\b", text)) - 1 < 2]
+    once = [
+        f"{path.name}: {name}"
+        for path in MODULES
+        for name in re.findall(r"^([A-Z][A-Z0-9_]*_MSG)\s*=", path.read_text(), re.M)
+        if len(re.findall(rf"\b{name}\b", text)) - 1 < 2
+    ]
     assert once == []

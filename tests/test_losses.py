@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_all_close
 
 import tbptt
-from conftest import assert_all_close
 
 B, T, F, C = 3, 23, 4, 5
 RNG = np.random.RandomState(0)
@@ -23,9 +23,12 @@ SOFT = RNG.rand(B, T, C)
 
 def chain(chunk_size=5):
     keras.utils.set_random_seed(4)
-    return tbptt.RecurrentChain([keras.layers.GRUCell(4, dtype="float64")],
-                                head=keras.layers.Dense(C, dtype="float64"),
-                                chunk_size=chunk_size, dtype="float64")
+    return tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4, dtype="float64")],
+        head=keras.layers.Dense(C, dtype="float64"),
+        chunk_size=chunk_size,
+        dtype="float64",
+    )
 
 
 def whole_sequence(chain, loss, targets, sample_weight=None, mask=None):
@@ -41,8 +44,7 @@ def whole_sequence(chain, loss, targets, sample_weight=None, mask=None):
 
 
 def ce(**kwargs):
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64",
-                                                      **kwargs)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64", **kwargs)
 
 
 CASES = {
@@ -50,16 +52,24 @@ CASES = {
     "ignore_class, mask": (lambda: ce(ignore_class=2), LABELS, {"mask": MASK}),
     "ignore_class, weights": (lambda: ce(ignore_class=2), LABELS, {"sample_weight": WEIGHTS}),
     "ignore_class, sum": (lambda: ce(ignore_class=2, reduction="sum"), LABELS, {}),
-    "mean_with_sample_weight": (lambda: ce(reduction="mean_with_sample_weight"), LABELS,
-                                {"sample_weight": WEIGHTS}),
-    "mean_with_sample_weight, mask": (lambda: ce(reduction="mean_with_sample_weight"), LABELS,
-                                      {"sample_weight": WEIGHTS, "mask": MASK}),
-    "mean_with_sample_weight, none": (lambda: ce(reduction="mean_with_sample_weight"), LABELS,
-                                      {}),
+    "mean_with_sample_weight": (
+        lambda: ce(reduction="mean_with_sample_weight"),
+        LABELS,
+        {"sample_weight": WEIGHTS},
+    ),
+    "mean_with_sample_weight, mask": (
+        lambda: ce(reduction="mean_with_sample_weight"),
+        LABELS,
+        {"sample_weight": WEIGHTS, "mask": MASK},
+    ),
+    "mean_with_sample_weight, none": (lambda: ce(reduction="mean_with_sample_weight"), LABELS, {}),
     "crossentropy": (ce, LABELS, {}),
     "mse, mask": (lambda: keras.losses.MeanSquaredError(dtype="float64"), SOFT, {"mask": MASK}),
-    "cosine over features": (lambda: keras.losses.CosineSimilarity(axis=-1, dtype="float64"),
-                             SOFT, {}),
+    "cosine over features": (
+        lambda: keras.losses.CosineSimilarity(axis=-1, dtype="float64"),
+        SOFT,
+        {},
+    ),
 }
 
 
@@ -75,8 +85,9 @@ def test_auto_gives_the_keras_loss_of_the_whole_sequence(case):
 def test_the_kept_labels_count_over_the_whole_sequence_not_per_chunk():
     """The equality above is not vacuous: chunks weighed by their steps give another loss."""
     model = chain()
-    by_steps = model.with_config(reduction="mean").value_and_gradients(X, LABELS,
-                                                                       ce(ignore_class=2))
+    by_steps = model.with_config(reduction="mean").value_and_gradients(
+        X, LABELS, ce(ignore_class=2)
+    )
     loss, _ = whole_sequence(model, ce(ignore_class=2), LABELS)
     assert abs(float(by_steps.loss) - float(loss)) > 1e-3
 
@@ -93,14 +104,17 @@ class MaskedOwnValues(keras.losses.Loss):
         return values
 
 
-@pytest.mark.parametrize("loss,match", [
-    (lambda: keras.losses.Dice(dtype="float64"), "Dice.*not a mean or sum of per-step terms"),
-    (lambda: keras.losses.Tversky(dtype="float64"), "Tversky.*per-step"),
-    (lambda: keras.losses.CosineSimilarity(axis=1, dtype="float64"), "per-step"),
-    (lambda: SumOverTime(dtype="float64"), r"SumOverTime.*values have shape \[None\]"),
-    (lambda: SumOverTime(dtype="float64", reduction="sum"), "per-step"),
-    (lambda: MaskedOwnValues(dtype="float64"), "masks its own values"),
-])
+@pytest.mark.parametrize(
+    "loss,match",
+    [
+        (lambda: keras.losses.Dice(dtype="float64"), "Dice.*not a mean or sum of per-step terms"),
+        (lambda: keras.losses.Tversky(dtype="float64"), "Tversky.*per-step"),
+        (lambda: keras.losses.CosineSimilarity(axis=1, dtype="float64"), "per-step"),
+        (lambda: SumOverTime(dtype="float64"), r"SumOverTime.*values have shape \[None\]"),
+        (lambda: SumOverTime(dtype="float64", reduction="sum"), "per-step"),
+        (lambda: MaskedOwnValues(dtype="float64"), "masks its own values"),
+    ],
+)
 def test_losses_that_do_not_add_up_over_chunks_are_refused(loss, match):
     model = chain()
     with pytest.raises(ValueError, match=match):

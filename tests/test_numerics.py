@@ -5,10 +5,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close, make_sequence, needs_keras3, sum_squares
 from references import full_bptt
+
+import tbptt
 
 B, T, F, K = 2, 11, 3, 3  # chunks: steps 0-2, 3-5, 6-8, 9-10
 
@@ -24,8 +24,9 @@ CONFIGS = {
 
 def make_chain(check=True, **kwargs):
     keras.utils.set_random_seed(1)
-    return tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2), chunk_size=K,
-                                  check_numerics=check, **kwargs)
+    return tbptt.StatefulGRUChain(
+        4, head=keras.layers.Dense(2), chunk_size=K, check_numerics=check, **kwargs
+    )
 
 
 def clean_data():
@@ -36,8 +37,10 @@ def clean_data():
 def nan_gradient_where(values, poisoned):
     """The identity, whose gradient is NaN where `poisoned` is 1: a finite loss whose backward
     is not."""
+
     def grad(upstream):
         return upstream + tf.where(poisoned > 0, np.nan, 0.0), tf.zeros_like(poisoned)
+
     return tf.identity(values), grad
 
 
@@ -47,14 +50,20 @@ def poisoned_loss(y_true, y_pred):
     return sum_squares(y_true[..., :2], nan_gradient_where(y_pred, y_true[..., 2:]))
 
 
-@pytest.mark.parametrize("config,step", [(config, 4) for config in sorted(CONFIGS)] + [
-    ("exact", 0), ("exact", 10), ("truncated_m2", 10)])
+@pytest.mark.parametrize(
+    "config,step",
+    [(config, 4) for config in sorted(CONFIGS)]
+    + [("exact", 0), ("exact", 10), ("truncated_m2", 10)],
+)
 def test_nan_input_names_the_chunk_of_the_state(config, step):
     x, y = clean_data()
     x[1, step, 0] = np.nan
     chain = make_chain(**CONFIGS[config])
-    with pytest.raises(tbptt.NonFiniteError, match=rf"state carried out of chunk {step // K} "
-                       rf"\(steps {step // K * K} to {min(step // K * K + K, T) - 1}\)") as error:
+    with pytest.raises(
+        tbptt.NonFiniteError,
+        match=rf"state carried out of chunk {step // K} "
+        rf"\(steps {step // K * K} to {min(step // K * K + K, T) - 1}\)",
+    ) as error:
         chain.value_and_gradients(x, y, sum_squares)
     assert (error.value.kind, error.value.index) == ("state", step // K)
     assert error.value.findings["loss"] == step // K
@@ -136,10 +145,13 @@ def test_check_numerics_must_be_a_bool():
 
 def stages(poison_at=None):
     keras.utils.set_random_seed(2)
-    return [keras.layers.Dense(4, activation="tanh"),
-            keras.layers.Lambda(lambda a: nan_gradient_where(a, tf.ones_like(a))
-                                if poison_at == 1 else a),
-            keras.layers.Dense(1)]
+    return [
+        keras.layers.Dense(4, activation="tanh"),
+        keras.layers.Lambda(
+            lambda a: nan_gradient_where(a, tf.ones_like(a)) if poison_at == 1 else a
+        ),
+        keras.layers.Dense(1),
+    ]
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -152,8 +164,9 @@ def test_stage_chain_names_the_stage(recompute):
         chain.value_and_gradients(bad, y, keras.losses.MeanSquaredError())
     assert error.value.findings["loss"] == 2
     chain = tbptt.StageChain(stages(poison_at=1), recompute=recompute, check_numerics=True)
-    with pytest.raises(tbptt.NonFiniteError, match="dLoss/dactivation carried back out of "
-                       "stage 1") as error:
+    with pytest.raises(
+        tbptt.NonFiniteError, match="dLoss/dactivation carried back out of stage 1"
+    ) as error:
         chain.value_and_gradients(x, y, keras.losses.MeanSquaredError())
     assert error.value.kind == "state_grad"
 

@@ -4,10 +4,10 @@ Keras's RNN over the whole stream, in every context."""
 import keras
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close, make_sequence
 from references import forward
+
+import tbptt
 
 B, T, F = 3, 9, 4
 
@@ -15,8 +15,9 @@ B, T, F = 3, 9, 4
 def chain(**kwargs):
     keras.utils.set_random_seed(9)
     cells = [keras.layers.GRUCell(5, dtype="float64"), keras.layers.LSTMCell(3, dtype="float64")]
-    model = tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"),
-                                 chunk_size=4, dtype="float64", **kwargs)
+    model = tbptt.RecurrentChain(
+        cells, head=keras.layers.Dense(2, dtype="float64"), chunk_size=4, dtype="float64", **kwargs
+    )
     model.build([None, None, F])
     return model
 
@@ -25,7 +26,7 @@ def step_by_step(model, x, state, steps=1, call=None):
     call = call or model
     outputs = []
     for start in range(0, x.shape[1], steps):
-        y, state = call(tf.constant(x[:, start:start + steps]), state)
+        y, state = call(tf.constant(x[:, start : start + steps]), state)
         outputs.append(y)
     return tf.concat(outputs, axis=1), state
 
@@ -36,8 +37,7 @@ def test_steps_one_at_a_time_equal_keras_over_the_whole_stream(steps):
     x = make_sequence(B, T, F, "float64")
     outputs, state = step_by_step(model, x, model.initial_state(B), steps)
     expected, final = forward(model, x)
-    assert_all_close([outputs] + tf.nest.flatten(state), [expected] + tf.nest.flatten(final),
-                     1e-12)
+    assert_all_close([outputs] + tf.nest.flatten(state), [expected] + tf.nest.flatten(final), 1e-12)
     traces = model.trace_count
     step_by_step(model, x, model.initial_state(B), steps)  # the same shapes: no new trace
     assert model.trace_count == traces

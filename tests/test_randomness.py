@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_all_close, make_sequence, needs_keras3
 
 import tbptt
-from conftest import assert_all_close, make_sequence, needs_keras3
 
 pytestmark = needs_keras3
 
@@ -68,12 +68,16 @@ def _linear_chain(noise, **options):
     """Linear in the inputs layer's kernel W: with a summed loss, L(W) = <dL/dW, W> exactly,
     when (and only when) the chunks' recomputes draw what the forward sweep drew."""
     keras.utils.set_random_seed(4)
-    inputs_layer = keras.Sequential([noise, keras.layers.Dense(U, use_bias=False,
-                                                               dtype="float64")])
+    inputs_layer = keras.Sequential([noise, keras.layers.Dense(U, use_bias=False, dtype="float64")])
     return tbptt.RecurrentChain(
         [keras.layers.SimpleRNNCell(U, activation=None, use_bias=False, dtype="float64")],
-        inputs_layer=inputs_layer, head=keras.layers.Dense(1, use_bias=False, dtype="float64"),
-        chunk_size=K, dtype="float64", reduction="sum", **options)
+        inputs_layer=inputs_layer,
+        head=keras.layers.Dense(1, use_bias=False, dtype="float64"),
+        chunk_size=K,
+        dtype="float64",
+        reduction="sum",
+        **options,
+    )
 
 
 def _run(context, fn):
@@ -89,24 +93,29 @@ def _run(context, fn):
 def test_noise_in_the_inputs_layer_is_replayed_in_the_recompute(noise, context):
     chain = _linear_chain(NOISE[noise]())
     x = make_sequence(B, T, F, "float64")
-    result = _run(context, lambda: chain.value_and_gradients(x, np.zeros([B, T, 1]),
-                                                             _sum_of_outputs))
+    result = _run(
+        context, lambda: chain.value_and_gradients(x, np.zeros([B, T, 1]), _sum_of_outputs)
+    )
     kernel = chain.inputs_layer.layers[1].kernel
     index = [id(v) for v in chain.trainable_variables].index(id(kernel))
     euler = tf.reduce_sum(result.grads[index] * kernel)
     np.testing.assert_allclose(float(euler), float(result.loss), rtol=1e-10)
     # ... and the noise is noise: another call draws other numbers.
-    again = _run(context, lambda: chain.value_and_gradients(x, np.zeros([B, T, 1]),
-                                                            _sum_of_outputs))
+    again = _run(
+        context, lambda: chain.value_and_gradients(x, np.zeros([B, T, 1]), _sum_of_outputs)
+    )
     assert abs(float(again.loss) - float(result.loss)) > 1e-6
 
 
 def test_each_chunk_draws_its_own_noise():
     """Chunks of equal inputs from equal states draw differently (the mask is not reused)."""
     keras.utils.set_random_seed(4)
-    chain = tbptt.RecurrentChain([keras.layers.SimpleRNNCell(U, dtype="float64")],
-                                 inputs_layer=keras.layers.Dropout(0.5, dtype="float64"),
-                                 chunk_size=K, dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [keras.layers.SimpleRNNCell(U, dtype="float64")],
+        inputs_layer=keras.layers.Dropout(0.5, dtype="float64"),
+        chunk_size=K,
+        dtype="float64",
+    )
     x = np.ones([1, 2 * K, F])
     stream = tbptt.ChunkSource(lambda a, b: x[:, a:b], x.shape, "float64")
     outputs, _ = chain(stream, training=True)  # a source runs chunk by chunk
@@ -119,14 +128,21 @@ def test_draws_the_chain_cannot_replay_are_refused_where_chunks_are_recomputed(p
     def make(**options):
         layers = {part: UnseededNoise(dtype="float64")}
         if part == "head":
-            layers["head"] = keras.Sequential([keras.layers.Dense(1, dtype="float64"),
-                                               UnseededNoise(dtype="float64")])
-        return tbptt.RecurrentChain([keras.layers.GRUCell(U, dtype="float64")], chunk_size=K,
-                                    dtype="float64", **layers, **options)
+            layers["head"] = keras.Sequential(
+                [keras.layers.Dense(1, dtype="float64"), UnseededNoise(dtype="float64")]
+            )
+        return tbptt.RecurrentChain(
+            [keras.layers.GRUCell(U, dtype="float64")],
+            chunk_size=K,
+            dtype="float64",
+            **layers,
+            **options,
+        )
 
     x, y = make_sequence(B, T, F, "float64"), np.zeros([B, T, 1 if part == "head" else U])
-    with pytest.raises(ValueError, match=f"the {part} draws random numbers that the chain "
-                                         "cannot replay"):
+    with pytest.raises(
+        ValueError, match=f"the {part} draws random numbers that the chain cannot replay"
+    ):
         make().value_and_gradients(x, y, _sum_of_outputs)
     truncated = make(mode="truncated")  # each chunk runs once: nothing to replay
     assert np.isfinite(truncated.value_and_gradients(x, y, _sum_of_outputs).loss)
@@ -138,14 +154,14 @@ def test_a_cell_drawing_at_every_step_is_refused_where_chunks_are_recomputed():
     x, y = make_sequence(B, T, F, "float64"), np.zeros([B, T, U])
 
     def make(**options):
-        return tbptt.RecurrentChain([NoisyStepCell(U, dtype="float64")], chunk_size=K,
-                                    dtype="float64", **options)
+        return tbptt.RecurrentChain(
+            [NoisyStepCell(U, dtype="float64")], chunk_size=K, dtype="float64", **options
+        )
 
     with pytest.raises(ValueError, match=r"cells\[0\] \(NoisyStepCell\) draws random numbers"):
         make().value_and_gradients(x, y, _sum_of_outputs)
     with pytest.raises(ValueError, match="draws random numbers"):
-        make(mode="truncated", backprop_chunks=2).stream_step(x[:, :9], y[:, :9],
-                                                               _sum_of_outputs)
+        make(mode="truncated", backprop_chunks=2).stream_step(x[:, :9], y[:, :9], _sum_of_outputs)
     assert np.isfinite(make(mode="truncated").value_and_gradients(x, y, _sum_of_outputs).loss)
 
 
@@ -158,9 +174,12 @@ DROPOUT_CELLS = {
     "simple_rnn": lambda **kw: keras.layers.SimpleRNNCell(U, **kw),
     "relu_gru": lambda **kw: keras.layers.GRUCell(U, activation="relu", **kw),
 }
-RATES = {"both": {"dropout": 0.3, "recurrent_dropout": 0.4}, "inputs": {"dropout": 0.3},
-         "recurrent": {"recurrent_dropout": 0.4},
-         "implementation_1": {"dropout": 0.3, "implementation": 1}}
+RATES = {
+    "both": {"dropout": 0.3, "recurrent_dropout": 0.4},
+    "inputs": {"dropout": 0.3},
+    "recurrent": {"recurrent_dropout": 0.4},
+    "implementation_1": {"dropout": 0.3, "implementation": 1},
+}
 
 
 def _keras_rnn_gradients(chain, x, y, loss_fn):
@@ -182,10 +201,13 @@ def test_keras_cell_dropout_equals_keras_rnn_with_the_same_masks(kind, rates):
     if kind == "simple_rnn" and rates == "implementation_1":
         pytest.skip("SimpleRNNCell has one implementation")
     keras.utils.set_random_seed(6)
-    cells = [DROPOUT_CELLS[kind](seed=21, dtype="float64", **RATES[rates]),
-             DROPOUT_CELLS[kind](seed=22, dtype="float64", **RATES[rates])]
-    chain = tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"),
-                                 chunk_size=K, dtype="float64")
+    cells = [
+        DROPOUT_CELLS[kind](seed=21, dtype="float64", **RATES[rates]),
+        DROPOUT_CELLS[kind](seed=22, dtype="float64", **RATES[rates]),
+    ]
+    chain = tbptt.RecurrentChain(
+        cells, head=keras.layers.Dense(2, dtype="float64"), chunk_size=K, dtype="float64"
+    )
     x, y = make_sequence(B, T, F, "float64"), make_sequence(B, T, 2, "float64", offset=0.5)
 
     def loss_fn(y_true, y_pred):
@@ -208,21 +230,34 @@ def test_a_dropout_gru_fits_like_keras_with_the_same_seed():
     x = make_sequence(6, 12, F, "float64")
     y = make_sequence(6, 12, 2, "float64", offset=0.5)
     keras.utils.set_random_seed(9)
-    reference = keras.Sequential([
-        keras.Input((None, F), dtype="float64"),
-        keras.layers.GRU(U, dropout=0.2, recurrent_dropout=0.3, seed=31,
-                         return_sequences=True, dtype="float64"),
-        keras.layers.Dense(2, dtype="float64")])
+    reference = keras.Sequential(
+        [
+            keras.Input((None, F), dtype="float64"),
+            keras.layers.GRU(
+                U,
+                dropout=0.2,
+                recurrent_dropout=0.3,
+                seed=31,
+                return_sequences=True,
+                dtype="float64",
+            ),
+            keras.layers.Dense(2, dtype="float64"),
+        ]
+    )
     chain = tbptt.RecurrentChain(
         [keras.layers.GRUCell(U, dropout=0.2, recurrent_dropout=0.3, seed=31, dtype="float64")],
-        head=keras.layers.Dense(2, dtype="float64"), chunk_size=5, dtype="float64")
+        head=keras.layers.Dense(2, dtype="float64"),
+        chunk_size=5,
+        dtype="float64",
+    )
     model = tbptt.keras.ChunkedModel(chain)
     model.build([None, None, F])
     for ours, theirs in zip(chain.trainable_variables, reference.trainable_variables):
         ours.assign(theirs)
     for m in (model, reference):
-        m.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.MeanSquaredError(dtype="float64"))
+        m.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.MeanSquaredError(dtype="float64")
+        )
     model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
     reference.fit(x, y, batch_size=2, shuffle=False, verbose=0)
     assert_all_close(chain.trainable_variables, reference.trainable_variables, 1e-10)

@@ -33,7 +33,7 @@ def _sections(text: str) -> dict:
     """section title -> [(line number, code)] of its Python blocks, in order."""
     sections = {}
     for match in FENCE.finditer(text):
-        before = text[:match.start()]
+        before = text[: match.start()]
         title = re.findall(r"^## (.+)$", before, re.MULTILINE)[-1]
         line = before.count("\n") + 2
         sections.setdefault(title, []).append((line, textwrap.dedent(match.group(2))))

@@ -6,12 +6,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cells import CELL_KINDS, make_cells
+from conftest import (
+    assert_all_close,
+    copy_weights,
+    float64_loss,
+    l1_loss,
+    make_sequence,
+    sum_squares,
+)
+from references import full_bptt, truncated_reference
 
 import tbptt
-from cells import CELL_KINDS, make_cells
-from conftest import (assert_all_close, copy_weights, float64_loss, l1_loss, make_sequence,
-                      sum_squares)
-from references import full_bptt, truncated_reference
 
 F64 = 1e-10  # float64: only summation order differs from the reference.
 # float32: the chunked and the one-tape backward add the same terms in a different order;
@@ -58,8 +64,8 @@ def test_gru_step_matches_numpy():
     for t in range(6):
         xw, hu = x[:, t] @ kernel + bias[0], h @ recurrent + bias[1]
         z = sigmoid(xw[:, :u] + hu[:, :u])
-        r = sigmoid(xw[:, u:2 * u] + hu[:, u:2 * u])
-        candidate = np.tanh(xw[:, 2 * u:] + r * hu[:, 2 * u:])
+        r = sigmoid(xw[:, u : 2 * u] + hu[:, u : 2 * u])
+        candidate = np.tanh(xw[:, 2 * u :] + r * hu[:, 2 * u :])
         h = z * h + (1 - z) * candidate
         np.testing.assert_allclose(outputs[:, t], h, rtol=1e-12)
     np.testing.assert_allclose(h_last, h, rtol=1e-12)
@@ -81,8 +87,9 @@ def test_exact_matches_full_bptt_float64(kind, execution):
     assert_all_close(result.grads, grads, F64, "grads")
     assert_all_close(result.final_state, final_state, F64, "final_state")
     assert_all_close(result.initial_state_grad, state_grad, F64, "initial_state_grad")
-    assert tf.nest.map_structure(lambda s: s.shape, result.initial_state_grad) == \
-        tf.nest.map_structure(lambda s: s.shape, state)
+    assert tf.nest.map_structure(
+        lambda s: s.shape, result.initial_state_grad
+    ) == tf.nest.map_structure(lambda s: s.shape, state)
 
 
 @pytest.mark.parametrize("steps,chunk_size", [(13, 1), (13, 5), (7, 20), (12, 4), (1, 3)])
@@ -126,21 +133,29 @@ def test_exact_matches_finite_differences(kind):
             for sign in (1, -1):
                 shifted = [leaf.numpy() for leaf in leaves]
                 shifted[leaf_index][index] += sign * eps
-                numeric[index] += sign * loss_at(
-                    tf.nest.pack_sequence_as(state, shifted)) / (2 * eps)
+                numeric[index] += (
+                    sign * loss_at(tf.nest.pack_sequence_as(state, shifted)) / (2 * eps)
+                )
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
 
 
 # -- truncated mode == per-chunk tapes with stop_gradient at the cut ------------------------------
 
 
-@pytest.mark.parametrize("m,backend,kind", [(2, "eager", "stacked"), (1, "eager", "gru"),
-                                            (1, "graph", "lstm"), (2, "graph", "gru"),
-                                            (3, "eager", "lstm"), (3, "graph", "custom")])
+@pytest.mark.parametrize(
+    "m,backend,kind",
+    [
+        (2, "eager", "stacked"),
+        (1, "eager", "gru"),
+        (1, "graph", "lstm"),
+        (2, "graph", "gru"),
+        (3, "eager", "lstm"),
+        (3, "graph", "custom"),
+    ],
+)
 def test_truncated_matches_stop_gradient_reference(m, backend, kind):
     x, y = data(steps=14)
-    chain = chain_for(kind, 4, chunk_size=4, mode="truncated", backprop_chunks=m,
-                      backend=backend)
+    chain = chain_for(kind, 4, chunk_size=4, mode="truncated", backprop_chunks=m, backend=backend)
     state = tf.nest.map_structure(lambda s: s + 0.3, chain.initial_state(3))
     final_grad = None
     if m > 1:
@@ -187,10 +202,12 @@ def test_two_calls_chained_by_hand_equal_one_call(backend, cut):
     chain = chain_for("stacked", 4, chunk_size=4, backend=backend)
     whole = chain.value_and_gradients(x, y, l1_loss)
     first = chain.value_and_gradients(x[:, :cut], y[:, :cut], l1_loss)
-    second = chain.value_and_gradients(x[:, cut:], y[:, cut:], l1_loss,
-                                       initial_state=first.final_state)
-    first = chain.value_and_gradients(x[:, :cut], y[:, :cut], l1_loss,
-                                      final_state_grad=second.initial_state_grad)
+    second = chain.value_and_gradients(
+        x[:, cut:], y[:, cut:], l1_loss, initial_state=first.final_state
+    )
+    first = chain.value_and_gradients(
+        x[:, :cut], y[:, :cut], l1_loss, final_state_grad=second.initial_state_grad
+    )
     assert_all_close(first.loss + second.loss, whole.loss, F64, "loss")
     assert_all_close([a + b for a, b in zip(first.grads, second.grads)], whole.grads, F64)
     assert_all_close(first.initial_state_grad, whole.initial_state_grad, F64)
@@ -200,8 +217,9 @@ def test_two_calls_chained_by_hand_equal_one_call(backend, cut):
 def test_final_state_grad_matches_tape():
     x, y = data()
     chain = chain_for("lstm", 4, chunk_size=5)
-    final_grad = tf.nest.map_structure(lambda s: tf.fill(s.shape, tf.constant(0.5, s.dtype)),
-                                       chain.initial_state(3))
+    final_grad = tf.nest.map_structure(
+        lambda s: tf.fill(s.shape, tf.constant(0.5, s.dtype)), chain.initial_state(3)
+    )
     result = chain.value_and_gradients(x, y, l1_loss, final_state_grad=final_grad)
     _, grads, _, state_grad = full_bptt(chain, x, y, l1_loss, final_state_grad=final_grad)
     assert_all_close(result.grads, grads, F64)
@@ -212,8 +230,10 @@ def test_final_state_grad_matches_tape():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("loss", [float64_loss(keras.losses.MeanSquaredError),
-                                  float64_loss(keras.losses.MeanAbsoluteError)])
+@pytest.mark.parametrize(
+    "loss",
+    [float64_loss(keras.losses.MeanSquaredError), float64_loss(keras.losses.MeanAbsoluteError)],
+)
 def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
     x, y = data(steps=13)  # chunks of 5, 5 and a ragged 3
     weights = np.linspace(0.5, 2.0, 3 * 13).reshape(3, 13) if weighted else None
@@ -225,10 +245,14 @@ def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
     assert_all_close(result.initial_state_grad, state_grad, F64)
 
 
-@pytest.mark.parametrize("loss,summed", [
-    (float64_loss(keras.losses.MeanSquaredError), False),
-    (float64_loss(keras.losses.MeanSquaredError, reduction="sum"), True),
-    (l1_loss, True)])
+@pytest.mark.parametrize(
+    "loss,summed",
+    [
+        (float64_loss(keras.losses.MeanSquaredError), False),
+        (float64_loss(keras.losses.MeanSquaredError, reduction="sum"), True),
+        (l1_loss, True),
+    ],
+)
 def test_the_default_reduction_follows_the_loss_whatever_the_chunk_size(loss, summed):
     """reduction="auto": a Keras mean loss gives the whole-sequence mean, a summed loss the sum;
     neither the loss nor the gradient depends on the chunk size."""
@@ -238,8 +262,12 @@ def test_the_default_reduction_follows_the_loss_whatever_the_chunk_size(loss, su
     expected_loss, expected_grads, _, _ = full_bptt(chain, x, y, loss)  # one tape, whole sequence
     for size in (5, 2, 13):
         result = chain.with_config(chunk_size=size).value_and_gradients(x, y, loss)
-        assert_all_close([result.loss] + result.grads, [expected_loss] + expected_grads, F64,
-                         f"chunk_size={size}")
+        assert_all_close(
+            [result.loss] + result.grads,
+            [expected_loss] + expected_grads,
+            F64,
+            f"chunk_size={size}",
+        )
         explicit = chain.with_config(chunk_size=size, reduction="sum" if summed else "mean")
         assert_all_close(result.grads, explicit.value_and_gradients(x, y, loss).grads, 1e-15)
 
@@ -352,23 +380,24 @@ def test_stateful_gru_chain_float64():
 
 
 def test_dtype_is_applied_to_unbuilt_cells_and_head():
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(3)], head=keras.layers.Dense(1),
-                                 chunk_size=2, dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(3)], head=keras.layers.Dense(1), chunk_size=2, dtype="float64"
+    )
     outputs, _ = chain(make_sequence(2, 5, 3))
     assert outputs.dtype == tf.float64
     assert all(v.dtype == "float64" for v in chain.trainable_variables)
 
 
 def test_initial_state_structure():
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(3), keras.layers.LSTMCell(2)],
-                                 chunk_size=2)
+    chain = tbptt.RecurrentChain([keras.layers.GRUCell(3), keras.layers.LSTMCell(2)], chunk_size=2)
     state = chain.initial_state(4)
     assert isinstance(state, tuple) and len(state) == 2
     assert state[0].shape == (4, 3)
     assert [s.shape for s in state[1]] == [(4, 2), (4, 2)]
     _, final_state = chain(make_sequence(4, 3, 5), [state[0], list(state[1])])  # lists accepted
-    assert tf.nest.map_structure(lambda s: s.shape, final_state) == \
-        tf.nest.map_structure(lambda s: s.shape, state)
+    assert tf.nest.map_structure(lambda s: s.shape, final_state) == tf.nest.map_structure(
+        lambda s: s.shape, state
+    )
 
 
 class _OwnGRUCell(keras.layers.GRUCell):
@@ -383,16 +412,18 @@ def test_dropout_the_chain_cannot_replay_is_refused(option):
     with pytest.raises(ValueError, match="dropout.*StackedRNNCells, not a subclass"):
         tbptt.RecurrentChain([_OwnGRUCell(3, **{option: 0.2})], chunk_size=2)
     with pytest.raises(ValueError, match="dropout.*StackedRNNCells, not a subclass"):
-        tbptt.RecurrentChain([keras.layers.StackedRNNCells(
-            [keras.layers.GRUCell(3, **{option: 0.2})])], chunk_size=2)
+        tbptt.RecurrentChain(
+            [keras.layers.StackedRNNCells([keras.layers.GRUCell(3, **{option: 0.2})])], chunk_size=2
+        )
 
 
 def test_head_dropout_is_consistent_within_a_step():
     """The head runs once per chunk, in the backward pass, so its dropout mask is the one the
     gradient belongs to: the loss returned is that of the masks used."""
     x, y = data(steps=9, dtype="float32")
-    chain = tbptt.StatefulGRUChain(4, chunk_size=3, head=keras.Sequential(
-        [keras.layers.Dropout(0.5), keras.layers.Dense(2)]))
+    chain = tbptt.StatefulGRUChain(
+        4, chunk_size=3, head=keras.Sequential([keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    )
     result = chain.value_and_gradients(x, y, sum_squares)
     assert np.isfinite(result.loss.numpy())
     assert all(np.all(np.isfinite(g)) for g in result.grads)
@@ -403,10 +434,14 @@ def test_head_dropout_is_consistent_within_a_step():
 
 def _token_chain(chunk_size=4, **kwargs):
     keras.utils.set_random_seed(11)
-    return tbptt.RecurrentChain([keras.layers.GRUCell(5, dtype="float64")],
-                                inputs_layer=keras.layers.Embedding(7, 3, dtype="float64"),
-                                head=keras.layers.Dense(7, dtype="float64"),
-                                chunk_size=chunk_size, dtype="float64", **kwargs)
+    return tbptt.RecurrentChain(
+        [keras.layers.GRUCell(5, dtype="float64")],
+        inputs_layer=keras.layers.Embedding(7, 3, dtype="float64"),
+        head=keras.layers.Dense(7, dtype="float64"),
+        chunk_size=chunk_size,
+        dtype="float64",
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("mode", ["exact", "truncated"])
@@ -416,6 +451,7 @@ def test_an_embedding_inputs_layer_trains_end_to_end_like_one_keras_tape(mode):
     ids = (np.arange(2 * 11).reshape(2, 11) * 3) % 7
     targets = np.roll(ids, -1, axis=1)
     chain = _token_chain(mode=mode)
+
     def loss(labels, logits):  # a summed cross-entropy in float64 (Keras 2 losses lack dtype=)
         return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
@@ -425,9 +461,9 @@ def test_an_embedding_inputs_layer_trains_end_to_end_like_one_keras_tape(mode):
     with tf.GradientTape() as tape:
         total, state = 0.0, None
         for start in range(0, ids.shape[1], size):  # truncated m=1: each chunk from a cut state
-            rnn_out = rnn(chain.inputs_layer(ids[:, start:start + size]), initial_state=state)
-            total += loss(targets[:, start:start + size], chain.head(rnn_out))
-            state = [tf.stop_gradient(_last_state(chain, ids[:, :start + size]))]
+            rnn_out = rnn(chain.inputs_layer(ids[:, start : start + size]), initial_state=state)
+            total += loss(targets[:, start : start + size], chain.head(rnn_out))
+            state = [tf.stop_gradient(_last_state(chain, ids[:, : start + size]))]
     grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, chain.trainable_variables)]
     assert chain.trainable_variables[0] is chain.inputs_layer.embeddings
     assert_all_close([result.loss] + result.grads, [total] + grads, 1e-10, mode)
@@ -445,9 +481,15 @@ def test_token_ids_without_an_inputs_layer_point_to_one():
 
 
 def test_an_inputs_layer_that_looks_across_steps_is_refused():
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4)], chunk_size=3, inputs_layer=(
-        keras.Sequential([keras.layers.Embedding(5, 2), keras.layers.Conv1D(2, 3,
-                                                                            padding="causal")])))
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4)],
+        chunk_size=3,
+        inputs_layer=(
+            keras.Sequential(
+                [keras.layers.Embedding(5, 2), keras.layers.Conv1D(2, 3, padding="causal")]
+            )
+        ),
+    )
     with pytest.raises(ValueError, match="inputs_layer looks across time steps"):
         chain(np.zeros([2, 6], "int32"))
 
@@ -455,8 +497,9 @@ def test_an_inputs_layer_that_looks_across_steps_is_refused():
 def test_stacked_cells_with_a_multi_part_state_take_their_states_nested():
     """StackedRNNCells([LSTMCell, GRUCell]) has state_size [[4, 4], 3]: its call takes
     [[h, c], h2], while the chain carries the three tensors flat."""
-    stacked = keras.layers.StackedRNNCells([keras.layers.LSTMCell(4, dtype="float64"),
-                                            keras.layers.GRUCell(3, dtype="float64")])
+    stacked = keras.layers.StackedRNNCells(
+        [keras.layers.LSTMCell(4, dtype="float64"), keras.layers.GRUCell(3, dtype="float64")]
+    )
     chain = tbptt.RecurrentChain([stacked], chunk_size=4, dtype="float64")
     x, y = data(outputs=3)
     result = chain.value_and_gradients(x, y, l1_loss)

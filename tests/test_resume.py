@@ -17,9 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def _start(directory, phase):
-    return subprocess.Popen([sys.executable, SCRIPT, str(directory), phase],
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, str(directory), phase],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(process):

@@ -6,12 +6,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import make_sequence, run_python
 
-pytestmark = pytest.mark.skipif(int(keras.__version__.split(".")[0]) < 3,
-                                reason="ChunkedModel needs Keras 3")
+import tbptt
+
+pytestmark = pytest.mark.skipif(
+    int(keras.__version__.split(".")[0]) < 3, reason="ChunkedModel needs Keras 3"
+)
 
 B, T, F = 4, 12, 3
 
@@ -22,13 +23,20 @@ def _data(seed=0, dtype="float32"):
 
 
 def _model(stateful=False, dtype=None, mode="exact", backprop_chunks=1):
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(5, reset_after=False),
-                                  keras.layers.LSTMCell(4)], head=keras.layers.Dense(2),
-                                 chunk_size=4, mode=mode, backprop_chunks=backprop_chunks,
-                                 dtype=dtype)
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(5, reset_after=False), keras.layers.LSTMCell(4)],
+        head=keras.layers.Dense(2),
+        chunk_size=4,
+        mode=mode,
+        backprop_chunks=backprop_chunks,
+        dtype=dtype,
+    )
     model = tbptt.keras.ChunkedModel(chain, stateful=stateful)
-    model.compile(optimizer=keras.optimizers.Adam(0.01),
-                  loss=keras.losses.MeanSquaredError(dtype=dtype), metrics=["mae"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.MeanSquaredError(dtype=dtype),
+        metrics=["mae"],
+    )
     return model
 
 
@@ -51,8 +59,9 @@ def _assert_same_next_step(model, other, x, y):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"stateful": True, "mode": "truncated",
-                                         "backprop_chunks": 2}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"stateful": True, "mode": "truncated", "backprop_chunks": 2}]
+)
 def test_keras_file_round_trip_predicts_and_trains_on_identically(tmp_path, kwargs):
     model, x, y = _trained(**kwargs)
     path = str(tmp_path / "m.keras")
@@ -86,8 +95,9 @@ def test_load_weights_into_a_fresh_model(tmp_path):
     fresh_from_keras_file = _model()
     model.save(tmp_path / "m.keras")
     fresh_from_keras_file.load_weights(tmp_path / "m.keras")
-    np.testing.assert_array_equal(model.predict(x, verbose=0),
-                                  fresh_from_keras_file.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), fresh_from_keras_file.predict(x, verbose=0)
+    )
 
 
 @pytest.mark.parametrize("name", ["best.keras", "best.weights.h5"])
@@ -106,9 +116,17 @@ def test_model_checkpoint(tmp_path, name):
 
 def test_chain_configs_round_trip():
     head = keras.layers.Dense(3, activation="tanh")
-    chain = tbptt.StatefulGRUChain((6, 4), head=head, chunk_size="auto", mode="truncated",
-                                   backprop_chunks=3, reduction="mean", dtype="float64",
-                                   memory_budget=1e6, name="my_chain")
+    chain = tbptt.StatefulGRUChain(
+        (6, 4),
+        head=head,
+        chunk_size="auto",
+        mode="truncated",
+        backprop_chunks=3,
+        reduction="mean",
+        dtype="float64",
+        memory_budget=1e6,
+        name="my_chain",
+    )
     config = keras.saving.serialize_keras_object(chain)
     again = keras.saving.deserialize_keras_object(config)
     assert type(again) is tbptt.StatefulGRUChain and again.name == "my_chain"
@@ -127,17 +145,22 @@ def test_load_weights_without_a_readable_feature_size_asks_for_build(tmp_path):
     model.build([None, None, F])
     path = str(tmp_path / "w.weights.h5")
     model.save_weights(path)
-    other = tbptt.keras.ChunkedModel(tbptt.RecurrentChain(  # a cell the file does not hold
-        [keras.layers.SimpleRNNCell(5)], chunk_size=4))
+    other = tbptt.keras.ChunkedModel(
+        tbptt.RecurrentChain(  # a cell the file does not hold
+            [keras.layers.SimpleRNNCell(5)], chunk_size=4
+        )
+    )
     with pytest.raises(ValueError, match=r"model.build\(\[None, None, F\]\)"):
         other.load_weights(path)
 
 
-def test_a_stage_chain_rebuilt_from_its_config_and_checkpoint_gives_the_same_gradients(
-        tmp_path):
+def test_a_stage_chain_rebuilt_from_its_config_and_checkpoint_gives_the_same_gradients(tmp_path):
     keras.utils.set_random_seed(2)
-    chain = tbptt.StageChain([keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)],
-                             recompute=True, name="stages")
+    chain = tbptt.StageChain(
+        [keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)],
+        recompute=True,
+        name="stages",
+    )
     x, y = np.ones([3, 4], "float32"), np.zeros([3, 2], "float32")
     expected = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError())
     path = tf.train.Checkpoint(chain=chain).write(str(tmp_path / "ckpt"))
@@ -158,9 +181,13 @@ def test_a_stage_that_is_not_a_keras_layer_has_no_config():
         chain.get_config()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: tbptt.StatefulGRUChain(4, chunk_size=3),
-    lambda: tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tbptt.StatefulGRUChain(4, chunk_size=3),
+        lambda: tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3),
+    ],
+)
 def test_a_mixed_precision_chain_reloads_with_float32_weights(make):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -181,9 +208,11 @@ def test_a_mixed_precision_chain_reloads_with_float32_weights(make):
 def _square_model():
     """Every variable [4, 4]: a slot restored onto another variable would load without a word."""
     chain = tbptt.RecurrentChain(
-        [keras.layers.SimpleRNNCell(4, use_bias=False)], chunk_size=3,
+        [keras.layers.SimpleRNNCell(4, use_bias=False)],
+        chunk_size=3,
         inputs_layer=keras.layers.Dense(4, use_bias=False),
-        head=keras.layers.Dense(4, use_bias=False))
+        head=keras.layers.Dense(4, use_bias=False),
+    )
     model = tbptt.keras.ChunkedModel(chain)
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     return model
@@ -196,8 +225,9 @@ def test_the_model_and_its_optimizer_follow_the_chains_variable_order():
     chain_paths = [v.path for v in model.chain.trainable_variables]
     assert [v.path for v in model.trainable_variables] == chain_paths
     assert chain_paths[0].startswith("dense")  # the inputs layer first, as the chain runs it
-    slots = [v.path.split("/", 1)[1] for v in model.optimizer.variables
-             if v.path.endswith("_momentum")]
+    slots = [
+        v.path.split("/", 1)[1] for v in model.optimizer.variables if v.path.endswith("_momentum")
+    ]
     assert slots == [f"{p.replace('/', '_')}_momentum" for p in chain_paths]
 
 
@@ -212,12 +242,14 @@ def test_adam_moments_return_to_their_variables_in_a_new_process(tmp_path):
     model.save(tmp_path / "m.keras")
     np.save(tmp_path / "x.npy", x)
     model.fit(x, x, verbose=0)
-    code = ("import sys, numpy as np, keras, tbptt\n"
-            "model = keras.models.load_model(sys.argv[1])\n"
-            "x = np.load(sys.argv[2])\n"
-            "model.fit(x, x, verbose=0)\n"
-            "np.save(sys.argv[3], np.concatenate([v.numpy().ravel() "
-            "for v in model.trainable_variables]))\n")
+    code = (
+        "import sys, numpy as np, keras, tbptt\n"
+        "model = keras.models.load_model(sys.argv[1])\n"
+        "x = np.load(sys.argv[2])\n"
+        "model.fit(x, x, verbose=0)\n"
+        "np.save(sys.argv[3], np.concatenate([v.numpy().ravel() "
+        "for v in model.trainable_variables]))\n"
+    )
     run_python(code, tmp_path / "m.keras", tmp_path / "x.npy", tmp_path / "w.npy")
     expected = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), expected, rtol=1e-6, atol=1e-7)
@@ -228,9 +260,13 @@ def test_adam_moments_return_to_their_variables_in_a_new_process(tmp_path):
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.mark.parametrize("name,inputs,expected", [
-    ("v0.1.0_gru_lstm.keras", "x", "gru_lstm"),
-    ("v0.1.0_embedding_stateful.keras", "ids", "embedding")])
+@pytest.mark.parametrize(
+    "name,inputs,expected",
+    [
+        ("v0.1.0_gru_lstm.keras", "x", "gru_lstm"),
+        ("v0.1.0_embedding_stateful.keras", "ids", "embedding"),
+    ],
+)
 def test_models_saved_by_version_0_1_0_load_predict_and_train(name, inputs, expected):
     """Files written by tbptt 0.1.0 (tests/data/make_v0.1.0.py) load with their optimizer."""
     saved = np.load(DATA / "v0.1.0_expected.npz")
@@ -242,14 +278,23 @@ def test_models_saved_by_version_0_1_0_load_predict_and_train(name, inputs, expe
     model.fit(saved[inputs], targets, batch_size=2, shuffle=False, verbose=0)
 
 
-@pytest.mark.parametrize("inputs_layer,inputs", [
-    (lambda: keras.layers.Dense(3), lambda: make_sequence(2, 6, 5)),
-    (lambda: keras.layers.Embedding(7, 3), lambda: np.arange(12).reshape(2, 6) % 7)])
+@pytest.mark.parametrize(
+    "inputs_layer,inputs",
+    [
+        (lambda: keras.layers.Dense(3), lambda: make_sequence(2, 6, 5)),
+        (lambda: keras.layers.Embedding(7, 3), lambda: np.arange(12).reshape(2, 6) % 7),
+    ],
+)
 def test_weights_load_into_a_fresh_model_with_an_inputs_layer(tmp_path, inputs_layer, inputs):
     def make():
-        return tbptt.keras.ChunkedModel(tbptt.RecurrentChain(
-            [keras.layers.GRUCell(4)], chunk_size=3, inputs_layer=inputs_layer(),
-            head=keras.layers.Dense(2)))
+        return tbptt.keras.ChunkedModel(
+            tbptt.RecurrentChain(
+                [keras.layers.GRUCell(4)],
+                chunk_size=3,
+                inputs_layer=inputs_layer(),
+                head=keras.layers.Dense(2),
+            )
+        )
 
     model, x = make(), inputs()
     model.predict(x, verbose=0)

@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import make_sequence, needs_keras3
 from references import forward
+
+import tbptt
 
 pytestmark = needs_keras3
 
@@ -41,9 +41,12 @@ SERVE = textwrap.dedent("""
 
 def _model(inputs_layer=None):
     keras.utils.set_random_seed(8)
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4), keras.layers.LSTMCell(3)],
-                                 head=keras.layers.Dense(2), chunk_size=5,
-                                 inputs_layer=inputs_layer)
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4), keras.layers.LSTMCell(3)],
+        head=keras.layers.Dense(2),
+        chunk_size=5,
+        inputs_layer=inputs_layer,
+    )
     model = tbptt.keras.ChunkedModel(chain, stateful=True)
     model.compile(optimizer="sgd", loss="mse")
     return model
@@ -55,9 +58,13 @@ def _serve(tmp_path, model, x):
     np.save(tmp_path / "x.npy", x)
     script = tmp_path / "serve.py"
     script.write_text(SERVE)
-    out = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.npy")],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return path, json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -91,12 +98,21 @@ def test_saved_model_cli_lists_the_serving_signature(tmp_path):
     model.predict(x, verbose=0)  # built
     path = tmp_path / "served"
     model.export(path, verbose=False)
-    out = subprocess.run(["saved_model_cli", "show", "--dir", str(path), "--all"],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        ["saved_model_cli", "show", "--dir", str(path), "--all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("signature_def['serving_default']", "inputs['inputs']", "inputs['state_0']",
-                 "outputs['outputs']", "outputs['state_2']"):
+    for name in (
+        "signature_def['serving_default']",
+        "inputs['inputs']",
+        "inputs['state_0']",
+        "outputs['outputs']",
+        "outputs['state_2']",
+    ):
         assert name in out.stdout, name
 
 
@@ -120,6 +136,7 @@ def test_a_model_built_under_a_strategy_exports_and_serves_its_weights(tmp_path)
     model.export(tmp_path / "served", verbose=False)
     served = tf.saved_model.load(str(tmp_path / "served"))
     outputs, _ = served.step(x, served.initial_state(4))
-    expected, _ = forward(tbptt.RecurrentChain(model.chain.cells, head=model.chain.head,
-                                               chunk_size=5), x)
+    expected, _ = forward(
+        tbptt.RecurrentChain(model.chain.cells, head=model.chain.head, chunk_size=5), x
+    )
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)

@@ -4,14 +4,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_all_close, l1_loss, make_sequence
 
 import tbptt
-from conftest import assert_all_close, l1_loss, make_sequence
 
 
 def chain(**kwargs):
-    return tbptt.StatefulGRUChain((5, 3), head=keras.layers.Dense(2, dtype="float64"),
-                                  chunk_size=4, dtype="float64", **kwargs)
+    return tbptt.StatefulGRUChain(
+        (5, 3), head=keras.layers.Dense(2, dtype="float64"), chunk_size=4, dtype="float64", **kwargs
+    )
 
 
 def memmap(tmp_path, name, array):
@@ -21,15 +22,15 @@ def memmap(tmp_path, name, array):
     return np.memmap(tmp_path / name, dtype=array.dtype, mode="r", shape=array.shape)
 
 
-@pytest.mark.parametrize("mode,backend", [("exact", "eager"), ("exact", "graph"),
-                                          ("truncated", "eager")])
+@pytest.mark.parametrize(
+    "mode,backend", [("exact", "eager"), ("exact", "graph"), ("truncated", "eager")]
+)
 def test_memmap_inputs_and_targets_equal_in_memory(tmp_path, mode, backend):
     x, y = make_sequence(3, 14, 4, "float64"), make_sequence(3, 14, 2, "float64", offset=0.5)
     kwargs = dict(mode=mode, backend=backend, backprop_chunks=2 if mode == "truncated" else 1)
     model = chain(**kwargs)
     expected = model.value_and_gradients(x, y, l1_loss)
-    result = model.value_and_gradients(memmap(tmp_path, "x", x), memmap(tmp_path, "y", y),
-                                       l1_loss)
+    result = model.value_and_gradients(memmap(tmp_path, "x", x), memmap(tmp_path, "y", y), l1_loss)
     assert_all_close([result.loss] + result.grads, [expected.loss] + expected.grads, 1e-12)
     assert_all_close(result.final_state, expected.final_state, 1e-12)
     assert_all_close(result.initial_state_grad, expected.initial_state_grad, 1e-12)
@@ -75,11 +76,13 @@ def test_bad_sources():
     with pytest.raises(ValueError, match="must return shape"):
         source.read(0, 4)
     with pytest.raises(ValueError, match="rank 3"):
-        chain().value_and_gradients(tbptt.ChunkSource(lambda a, b: None, (2, 5)),
-                                    np.zeros([2, 5, 2]), l1_loss)
+        chain().value_and_gradients(
+            tbptt.ChunkSource(lambda a, b: None, (2, 5)), np.zeros([2, 5, 2]), l1_loss
+        )
     with pytest.raises(ValueError, match="targets must share"):
-        chain().value_and_gradients(tbptt.ChunkSource(lambda a, b: None, (2, 5, 3)),
-                                    np.zeros([2, 6, 2]), l1_loss)
+        chain().value_and_gradients(
+            tbptt.ChunkSource(lambda a, b: None, (2, 5, 3)), np.zeros([2, 6, 2]), l1_loss
+        )
 
 
 def test_a_failing_fetch_surfaces_and_the_chain_still_works():
@@ -100,8 +103,8 @@ def test_a_failing_fetch_surfaces_and_the_chain_still_works():
         model.value_and_gradients(tbptt.ChunkSource(fetch, shape=(2, 8, 3)), y, l1_loss)
     with pytest.raises(TypeError, match="must return numbers"):
         model.value_and_gradients(
-            tbptt.ChunkSource(lambda a, b: np.full([2, b - a, 3], "x"), shape=(2, 8, 3)), y,
-            l1_loss)
+            tbptt.ChunkSource(lambda a, b: np.full([2, b - a, 3], "x"), shape=(2, 8, 3)), y, l1_loss
+        )
     again = model.value_and_gradients(x, y, l1_loss)
     assert_all_close(again.grads, expected.grads, 0.0)
 
@@ -109,8 +112,9 @@ def test_a_failing_fetch_surfaces_and_the_chain_still_works():
 @pytest.mark.parametrize("chunk_size", [4, "auto"])
 def test_forward_over_a_source_equals_in_memory_and_is_differentiable(tmp_path, chunk_size):
     x = make_sequence(3, 14, 4, "float64")
-    model = tbptt.StatefulGRUChain((5, 3), head=keras.layers.Dense(2, dtype="float64"),
-                                   chunk_size=chunk_size, dtype="float64")
+    model = tbptt.StatefulGRUChain(
+        (5, 3), head=keras.layers.Dense(2, dtype="float64"), chunk_size=chunk_size, dtype="float64"
+    )
     state = tf.nest.map_structure(lambda s: s + 0.1, model.initial_state(3))
     weights = make_sequence(3, 14, 2, "float64", offset=0.3)
 

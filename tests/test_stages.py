@@ -4,19 +4,25 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_all_close, float64_loss
 
 import tbptt
-from conftest import assert_all_close, float64_loss
 
 EXECUTIONS = [("eager", False), ("eager", True), ("graph", False), ("graph", True)]
 
 
 def thread_toy_stages(dtype="float64"):
     """Seed 000's toy check: x (3, 10, 10, 1); Conv2D(6, 2, relu) twice; Flatten-Dense-sigmoid."""
-    return [keras.layers.Conv2D(6, 2, activation="relu", dtype=dtype),
-            keras.layers.Conv2D(6, 2, activation="relu", dtype=dtype),
-            keras.Sequential([keras.layers.Flatten(dtype=dtype),
-                              keras.layers.Dense(1, activation="sigmoid", dtype=dtype)])]
+    return [
+        keras.layers.Conv2D(6, 2, activation="relu", dtype=dtype),
+        keras.layers.Conv2D(6, 2, activation="relu", dtype=dtype),
+        keras.Sequential(
+            [
+                keras.layers.Flatten(dtype=dtype),
+                keras.layers.Dense(1, activation="sigmoid", dtype=dtype),
+            ]
+        ),
+    ]
 
 
 def toy_data(dtype="float64"):
@@ -31,8 +37,11 @@ def joined_tape(chain, x, y, loss_fn, training=True):
         tape.watch(x)
         activations, value = [], x
         for stage in chain.stages:
-            value = stage(value, training=training) if isinstance(stage, keras.layers.Layer) \
+            value = (
+                stage(value, training=training)
+                if isinstance(stage, keras.layers.Layer)
                 else stage(value)
+            )
             activations.append(value)
         loss = loss_fn(y, value)
     grads = tape.gradient(loss, [chain.trainable_variables, activations[:-1], x])
@@ -67,16 +76,25 @@ class Scale(tf.Module):
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 def test_plain_callables_and_modules_as_stages(backend):
     x, y = toy_data()
-    stages = [keras.layers.Conv2D(6, 2, dtype="float64"), tf.nn.relu, Scale(),
-              keras.Sequential([keras.layers.Flatten(dtype="float64"),
-                                keras.layers.Dense(1, dtype="float64")])]
+    stages = [
+        keras.layers.Conv2D(6, 2, dtype="float64"),
+        tf.nn.relu,
+        Scale(),
+        keras.Sequential(
+            [keras.layers.Flatten(dtype="float64"), keras.layers.Dense(1, dtype="float64")]
+        ),
+    ]
     chain = tbptt.StageChain(stages, backend=backend)
     result = chain.value_and_gradients(x, y, float64_loss(keras.losses.MeanSquaredError))
     loss, grads, boundary, input_grad = joined_tape(
-        chain, x, y, float64_loss(keras.losses.MeanSquaredError))
+        chain, x, y, float64_loss(keras.losses.MeanSquaredError)
+    )
     assert [len(v) for v in chain.stage_variables] == [2, 0, 1, 2]
-    assert_all_close(result.grads + result.boundary_grads + [result.input_grad],
-                     grads + boundary + [input_grad], 1e-10)
+    assert_all_close(
+        result.grads + result.boundary_grads + [result.input_grad],
+        grads + boundary + [input_grad],
+        1e-10,
+    )
 
 
 def test_one_trace_serves_every_batch_size():
@@ -107,10 +125,16 @@ def test_uncompiled_eager_matches():
 
 
 def dropout_bn_stages():
-    return [keras.Sequential([keras.layers.Dense(8, activation="relu"),
-                              keras.layers.BatchNormalization(momentum=0.5)]),
-            keras.Sequential([keras.layers.Dropout(0.5), keras.layers.Dense(6, activation="tanh")]),
-            keras.layers.Dense(1)]
+    return [
+        keras.Sequential(
+            [
+                keras.layers.Dense(8, activation="relu"),
+                keras.layers.BatchNormalization(momentum=0.5),
+            ]
+        ),
+        keras.Sequential([keras.layers.Dropout(0.5), keras.layers.Dense(6, activation="tanh")]),
+        keras.layers.Dense(1),
+    ]
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -129,7 +153,7 @@ def test_dropout_and_batch_norm_match_one_joined_training_step(recompute):
     loss, grads, _, _ = joined_tape(chain, x, y, keras.losses.MeanSquaredError())
     after_joined = [v.numpy() for stage in chain.stages for v in stage.non_trainable_variables]
     assert_all_close([result.loss] + result.grads, [loss] + grads, 1e-5)
-    for a, b, before in zip(after_chain, after_joined, state):
+    for a, b, _before in zip(after_chain, after_joined, state):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     moving_mean = chain.stages[0].layers[1].moving_mean.numpy()
     assert not np.allclose(moving_mean, 0.0)  # the statistics did move, once
@@ -142,8 +166,9 @@ def test_stages_on_two_devices():
     result = chain.value_and_gradients(x, y, float64_loss(keras.losses.MeanSquaredError))
     _, grads, _, _ = joined_tape(chain, x, y, float64_loss(keras.losses.MeanSquaredError))
     assert_all_close(result.grads, grads, 1e-10)
-    assert chain._run_stage(1, tf.constant(x[:, :9, :9, :].repeat(6, -1)),
-                            training=False).device.endswith("CPU:1")
+    assert chain._run_stage(
+        1, tf.constant(x[:, :9, :9, :].repeat(6, -1)), training=False
+    ).device.endswith("CPU:1")
 
 
 def test_separate_optimizers_per_stage_follow_the_joined_model():
@@ -164,8 +189,9 @@ def test_separate_optimizers_per_stage_follow_the_joined_model():
             opt.apply_gradients(zip(g, v))
         with tf.GradientTape() as tape:
             loss = loss_fn(y, joined(x, training=True))
-        joined_optimizer.apply_gradients(zip(tape.gradient(loss, joined.trainable_variables),
-                                             joined.trainable_variables))
+        joined_optimizer.apply_gradients(
+            zip(tape.gradient(loss, joined.trainable_variables), joined.trainable_variables)
+        )
     assert [len(v) for v in chain.stage_variables] == [4, 2]
     assert_all_close(split_model.trainable_variables, joined.trainable_variables, 1e-5)
 
@@ -197,8 +223,9 @@ def test_split_cut_out_of_range(at):
         tbptt.split_sequential(model, at=at)
 
 
-@pytest.mark.parametrize("stages,error", [([], TypeError), (None, TypeError),
-                                          ([keras.layers.Dense(1), "x"], TypeError)])
+@pytest.mark.parametrize(
+    "stages,error", [([], TypeError), (None, TypeError), ([keras.layers.Dense(1), "x"], TypeError)]
+)
 def test_bad_stages(stages, error):
     with pytest.raises(error, match="stages"):
         tbptt.StageChain(stages)
@@ -219,9 +246,14 @@ def test_reproduce_cnn_split():
     import subprocess
     import sys
     from pathlib import Path
-    out = subprocess.run([sys.executable, "-m", "tbptt._src.cli", "reproduce", "cnn-split"],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tbptt._src.cli", "reproduce", "cnn-split"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert out.stdout.count("valid  (rel. diff") == 6 and "INVALID" not in out.stdout
     assert "agreement" in out.stdout

@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from conftest import assert_all_close, l1_loss, make_sequence
 from references import forward, truncated_reference
+
+import tbptt
 
 K, WINDOW, WINDOWS = 3, 6, 4  # windows of two chunks; m = 4 reaches two windows back
 F64 = 1e-10
@@ -15,9 +15,16 @@ F64 = 1e-10
 
 def chain_for(m, backend="eager", **kwargs):
     cells = [keras.layers.GRUCell(5, dtype="float64"), keras.layers.LSTMCell(3, dtype="float64")]
-    return tbptt.RecurrentChain(cells, head=keras.layers.Dense(2, dtype="float64"), chunk_size=K,
-                                mode="truncated", backprop_chunks=m, backend=backend,
-                                dtype="float64", **kwargs)
+    return tbptt.RecurrentChain(
+        cells,
+        head=keras.layers.Dense(2, dtype="float64"),
+        chunk_size=K,
+        mode="truncated",
+        backprop_chunks=m,
+        backend=backend,
+        dtype="float64",
+        **kwargs,
+    )
 
 
 def stream(batch=2):
@@ -27,8 +34,9 @@ def stream(batch=2):
 
 
 def weighted_l1(y_true, y_pred, sample_weight):
-    return tf.reduce_sum(tf.cast(sample_weight, y_pred.dtype)[..., None]
-                         * tf.sqrt(tf.square(y_true - y_pred) + 1e-3))
+    return tf.reduce_sum(
+        tf.cast(sample_weight, y_pred.dtype)[..., None] * tf.sqrt(tf.square(y_true - y_pred) + 1e-3)
+    )
 
 
 def run_stream(chain, x, y, loss_fn=l1_loss, **per_step):
@@ -37,8 +45,12 @@ def run_stream(chain, x, y, loss_fn=l1_loss, **per_step):
     for start in range(0, x.shape[1], WINDOW):
         window = slice(start, start + WINDOW)
         result, carry = chain.stream_step(
-            x[:, window], y[:, window], loss_fn, carry,
-            **{name: value[:, window] for name, value in per_step.items()})
+            x[:, window],
+            y[:, window],
+            loss_fn,
+            carry,
+            **{name: value[:, window] for name, value in per_step.items()},
+        )
         loss += result.loss
         grads = result.grads if grads is None else [g + d for g, d in zip(grads, result.grads)]
     return loss, grads, carry, result
@@ -51,8 +63,9 @@ def test_stream_steps_equal_tbptt_over_the_whole_stream(m, backend):
     chain = chain_for(m, backend)
     loss, grads, carry, last = run_stream(chain, x, y)
     # TBPTT(K, mK) over the whole stream, written out with per-chunk tapes.
-    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, m,
-                                                 chain.initial_state(x.shape[0]))
+    ref_loss, ref_grads, _ = truncated_reference(
+        chain, x, y, l1_loss, m, chain.initial_state(x.shape[0])
+    )
     assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64, "per-chunk tapes")
     _, final_state = forward(chain, x)
     assert_all_close(last.final_state, final_state, F64, "final state")
@@ -66,8 +79,10 @@ def test_stream_without_the_context_is_different():
     x, y = stream()
     chain = chain_for(3)
     loss, grads, _, _ = run_stream(chain, x, y)
-    cold = [chain.value_and_gradients(x[:, s:s + WINDOW], y[:, s:s + WINDOW], l1_loss).grads
-            for s in range(0, x.shape[1], WINDOW)]
+    cold = [
+        chain.value_and_gradients(x[:, s : s + WINDOW], y[:, s : s + WINDOW], l1_loss).grads
+        for s in range(0, x.shape[1], WINDOW)
+    ]
     cold = [tf.add_n(list(parts)) for parts in zip(*cold)]
     assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(grads, cold)) > 1e-3
 
@@ -77,10 +92,12 @@ def test_hand_chained_final_state_grad_is_not_tbptt_for_m_3():
     """Why stream_step exists: m >= 3 ages cannot travel in one final_state_grad."""
     x, y = stream()
     chain = chain_for(3)
-    first = chain.value_and_gradients(x[:, WINDOW:], y[:, WINDOW:], l1_loss,
-                                      forward(chain, x[:, :WINDOW])[1])
-    second = chain.value_and_gradients(x[:, :WINDOW], y[:, :WINDOW], l1_loss,
-                                       final_state_grad=first.initial_state_grad)
+    first = chain.value_and_gradients(
+        x[:, WINDOW:], y[:, WINDOW:], l1_loss, forward(chain, x[:, :WINDOW])[1]
+    )
+    second = chain.value_and_gradients(
+        x[:, :WINDOW], y[:, :WINDOW], l1_loss, final_state_grad=first.initial_state_grad
+    )
     whole = chain.value_and_gradients(x, y, l1_loss)
     chained = [a + b for a, b in zip(first.grads, second.grads)]
     assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(chained, whole.grads)) > 1e-6
@@ -90,13 +107,16 @@ def test_hand_chained_final_state_grad_is_not_tbptt_for_m_3():
 def test_stream_with_flags_and_weights_equals_one_call():
     x, y = stream()
     rng = np.random.RandomState(0)
-    flags = {"sample_weight": rng.rand(*x.shape[:2]),
-             "reset": rng.rand(*x.shape[:2]) < 0.1,
-             "mask": rng.rand(*x.shape[:2]) < 0.9}
+    flags = {
+        "sample_weight": rng.rand(*x.shape[:2]),
+        "reset": rng.rand(*x.shape[:2]) < 0.1,
+        "mask": rng.rand(*x.shape[:2]) < 0.9,
+    }
     chain = chain_for(3)
     loss, grads, _, _ = run_stream(chain, x, y, weighted_l1, **flags)
-    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, weighted_l1, 3,
-                                                 chain.initial_state(x.shape[0]), **flags)
+    ref_loss, ref_grads, _ = truncated_reference(
+        chain, x, y, weighted_l1, 3, chain.initial_state(x.shape[0]), **flags
+    )
     assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64)
 
 
@@ -110,8 +130,9 @@ def test_only_the_cotangents_a_window_sends_back_are_pulled_back(monkeypatch):
     passes = _counted_backward_passes(monkeypatch)
     loss, grads, _, _ = run_stream(chain, x, y)
     assert len(passes) == 3 + 6 * (WINDOWS - 1)
-    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, 3,
-                                                 chain.initial_state(x.shape[0]))
+    ref_loss, ref_grads, _ = truncated_reference(
+        chain, x, y, l1_loss, 3, chain.initial_state(x.shape[0])
+    )
     assert_all_close([loss] + grads, [ref_loss] + ref_grads, F64, "per-chunk tapes")
 
 
@@ -123,8 +144,9 @@ def test_the_ages_no_loss_sent_are_not_pulled_back_in_one_call(monkeypatch):
     passes = _counted_backward_passes(monkeypatch)
     result = chain.value_and_gradients(x, y, l1_loss)
     assert x.shape[1] // K == 8 and len(passes) == 21
-    ref_loss, ref_grads, _ = truncated_reference(chain, x, y, l1_loss, 3,
-                                                 chain.initial_state(x.shape[0]))
+    ref_loss, ref_grads, _ = truncated_reference(
+        chain, x, y, l1_loss, 3, chain.initial_state(x.shape[0])
+    )
     assert_all_close([result.loss] + result.grads, [ref_loss] + ref_grads, F64)
 
 
@@ -155,11 +177,18 @@ def test_stream_refuses_windows_that_are_not_whole_chunks_and_goes_on():
     chain = chain_for(2)
     result, carry = chain.stream_step(x[:, :WINDOW], y[:, :WINDOW], l1_loss)
     with pytest.raises(ValueError, match="whole number of chunks"):
-        chain.stream_step(x[:, :WINDOW + 1], y[:, :WINDOW + 1], l1_loss, carry)
+        chain.stream_step(x[:, : WINDOW + 1], y[:, : WINDOW + 1], l1_loss, carry)
     with pytest.raises(ValueError, match="same arguments"):
-        chain.stream_step(x[:, :WINDOW], y[:, :WINDOW], l1_loss, carry,
-                          sample_weight=np.ones(x[:, :WINDOW].shape[:2]))
-    again, _ = chain.stream_step(x[:, WINDOW:2 * WINDOW], y[:, WINDOW:2 * WINDOW], l1_loss, carry)
+        chain.stream_step(
+            x[:, :WINDOW],
+            y[:, :WINDOW],
+            l1_loss,
+            carry,
+            sample_weight=np.ones(x[:, :WINDOW].shape[:2]),
+        )
+    again, _ = chain.stream_step(
+        x[:, WINDOW : 2 * WINDOW], y[:, WINDOW : 2 * WINDOW], l1_loss, carry
+    )
     assert np.isfinite(float(again.loss))
 
 
@@ -168,25 +197,57 @@ def _carry_after_one_window(chain):
     return chain.stream_step(x[:, :WINDOW], y[:, :WINDOW], l1_loss)[1], x, y
 
 
-@pytest.mark.parametrize("make,error,match", [
-    (lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], y[:, 6:], l1_loss, tuple(carry)),
-     TypeError, "carry must be the tbptt.StreamCarry"),
-    (lambda carry, x, y: tbptt.RecurrentChain(
-        [keras.layers.GRUCell(5, dtype="float64"), keras.layers.LSTMCell(3, dtype="float64")],
-        chunk_size=4, mode="truncated", backprop_chunks=2, dtype="float64").stream_step(
-            x[:, 4:8], y[:, 4:8], l1_loss, carry), ValueError, "another chunking"),
-    (lambda carry, x, y: chain_for(2).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry),
-     ValueError, r"holds 6 steps.*at most 1 of them \(3 steps\)"),
-    (lambda carry, x, y: chain_for(1).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry),
-     ValueError, "keeps none"),
-    (lambda carry, x, y: chain_for(3).stream_step(x[:1, 6:], y[:1, 6:], l1_loss, carry),
-     ValueError, "holds 2 streams, but this window has 1 rows"),
-    (lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], None, l1_loss, carry),
-     ValueError, "targets must be given"),
-    (lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry,
-                                                  sample_weight=np.ones([2, 6])),
-     ValueError, "same arguments"),
-])
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (
+            lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], y[:, 6:], l1_loss, tuple(carry)),
+            TypeError,
+            "carry must be the tbptt.StreamCarry",
+        ),
+        (
+            lambda carry, x, y: tbptt.RecurrentChain(
+                [
+                    keras.layers.GRUCell(5, dtype="float64"),
+                    keras.layers.LSTMCell(3, dtype="float64"),
+                ],
+                chunk_size=4,
+                mode="truncated",
+                backprop_chunks=2,
+                dtype="float64",
+            ).stream_step(x[:, 4:8], y[:, 4:8], l1_loss, carry),
+            ValueError,
+            "another chunking",
+        ),
+        (
+            lambda carry, x, y: chain_for(2).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry),
+            ValueError,
+            r"holds 6 steps.*at most 1 of them \(3 steps\)",
+        ),
+        (
+            lambda carry, x, y: chain_for(1).stream_step(x[:, 6:], y[:, 6:], l1_loss, carry),
+            ValueError,
+            "keeps none",
+        ),
+        (
+            lambda carry, x, y: chain_for(3).stream_step(x[:1, 6:], y[:1, 6:], l1_loss, carry),
+            ValueError,
+            "holds 2 streams, but this window has 1 rows",
+        ),
+        (
+            lambda carry, x, y: chain_for(3).stream_step(x[:, 6:], None, l1_loss, carry),
+            ValueError,
+            "targets must be given",
+        ),
+        (
+            lambda carry, x, y: chain_for(3).stream_step(
+                x[:, 6:], y[:, 6:], l1_loss, carry, sample_weight=np.ones([2, 6])
+            ),
+            ValueError,
+            "same arguments",
+        ),
+    ],
+)
 def test_a_carry_that_does_not_fit_the_chain_or_the_window_is_refused(make, error, match):
     """A carry of another chain (chunking, streams) would silently drop the window's first
     losses or splice other streams; each is named before anything runs."""

@@ -9,10 +9,12 @@ import tensorflow as tf
 
 tfa = pytest.importorskip("tensorflow_addons")
 
-import tbptt  # noqa: E402
 from conftest import assert_all_close, l1_loss, make_sequence  # noqa: E402
-from references import full_bptt
+from references import full_bptt  # noqa: E402
 from test_recurrent import truncated_reference  # noqa: E402
+
+import tbptt  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def float64_sublayers():
@@ -32,8 +34,13 @@ CELLS = {
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("kind", sorted(CELLS))
 def test_exact_equals_full_bptt(kind, backend):
-    chain = tbptt.RecurrentChain([CELLS[kind]()], head=tf.keras.layers.Dense(2, dtype="float64"),
-                                 chunk_size=4, backend=backend, dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [CELLS[kind]()],
+        head=tf.keras.layers.Dense(2, dtype="float64"),
+        chunk_size=4,
+        backend=backend,
+        dtype="float64",
+    )
     x, y = make_sequence(3, 11, 3, "float64"), make_sequence(3, 11, 2, "float64", offset=0.5)
     state = tf.nest.map_structure(lambda s: s + 0.2, chain.initial_state(3))
     result = chain.value_and_gradients(x, y, l1_loss, initial_state=state)
@@ -45,8 +52,9 @@ def test_exact_equals_full_bptt(kind, backend):
 
 @pytest.mark.parametrize("kind", sorted(CELLS))
 def test_truncated_equals_stop_gradient_reference(kind):
-    chain = tbptt.RecurrentChain([CELLS[kind]()], chunk_size=3, mode="truncated",
-                                 backprop_chunks=2, dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [CELLS[kind]()], chunk_size=3, mode="truncated", backprop_chunks=2, dtype="float64"
+    )
     x, y = make_sequence(2, 10, 3, "float64"), make_sequence(2, 10, 4, "float64", offset=0.5)
     state = chain.initial_state(2)
     result = chain.value_and_gradients(x, y, l1_loss, initial_state=state)

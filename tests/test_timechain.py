@@ -6,12 +6,10 @@ import pytest
 import tensorflow as tf
 
 import tbptt
-from tbptt._src.core import schedules
-from tbptt._src.recurrent import calls
 from tbptt._src.core import chain as chain_lib
-from tbptt._src.recurrent import losses
-from tbptt._src.recurrent import timechain
+from tbptt._src.core import schedules
 from tbptt._src.core import vjp as vjp_lib
+from tbptt._src.recurrent import calls, losses, timechain
 
 A, C = 0.8, 1.3
 
@@ -28,6 +26,7 @@ class LeakyCore(tf.Module):
         def step(x_t, s):
             s = self.a * s[0] + x_t
             return self.c * s, [s]
+
         return tbptt.unroll(step, x, state)
 
 
@@ -38,8 +37,9 @@ def function_core(module):
 def as_core(fn):
     """A plain `fn(x [B, K, F], state) -> (y [B, K, O], state)` with the core contract."""
 
-    def core(x, state, *, training=True, flags=None, with_outputs=True, loop=None,
-             draws=None, chunk=0):
+    def core(
+        x, state, *, training=True, flags=None, with_outputs=True, loop=None, draws=None, chunk=0
+    ):
         assert flags is None
         y, state = fn(x, list(state))
         return (y if with_outputs else None), list(state)
@@ -67,9 +67,14 @@ def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
 
     def compute():
         segments = timechain.segments(core, call, loss_fn, losses.Reduction("sum"), tf.float64)
-        return chain_lib.gradients(segments, s0, list(module.trainable_variables),
-                                   vjp_lib.get_linearize(backend), schedules.Exact(),
-                                   loss_dtype=tf.float64)
+        return chain_lib.gradients(
+            segments,
+            s0,
+            list(module.trainable_variables),
+            vjp_lib.get_linearize(backend),
+            schedules.Exact(),
+            loss_dtype=tf.float64,
+        )
 
     result = tf.function(compute)() if backend == "graph" else compute()
     with tf.GradientTape() as tape:
@@ -78,8 +83,9 @@ def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
         loss = loss_fn(y, outputs)
     grads, state_grad = tape.gradient(loss, [list(module.trainable_variables), s0])
     np.testing.assert_allclose(result.loss, loss, rtol=1e-12)
-    np.testing.assert_allclose([g.numpy() for g in result.grads],
-                               [g.numpy() for g in grads], rtol=1e-12)
+    np.testing.assert_allclose(
+        [g.numpy() for g in result.grads], [g.numpy() for g in grads], rtol=1e-12
+    )
     np.testing.assert_allclose(result.initial_carry_grad[0], state_grad[0], rtol=1e-12)
     np.testing.assert_allclose(result.final_carry[0], final[0], rtol=1e-12)
 

@@ -5,11 +5,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tbptt
 from cells import make_cells
 from conftest import assert_all_close, l1_loss, make_sequence
 from references import full_bptt, truncated_reference
+
+import tbptt
 
 # (mode, backend): the exact gradient on both backends, and truncation with m=2.
 EXECUTIONS = [("exact", "eager"), ("exact", "graph"), ("truncated", "eager")]
@@ -19,12 +19,21 @@ M = 2
 def make_chain(execution, chunk_size, kind="gru", features=3, head="dense", dtype="float64"):
     mode, backend = execution
     keras.utils.set_random_seed(5)
-    heads = {"dense": keras.layers.Dense(2, dtype=dtype), "none": None,
-             "zero": lambda top: 0.0 * top[..., :2],
-             "constant": lambda top: tf.zeros_like(top[..., :2])}
-    return tbptt.RecurrentChain(make_cells(kind, features, dtype), chunk_size=chunk_size,
-                                head=heads[head], mode=mode, backend=backend,
-                                backprop_chunks=M if mode == "truncated" else 1, dtype=dtype)
+    heads = {
+        "dense": keras.layers.Dense(2, dtype=dtype),
+        "none": None,
+        "zero": lambda top: 0.0 * top[..., :2],
+        "constant": lambda top: tf.zeros_like(top[..., :2]),
+    }
+    return tbptt.RecurrentChain(
+        make_cells(kind, features, dtype),
+        chunk_size=chunk_size,
+        head=heads[head],
+        mode=mode,
+        backend=backend,
+        backprop_chunks=M if mode == "truncated" else 1,
+        dtype=dtype,
+    )
 
 
 def reference(chain, x, y, loss_fn):
@@ -32,22 +41,26 @@ def reference(chain, x, y, loss_fn):
     if chain.mode == "exact":
         _, grads, _, state_grad = full_bptt(chain, x, y, loss_fn)
     else:
-        _, grads, state_grad = truncated_reference(chain, x, y, loss_fn, M,
-                                                   chain.initial_state(x.shape[0]))
+        _, grads, state_grad = truncated_reference(
+            chain, x, y, loss_fn, M, chain.initial_state(x.shape[0])
+        )
     zeros = lambda g, v: tf.zeros_like(v) if g is None else g  # noqa: E731
     return [zeros(g, v) for g, v in zip(grads, chain.trainable_variables)], state_grad
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
-@pytest.mark.parametrize("steps,chunk_size,batch,kind", [
-    (7, 1, 2, "lstm"),    # chunks of one step
-    (3, 10, 2, "gru"),    # T < chunk_size: one short chunk
-    (9, 4, 1, "stacked"),  # batch size 1, ragged last chunk
-    (1, 1, 1, "custom"),  # one step, one row
-])
+@pytest.mark.parametrize(
+    "steps,chunk_size,batch,kind",
+    [
+        (7, 1, 2, "lstm"),  # chunks of one step
+        (3, 10, 2, "gru"),  # T < chunk_size: one short chunk
+        (9, 4, 1, "stacked"),  # batch size 1, ragged last chunk
+        (1, 1, 1, "custom"),  # one step, one row
+    ],
+)
 def test_edge_shapes_match_the_reference(execution, steps, chunk_size, batch, kind):
     chain = make_chain(execution, chunk_size, kind)
-    x, y = make_sequence(batch, steps, 3, "float64"), make_sequence(batch, steps, 2, "float64", 1.)
+    x, y = make_sequence(batch, steps, 3, "float64"), make_sequence(batch, steps, 2, "float64", 1.0)
     result = chain.value_and_gradients(x, y, l1_loss)
     grads, state_grad = reference(chain, x, y, l1_loss)
     assert_all_close(result.grads, grads, 1e-10, "grads")
@@ -85,8 +98,12 @@ def test_resets_at_every_cut_make_the_chunks_independent(execution):
     ones = tf.nest.map_structure(tf.ones_like, chain.initial_state(2))
     result = chain.value_and_gradients(x, y, l1_loss, initial_state=ones, reset=reset)
     with tf.GradientTape() as tape:
-        total = tf.add_n([l1_loss(y[:, s:s + size], chain(x[:, s:s + size])[0])
-                          for s in range(0, steps, size)])
+        total = tf.add_n(
+            [
+                l1_loss(y[:, s : s + size], chain(x[:, s : s + size])[0])
+                for s in range(0, steps, size)
+            ]
+        )
     assert_all_close(result.grads, tape.gradient(total, chain.trainable_variables), 1e-10)
     assert not np.any(result.initial_state_grad[0].numpy())  # the reset at step 0 cuts it
 
@@ -97,8 +114,11 @@ def test_float64_throughout():
     chain = make_chain(("exact", "eager"), 4, "gru", features=2)
     x, y = make_sequence(1, 9, 2, "float64"), make_sequence(1, 9, 2, "float64", 1.0)
     result = chain.value_and_gradients(x, y, l1_loss)
-    returned = [result.loss] + result.grads + tf.nest.flatten(
-        [result.final_state, result.initial_state_grad])
+    returned = (
+        [result.loss]
+        + result.grads
+        + tf.nest.flatten([result.final_state, result.initial_state_grad])
+    )
     assert {t.dtype for t in returned} == {tf.float64}
     variable = chain.trainable_variables[1]  # the recurrent kernel: gradient through the cuts
     index, eps = (1, 2), 1e-6
@@ -112,7 +132,8 @@ def test_float64_throughout():
     variable.assign(values)
     finite_difference = (losses[0] - losses[1]) / (2 * eps)
     assert abs(result.grads[1].numpy()[index] - finite_difference) <= 1e-7 * max(
-        1.0, abs(finite_difference))
+        1.0, abs(finite_difference)
+    )
 
 
 @pytest.mark.slow
@@ -122,8 +143,10 @@ def test_float32_drift_over_10k_steps_stays_at_rounding_level():
     then over chunks). Measured: 1.4e-7 chunked, 1.8e-6 one tape (README, float32 drift)."""
     import sys
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import drift
+
     row = drift.measure(10_000)
     assert row["chunked_f64"] < 1e-12
     assert row["chunked_f32"] < min(1e-5, 2 * row["one_tape_f32"])

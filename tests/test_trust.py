@@ -7,11 +7,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_all_close, l1_loss, make_sequence, needs_keras3
+from references import full_bptt
 
 import tbptt
 from tbptt._src.core import compiling
-from conftest import assert_all_close, l1_loss, make_sequence, needs_keras3
-from references import full_bptt
 
 B, T, F = 2, 10, 3
 
@@ -23,8 +23,9 @@ def data(steps=T, outputs=2, dtype="float64"):
 def gru(head=None, **kwargs):
     kwargs.setdefault("chunk_size", 4)
     head = keras.layers.Dense(2, dtype="float64") if head is None else head
-    return tbptt.RecurrentChain([keras.layers.GRUCell(4, dtype="float64")], head=head,
-                                dtype="float64", **kwargs)
+    return tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4, dtype="float64")], head=head, dtype="float64", **kwargs
+    )
 
 
 # -- variables the chain cannot see, heads that look across steps ---------------------------------
@@ -44,19 +45,29 @@ def test_a_stage_function_over_a_layer_is_refused():
     dense = keras.layers.Dense(1)
     chain = tbptt.StageChain([keras.layers.Dense(3), lambda h: dense(h)])
     with pytest.raises(TypeError, match=r"stages\[1\] reads trainable variables"):
-        chain.value_and_gradients(np.ones([2, 4], "float32"), np.ones([2, 1], "float32"),
-                                  keras.losses.MeanSquaredError())
+        chain.value_and_gradients(
+            np.ones([2, 4], "float32"), np.ones([2, 1], "float32"), keras.losses.MeanSquaredError()
+        )
 
 
-@pytest.mark.parametrize("head,match", [
-    (lambda: keras.layers.Conv1D(2, 3, padding="causal", dtype="float64"), "looks across"),
-    (lambda: keras.Sequential([keras.layers.Dense(2, dtype="float64"),
-                               keras.layers.BatchNormalization(dtype="float64")]),
-     "BatchNormalization"),
-    (lambda: keras.layers.GRU(2, return_sequences=True, dtype="float64"), "looks across"),
-    (lambda: (lambda h: h[:, :-1]), "steps of its input"),
-    (lambda: (lambda h: {"y": h}), "one tensor"),
-])
+@pytest.mark.parametrize(
+    "head,match",
+    [
+        (lambda: keras.layers.Conv1D(2, 3, padding="causal", dtype="float64"), "looks across"),
+        (
+            lambda: keras.Sequential(
+                [
+                    keras.layers.Dense(2, dtype="float64"),
+                    keras.layers.BatchNormalization(dtype="float64"),
+                ]
+            ),
+            "BatchNormalization",
+        ),
+        (lambda: keras.layers.GRU(2, return_sequences=True, dtype="float64"), "looks across"),
+        (lambda: lambda h: h[:, :-1], "steps of its input"),
+        (lambda: lambda h: {"y": h}, "one tensor"),
+    ],
+)
 def test_heads_that_do_not_act_step_by_step_are_refused(head, match):
     x, y = data()
     with pytest.raises(ValueError, match=match):
@@ -74,14 +85,19 @@ class _MixesStepsInTraining(keras.layers.Layer):
 def test_a_part_that_mixes_steps_only_in_training_is_refused(part):
     """The chunked gradient runs the head and the inputs layer with training=True: they are
     checked so, their dropout drawing alike in the two runs compared."""
-    mixing = keras.Sequential([keras.layers.Dropout(0.3, dtype="float64"),
-                               keras.layers.Dense(2, dtype="float64"),
-                               _MixesStepsInTraining(dtype="float64")])
+    mixing = keras.Sequential(
+        [
+            keras.layers.Dropout(0.3, dtype="float64"),
+            keras.layers.Dense(2, dtype="float64"),
+            _MixesStepsInTraining(dtype="float64"),
+        ]
+    )
     x, y = data()
     with pytest.raises(ValueError, match="looks across time steps when training"):
         gru(**{part: mixing}).value_and_gradients(x, y, l1_loss)
-    fine = keras.Sequential([keras.layers.Dropout(0.3, dtype="float64"),
-                             keras.layers.Dense(2, dtype="float64")])
+    fine = keras.Sequential(
+        [keras.layers.Dropout(0.3, dtype="float64"), keras.layers.Dense(2, dtype="float64")]
+    )
     assert np.isfinite(gru(**{part: fine}).value_and_gradients(x, y, l1_loss).loss)
 
 
@@ -111,8 +127,9 @@ def test_threads_with_their_own_sources_get_their_own_results():
 def test_threads_making_the_first_call_build_the_variables_once():
     chain = gru()
     x, y = data()
-    threads = [threading.Thread(target=chain.value_and_gradients, args=(x, y, l1_loss))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=chain.value_and_gradients, args=(x, y, l1_loss)) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -153,8 +170,7 @@ def test_keras_losses_with_another_config_trace_apart():
 
 
 def test_stacked_lstm_states_must_have_their_structure():
-    chain = tbptt.RecurrentChain([keras.layers.LSTMCell(3), keras.layers.LSTMCell(3)],
-                                 chunk_size=4)
+    chain = tbptt.RecurrentChain([keras.layers.LSTMCell(3), keras.layers.LSTMCell(3)], chunk_size=4)
     x = make_sequence(B, T, F)
     (h1, c1), (h2, c2) = chain.initial_state(B)
     chain(x, ((h1, c1), (h2, c2)))
@@ -199,8 +215,9 @@ def test_tf1_boundary_states_must_feed_the_chunks_in_order():
         with pytest.raises(ValueError, match="chunk_losses\\[0\\] must be a scalar"):
             tbptt.compat.v1.backprop_chunks([s1, losses[1]], [s0, s1, s2], [w])
         with pytest.raises(ValueError, match="final_state_grad: entry 0 must have the shape"):
-            tbptt.compat.v1.backprop_chunks(losses, [s0, s1, s2], [w],
-                                            final_state_grad=tf.ones([3, 3]))
+            tbptt.compat.v1.backprop_chunks(
+                losses, [s0, s1, s2], [w], final_state_grad=tf.ones([3, 3])
+            )
 
 
 # -- fit -------------------------------------------------------------------------------------------
@@ -211,16 +228,21 @@ def test_fit_adds_weight_regularization_once_per_step_as_keras_does():
     x, y = (a.astype("float32") for a in data(steps=8))
     regularizer = keras.regularizers.L2(0.05)
     keras.utils.set_random_seed(3)
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4, kernel_regularizer=regularizer)],
-                                 head=keras.layers.Dense(2, kernel_regularizer=regularizer),
-                                 chunk_size=3)
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4, kernel_regularizer=regularizer)],
+        head=keras.layers.Dense(2, kernel_regularizer=regularizer),
+        chunk_size=3,
+    )
     model = tbptt.keras.ChunkedModel(chain)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     chain.build(x.shape)
-    plain = keras.Sequential([
-        keras.Input((None, F)),
-        keras.layers.GRU(4, return_sequences=True, kernel_regularizer=regularizer),
-        keras.layers.Dense(2, kernel_regularizer=regularizer)])
+    plain = keras.Sequential(
+        [
+            keras.Input((None, F)),
+            keras.layers.GRU(4, return_sequences=True, kernel_regularizer=regularizer),
+            keras.layers.Dense(2, kernel_regularizer=regularizer),
+        ]
+    )
     for target, source in zip(plain.trainable_variables, chain.trainable_variables):
         target.assign(source)
     plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
@@ -232,8 +254,11 @@ def test_fit_adds_weight_regularization_once_per_step_as_keras_does():
 
 @needs_keras3
 def test_fit_refuses_activity_regularizers():
-    chain = tbptt.RecurrentChain([keras.layers.GRUCell(4)], chunk_size=3,
-                                 head=keras.layers.Dense(2, activity_regularizer="l2"))
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4)],
+        chunk_size=3,
+        head=keras.layers.Dense(2, activity_regularizer="l2"),
+    )
     with pytest.raises(ValueError, match="activity regularizer"):
         tbptt.keras.ChunkedModel(chain)
 
@@ -245,8 +270,13 @@ def test_a_stream_checkpoint_is_refused_by_another_chunking(tmp_path):
 
     def model(chunk_size):
         keras.utils.set_random_seed(2)
-        chain = tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2), chunk_size=chunk_size,
-                                       mode="truncated", backprop_chunks=2)
+        chain = tbptt.StatefulGRUChain(
+            4,
+            head=keras.layers.Dense(2),
+            chunk_size=chunk_size,
+            mode="truncated",
+            backprop_chunks=2,
+        )
         m = tbptt.keras.ChunkedModel(chain, stateful=True)
         m.compile(optimizer="sgd", loss="mse")
         return m
@@ -269,11 +299,18 @@ def test_stage_randomness_outside_keras_is_refused_with_recompute():
     x, y = np.ones([2, 4], "float32"), np.zeros([2, 1], "float32")
     mse = keras.losses.MeanSquaredError()
     with pytest.raises(ValueError, match="another result when run again"):
-        tbptt.StageChain([keras.layers.Dense(3), lambda h: h + generator.normal(tf.shape(h)),
-                          keras.layers.Dense(1)], recompute=True).value_and_gradients(x, y, mse)
+        tbptt.StageChain(
+            [
+                keras.layers.Dense(3),
+                lambda h: h + generator.normal(tf.shape(h)),
+                keras.layers.Dense(1),
+            ],
+            recompute=True,
+        ).value_and_gradients(x, y, mse)
     # Keras's own randomness is restored before the re-run: allowed, and exact.
-    chain = tbptt.StageChain([keras.layers.Dense(3), keras.layers.Dropout(0.5),
-                              keras.layers.Dense(1)], recompute=True)
+    chain = tbptt.StageChain(
+        [keras.layers.Dense(3), keras.layers.Dropout(0.5), keras.layers.Dense(1)], recompute=True
+    )
     assert np.isfinite(float(chain.value_and_gradients(x, y, mse).loss))
 
 
@@ -285,10 +322,13 @@ class ShortStateCell(keras.layers.Layer):
         return h, [h]
 
 
-@pytest.mark.parametrize("cells,error,match", [
-    (lambda: [keras.layers.GRU(3)], TypeError, "pass its cell"),
-    (lambda: [ShortStateCell()], ValueError, "state_size 5 says"),
-])
+@pytest.mark.parametrize(
+    "cells,error,match",
+    [
+        (lambda: [keras.layers.GRU(3)], TypeError, "pass its cell"),
+        (lambda: [ShortStateCell()], ValueError, "state_size 5 says"),
+    ],
+)
 def test_cells_that_cannot_work_are_named(cells, error, match):
     with pytest.raises(error, match=match):
         tbptt.RecurrentChain(cells(), chunk_size=3)(make_sequence(B, T, F))
@@ -387,8 +427,7 @@ def _twice(change):
     first = chain.value_and_gradients(x, y, loss_fn)
     loss_fn, _ = change(first=False)
     second = chain.value_and_gradients(x, y, loss_fn)
-    np.testing.assert_allclose(float(second.loss), expected_ratio * float(first.loss),
-                               rtol=1e-12)
+    np.testing.assert_allclose(float(second.loss), expected_ratio * float(first.loss), rtol=1e-12)
 
 
 def test_an_array_changed_in_place_in_a_loss_is_seen():
@@ -399,6 +438,7 @@ def test_an_array_changed_in_place_in_a_loss_is_seen():
         if not first:
             weights[:] = 3.0  # in place: the same array object
         return loss, 3.0
+
     _twice(change)
 
 
@@ -409,6 +449,7 @@ def test_a_tensor_attribute_replaced_and_a_closed_over_list_mutated_are_seen():
         if not first:
             loss.weights = 3.0 * tf.ones([2], tf.float64)
         return loss, 3.0
+
     _twice(replace)
     scales = [1.0]
     closing = lambda y_true, y_pred: scales[0] * l1_loss(y_true, y_pred)  # noqa: E731
@@ -417,6 +458,7 @@ def test_a_tensor_attribute_replaced_and_a_closed_over_list_mutated_are_seen():
         if not first:
             scales[0] = 3.0
         return closing, 3.0
+
     _twice(mutate)
 
 
@@ -477,8 +519,11 @@ def test_an_unknown_feature_size_inside_a_tf_function_is_named():
     with pytest.raises(ValueError, match="known feature size"):
         forward(make_sequence(B, T, F, "float64"))
     chain.build([None, None, F])
-    np.testing.assert_allclose(forward(make_sequence(B, T, F, "float64")),
-                               chain(make_sequence(B, T, F, "float64"))[0], rtol=1e-12)
+    np.testing.assert_allclose(
+        forward(make_sequence(B, T, F, "float64")),
+        chain(make_sequence(B, T, F, "float64"))[0],
+        rtol=1e-12,
+    )
 
 
 # -- ways past the refusal checks, closed ----------------------------------------------------
@@ -508,8 +553,7 @@ def test_a_part_reading_unlisted_variables_only_in_training_is_refused():
     hidden = tf.Variable(2.0, dtype=tf.float64)
     x, y = data()
     with pytest.raises(TypeError, match="reads trainable variables that it does not list"):
-        gru(head=TrainingOnlyHidden(hidden, dtype="float64")).value_and_gradients(x, y,
-                                                                                 l1_loss)
+        gru(head=TrainingOnlyHidden(hidden, dtype="float64")).value_and_gradients(x, y, l1_loss)
 
 
 def test_the_ownership_check_leaves_moving_statistics_and_seeds_as_they_were():
@@ -519,11 +563,16 @@ def test_the_ownership_check_leaves_moving_statistics_and_seeds_as_they_were():
     chain = gru(head=head)
     chain.build([None, None, F])
     before = [v.numpy().copy() for v in head.non_trainable_variables]
-    fresh = keras.Sequential([keras.layers.Dense(2, dtype="float64"),
-                              keras.layers.GaussianNoise(0.1, seed=3, dtype="float64")])
+    fresh = keras.Sequential(
+        [
+            keras.layers.Dense(2, dtype="float64"),
+            keras.layers.GaussianNoise(0.1, seed=3, dtype="float64"),
+        ]
+    )
     fresh.build([None, None, 4])
     assert [v.numpy().tolist() for v in fresh.non_trainable_variables] == [
-        b.tolist() for b in before]
+        b.tolist() for b in before
+    ]
 
 
 def test_layers_frozen_before_the_first_call_are_held_back():

@@ -10,15 +10,17 @@ Episodes (RL rollouts, recordings) are packed end to end into the B lanes instea
 the last episode of a lane.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from tbptt._src.core import checks
 
-EPISODES_MSG = ("episodes must be a non-empty sequence of arrays [T_i, ...] with the same "
-                "trailing shape, got {value}.")
+EPISODES_MSG = (
+    "episodes must be a non-empty sequence of arrays [T_i, ...] with the same "
+    "trailing shape, got {value}."
+)
 
 
 def lanes(stream, batch_size: int) -> np.ndarray:
@@ -32,11 +34,12 @@ def lanes(stream, batch_size: int) -> np.ndarray:
     if stream.ndim == 0:
         raise ValueError("stream must have a time axis first (shape [N, ...]), got a scalar.")
     length = stream.shape[0] // checks.positive_int("batch_size", batch_size)
-    return stream[:batch_size * length].reshape((batch_size, length) + stream.shape[1:])
+    return stream[: batch_size * length].reshape((batch_size, length) + stream.shape[1:])
 
 
-def stream_windows(inputs, targets=None, *, batch_size: int, window: int,
-                   drop_remainder: bool = True) -> tf.data.Dataset:
+def stream_windows(
+    inputs, targets=None, *, batch_size: int, window: int, drop_remainder: bool = True
+) -> tf.data.Dataset:
     """One long stream as consecutive ``[B, window, ...]`` batches (see the module docstring).
 
     Args:
@@ -60,15 +63,18 @@ def stream_windows(inputs, targets=None, *, batch_size: int, window: int,
     inputs = np.asarray(inputs)
     steps = inputs.shape[0] if inputs.ndim else 0
     if steps < batch_size * window:
-        raise ValueError(f"inputs has {steps} steps, too few for batch_size={batch_size} lanes "
-                         f"of at least one window of {window} steps (needs >= "
-                         f"{batch_size * window}).")
+        raise ValueError(
+            f"inputs has {steps} steps, too few for batch_size={batch_size} lanes "
+            f"of at least one window of {window} steps (needs >= "
+            f"{batch_size * window})."
+        )
     arrays = [lanes(inputs, batch_size)]
     if targets is not None:
         targets = np.asarray(targets)
         if targets.ndim == 0 or targets.shape[0] != steps:
-            raise ValueError(f"targets must have the {steps} steps of the stream, got "
-                             f"{targets.shape[:1]}.")
+            raise ValueError(
+                f"targets must have the {steps} steps of the stream, got {targets.shape[:1]}."
+            )
         arrays.append(lanes(targets, batch_size))
     return _windows(arrays, window, drop_remainder)
 
@@ -94,8 +100,9 @@ def batchify(tokens, *, batch_size: int, window: int) -> tf.data.Dataset:
     return stream_windows(tokens[:-1], tokens[1:], batch_size=batch_size, window=window)
 
 
-def episode_windows(episodes: Sequence, targets: Optional[Sequence] = None, *, batch_size: int,
-                    window: int) -> tf.data.Dataset:
+def episode_windows(
+    episodes: Sequence, targets: Sequence | None = None, *, batch_size: int, window: int
+) -> tf.data.Dataset:
     """Episodes packed end to end into B lanes, as consecutive windows with reset flags.
 
     Each episode goes to the lane that is shortest so far; a lane's episodes follow each other
@@ -120,26 +127,14 @@ def episode_windows(episodes: Sequence, targets: Optional[Sequence] = None, *, b
     batch_size = checks.positive_int("batch_size", batch_size)
     window = checks.positive_int("window", window)
     episodes = _episodes(episodes)
-    if targets is not None:
-        targets = [np.asarray(t) for t in targets]
-        if len(targets) != len(episodes) or any(
-                t.ndim == 0 or t.shape[0] != e.shape[0] for t, e in zip(targets, episodes)):
-            index = next((i for i, (t, e) in enumerate(zip(targets, episodes))
-                          if t.ndim == 0 or t.shape[0] != e.shape[0]), len(targets))
-            steps = episodes[min(index, len(episodes) - 1)].shape[0]
-            got = targets[index].shape[:1] if index < len(targets) else "missing"
-            raise ValueError("targets must be one array per episode with the episode's length: "
-                             f"episode {index} has {steps} steps, its targets {got}.")
-    order = [[] for _ in range(batch_size)]
-    lengths = [0] * batch_size
-    for index, episode in enumerate(episodes):
-        lane = int(np.argmin(lengths))
-        order[lane].append(index)
-        lengths[lane] += episode.shape[0]
-    padded = -(-max(lengths) // window) * window
-    arrays = {"inputs": _pack_lanes(episodes, order, padded),
-              "reset": _lane_flags(episodes, order, padded, first_only=True),
-              "mask": _lane_flags(episodes, order, padded, first_only=False)}
+    targets = None if targets is None else _episode_targets(targets, episodes)
+    order, longest = _lanes_of(episodes, batch_size)
+    padded = -(-longest // window) * window
+    arrays = {
+        "inputs": _pack_lanes(episodes, order, padded),
+        "reset": _lane_flags(episodes, order, padded, first_only=True),
+        "mask": _lane_flags(episodes, order, padded, first_only=False),
+    }
     if targets is None:
         return _windows([arrays], window, drop_remainder=False)
     return _windows([arrays, _pack_lanes(targets, order, padded)], window, drop_remainder=False)
@@ -157,10 +152,15 @@ def last_step_weights(lengths, steps: int) -> np.ndarray:
     """
     lengths = np.asarray(lengths)
     steps = checks.positive_int("steps", steps)
-    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or (
-            lengths.size and (lengths.min() < 1 or lengths.max() > steps)):
-        raise ValueError(f"lengths must be one whole number per sequence, each in [1, "
-                         f"steps={steps}], got {lengths.tolist()!r}.")
+    if (
+        lengths.ndim != 1
+        or not np.issubdtype(lengths.dtype, np.integer)
+        or (lengths.size and (lengths.min() < 1 or lengths.max() > steps))
+    ):
+        raise ValueError(
+            f"lengths must be one whole number per sequence, each in [1, "
+            f"steps={steps}], got {lengths.tolist()!r}."
+        )
     weights = np.zeros([lengths.size, steps], "float32")
     weights[np.arange(lengths.size), lengths - 1] = 1.0
     return weights
@@ -171,10 +171,41 @@ def _episodes(episodes) -> list:
         episodes = [np.asarray(e) for e in episodes]
     except TypeError:
         raise ValueError(EPISODES_MSG.format(value=type(episodes).__name__)) from None
-    if not episodes or any(e.ndim < 1 or e.shape[0] == 0 or e.shape[1:] != episodes[0].shape[1:]
-                           for e in episodes):
+    if not episodes or any(
+        e.ndim < 1 or e.shape[0] == 0 or e.shape[1:] != episodes[0].shape[1:] for e in episodes
+    ):
         raise ValueError(EPISODES_MSG.format(value=[e.shape for e in episodes]))
     return episodes
+
+
+def _episode_targets(targets: Sequence, episodes: list) -> list:
+    """One target array per episode, each with the episode's length, checked."""
+    targets = [np.asarray(t) for t in targets]
+    wrong = [
+        i
+        for i, (t, e) in enumerate(zip(targets, episodes))
+        if t.ndim == 0 or t.shape[0] != e.shape[0]
+    ]
+    if len(targets) != len(episodes) or wrong:
+        index = wrong[0] if wrong else len(targets)
+        steps = episodes[min(index, len(episodes) - 1)].shape[0]
+        got = targets[index].shape[:1] if index < len(targets) else "missing"
+        raise ValueError(
+            "targets must be one array per episode with the episode's length: "
+            f"episode {index} has {steps} steps, its targets {got}."
+        )
+    return targets
+
+
+def _lanes_of(episodes: list, lanes: int) -> tuple:
+    """``(the episodes' indices in each lane, the longest lane's steps)``: each episode goes to
+    the lane shortest so far."""
+    order, lengths = [[] for _ in range(lanes)], [0] * lanes
+    for index, episode in enumerate(episodes):
+        lane = int(np.argmin(lengths))
+        order[lane].append(index)
+        lengths[lane] += episode.shape[0]
+    return order, max(lengths)
 
 
 def _pack_lanes(arrays: list, order: list, padded: int) -> np.ndarray:
@@ -183,7 +214,7 @@ def _pack_lanes(arrays: list, order: list, padded: int) -> np.ndarray:
     for lane, indices in enumerate(order):
         start = 0
         for index in indices:
-            out[lane, start:start + arrays[index].shape[0]] = arrays[index]
+            out[lane, start : start + arrays[index].shape[0]] = arrays[index]
             start += arrays[index].shape[0]
     return out
 
@@ -195,7 +226,7 @@ def _lane_flags(episodes: list, order: list, padded: int, *, first_only: bool) -
         start = 0
         for index in indices:
             length = episodes[index].shape[0]
-            flags[lane, start:start + (1 if first_only else length)] = True
+            flags[lane, start : start + (1 if first_only else length)] = True
             start += length
     return flags
 
@@ -207,12 +238,12 @@ def _windows(arrays: list, window: int, drop_remainder: bool) -> tf.data.Dataset
     full = length // window
 
     def whole(a):  # [B, L, ...] -> [full, B, W, ...]
-        a = a[:, :full * window].reshape((a.shape[0], full, window) + a.shape[2:])
+        a = a[:, : full * window].reshape((a.shape[0], full, window) + a.shape[2:])
         return np.swapaxes(a, 0, 1)
 
     structure = arrays[0] if len(arrays) == 1 else tuple(arrays)
     dataset = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(whole, structure))
     if not drop_remainder and length % window:
-        last = tf.nest.map_structure(lambda a: a[:, full * window:], structure)
+        last = tf.nest.map_structure(lambda a: a[:, full * window :], structure)
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(last))
     return dataset

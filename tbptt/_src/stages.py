@@ -7,24 +7,23 @@ stage, never a Jacobian). The result equals one tape over the joined model.
 
 import contextlib
 import functools
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import tensorflow as tf
 
 from tbptt._src.core import chain as chain_lib
-from tbptt._src.core import checks
-from tbptt._src.core import compat
-from tbptt._src.core import compiling
-from tbptt._src.core import serialization
-from tbptt._src.core import schedules
+from tbptt._src.core import checks, compat, compiling, numerics, schedules, segments, serialization
 from tbptt._src.core import vjp as vjp_lib
 from tbptt._src.core.types import LossFn
 
 keras = compat.keras
 
-SPLIT_LINEAR_MSG = ("the model is not a linear chain: layer {index} ({name}) {why}. Only a model "
-                    "whose layers each take the previous layer's single output can be cut; "
-                    "build the stages yourself and pass them to tbptt.StageChain.")
+SPLIT_LINEAR_MSG = (
+    "the model is not a linear chain: layer {index} ({name}) {why}. Only a model "
+    "whose layers each take the previous layer's single output can be cut; "
+    "build the stages yourself and pass them to tbptt.StageChain."
+)
 
 
 class StageResult(NamedTuple):
@@ -63,9 +62,17 @@ class StageChain(tf.Module):
     ([(2, 4)], (2, 3))
     """
 
-    def __init__(self, stages: Sequence, *, backend: str = "eager", recompute: bool = False,
-                 devices: Optional[Sequence[Optional[str]]] = None, compiled: bool = True,
-                 check_numerics: bool = False, name: Optional[str] = None):
+    def __init__(
+        self,
+        stages: Sequence,
+        *,
+        backend: str = "eager",
+        recompute: bool = False,
+        devices: Sequence[str | None] | None = None,
+        compiled: bool = True,
+        check_numerics: bool = False,
+        name: str | None = None,
+    ):
         """Creates the chain.
 
         Args:
@@ -85,12 +92,15 @@ class StageChain(tf.Module):
         """
         super().__init__(name=name)
         if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
-            raise TypeError("stages must be a non-empty sequence of Keras layers/models or "
-                            f"callables, got {stages!r}.")
+            raise TypeError(
+                "stages must be a non-empty sequence of Keras layers/models or "
+                f"callables, got {stages!r}."
+            )
         for index, stage in enumerate(stages):
             if not callable(stage):
-                raise TypeError(f"stages[{index}] must be a Keras layer/model or a callable, got "
-                                f"{stage!r}.")
+                raise TypeError(
+                    f"stages[{index}] must be a Keras layer/model or a callable, got {stage!r}."
+                )
         devices = _checked_devices(devices, len(stages))
         self._stages = list(stages)
         self._backend = checks.choice("backend", backend, vjp_lib.BACKENDS)
@@ -109,9 +119,13 @@ class StageChain(tf.Module):
 
     def get_config(self) -> dict:
         """Keras's config of a chain of Keras layers: the architecture and the options."""
-        options = {"backend": self._backend, "recompute": self._recompute,
-                   "devices": self._devices, "compiled": self._compiled,
-                   "check_numerics": self._check_numerics}
+        options = {
+            "backend": self._backend,
+            "recompute": self._recompute,
+            "devices": self._devices,
+            "compiled": self._compiled,
+            "check_numerics": self._check_numerics,
+        }
         return serialization.stages_config(self._stages, options, self.name)
 
     @classmethod
@@ -133,8 +147,7 @@ class StageChain(tf.Module):
         `stage_variables`: `for opt, g, v in zip(optimizers, chain.split_grads(result.grads),
         chain.stage_variables): opt.apply_gradients(zip(g, v))`."""
         by_id = {id(v): g for v, g in zip(self.trainable_variables, grads)}
-        return [[by_id[id(v)] for v in stage_variables]
-                for stage_variables in self.stage_variables]
+        return [[by_id[id(v)] for v in stage_variables] for stage_variables in self.stage_variables]
 
     def build(self, input_shape, dtype=None) -> None:
         """Creates the stages' variables with one eager forward pass on zeros of `input_shape`
@@ -168,37 +181,18 @@ class StageChain(tf.Module):
                 for index in range(len(self._stages)):
                     output = self._run_stage(index, value, training=False)  # builds it
                     if self._recompute:
-                        self._check_reruns_alike(index, value)
+                        run = functools.partial(self._run_stage, index, training=True)
+                        _check_reruns_alike(self._stages[index], index, value, run)
                     value = output
             # Again outside init_scope, which pauses tapes: which variables does a stage read?
             value = zeros
             for index, stage in enumerate(self._stages):
                 value = compat.check_owns_its_variables(
-                    f"stages[{index}]", stage,
-                    functools.partial(self._run_stage, index, value, training=False))
+                    f"stages[{index}]",
+                    stage,
+                    functools.partial(self._run_stage, index, value, training=False),
+                )
             self._built = True
-
-    def _check_reruns_alike(self, index: int, value) -> None:
-        """With recompute, a stage runs twice per step: the re-run must compute what the first
-        run did. Keras layers' random seeds and statistics are restored before it; randomness
-        from elsewhere (a tf.random.Generator, tf.random.uniform) would be drawn again."""
-        value = tf.nest.map_structure(
-            lambda v: tf.cast(tf.random.stateless_normal(tf.shape(v), [3, 5]), v.dtype)
-            if v.dtype.is_floating else v, value)
-        saved = {}
-        runs = []
-        for _ in range(2):
-            self._snapshot_or_restore(index, saved)
-            runs.append(tf.nest.flatten(self._run_stage(index, value, training=True)))
-        self._snapshot_or_restore(index, saved)
-        if any(a.dtype.is_floating and not bool(tf.reduce_all(tf.equal(a, b)))
-               for a, b in zip(*runs)):
-            raise ValueError(
-                f"stages[{index}] gives another result when run again on the same input, so "
-                "recompute=True (which re-runs it in the backward pass) would differentiate "
-                "another function. Draw its randomness from Keras layers (Dropout, "
-                "GaussianNoise), whose seeds are restored before the re-run, or use "
-                "recompute=False.")
 
     @tf.autograph.experimental.do_not_convert
     def value_and_gradients(self, x, y, loss_fn: LossFn, sample_weight=None) -> StageResult:
@@ -215,27 +209,32 @@ class StageChain(tf.Module):
         """
         loss_fn = checks.loss_function(loss_fn, with_weight=sample_weight is not None)
         if self._check_numerics:
-            checks.outside_xla("check_numerics=True", "its assertions would be left out. "
-                               "Check numerics in a call outside jit_compile.")
+            checks.outside_xla(
+                "check_numerics=True",
+                "its assertions would be left out. Check numerics in a call outside jit_compile.",
+            )
         x = checks.as_tensor("x", x)
         if x.shape.rank == 0:
-            raise ValueError("x must have a batch axis first (shape [batch, ...]), got a "
-                             "scalar (shape []).")
+            raise ValueError(
+                "x must have a batch axis first (shape [batch, ...]), got a scalar (shape [])."
+            )
         args = {"x": x, "y": checks.batch_like("y", y, x)}
         if sample_weight is not None:
             args["sample_weight"] = checks.batch_like("sample_weight", sample_weight, x)
         self._build_for(x)
-        fn = self._functions.get("value_and_gradients", self._gradients_impl, loss_fn,
-                                 self._compiled, recorded=False)
+        fn = self._functions.get(
+            "value_and_gradients", self._gradients_impl, loss_fn, self._compiled, recorded=False
+        )
         loss, grads, boundary_grads, input_grad, non_finite = fn(args)
         if non_finite is not None:
-            loss, grads = checks.report_non_finite(non_finite, (loss, grads), unit="stage",
-                                                   carried="activation")
+            loss, grads = checks.report_non_finite(
+                non_finite, (loss, grads), unit="stage", carried="activation"
+            )
         return StageResult(loss, grads, boundary_grads, input_grad)
 
     def _gradients_impl(self, args: dict, loss_fn: LossFn):
         structures = {}  # nest structure of each stage's input, recorded in the forward pass
-        saved = {}       # non-trainable values of each stage before its first run (recompute)
+        saved = {}  # non-trainable values of each stage before its first run (recompute)
 
         def stage_fn(index):
             last = index == len(self._stages) - 1
@@ -243,53 +242,97 @@ class StageChain(tf.Module):
             def run(flat):
                 value = tf.nest.pack_sequence_as(structures[index], flat)
                 if self._recompute:
-                    self._snapshot_or_restore(index, saved)
+                    _snapshot_or_restore(self._stages[index], index, saved)
                 out = self._run_stage(index, value, training=True)
                 if not last:
                     structures[index + 1] = out
                     return None, tf.nest.flatten(out)
-                loss_args = [args["y"], out] + ([args["sample_weight"]]
-                                                 if "sample_weight" in args else [])
+                loss_args = [args["y"], out] + (
+                    [args["sample_weight"]] if "sample_weight" in args else []
+                )
                 return checks.scalar_loss(loss_fn(*loss_args)), []
+
             return run
 
         structures[0] = args["x"]
         linearized, found = chain_lib.static_forward(
-            [stage_fn(i) for i in range(len(self._stages))], tf.nest.flatten(args["x"]),
-            self.stage_variables, vjp_lib.get_linearize(self._backend),
-            recompute=self._recompute, check=self._check_numerics)
-        result = chain_lib.static_backward(linearized, schedules.Exact(),
-                                           chain_lib.loss_dtype_for(args["x"].dtype))
+            [stage_fn(i) for i in range(len(self._stages))],
+            tf.nest.flatten(args["x"]),
+            self.stage_variables,
+            vjp_lib.get_linearize(self._backend),
+            recompute=self._recompute,
+            check=self._check_numerics,
+        )
+        result = chain_lib.static_backward(
+            linearized, schedules.Exact(), segments.loss_dtype_for(args["x"].dtype)
+        )
         if self._check_numerics:
             for k, (carry_grad, grads) in enumerate(zip(result.carry_grads, result.grads)):
-                found = chain_lib.note_non_finite(found, k, state_grad=carry_grad, grads=grads)
-        carried = [tf.nest.pack_sequence_as(structures[k], g)
-                   for k, g in enumerate(result.carry_grads)]
-        return (result.loss, self._merge(result.grads), carried[1:], carried[0],
-                found if self._check_numerics else None)
-
-    def _snapshot_or_restore(self, index: int, saved: dict) -> None:
-        """First run of a stage: remember its non-trainable variables (BatchNorm statistics,
-        Keras 3 seed generators); the re-run restores them first, so it draws the same dropout
-        mask and the statistics are updated once."""
-        variables = [v for v in getattr(self._stages[index], "non_trainable_variables", [])]
-        if index not in saved:
-            saved[index] = [tf.identity(v) for v in variables]
-        else:
-            for v, value in zip(variables, saved[index]):
-                v.assign(value)
-
-    def _merge(self, stage_grads: list) -> list:
-        """Per-stage gradients summed into `trainable_variables` order."""
-        totals = {}
-        for stage_variables, grads in zip(self.stage_variables, stage_grads):
-            for v, g in zip(stage_variables, grads):
-                totals[id(v)] = g if id(v) not in totals else totals[id(v)] + g
-        return [totals[id(v)] for v in self.trainable_variables]
+                found = numerics.note_non_finite(found, k, state_grad=carry_grad, grads=grads)
+        carried = [
+            tf.nest.pack_sequence_as(structures[k], g) for k, g in enumerate(result.carry_grads)
+        ]
+        return (
+            result.loss,
+            _merge(self.stage_variables, self.trainable_variables, result.grads),
+            carried[1:],
+            carried[0],
+            found if self._check_numerics else None,
+        )
 
     @property
     def trace_count(self) -> int:
         return self._functions.trace_count
+
+
+def _check_reruns_alike(stage, index: int, value, run) -> None:
+    """With recompute, a stage runs twice per step: the re-run must compute what the first
+    run did. Keras layers' random seeds and statistics are restored before it; randomness
+    from elsewhere (a tf.random.Generator, tf.random.uniform) would be drawn again.
+    `run(value)` runs the stage as the chain runs it (training, on its device)."""
+    value = tf.nest.map_structure(
+        lambda v: (
+            tf.cast(tf.random.stateless_normal(tf.shape(v), [3, 5]), v.dtype)
+            if v.dtype.is_floating
+            else v
+        ),
+        value,
+    )
+    saved = {}
+    runs = []
+    for _ in range(2):
+        _snapshot_or_restore(stage, index, saved)
+        runs.append(tf.nest.flatten(run(value)))
+    _snapshot_or_restore(stage, index, saved)
+    if any(a.dtype.is_floating and not bool(tf.reduce_all(tf.equal(a, b))) for a, b in zip(*runs)):
+        raise ValueError(
+            f"stages[{index}] gives another result when run again on the same input, so "
+            "recompute=True (which re-runs it in the backward pass) would differentiate "
+            "another function. Draw its randomness from Keras layers (Dropout, "
+            "GaussianNoise), whose seeds are restored before the re-run, or use "
+            "recompute=False."
+        )
+
+
+def _snapshot_or_restore(stage, index: int, saved: dict) -> None:
+    """First run of a stage: remember its non-trainable variables (BatchNorm statistics,
+    Keras 3 seed generators); the re-run restores them first, so it draws the same dropout
+    mask and the statistics are updated once."""
+    variables = list(getattr(stage, "non_trainable_variables", []))
+    if index not in saved:
+        saved[index] = [tf.identity(v) for v in variables]
+    else:
+        for v, value in zip(variables, saved[index]):
+            v.assign(value)
+
+
+def _merge(stage_variables: list, variables: list, stage_grads: list) -> list:
+    """Per-stage gradients summed into `trainable_variables` order."""
+    totals = {}
+    for own, grads in zip(stage_variables, stage_grads):
+        for v, g in zip(own, grads):
+            totals[id(v)] = g if id(v) not in totals else totals[id(v)] + g
+    return [totals[id(v)] for v in variables]
 
 
 def split_sequential(model, at: Sequence[int]) -> list:
@@ -317,15 +360,24 @@ def split_sequential(model, at: Sequence[int]) -> list:
     (True, True)
     """
     if not isinstance(model, keras.Model):
-        raise TypeError("split_sequential needs a keras.Sequential or a functional model that is "
-                        f"a linear chain, got {model!r}.")
+        raise TypeError(
+            "split_sequential needs a keras.Sequential or a functional model that is "
+            f"a linear chain, got {model!r}."
+        )
     layers = _linear_layers(model)
     cuts = list(at) if not checks.is_int(at) else [at]
-    if (not cuts or not all(checks.is_int(c) for c in cuts)
-            or cuts != sorted(set(cuts)) or cuts[0] <= 0 or cuts[-1] >= len(layers)):
-        raise ValueError("at must be increasing layer indices strictly between 0 and "
-                         f"{len(layers)} (the model has {len(layers)} layers: cut i starts a new "
-                         f"piece at model.layers[i]), got {at!r}.")
+    if (
+        not cuts
+        or not all(checks.is_int(c) for c in cuts)
+        or cuts != sorted(set(cuts))
+        or cuts[0] <= 0
+        or cuts[-1] >= len(layers)
+    ):
+        raise ValueError(
+            "at must be increasing layer indices strictly between 0 and "
+            f"{len(layers)} (the model has {len(layers)} layers: cut i starts a new "
+            f"piece at model.layers[i]), got {at!r}."
+        )
     bounds = [0] + cuts + [len(layers)]
     return [keras.Sequential(layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -336,8 +388,9 @@ def _linear_layers(model) -> list:
     if isinstance(model, keras.Sequential):
         return layers
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(SPLIT_LINEAR_MSG.format(index=0, name=model.name,
-                                                 why="has several inputs or outputs"))
+        raise ValueError(
+            SPLIT_LINEAR_MSG.format(index=0, name=model.name, why="has several inputs or outputs")
+        )
     previous = None
     for index, layer in enumerate(layers):
         nodes = compat.inbound_nodes(layer)
@@ -347,11 +400,16 @@ def _linear_layers(model) -> list:
         else:
             linear = parents == [previous]
         if len(nodes) != 1 or not linear:
-            raise ValueError(SPLIT_LINEAR_MSG.format(
-                index=index, name=layer.name,
-                why="is called more than once" if len(nodes) != 1 else
-                f"takes {[p.name for p in parents]} instead of "
-                f"{previous.name if previous else 'the model input'}"))
+            raise ValueError(
+                SPLIT_LINEAR_MSG.format(
+                    index=index,
+                    name=layer.name,
+                    why="is called more than once"
+                    if len(nodes) != 1
+                    else f"takes {[p.name for p in parents]} instead of "
+                    f"{previous.name if previous else 'the model input'}",
+                )
+            )
         previous = layer
     return layers
 
@@ -362,8 +420,10 @@ def _checked_devices(devices, count: int) -> list:
     if devices is None:
         return [None] * count
     if isinstance(devices, str) or len(devices) != count:
-        raise ValueError("devices must be None or a sequence with one device name (or None) "
-                         f"per stage ({count}), got {devices!r}.")
+        raise ValueError(
+            "devices must be None or a sequence with one device name (or None) "
+            f"per stage ({count}), got {devices!r}."
+        )
     here = tf.config.list_logical_devices()
     known = {(d.device_type, int(d.name.rsplit(":", 1)[1])) for d in here}
     for index, device in enumerate(devices):
@@ -372,11 +432,14 @@ def _checked_devices(devices, count: int) -> list:
         try:
             spec = tf.DeviceSpec.from_string(device)
         except (TypeError, ValueError):
-            raise ValueError(f"devices[{index}] must be a device name such as '/GPU:0', got "
-                             f"{device!r}.") from None
+            raise ValueError(
+                f"devices[{index}] must be a device name such as '/GPU:0', got {device!r}."
+            ) from None
         local = spec.job is None and spec.device_type is not None
         if local and (spec.device_type.upper(), spec.device_index or 0) not in known:
-            raise ValueError(f"devices[{index}]={device!r} is not a device of this machine, "
-                             f"which has {sorted(d.name for d in here)}. Pass one of those, or "
-                             "None for the default placement.")
+            raise ValueError(
+                f"devices[{index}]={device!r} is not a device of this machine, "
+                f"which has {sorted(d.name for d in here)}. Pass one of those, or "
+                "None for the default placement."
+            )
     return list(devices)

@@ -6,16 +6,16 @@ already holds every chunk; `backprop_chunks` adds, for each chunk in reverse, on
 dLoss/dstate crosses each cut as the `grad_ys` of the chunk before it (seed 001).
 """
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from tbptt._src.core import chain as chain_lib
-from tbptt._src.core import schedules
+from tbptt._src.core import schedules, segments
 from tbptt._src.core import vjp as vjp_lib
 from tbptt._src.core.types import State
-
 
 
 class BackpropChunksResult(NamedTuple):
@@ -38,9 +38,12 @@ class BackpropChunksResult(NamedTuple):
         return self.grads
 
 
-def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence[State],
-                    variables: Optional[Sequence] = None,
-                    final_state_grad: Optional[State] = None) -> BackpropChunksResult:
+def backprop_chunks(
+    chunk_losses: Sequence[tf.Tensor],
+    boundary_states: Sequence[State],
+    variables: Sequence | None = None,
+    final_state_grad: State | None = None,
+) -> BackpropChunksResult:
     """The exact gradient of sum_k chunk_losses[k], one chunk's backward pass at a time.
 
     ```
@@ -67,62 +70,78 @@ def backprop_chunks(chunk_losses: Sequence[tf.Tensor], boundary_states: Sequence
     Raises:
       RuntimeError: when executing eagerly. ValueError: on mismatched lengths or structures.
     """
-    chunk_losses, flat_states, final_state_grad = _checked(chunk_losses, boundary_states,
-                                                           final_state_grad)
+    chunk_losses, flat_states, final_state_grad = _checked(
+        chunk_losses, boundary_states, final_state_grad
+    )
     variables = list(tf.compat.v1.trainable_variables() if variables is None else variables)
-    # The graph already holds every chunk: chunk k's pullback is tf.gradients from its outputs
-    # (L_k, s_k), stopped at its input state s_{k-1}.
     linearized = [
-        lambda k=k, outputs=[loss] + flat_states[k + 1]: (
-            outputs, vjp_lib.graph_pullback(outputs, variables, flat_states[k],
-                                            stop_at_primals=True))
-        for k, loss in enumerate(chunk_losses)]
-    result = chain_lib.static_backward(linearized, schedules.Exact(),
-                                       chain_lib.loss_dtype_for(chunk_losses[0].dtype),
-                                       final_carry_grad=final_state_grad)
+        _linearized(loss, flat_states[k], flat_states[k + 1], variables)
+        for k, loss in enumerate(chunk_losses)
+    ]
+    dtype = segments.loss_dtype_for(chunk_losses[0].dtype)
+    result = chain_lib.static_backward(linearized, schedules.Exact(), dtype, final_state_grad)
     grads = [tf.add_n(list(parts)) for parts in zip(*result.grads)]
-    packed = [tf.nest.pack_sequence_as(boundary_states[0], g)
-              for g in result.carry_grads + [final_state_grad]]
+    structure = boundary_states[0]
+    packed = [tf.nest.pack_sequence_as(structure, g) for g in result.carry_grads]
+    packed.append(tf.nest.pack_sequence_as(structure, final_state_grad))
     return BackpropChunksResult(grads, packed, packed[0])
+
+
+def _linearized(loss, state_in: list, state_out: list, variables: list):
+    """Chunk k of a graph that holds every chunk, as a linearized segment: its pullback is
+    tf.gradients from its outputs (L_k, s_k), stopped at its input state s_{k-1}."""
+    outputs = [loss] + state_out
+    pullback = vjp_lib.graph_pullback(outputs, variables, state_in, stop_at_primals=True)
+    return lambda: (outputs, pullback)
 
 
 def _checked(chunk_losses, boundary_states, final_state_grad):
     """The losses as tensors, the states and final_state_grad as flat lists, checked."""
     if tf.executing_eagerly():
-        raise RuntimeError("backprop_chunks builds graph tensors with tf.gradients: call it while "
-                           "building a graph (TF1-style code under tf.Graph().as_default(), or in "
-                           "a tf.function). In eager code use "
-                           "tbptt.RecurrentChain.value_and_gradients.")
+        raise RuntimeError(
+            "backprop_chunks builds graph tensors with tf.gradients: call it while "
+            "building a graph (TF1-style code under tf.Graph().as_default(), or in "
+            "a tf.function). In eager code use "
+            "tbptt.RecurrentChain.value_and_gradients."
+        )
     chunk_losses, boundary_states = list(chunk_losses), list(boundary_states)
     if not chunk_losses:
         raise ValueError("chunk_losses must hold at least one chunk's loss, got none.")
     if len(boundary_states) != len(chunk_losses) + 1:
-        raise ValueError("boundary_states must hold one state per cut, len(chunk_losses) + 1 = "
-                         f"{len(chunk_losses) + 1} (the initial state, then the state after each "
-                         f"chunk), got {len(boundary_states)}.")
-    flat_states = [_flat("boundary_states[%d]" % k, s, boundary_states[0])
-                   for k, s in enumerate(boundary_states)]
+        raise ValueError(
+            "boundary_states must hold one state per cut, len(chunk_losses) + 1 = "
+            f"{len(chunk_losses) + 1} (the initial state, then the state after each "
+            f"chunk), got {len(boundary_states)}."
+        )
+    flat_states = [
+        _flat(f"boundary_states[{k}]", s, boundary_states[0]) for k, s in enumerate(boundary_states)
+    ]
     if final_state_grad is None:
         final_state_grad = [tf.zeros_like(s) for s in flat_states[-1]]
     else:
         final_state_grad = _flat("final_state_grad", final_state_grad, boundary_states[0])
         for index, (grad, state) in enumerate(zip(final_state_grad, flat_states[-1])):
             if not grad.shape.is_compatible_with(state.shape):
-                raise ValueError(f"final_state_grad: entry {index} must have the shape of the "
-                                 f"last state, {state.shape.as_list()}, got "
-                                 f"{grad.shape.as_list()}.")
+                raise ValueError(
+                    f"final_state_grad: entry {index} must have the shape of the "
+                    f"last state, {state.shape.as_list()}, got "
+                    f"{grad.shape.as_list()}."
+                )
     chunk_losses = [tf.convert_to_tensor(loss) for loss in chunk_losses]
     for k, loss in enumerate(chunk_losses):
         if loss.shape.rank not in (None, 0):
-            raise ValueError(f"chunk_losses[{k}] must be a scalar, got shape "
-                             f"{loss.shape.as_list()}. Reduce it, e.g. with tf.reduce_sum.")
+            raise ValueError(
+                f"chunk_losses[{k}] must be a scalar, got shape "
+                f"{loss.shape.as_list()}. Reduce it, e.g. with tf.reduce_sum."
+            )
         if not _depends_on([loss] + flat_states[k + 1], flat_states[k]):
             raise ValueError(
                 f"neither chunk_losses[{k}] nor boundary_states[{k + 1}] depends on "
                 f"boundary_states[{k}]: each chunk's outputs must be computed from the state "
                 "before it, or the gradient cannot cross the cut. Pass the states in order "
                 "(the initial state, then the state each chunk returns), the very tensors "
-                "the chunks use.")
+                "the chunks use."
+            )
     return chunk_losses, flat_states, final_state_grad
 
 
@@ -147,8 +166,10 @@ def _depends_on(outputs: list, sources: list) -> bool:
 def _flat(name: str, state, reference) -> list:
     leaves, expected = tf.nest.flatten(state), tf.nest.flatten(reference)
     if len(leaves) != len(expected):
-        raise ValueError(f"{name} must have the structure of boundary_states[0] ({len(expected)} "
-                         f"tensors), got {len(leaves)} tensors.")
+        raise ValueError(
+            f"{name} must have the structure of boundary_states[0] ({len(expected)} "
+            f"tensors), got {len(leaves)} tensors."
+        )
     return [tf.convert_to_tensor(leaf) for leaf in leaves]
 
 
@@ -187,9 +208,11 @@ def gru_weights_from_tf1(gates_kernel, gates_bias, candidate_kernel, candidate_b
     inputs = gates_kernel.shape[0] - units if gates_kernel.ndim == 2 else -1
     expected = [(inputs + units, 2 * units), (2 * units,), (inputs + units, units), (units,)]
     if inputs < 1 or [a.shape for a in arrays] != expected:
-        raise ValueError("TF1 GRUCell weights must be gates kernel [in+units, 2*units], gates "
-                         "bias [2*units], candidate kernel [in+units, units], candidate bias "
-                         f"[units]; got {[a.shape for a in arrays]}.")
+        raise ValueError(
+            "TF1 GRUCell weights must be gates kernel [in+units, 2*units], gates "
+            "bias [2*units], candidate kernel [in+units, units], candidate bias "
+            f"[units]; got {[a.shape for a in arrays]}."
+        )
     reset, update = gates_kernel[:, :units], gates_kernel[:, units:]
     zrh = np.concatenate([update, reset, candidate_kernel], axis=1)  # [in + units, 3 units]
     bias = np.concatenate([gates_bias[units:], gates_bias[:units], candidate_bias])

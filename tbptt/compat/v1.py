@@ -1,8 +1,6 @@
 """Chunked back-propagation for TF1-style graphs (placeholders, dynamic_rnn, Session)."""
 
-from tbptt._src.tf1 import BackpropChunksResult
-from tbptt._src.tf1 import backprop_chunks
-from tbptt._src.tf1 import gru_weights_from_tf1
+from tbptt._src.tf1 import BackpropChunksResult, backprop_chunks, gru_weights_from_tf1
 
 __all__ = [
     "BackpropChunksResult",

@@ -44,26 +44,40 @@ def chunked_graph(make_cell, initial_state_fn, loss_mask=None):
 
 def compare(feed, losses, boundary, final_state_grad=None, extra_feed=None):
     variables = v1.trainable_variables()
-    result = tbptt.compat.v1.backprop_chunks(losses, boundary, variables,
-                                             final_state_grad=final_state_grad)
+    result = tbptt.compat.v1.backprop_chunks(
+        losses, boundary, variables, final_state_grad=final_state_grad
+    )
     total = tf.add_n(losses)
     if final_state_grad is not None:
-        total += tf.add_n([tf.reduce_sum(g * s) for g, s in zip(
-            tf.nest.flatten(final_state_grad), tf.nest.flatten(boundary[-1]))])
+        total += tf.add_n(
+            [
+                tf.reduce_sum(g * s)
+                for g, s in zip(tf.nest.flatten(final_state_grad), tf.nest.flatten(boundary[-1]))
+            ]
+        )
     initial = tf.nest.flatten(boundary[0])
     reference = tf.gradients(total, variables + initial)
-    reference_mid = tf.gradients(total, tf.nest.flatten(boundary[1]),
-                                 stop_gradients=tf.nest.flatten(boundary[1]))
+    reference_mid = tf.gradients(
+        total, tf.nest.flatten(boundary[1]), stop_gradients=tf.nest.flatten(boundary[1])
+    )
     with v1.Session() as sess:
         sess.run(v1.global_variables_initializer())
         feed = {**feed, **(extra_feed or {})}
         ours, theirs, mid_ours, mid_theirs = sess.run(
-            [result.variable_grads + tf.nest.flatten(result.initial_state_grad),
-             [tf.zeros_like(v) if g is None else g for g, v in zip(reference,
-                                                                    variables + initial)],
-             tf.nest.flatten(result.state_grads[1]),
-             [tf.zeros_like(s) if g is None else g for g, s in zip(
-                 reference_mid, tf.nest.flatten(boundary[1]))]], feed)
+            [
+                result.variable_grads + tf.nest.flatten(result.initial_state_grad),
+                [
+                    tf.zeros_like(v) if g is None else g
+                    for g, v in zip(reference, variables + initial)
+                ],
+                tf.nest.flatten(result.state_grads[1]),
+                [
+                    tf.zeros_like(s) if g is None else g
+                    for g, s in zip(reference_mid, tf.nest.flatten(boundary[1]))
+                ],
+            ],
+            feed,
+        )
     for a, b in zip(ours + mid_ours, theirs + mid_theirs):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     assert any(np.abs(a).max() > 1e-3 for a in ours)  # not vacuous
@@ -77,14 +91,16 @@ def graph():
 
 
 def test_gru_chunks_equal_one_gradient(graph):
-    feed, losses, boundary = chunked_graph(lambda: v1.nn.rnn_cell.GRUCell(6),
-                                           lambda cell: tf.ones([B, 6]) * 0.2)
+    feed, losses, boundary = chunked_graph(
+        lambda: v1.nn.rnn_cell.GRUCell(6), lambda cell: tf.ones([B, 6]) * 0.2
+    )
     compare(feed, losses, boundary)
 
 
 def test_final_state_grad_from_the_next_mini_batch(graph):
-    feed, losses, boundary = chunked_graph(lambda: v1.nn.rnn_cell.GRUCell(6),
-                                           lambda cell: tf.zeros([B, 6]))
+    feed, losses, boundary = chunked_graph(
+        lambda: v1.nn.rnn_cell.GRUCell(6), lambda cell: tf.zeros([B, 6])
+    )
     grad = v1.placeholder(tf.float32, [B, 6])
     compare(feed, losses, boundary, grad, {grad: np.full([B, 6], 0.7, "float32")})
 
@@ -92,22 +108,26 @@ def test_final_state_grad_from_the_next_mini_batch(graph):
 def test_lstm_state_tuples(graph):
     feed, losses, boundary = chunked_graph(
         lambda: v1.nn.rnn_cell.LSTMCell(5),
-        lambda cell: v1.nn.rnn_cell.LSTMStateTuple(tf.ones([B, 5]) * 0.1, tf.ones([B, 5]) * 0.3))
+        lambda cell: v1.nn.rnn_cell.LSTMStateTuple(tf.ones([B, 5]) * 0.1, tf.ones([B, 5]) * 0.3),
+    )
     assert isinstance(boundary[1], v1.nn.rnn_cell.LSTMStateTuple)
     compare(feed, losses, boundary)
 
 
 def test_multi_rnn_cell_nested_tuples(graph):
     feed, losses, boundary = chunked_graph(
-        lambda: v1.nn.rnn_cell.MultiRNNCell([v1.nn.rnn_cell.LSTMCell(4),
-                                             v1.nn.rnn_cell.GRUCell(3)]),
-        lambda cell: cell.zero_state(B, tf.float32))
+        lambda: v1.nn.rnn_cell.MultiRNNCell(
+            [v1.nn.rnn_cell.LSTMCell(4), v1.nn.rnn_cell.GRUCell(3)]
+        ),
+        lambda cell: cell.zero_state(B, tf.float32),
+    )
     compare(feed, losses, boundary)
 
 
 def test_chunks_whose_loss_reaches_nothing_get_zeros(graph):
-    feed, losses, boundary = chunked_graph(lambda: v1.nn.rnn_cell.GRUCell(6),
-                                           lambda cell: tf.zeros([B, 6]), [True, False, False])
+    feed, losses, boundary = chunked_graph(
+        lambda: v1.nn.rnn_cell.GRUCell(6), lambda cell: tf.zeros([B, 6]), [True, False, False]
+    )
     compare(feed, losses, boundary)
 
 
@@ -133,8 +153,9 @@ def test_tf1_gru_weights_convert_to_keras():
 
 
 def test_errors(graph):
-    _, losses, boundary = chunked_graph(lambda: v1.nn.rnn_cell.GRUCell(6),
-                                        lambda cell: tf.zeros([B, 6]))
+    _, losses, boundary = chunked_graph(
+        lambda: v1.nn.rnn_cell.GRUCell(6), lambda cell: tf.zeros([B, 6])
+    )
     with pytest.raises(ValueError, match="one state per cut"):
         tbptt.compat.v1.backprop_chunks(losses, boundary[:-1])
     with pytest.raises(ValueError, match="final_state_grad must have the structure"):

@@ -15,10 +15,9 @@ With a budget, K is the largest chunk that fits: fewer chunks, less loop overhea
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import tensorflow as tf
-
 
 FLOATS_PER_STATE_VALUE_AND_STEP = 10
 
@@ -30,7 +29,7 @@ class ChunkPlan(NamedTuple):
     steps: int
     chunk_size: int
     chunks: int
-    group: Optional[int]
+    group: int | None
     estimated_bytes: int
 
 
@@ -44,8 +43,15 @@ def group_size_tensor(chunks: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.math.ceil(tf.sqrt(tf.cast(chunks, tf.float64))), tf.int32)
 
 
-def estimated_bytes(steps: int, chunk_size: int, levels: int, batch: int, state_floats: int,
-                    step_floats: int, itemsize: int) -> int:
+def estimated_bytes(
+    steps: int,
+    chunk_size: int,
+    levels: int,
+    batch: int,
+    state_floats: int,
+    step_floats: int,
+    itemsize: int,
+) -> int:
     """The memory model of the module docstring, in bytes."""
     chunks = math.ceil(steps / chunk_size)
     if levels == 1:
@@ -56,8 +62,17 @@ def estimated_bytes(steps: int, chunk_size: int, levels: int, batch: int, state_
     return batch * itemsize * (kept + chunk_size * step_floats)
 
 
-def plan(steps: int, *, chunk_size, levels: int, memory_budget, batch: int, state_floats: int,
-         features: int, itemsize: int) -> ChunkPlan:
+def plan(
+    steps: int,
+    *,
+    chunk_size,
+    levels: int,
+    memory_budget,
+    batch: int,
+    state_floats: int,
+    features: int,
+    itemsize: int,
+) -> ChunkPlan:
     """The chunking of one sequence (see the module docstring).
 
     Raises:
@@ -75,8 +90,7 @@ def plan(steps: int, *, chunk_size, levels: int, memory_budget, batch: int, stat
     else:
         size = _evened(steps, _largest_fitting(steps, levels, memory_budget, cost), cost)
     chunks = math.ceil(steps / size)
-    return ChunkPlan(steps, size, chunks, group_size(chunks) if levels == 2 else None,
-                     cost(size))
+    return ChunkPlan(steps, size, chunks, group_size(chunks) if levels == 2 else None, cost(size))
 
 
 def _evened(steps: int, largest: int, cost) -> int:
@@ -95,10 +109,12 @@ def _largest_fitting(steps: int, levels: int, budget: float, cost) -> int:
     lowest = min(range(1, math.ceil(math.sqrt(steps)) + 2), key=cost)
     if cost(lowest) > budget:
         hint = ", pass levels=2," if levels == 1 else ""
-        raise ValueError(f"memory_budget={int(budget)} bytes is too small for T={steps}: the "
-                         f"least this chunking keeps alive is about {cost(lowest)} bytes "
-                         f"(chunk_size={lowest}). Raise the budget{hint} or feed a shorter "
-                         "sequence per call.")
+        raise ValueError(
+            f"memory_budget={int(budget)} bytes is too small for T={steps}: the "
+            f"least this chunking keeps alive is about {cost(lowest)} bytes "
+            f"(chunk_size={lowest}). Raise the budget{hint} or feed a shorter "
+            "sequence per call."
+        )
     low, high = lowest, steps  # cost(low) fits, cost(high) does not: bisect the rising side
     while high - low > 1:
         middle = (low + high) // 2

@@ -7,22 +7,28 @@ import inspect
 import os
 
 import tensorflow as tf
-# TensorFlow's own test for an XLA cluster being built (what tf.while_loop asks); no public API
-# says whether the graph being traced is compiled by XLA as a whole.
-from tensorflow.python.ops import control_flow_util as _control_flow_util
+
 # Whether a ForwardAccumulator watches a tensor (the public API only gives a tensor's JVP).
 from tensorflow.python.eager import forwardprop_util as _forwardprop_util
+
 # Pauses every tape of the thread; the public `GradientTape.stop_recording` pauses one tape,
 # and the chain does not hold the user's.
 from tensorflow.python.eager import record as _record
+
 # Whether the tapes recording now may take a second derivative (what tf.function asks itself
 # before a call), and the marking of variables as read that comes before that question.
 from tensorflow.python.eager import tape as _tape
+
+# TensorFlow's own test for an XLA cluster being built (what tf.while_loop asks); no public API
+# says whether the graph being traced is compiled by XLA as a whole.
+from tensorflow.python.ops import control_flow_util as _control_flow_util
 from tensorflow.python.ops import gradients_util as _gradients_util
 
-_BACKEND_MSG = ("tbptt runs on TensorFlow, but Keras is set to the {backend!r} backend (the "
-                "KERAS_BACKEND environment variable or ~/.keras/keras.json). Set "
-                "KERAS_BACKEND=tensorflow before importing keras and tbptt.")
+_BACKEND_MSG = (
+    "tbptt runs on TensorFlow, but Keras is set to the {backend!r} backend (the "
+    "KERAS_BACKEND environment variable or ~/.keras/keras.json). Set "
+    "KERAS_BACKEND=tensorflow before importing keras and tbptt."
+)
 
 try:  # Keras 3, or Keras 2 as the standalone package that TF 2.15 ships.
     import keras
@@ -60,21 +66,23 @@ def stateless_step(cell, training: bool):
 
     def step(x, states, weights):
         seeds = [tf.convert_to_tensor(v) for v in cell.non_trainable_variables]  # unchanged
-        (output, new_states), _ = cell.stateless_call(list(weights), seeds, x, list(states),
-                                                      **keywords)
+        (output, new_states), _ = cell.stateless_call(
+            list(weights), seeds, x, list(states), **keywords
+        )
         return output, tf.nest.flatten(new_states)
+
     return step
 
 
 def _only_idle_seeds(cell) -> bool:
     """Whether the cell's only non-trainable variables are the states of its seed generators,
     and those serve only dropouts that are off (Keras's cells keep one for their dropout)."""
-    states = {id(g.state) for g in vars(cell).values()
-              if isinstance(g, keras.random.SeedGenerator)}
+    states = {id(g.state) for g in vars(cell).values() if isinstance(g, keras.random.SeedGenerator)}
     if any(id(v) not in states for v in cell.non_trainable_variables):
         return False
-    return not states or (getattr(cell, "dropout", None) == 0
-                          and getattr(cell, "recurrent_dropout", None) == 0)
+    return not states or (
+        getattr(cell, "dropout", None) == 0 and getattr(cell, "recurrent_dropout", None) == 0
+    )
 
 
 def _parameters(fn) -> tuple:
@@ -141,15 +149,17 @@ def check_owns_its_variables(what: str, part, run):
     # Its own variables, frozen ones too (`layer.trainable = False`: held back on purpose).
     own = list(getattr(part, "variables", None) or []) + trainable_variables_of(part)
     listed = {id(c) for v in own for c in _components(v)}
-    hidden = [v for v in tape.watched_variables()
-              if v.trainable and id(tf_variable(v)) not in listed]
+    hidden = [
+        v for v in tape.watched_variables() if v.trainable and id(tf_variable(v)) not in listed
+    ]
     if hidden:
         names = ", ".join(sorted({v.name for v in hidden}))
         raise TypeError(
             f"{what} reads trainable variables that it does not list as its own ({names}): the "
             "chain trains the variables its parts list, so these would never be trained. Pass "
             "the Keras layer or tf.Module that owns them (the layer itself rather than "
-            "lambda h: layer(h); several layers as keras.Sequential([...])).")
+            "lambda h: layer(h); several layers as keras.Sequential([...]))."
+        )
     return result
 
 
@@ -185,8 +195,7 @@ def left_as_it_was(part):
     (moving statistics, seed generators' states) are restored, and the dropout masks a Keras
     RNN cell caches on itself while it runs (Keras's RNN layer clears them after its loop) are
     cleared, so a probe leaves the user's layers as they were."""
-    state = unique(list(getattr(part, "non_trainable_variables", None) or [])
-                   + seed_states(part))
+    state = unique(list(getattr(part, "non_trainable_variables", None) or []) + seed_states(part))
     saved = [tf.identity(v) for v in state]
     try:
         yield
@@ -202,8 +211,11 @@ def sublayers(layer) -> list:
     """`layer` and the layers inside it (Keras models, wrappers such as TimeDistributed,
     StackedRNNCells)."""
     found = [layer]
-    for inner in list(getattr(layer, "layers", None) or []) + [getattr(layer, "layer", None)] + (
-            list(getattr(layer, "cells", None) or [])):
+    for inner in (
+        list(getattr(layer, "layers", None) or [])
+        + [getattr(layer, "layer", None)]
+        + (list(getattr(layer, "cells", None) or []))
+    ):
         if inner is not None and inner is not layer:
             found.extend(sublayers(inner))
     return found
@@ -260,9 +272,11 @@ def second_order_recording(tensors: list, variables: list) -> bool:
         _tape.variables_accessed(handles)
         watched = [t for t in tensors if isinstance(t, tf.Tensor)] + [v.handle for v in handles]
     except ValueError:  # a distributed variable has no one handle outside a replica
-        return True     # the op-by-op call is right at any order
-    return (_gradients_util.PossibleTapeGradientTypes(watched)
-            == _gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER)
+        return True  # the op-by-op call is right at any order
+    return (
+        _gradients_util.PossibleTapeGradientTypes(watched)
+        == _gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER
+    )
 
 
 def forward_accumulating(tensors: list, variables: list) -> bool:
@@ -334,7 +348,8 @@ class LocalSymbolicBuild:
         if iterator is not None and strategy is not None:
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0], next(batches))
+                    lambda v: strategy.experimental_local_results(v)[0], next(batches)
+                )
                 break
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

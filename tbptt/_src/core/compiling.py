@@ -16,7 +16,7 @@ import hashlib
 import threading
 import types
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -34,13 +34,16 @@ MAX_FUNCTIONS = 32
 def signature(args: dict, unknown_dims: Callable[[str], int]) -> dict:
     """TensorSpecs of `args` (a dict of tensor nests) with the leading `unknown_dims(name)` dims
     unknown: batch, and time for per-step arguments."""
+
     def spec(tensor, unknown):
         dims = tensor.shape.as_list()
         unknown = min(unknown, len(dims))
         return tf.TensorSpec([None] * unknown + dims[unknown:], tensor.dtype)
 
-    return {name: tf.nest.map_structure(lambda t, u=unknown_dims(name): spec(t, u), value)
-            for name, value in args.items()}
+    return {
+        name: tf.nest.map_structure(lambda t, u=unknown_dims(name): spec(t, u), value)
+        for name, value in args.items()
+    }
 
 
 def static_key(value, seen: frozenset = frozenset()):
@@ -70,22 +73,23 @@ def static_key(value, seen: frozenset = frozenset()):
     if isinstance(value, dict):
         return ("dict", tuple(sorted((repr(k), static_key(v, seen)) for k, v in value.items())))
     content = _content_key(value)
-    if content is not None:
-        return content
+    return content if content is not None else _object_key(value, seen)
+
+
+def _object_key(value, seen: frozenset):
+    """`static_key` of a function, a method, a partial, a Keras loss or another object."""
     if isinstance(value, types.FunctionType):
-        return ("function", value.__code__, id(value.__globals__),
-                static_key(tuple(c.cell_contents for c in value.__closure__ or ()), seen),
-                static_key(value.__defaults__ or (), seen),
-                static_key(value.__kwdefaults__ or {}, seen))
+        closure = tuple(c.cell_contents for c in value.__closure__ or ())
+        values = (closure, value.__defaults__ or (), value.__kwdefaults__ or {})
+        return ("function", value.__code__, id(value.__globals__), static_key(values, seen))
     if isinstance(value, types.MethodType):
-        return ("method", static_key(value.__func__, seen), static_key(value.__self__, seen))
+        return ("method", static_key((value.__func__, value.__self__), seen))
     if isinstance(value, functools.partial):
-        return ("partial", static_key(value.func, seen), static_key(value.args, seen),
-                static_key(value.keywords, seen))
+        return ("partial", static_key((value.func, value.args, value.keywords), seen))
     if isinstance(value, compat.keras.losses.Loss):
         return ("keras loss", type(value), static_key(vars(value), seen))
-    if isinstance(value, (tf.Module, types.ModuleType, type)) or compat.is_keras_layer(value) \
-            or not hasattr(value, "__dict__"):
+    opaque = (tf.Module, types.ModuleType, type)
+    if isinstance(value, opaque) or compat.is_keras_layer(value) or not hasattr(value, "__dict__"):
         return ("object", id(value))  # builtins, C functions, modules, layers
     return ("object", type(value), static_key(vars(value), seen))
 
@@ -100,8 +104,11 @@ def _content_key(value):
         value = value.numpy()
     if isinstance(value, (np.ndarray, np.generic)):
         array = np.ascontiguousarray(value)
-        digest = hashlib.blake2b(array.tobytes(), digest_size=16).digest() if (
-            array.dtype != object) else id(value)
+        digest = (
+            hashlib.blake2b(array.tobytes(), digest_size=16).digest()
+            if (array.dtype != object)
+            else id(value)
+        )
         return ("array", array.dtype.str, array.shape, digest)
     return None
 
@@ -156,8 +163,12 @@ class FunctionCache:
     sequence length. Safe to call from several threads.
     """
 
-    def __init__(self, unknown_dims: Callable[[str], int],
-                 variables: Callable[[], list] = list, state: Callable[[], tuple] = tuple):
+    def __init__(
+        self,
+        unknown_dims: Callable[[str], int],
+        variables: Callable[[], list] = list,
+        state: Callable[[], tuple] = tuple,
+    ):
         """`unknown_dims(name)`: the leading dims of argument `name` left unknown;
         `variables()`: the variables the functions read (for `compat.second_order_recording`);
         `state()`: the Python state of the layers the functions run (see `attributes_key`),
@@ -175,11 +186,19 @@ class FunctionCache:
         self._variants = {}  # the key apart from loss values -> the last full key
         self._warned = False
 
-    def get(self, kind: str, impl, static, compiled: bool = True, recorded: bool = True,
-            static_time: bool = False, forward_mode: bool = False):
+    def get(
+        self,
+        kind: str,
+        impl,
+        static,
+        compiled: bool = True,
+        recorded: bool = True,
+        static_time: bool = False,
+        forward_mode: bool = False,
+    ):
         """`impl(args, static)`, compiled unless `compiled` is False; with `static_time`, the
-        time dims are kept in the signature (one trace per short length). With `recorded` False the
-        call is a value to the caller's tapes (a chunked gradient): no tape around it records
+        time dims are kept in the signature (one trace per short length). With `recorded` False
+        the call is a value to the caller's tapes (a chunked gradient): no tape around it records
         it, so TensorFlow does not prepare the gradient of the whole compiled chain (minutes
         of tracing under a persistent tape) that nobody takes. It is traced first, outside
         that pause, since the chain's own tapes must record inside.
@@ -208,15 +227,19 @@ class FunctionCache:
             self._note_variant((_kinds(static),) + context, key, static)
             function = self._function(key, impl, static, specs)
             if recorded:
-                if tf.executing_eagerly() and compat.second_order_recording(
-                        tf.nest.flatten(args), self._variables()):
-                    return impl(args, static)
-                return function(args)
+                return impl(args, static) if self._op_by_op(args) else function(args)
             concrete = self._concrete(key, function, args)
             with compat.unrecorded():
                 return _as_value(concrete(args))
 
         return call
+
+    def _op_by_op(self, args: dict) -> bool:
+        """Whether a recorded call runs op by op: eagerly, under a tape that may take a
+        second derivative (see `get`)."""
+        return tf.executing_eagerly() and compat.second_order_recording(
+            tf.nest.flatten(args), self._variables()
+        )
 
     def _refuse_forward_mode(self, kind: str, args: dict, allowed: bool) -> dict:
         """`args`, unless a ForwardAccumulator watches them and forward mode is not `allowed`."""
@@ -225,7 +248,8 @@ class FunctionCache:
                 f"forward-mode differentiation (tf.autodiff.ForwardAccumulator) through the "
                 f"chain's {kind} is not supported: its compiled time loops and chunk loops have "
                 "no forward-mode rule. Use reverse mode (tf.GradientTape); a Jacobian-vector "
-                "product is the gradient of a gradient, taken with two nested tapes.")
+                "product is the gradient of a gradient, taken with two nested tapes."
+            )
         return args
 
     def _function(self, key, impl, static, specs):
@@ -236,8 +260,9 @@ class FunctionCache:
                 return function
             # The loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
             # converting the Keras layers and user functions inside only gets in the way.
-            function = tf.function(lambda a: impl(a, static), input_signature=[specs],
-                                   autograph=False)
+            function = tf.function(
+                lambda a: impl(a, static), input_signature=[specs], autograph=False
+            )
             self._functions[key] = function
             self._compiled += 1
             if len(self._functions) > MAX_FUNCTIONS:
@@ -245,10 +270,13 @@ class FunctionCache:
                 self._concretes.pop(dropped_key, None)
                 self._dropped_traces += dropped.experimental_get_tracing_count()
         if self._compiled == MANY_COMPILES:
-            warnings.warn(f"this chain has compiled {MANY_COMPILES} functions: each new loss_fn "
-                          "that is not an equal Keras loss (a lambda made inside a loop, say), "
-                          "new dtype or new feature size costs a trace. Create loss_fn once and "
-                          "pass the same object every call.", stacklevel=5)
+            warnings.warn(
+                f"this chain has compiled {MANY_COMPILES} functions: each new loss_fn "
+                "that is not an equal Keras loss (a lambda made inside a loop, say), "
+                "new dtype or new feature size costs a trace. Create loss_fn once and "
+                "pass the same object every call.",
+                stacklevel=5,
+            )
         return function
 
     def _concrete(self, key, function, args):
@@ -273,20 +301,26 @@ class FunctionCache:
             if last is None or last == key or self._warned:
                 return
             self._warned = True
-        names = [getattr(v, "__name__", type(v).__name__) for v in tf.nest.flatten(static)
-                 if kind_of(v) is not None]
-        warnings.warn(f"loss_fn ({', '.join(names)}) is of the kind traced before but with "
-                      "other values (another setting, or another value it closes over): each "
-                      "new value traces the chain again (about a second) and keeps memory "
-                      "that TensorFlow does not give back. Put what changes in a tf.Variable "
-                      "that loss_fn reads, and pass the same loss_fn every call.",
-                      stacklevel=5)
+        names = [
+            getattr(v, "__name__", type(v).__name__)
+            for v in tf.nest.flatten(static)
+            if kind_of(v) is not None
+        ]
+        warnings.warn(
+            f"loss_fn ({', '.join(names)}) is of the kind traced before but with "
+            "other values (another setting, or another value it closes over): each "
+            "new value traces the chain again (about a second) and keeps memory "
+            "that TensorFlow does not give back. Put what changes in a tf.Variable "
+            "that loss_fn reads, and pass the same loss_fn every call.",
+            stacklevel=5,
+        )
 
     @property
     def trace_count(self) -> int:
         with self._lock:
             return self._dropped_traces + sum(
-                f.experimental_get_tracing_count() for f in self._functions.values())
+                f.experimental_get_tracing_count() for f in self._functions.values()
+            )
 
 
 def _as_value(result):

@@ -29,7 +29,7 @@ each chunk once, and take them.
 """
 
 import contextlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -45,8 +45,8 @@ class DropoutMasks(NamedTuple):
     of ``[B, F]`` masks for the inputs and of ``[B, U]`` masks for the state (one per gate
     for Keras's implementation 1, else one), or None where the rate is 0."""
 
-    inputs: Optional[tuple] = None
-    recurrent: Optional[tuple] = None
+    inputs: tuple | None = None
+    recurrent: tuple | None = None
 
 
 class Draws(NamedTuple):
@@ -56,7 +56,7 @@ class Draws(NamedTuple):
     seeds: tuple = ()
     masks: tuple = ()
 
-    def masks_of(self, index: int) -> Optional[DropoutMasks]:
+    def masks_of(self, index: int) -> DropoutMasks | None:
         return self.masks[index] if self.masks else None
 
 
@@ -81,11 +81,12 @@ def replayed(states: list, seeds: tuple, chunk):
     assigned to them (Keras's `StatelessScope`); a no-op without seed states."""
     if not states or not seeds:
         return contextlib.nullcontext()
-    return compat.stateless_scope([(state, chunk_seed(base, chunk))
-                                   for state, base in zip(states, seeds)])
+    return compat.stateless_scope(
+        [(state, chunk_seed(base, chunk)) for state, base in zip(states, seeds)]
+    )
 
 
-def part_problem(what: str, part, run) -> Optional[str]:
+def part_problem(what: str, part, run) -> str | None:
     """Why the chunked gradient cannot replay the draws of `part` (the inputs layer or the
     head), or None: `run()` twice from the same seed states must give the same result (its own
     seed generators restored in between); a draw from a source the chain does not hold (a
@@ -103,42 +104,59 @@ def part_problem(what: str, part, run) -> Optional[str]:
         state.assign(value)
     if all(bool(tf.reduce_all(tf.equal(a, b))) for a, b in zip(first, second)):
         return None
-    return (f"the {what} draws random numbers that the chain cannot replay: two runs from the "
-            "same seed states differ. The exact backward runs each chunk again and must draw "
-            "what the forward drew. Draw through a keras.random.SeedGenerator the layer holds "
-            "(keras.random.normal(shape, seed=self.seed_generator); Keras's Dropout and "
-            "GaussianNoise do), not with tf.random ops or keras.random with seed=None; or "
-            "train with mode='truncated', backprop_chunks=1 (no recompute).")
+    return (
+        f"the {what} draws random numbers that the chain cannot replay: two runs from the "
+        "same seed states differ. The exact backward runs each chunk again and must draw "
+        "what the forward drew. Draw through a keras.random.SeedGenerator the layer holds "
+        "(keras.random.normal(shape, seed=self.seed_generator); Keras's Dropout and "
+        "GaussianNoise do), not with tf.random ops or keras.random with seed=None; or "
+        "train with mode='truncated', backprop_chunks=1 (no recompute)."
+    )
 
 
 # Op types whose outputs differ when a step runs again: random draws (stateless ones too, whose
 # seed a cell may advance between steps) and variable updates.
-_UNREPEATABLE_OPS = ("Random", "Rng", "Multinomial", "TruncatedNormal", "AssignVariable",
-                     "AssignAddVariable", "AssignSubVariable")
+_UNREPEATABLE_OPS = (
+    "Random",
+    "Rng",
+    "Multinomial",
+    "TruncatedNormal",
+    "AssignVariable",
+    "AssignAddVariable",
+    "AssignSubVariable",
+)
 
 
 def draws_or_writes(fn, specs: list) -> bool:
     """Whether `fn` traced on `specs` has an op whose output would differ when run again (a
     random draw, a variable update), in its graph or in the functions it calls (branches,
     loops, nested tf.functions)."""
-    graph = compat.quiet_function(fn, autograph=False).get_concrete_function(
-        *specs).graph.as_graph_def()
-    ops = [node.op for node in graph.node] + [node.op for f in graph.library.function
-                                              for node in f.node_def]
+    graph = (
+        compat.quiet_function(fn, autograph=False)
+        .get_concrete_function(*specs)
+        .graph.as_graph_def()
+    )
+    ops = [node.op for node in graph.node] + [
+        node.op for f in graph.library.function for node in f.node_def
+    ]
     return any(name in op for op in ops for name in _UNREPEATABLE_OPS)
 
 
-def cell_problem(index: int, cell, x: tf.Tensor, states: list) -> Optional[str]:
+def cell_problem(index: int, cell, x: tf.Tensor, states: list) -> str | None:
     """Why the chunked gradient cannot replay `cell` (run as itself, step by step), or None:
     a cell that draws random numbers or changes a variable at each step would draw or change
     again in the recompute."""
-    specs = [tf.TensorSpec(x.shape, x.dtype), tf.nest.map_structure(
-        lambda s: tf.TensorSpec(s.shape, s.dtype), states)]
+    specs = [
+        tf.TensorSpec(x.shape, x.dtype),
+        tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape, s.dtype), states),
+    ]
     if not draws_or_writes(lambda x, s: compat.call_layer(cell, x, s, training=True), specs):
         return None
-    return (f"cells[{index}] ({type(cell).__name__}) draws random numbers or changes a variable "
-            "at every step of its call: the exact backward runs each chunk again and would draw "
-            "(or change) anew, so the gradient would belong to no forward pass. Keras's "
-            "GRUCell, LSTMCell and SimpleRNNCell dropout and recurrent_dropout are replayed (one "
-            "mask per sequence); draw other noise in the inputs_layer or the head (once per "
-            "chunk, replayed), or train with mode='truncated', backprop_chunks=1 (no recompute).")
+    return (
+        f"cells[{index}] ({type(cell).__name__}) draws random numbers or changes a variable "
+        "at every step of its call: the exact backward runs each chunk again and would draw "
+        "(or change) anew, so the gradient would belong to no forward pass. Keras's "
+        "GRUCell, LSTMCell and SimpleRNNCell dropout and recurrent_dropout are replayed (one "
+        "mask per sequence); draw other noise in the inputs_layer or the head (once per "
+        "chunk, replayed), or train with mode='truncated', backprop_chunks=1 (no recompute)."
+    )

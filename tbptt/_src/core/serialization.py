@@ -15,8 +15,9 @@ keras = compat.keras
 
 def register(cls):
     """Registers `cls` with Keras under the package "tbptt", so `load_model` finds it."""
-    register_with_keras = getattr(getattr(keras, "saving", None),
-                                  "register_keras_serializable", None)
+    register_with_keras = getattr(
+        getattr(keras, "saving", None), "register_keras_serializable", None
+    )
     if register_with_keras is None:  # pragma: no cover - Keras 2 before 2.13
         return cls
     return register_with_keras(package="tbptt")(cls)
@@ -54,7 +55,8 @@ def stages_config(stages: list, options: dict, name: str) -> dict:
             raise TypeError(
                 f"only a StageChain whose stages are Keras layers has a config; "
                 f"stages[{index}] is {stage!r}. Rebuild the chain in code and restore its "
-                f"weights with tf.train.Checkpoint(chain=chain).")
+                f"weights with tf.train.Checkpoint(chain=chain)."
+            )
         serialized.append(keras.saving.serialize_keras_object(stage))
     return dict(options, stages=serialized, name=name)
 
@@ -74,7 +76,8 @@ def _serialize(key: str, value):
             raise TypeError(
                 f"only a chain whose {key} is a Keras layer (or None) can be saved as a whole; "
                 f"this {key} is {value!r}. Save the weights instead (model.save_weights(...), or "
-                f"tf.train.Checkpoint), or make the head a Keras layer.")
+                f"tf.train.Checkpoint), or make the head a Keras layer."
+            )
         raise TypeError(f"only Keras cells can be saved as a whole; this {key} is {value!r}.")
     return keras.saving.serialize_keras_object(value)
 

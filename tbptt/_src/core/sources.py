@@ -12,11 +12,10 @@ import itertools
 import numbers
 import threading
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
-
 
 
 class ChunkSource:
@@ -31,37 +30,49 @@ class ChunkSource:
     (2, 2, 3)
     """
 
-    def __init__(self, fetch: Callable[[int, int], np.ndarray], shape: Sequence[int],
-                 dtype="float32", name: str = "source"):
+    def __init__(
+        self,
+        fetch: Callable[[int, int], np.ndarray],
+        shape: Sequence[int],
+        dtype="float32",
+        name: str = "source",
+    ):
         """Args:
-          fetch: `fetch(start, stop) -> array [B, stop - start, ...]`, any chunk, any order.
-          shape: the whole sequence's shape ``[B, T, ...]``.
-          dtype: dtype of the arrays `fetch` returns.
-          name: used in error messages.
+        fetch: `fetch(start, stop) -> array [B, stop - start, ...]`, any chunk, any order.
+        shape: the whole sequence's shape ``[B, T, ...]``.
+        dtype: dtype of the arrays `fetch` returns.
+        name: used in error messages.
         """
         self.fetch = fetch
         if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
-            raise TypeError(f"{name}: shape must be whole numbers [batch, time, ...], got "
-                            f"{tuple(shape)!r}.")
+            raise TypeError(
+                f"{name}: shape must be whole numbers [batch, time, ...], got {tuple(shape)!r}."
+            )
         self.shape = tuple(int(d) for d in shape)
         self.dtype = tf.as_dtype(dtype)
         self.name = name
         if len(self.shape) < 2 or self.shape[1] < 1:
-            raise ValueError(f"{name}: a chunk source must have shape [batch, time, ...] with time "
-                             f"> 0, got {self.shape}.")
+            raise ValueError(
+                f"{name}: a chunk source must have shape [batch, time, ...] with time "
+                f"> 0, got {self.shape}."
+            )
 
     def read(self, start: int, stop: int) -> np.ndarray:
         chunk = self.fetch(int(start), int(stop))
         try:
             chunk = np.asarray(chunk, dtype=self.dtype.as_numpy_dtype)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"{self.name}: fetch({start}, {stop}) must return numbers "
-                            f"convertible to {self.dtype.name}, got {type(chunk).__name__}: "
-                            f"{error}") from None
+            raise TypeError(
+                f"{self.name}: fetch({start}, {stop}) must return numbers "
+                f"convertible to {self.dtype.name}, got {type(chunk).__name__}: "
+                f"{error}"
+            ) from None
         expected = (self.shape[0], int(stop) - int(start)) + self.shape[2:]
         if chunk.shape != expected:
-            raise ValueError(f"{self.name}: fetch({start}, {stop}) must return shape {expected}, "
-                             f"got {chunk.shape}.")
+            raise ValueError(
+                f"{self.name}: fetch({start}, {stop}) must return shape {expected}, "
+                f"got {chunk.shape}."
+            )
         return chunk
 
 
@@ -74,17 +85,24 @@ def as_source(name: str, value):
     if isinstance(value, ChunkSource):
         return value
     if isinstance(value, (tf.Tensor, tf.Variable, tf.RaggedTensor, tf.SparseTensor)) or (
-            isinstance(value, np.ndarray) and not isinstance(value, np.memmap)):
+        isinstance(value, np.ndarray) and not isinstance(value, np.memmap)
+    ):
         return None
     if isinstance(value, collections.abc.Iterator):
-        raise TypeError(f"{name} is a one-pass iterator ({type(value).__name__}): the backward "
-                        "pass reads chunks again, in reverse order, so it needs random access. "
-                        "Pass an array-like (np.memmap, an h5py or zarr array) or "
-                        "tbptt.ChunkSource(fetch, shape) with fetch(start, stop) -> the steps "
-                        "[start, stop).")
+        raise TypeError(
+            f"{name} is a one-pass iterator ({type(value).__name__}): the backward "
+            "pass reads chunks again, in reverse order, so it needs random access. "
+            "Pass an array-like (np.memmap, an h5py or zarr array) or "
+            "tbptt.ChunkSource(fetch, shape) with fetch(start, stop) -> the steps "
+            "[start, stop)."
+        )
     if hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__"):
-        return ChunkSource(lambda start, stop: value[:, start:stop], value.shape,
-                           np.dtype(value.dtype).name, name=name)
+        return ChunkSource(
+            lambda start, stop: value[:, start:stop],
+            value.shape,
+            np.dtype(value.dtype).name,
+            name=name,
+        )
     return None
 
 
@@ -132,7 +150,8 @@ class _Registration:
                 f"{self.source.name}: fetch({start}, {stop}) returned other values when read "
                 "again. The backward pass reads each chunk again and must see the values the "
                 "forward pass saw, or the gradient would belong to other data. Make fetch "
-                "deterministic (draw augmentations from a seed of the chunk, not anew).")
+                "deterministic (draw augmentations from a seed of the chunk, not anew)."
+            )
 
 
 def _enclosing_graphs() -> list:
@@ -173,18 +192,21 @@ def run_token() -> tf.Tensor:
     return token
 
 
-def read_window(handle: tf.Tensor, run: tf.Tensor, start, stop,
-                spec: tf.TensorSpec) -> tf.Tensor:
+def read_window(handle: tf.Tensor, run: tf.Tensor, start, stop, spec: tf.TensorSpec) -> tf.Tensor:
     """The window [start, stop) of the live source `handle`, when the graph runs."""
+
     def read(handle, run, start, stop):
         registration = _LIVE.get(int(handle))
         if registration is None:
-            raise RuntimeError("tbptt: this chunk source is no longer registered: the "
-                               "function that reads it outlived the call or graph it was "
-                               "made in.")
+            raise RuntimeError(
+                "tbptt: this chunk source is no longer registered: the "
+                "function that reads it outlived the call or graph it was "
+                "made in."
+            )
         try:
             return registration.read(int(run), int(start), int(stop)).astype(
-                spec.dtype.as_numpy_dtype)
+                spec.dtype.as_numpy_dtype
+            )
         except Exception as error:
             registration.error = error
             raise

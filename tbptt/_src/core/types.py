@@ -1,6 +1,7 @@
 """Type aliases and result records shared by the public API."""
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 

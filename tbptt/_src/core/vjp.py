@@ -16,7 +16,7 @@ zeros, filled in here rather than with `unconnected_gradients`, whose behaviour 
 between TensorFlow releases.
 """
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -40,13 +40,13 @@ def _targets(outputs: list, cotangents: Sequence) -> tuple[list, list]:
 def _zeros_for_none(grads: Sequence, sources: Sequence) -> list:
     """Dense gradients: None (unconnected) becomes zeros, IndexedSlices become tensors."""
     return [
-        tf.zeros_like(s) if g is None else tf.convert_to_tensor(g)
-        for g, s in zip(grads, sources)
+        tf.zeros_like(s) if g is None else tf.convert_to_tensor(g) for g, s in zip(grads, sources)
     ]
 
 
-def pullback_of(outputs: list, variables: Sequence, primals: Sequence,
-                gradient: Gradient, skips: bool = True) -> Pullback:
+def pullback_of(
+    outputs: list, variables: Sequence, primals: Sequence, gradient: Gradient, skips: bool = True
+) -> Pullback:
     """The pullback of `outputs` with respect to `variables` and `primals`, for one backend's
     `gradient`: one backward pass per cotangent set, d_primals only where wanted (else None).
     `skips`: whether a set known to be zero may skip its pass inside a `tf.cond` branch (the
@@ -59,23 +59,29 @@ def pullback_of(outputs: list, variables: Sequence, primals: Sequence,
         grads = gradient(ys, sources, seeds) if ys else [None] * len(sources)
         return _zeros_for_none(grads, sources)
 
-    def pullback(cotangent_sets: Sequence, want_primal_grads: Sequence[bool],
-                 alive: Optional[Sequence] = None) -> list:
+    def pullback(
+        cotangent_sets: Sequence, want_primal_grads: Sequence[bool], alive: Sequence | None = None
+    ) -> list:
         # A tape that may take a second derivative through the pullback (a user's persistent
         # or nested tape while a function is traced) cannot differentiate through a branch
         # that takes a gradient: then every set is pulled back.
-        skip = skips and alive is not None and not compat.second_order_recording(
-            [y for y in outputs if y is not None], variables)
+        skip = (
+            skips
+            and alive is not None
+            and not compat.second_order_recording([y for y in outputs if y is not None], variables)
+        )
         results = []
-        for index, (cotangents, want_primals) in enumerate(zip(cotangent_sets,
-                                                               want_primal_grads)):
+        for index, (cotangents, want_primals) in enumerate(zip(cotangent_sets, want_primal_grads)):
             live = alive[index] if skip else None
             if live is None:
                 grads = product(cotangents, want_primals)
             else:  # a set that is zero (a bool scalar False) is not pulled back at all
-                grads = tf.cond(live, lambda c=cotangents, w=want_primals: product(c, w),
-                                lambda w=want_primals: _zeros(variables + (primals if w else [])))
-            d_vars, d_primals = grads[:len(variables)], grads[len(variables):]
+                grads = tf.cond(
+                    live,
+                    lambda c=cotangents, w=want_primals: product(c, w),
+                    lambda w=want_primals: _zeros(variables + (primals if w else [])),
+                )
+            d_vars, d_primals = grads[: len(variables)], grads[len(variables) :]
             results.append((d_vars, d_primals if want_primals else None))
         return results
 
@@ -105,8 +111,9 @@ def tape_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bo
     return outputs, pullback_of(outputs, variables, primals, gradient)
 
 
-def graph_pullback(outputs: list, variables: Sequence, primals: Sequence,
-                   stop_at_primals: bool = False) -> Pullback:
+def graph_pullback(
+    outputs: list, variables: Sequence, primals: Sequence, stop_at_primals: bool = False
+) -> Pullback:
     """`tf.gradients(ys, xs, grad_ys=...)` on tensors already in a graph.
 
     `stop_at_primals` also stops back-propagation at the primals (`stop_gradients`), so each

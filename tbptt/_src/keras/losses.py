@@ -4,8 +4,7 @@ for mixed precision and distribution, and the loss of a whole sequence as Keras 
 
 import tensorflow as tf
 
-from tbptt._src.core import chain as chain_lib
-from tbptt._src.core import compat
+from tbptt._src.core import compat, segments
 from tbptt._src.recurrent import losses
 
 keras = compat.keras
@@ -21,14 +20,16 @@ class ChunkLoss(keras.losses.Loss):
     `tbptt._src.recurrent.losses`)."""
 
     def __init__(self, model):
-        dtype = chain_lib.loss_dtype_for(model.chain.dtype)
+        dtype = segments.loss_dtype_for(model.chain.dtype)
         self._model_ref = lambda: model  # not an attribute Keras would track
         self.inner = _keras_loss(model.loss, dtype)
         reduction = getattr(self.inner, "reduction", None)
         if reduction in (None, "none"):
-            raise ValueError("the compiled loss must reduce to a scalar per chunk: reduction "
-                             "'sum_over_batch_size' (the default: whole-sequence mean), 'sum' or "
-                             f"'mean_with_sample_weight', got {reduction!r}.")
+            raise ValueError(
+                "the compiled loss must reduce to a scalar per chunk: reduction "
+                "'sum_over_batch_size' (the default: whole-sequence mean), 'sum' or "
+                f"'mean_with_sample_weight', got {reduction!r}."
+            )
         super().__init__(name=self.inner.name, reduction=reduction, dtype=dtype.name)
         self.ignore_class = getattr(self.inner, "ignore_class", None)
         self.combine = losses.reduction_of("auto", self).combine
@@ -49,8 +50,7 @@ class ChunkLoss(keras.losses.Loss):
         by the loss itself, in the chain's loss dtype where the loss computes in a narrower
         one (Keras's `Loss.__call__` run with this wrapper's dtype on the loss's own `call`,
         so no setting is lost), else as the loss computes it."""
-        if tf.as_dtype(self.inner.dtype) == tf.as_dtype(self.dtype) or not _keras_call(
-                self.inner):
+        if tf.as_dtype(self.inner.dtype) == tf.as_dtype(self.dtype) or not _keras_call(self.inner):
             return self.inner(y_true, y_pred, sample_weight)
         return keras.losses.Loss.__call__(self, y_true, y_pred, sample_weight)
 
@@ -93,9 +93,11 @@ def _keras_loss(loss, dtype: tf.DType):
         return loss
     if callable(loss):
         return _FunctionLoss(loss, dtype)
-    raise ValueError("ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
-                     "name or a function loss_fn(y_true, y_pred) -> per-step values; got "
-                     f"{loss!r}.")
+    raise ValueError(
+        "ChunkedModel needs one loss for its one output: a Keras loss object, a loss "
+        "name or a function loss_fn(y_true, y_pred) -> per-step values; got "
+        f"{loss!r}."
+    )
 
 
 def with_keras_mask(y_pred, mask):

@@ -18,29 +18,21 @@ batch (its inputs and the state entering them) are kept and re-run in front of t
 """
 
 import contextlib
+import functools
 import inspect
 import warnings
-from typing import Optional
 
 import tensorflow as tf
 
-from tbptt._src.core import checks
-from tbptt._src.core import compat
-from tbptt._src.keras import saving
-from tbptt._src.core import serialization
-from tbptt._src.keras import serving
-from tbptt._src.recurrent.chain import RecurrentChain
+from tbptt._src.core import checks, compat, serialization
 from tbptt._src.keras import losses as losses_lib
+from tbptt._src.keras import saving, serving
 from tbptt._src.keras import stream as stream_lib
-from tbptt._src.keras.stream import Carried
-from tbptt._src.keras.stream import Stream
-from tbptt._src.keras.stream import StreamPosition
-from tbptt._src.recurrent.streaming import StreamCarry
-from tbptt._src.recurrent.streaming import check_window
-from tbptt._src.recurrent.streaming import join_context
+from tbptt._src.keras.stream import Carried, Stream, StreamPosition
+from tbptt._src.recurrent.chain import RecurrentChain
+from tbptt._src.recurrent.streaming import StreamCarry, check_window, join_context
 
 keras = compat.keras
-
 
 
 @serialization.register
@@ -57,15 +49,11 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     with the ``[B, T]`` flags of `value_and_gradients`; `y` ``[B, T, ...]``; `sample_weight`
     ``[B, T]``.
 
-    The compiled loss is applied per chunk. With its default reduction (a per-element mean) the
-    loss is the mean over the whole sequence (the chain's reduction="mean"; over the unmasked
-    steps when there is a mask); with reduction="sum" it is the sum. With SGD one step is
-    exactly ``w - lr * chain.value_and_gradients(...).grads``. Compiled metrics need the
-    predictions, which cost one more forward pass per step; without metrics there is none.
-
-    With stateful=True, `evaluate` and `predict` carry the state across the batches of one
-    call, from zeros at its start (the training carry is left alone); without, each batch
-    starts from zeros.
+    The compiled loss is applied per chunk and adds up to the loss of the whole sequence, as
+    Keras would compute it (its mean over the unmasked steps, or its sum). Compiled metrics
+    need the predictions: one more forward pass per step. With stateful=True, `evaluate` and
+    `predict` carry the state across the batches of one call, from zeros at its start (the
+    training carry is left alone); without, each batch starts from zeros.
 
     >>> import keras, numpy as np, tbptt
     >>> chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=5)
@@ -93,8 +81,9 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         self._train_chain = chain  # the chain with the compiled loss's reduction (`compile`)
         # Tracked by Keras, so that weights, save_weights and checkpoints see the chain's layers
         # (in this order: the names of saved weights depend on it).
-        self.chain_layers = [p for p in chain.cells + [chain.head, chain.inputs_layer]
-                             if compat.is_keras_layer(p)]
+        self.chain_layers = [
+            p for p in chain.cells + [chain.head, chain.inputs_layer] if compat.is_keras_layer(p)
+        ]
         self.stateful = bool(stateful)
         self._chunk_loss = None
         # What a stateful fit carries between batches (checkpointed with the model), and what
@@ -153,10 +142,11 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
 
     reset_states = reset_state  # the name of Keras's stateful RNN layers
 
-    def export(self, filepath, format: str = "tf_saved_model", verbose: bool = True,
-               **kwargs) -> None:
+    def export(
+        self, filepath, format: str = "tf_saved_model", verbose: bool = True, **kwargs
+    ) -> None:
         """Writes a SavedModel that serves the chain with its state in and out, loadable by
-        `tf.saved_model.load(filepath)` in a process without tbptt (see `tbptt._src.keras.serving`):
+        `tf.saved_model.load(filepath)` in a process without tbptt (see `keras/serving.py`):
         `step(inputs, state) -> (outputs, state)`, `initial_state(batch_size)`, and a
         `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...)."""
         serving.export(self._chain, filepath, format=format, verbose=verbose, **kwargs)
@@ -169,8 +159,8 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         if self._chunk_loss.dtype == tf.float64:  # Keras logs the loss in float32 otherwise.
             compat.log_loss_in(self, "float64")
         # The compiled loss says how its chunk losses add up, as in a chain's reduction="auto".
-        self._train_chain = self._chain if self._chain.reduction == "auto" else (
-            self._chain.with_config(reduction="auto"))
+        auto = self._chain.reduction == "auto"
+        self._train_chain = self._chain if auto else self._chain.with_config(reduction="auto")
         self.train_function = None
 
     # -- training ------------------------------------------------------------------------------
@@ -179,18 +169,23 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         logs, _, _ = self._train_step(data, None)
         return logs
 
-    def _train_step(self, data, carry: Optional[StreamCarry]):
+    def _train_step(self, data, carry: StreamCarry | None):
         """One step on one replica: returns (logs, the carry for the next step, final state)."""
         x, y, sample_weight = _unpack(data)
         inputs, flags = _split_inputs(x)
         chain = self._train_chain
         _build_before_tracing(chain, self.optimizer, inputs)
         if self.stateful:
-            result, new_carry = chain.stream_step(inputs, y, self._chunk_loss, carry,
-                                                  sample_weight=sample_weight, **flags)
+            result, new_carry = chain.stream_step(
+                inputs, y, self._chunk_loss, carry, sample_weight=sample_weight, **flags
+            )
         else:
-            result, new_carry = chain.value_and_gradients(
-                inputs, y, self._chunk_loss, sample_weight=sample_weight, **flags), None
+            result, new_carry = (
+                chain.value_and_gradients(
+                    inputs, y, self._chunk_loss, sample_weight=sample_weight, **flags
+                ),
+                None,
+            )
         self.built = True
         y_pred = None
         if compat.has_compiled_metrics(self):  # as Keras: predictions before the update
@@ -199,31 +194,13 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         loss = self._chunk_loss.logged(result.loss) + penalty  # the scale of this step
         self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
         compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
-        logs = self.compute_metrics(x, y, losses_lib.with_keras_mask(y_pred, flags.get("mask")),
-                                    sample_weight=sample_weight)
+        logs = self.compute_metrics(
+            x, y, losses_lib.with_keras_mask(y_pred, flags.get("mask")), sample_weight=sample_weight
+        )
         return logs, new_carry, result.final_state
 
     def test_step(self, data):
-        return self._test_step(data, None)[0]
-
-    def _test_step(self, data, state):
-        """The loss and metrics of one batch from `state` (None: zeros), as Keras computes
-        them on the whole window: ``(logs, the final state)``."""
-        x, y, sample_weight = _unpack(data)
-        inputs, flags = _split_inputs(x)
-        y_pred, final_state = self._chain(inputs, state, training=False, **flags)
-        loss = self._chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
-        loss += _with_weight_penalty(self, [], [])[1]
-        compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
-        logs = self.compute_metrics(x, y, losses_lib.with_keras_mask(y_pred, flags.get("mask")),
-                                    sample_weight=sample_weight)
-        return logs, final_state
-
-    def _predict_step(self, data, state):
-        """The predictions of one batch from `state` (None: zeros), and the final state."""
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        inputs, flags = _split_inputs(x)
-        return self._chain(inputs, state, training=False, **flags)
+        return _test_step(self, data, None)[0]
 
     # -- the step loops of a stateful model (Keras's own run each batch from nothing) --------
 
@@ -232,8 +209,8 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
             return super().make_train_function(force)
         if self.train_function is None or force:
             self.train_function = stream_lib.train_function(
-                self._on_replicas(self._train_step, "logs"), self._stream,
-                self.steps_per_execution)
+                self._on_replicas(self._train_step, "logs"), self._stream, self.steps_per_execution
+            )
         return self.train_function
 
     def make_test_function(self, force: bool = False):
@@ -241,8 +218,10 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
             return super().make_test_function(force)
         if self.test_function is None or force:
             self.test_function = stream_lib.test_function(
-                self._on_replicas(self._test_step, "logs"), self._evaluation,
-                self.steps_per_execution)
+                self._on_replicas(functools.partial(_test_step, self), "logs"),
+                self._evaluation,
+                self.steps_per_execution,
+            )
         return self.test_function
 
     def make_predict_function(self, force: bool = False):
@@ -250,21 +229,29 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
             return super().make_predict_function(force)
         if self.predict_function is None or force:
             self.predict_function = stream_lib.predict_function(
-                self._on_replicas(self._predict_step, "outputs"), self._evaluation)
+                self._on_replicas(functools.partial(_predict_step, self), "outputs"),
+                self._evaluation,
+            )
         return self.predict_function
 
     def _on_replicas(self, replica_step, kind: str):
-        return stream_lib.distributed(self.distribute_strategy, replica_step, kind,
-                                      run_eagerly=self.run_eagerly,
-                                      jit_compile=bool(self.jit_compile))
+        return stream_lib.distributed(
+            self.distribute_strategy,
+            replica_step,
+            kind,
+            run_eagerly=self.run_eagerly,
+            jit_compile=bool(self.jit_compile),
+        )
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; with stateful=True the carried state is reset at each epoch's
         start (not at the start of an epoch resumed from a checkpoint)."""
         if kwargs.get("class_weight") is not None:
-            raise ValueError("ChunkedModel.fit does not take class_weight (a chunked loss sees "
-                             "steps, not samples): pass a sample_weight [B, T] built from the "
-                             "class of each step instead.")
+            raise ValueError(
+                "ChunkedModel.fit does not take class_weight (a chunked loss sees "
+                "steps, not samples): pass a sample_weight [B, T] built from the "
+                "class of each step instead."
+            )
         with _fresh_steps_after_an_error(self):
             if self.stateful:
                 return super().fit(**_stateful_fit_arguments(self._stream, args, kwargs))
@@ -278,22 +265,25 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         with _fresh_steps_after_an_error(self):
             return super().evaluate(*args, **kwargs)
 
-    def predict(self, *args, initial_state=None, **kwargs):
-        """`keras.Model.predict`; with stateful=True the state is carried across the batches
-        of the call, from `initial_state` (None: zeros) at its start, as in `evaluate`. For
-        the state after the call, run the chain itself: ``outputs, state =
+    def predict(self, x, *args, initial_state=None, **kwargs):
+        """`keras.Model.predict`, from `initial_state` (None: zeros). With stateful=True the
+        state is carried across the batches of the call, as in `evaluate`; without, a given
+        `initial_state` ``[B, ...]`` starts one call over all of `x`'s B rows. Unlike Keras's
+        stateful layers, a call does not continue the one before (its result depends on its
+        arguments only): to continue, pass the state the chain ended with, ``outputs, state =
         model.chain(x, state)``."""
         if kwargs.pop("return_state", None) is not None:
-            raise TypeError("predict has no return_state: for the outputs and the state, "
-                            "outputs, state = model.chain(x, initial_state).")
+            raise TypeError(
+                "predict has no return_state: for the outputs and the state, "
+                "outputs, state = model.chain(x, initial_state)."
+            )
         if initial_state is not None and not self.stateful:
-            raise ValueError("predict(initial_state=...) needs ChunkedModel(stateful=True), "
-                             "whose batches continue each other; for one call, use "
-                             "outputs, state = model.chain(x, initial_state).")
+            return _predict_from(self.chain, x, initial_state)
         self._evaluation.reset()
         self._evaluation.state = initial_state
         with _fresh_steps_after_an_error(self):
-            return super().predict(*args, **kwargs)
+            return super().predict(x, *args, **kwargs)
+
 
 @contextlib.contextmanager
 def _fresh_steps_after_an_error(model: ChunkedModel):
@@ -325,9 +315,11 @@ def _stateful_fit_arguments(stream: Stream, args: tuple, kwargs: dict) -> dict:
     bound = inspect.signature(keras.Model.fit).bind(None, *args, **kwargs).arguments
     bound.pop("self")
     if bound.setdefault("shuffle", False):
-        warnings.warn("fit(shuffle=True) on a stateful ChunkedModel reorders the rows between "
-                      "batches, so the carried state enters other streams; pass shuffle=False.",
-                      stacklevel=4)
+        warnings.warn(
+            "fit(shuffle=True) on a stateful ChunkedModel reorders the rows between "
+            "batches, so the carried state enters other streams; pass shuffle=False.",
+            stacklevel=4,
+        )
     callbacks = bound.get("callbacks") or []
     epoch_start = _EpochStart(stream)
     if isinstance(callbacks, keras.callbacks.CallbackList):
@@ -349,11 +341,39 @@ class _EpochStart(keras.callbacks.Callback):
         self._stream.begin_epoch(epoch)
 
 
+def _test_step(model: ChunkedModel, data, state):
+    """The loss and metrics of one batch from `state` (None: zeros), as Keras computes them on
+    the whole window: ``(logs, the final state)``."""
+    x, y, sample_weight = _unpack(data)
+    inputs, flags = _split_inputs(x)
+    y_pred, final_state = model.chain(inputs, state, training=False, **flags)
+    loss = model.chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
+    loss += _with_weight_penalty(model, [], [])[1]
+    compat.loss_tracker(model).update_state(loss, sample_weight=tf.shape(inputs)[0])
+    y_pred = losses_lib.with_keras_mask(y_pred, flags.get("mask"))
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight), final_state
+
+
+def _predict_from(chain: RecurrentChain, x, initial_state):
+    """A non-stateful model's predictions of all of `x` from `initial_state`, in one call."""
+    inputs, flags = _split_inputs(x)
+    return chain(inputs, initial_state, training=False, **flags)[0].numpy()
+
+
+def _predict_step(model: ChunkedModel, data, state):
+    """The predictions of one batch from `state` (None: zeros), and the final state."""
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    inputs, flags = _split_inputs(x)
+    return model.chain(inputs, state, training=False, **flags)
+
+
 def _unpack(data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if y is None:
-        raise ValueError("ChunkedModel needs targets y [B, T, ...] to train and evaluate: "
-                         "fit(x, y), or a dataset of (x, y) pairs.")
+        raise ValueError(
+            "ChunkedModel needs targets y [B, T, ...] to train and evaluate: "
+            "fit(x, y), or a dataset of (x, y) pairs."
+        )
     return x, y, sample_weight
 
 
@@ -362,8 +382,10 @@ def _split_inputs(x):
     if not isinstance(x, dict):
         return x, {}
     if "inputs" not in x or set(x) - {"inputs", "reset", "mask"}:
-        raise ValueError("x must be inputs [B, T, F] or a dict with 'inputs' and optionally "
-                         f"'reset' and 'mask' ([B, T] bool), got a dict with keys {sorted(x)}.")
+        raise ValueError(
+            "x must be inputs [B, T, F] or a dict with 'inputs' and optionally "
+            f"'reset' and 'mask' ([B, T] bool), got a dict with keys {sorted(x)}."
+        )
     return x["inputs"], {name: x[name] for name in ("reset", "mask") if x.get(name) is not None}
 
 
@@ -385,9 +407,11 @@ def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> t
 def _check_chain(chain, stateful: bool) -> None:
     """What a ChunkedModel needs of Keras and of its chain, checked before it is made."""
     if compat.KERAS_MAJOR < 3:
-        raise ImportError("tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found "
-                          f"Keras {keras.__version__}. With Keras 2, call "
-                          "chain.value_and_gradients in your own training loop.")
+        raise ImportError(
+            "tbptt.keras.ChunkedModel needs Keras 3 (TensorFlow >= 2.16), found "
+            f"Keras {keras.__version__}. With Keras 2, call "
+            "chain.value_and_gradients in your own training loop."
+        )
     if not isinstance(chain, RecurrentChain):
         raise TypeError(checks.CHAIN_MSG.format(value=chain))
     if stateful and chain.config.schedule.context_chunks:
@@ -401,20 +425,23 @@ def _refuse_activity_regularizers(chain: RecurrentChain) -> None:
     for part in chain.cells + ([chain.head] if chain.head is not None else []):
         for layer in compat.sublayers(part):
             if getattr(layer, "activity_regularizer", None) is not None or (
-                    type(layer).__name__ == "ActivityRegularization"):
+                type(layer).__name__ == "ActivityRegularization"
+            ):
                 raise ValueError(
                     f"{layer.name} has an activity regularizer, which ChunkedModel cannot add "
                     "(it is computed inside each chunk). Add the penalty to the loss instead, "
-                    "or regularize the weights (kernel_regularizer works).")
+                    "or regularize the weights (kernel_regularizer works)."
+                )
 
 
-def _predictions(chain: RecurrentChain, carry: Optional[StreamCarry], inputs, flags: dict):
+def _predictions(chain: RecurrentChain, carry: StreamCarry | None, inputs, flags: dict):
     """The predictions before the update, from the carried state, the carried context re-run in
     front of the window as the gradient step runs it."""
     if carry is None:
         return chain(inputs, training=False, **flags)[0]
-    context = {name: value for name, value in carry.context.items() if name in flags or
-               name == "inputs"}
+    context = {
+        name: value for name, value in carry.context.items() if name in flags or name == "inputs"
+    }
     joined = join_context(context, {"inputs": inputs, **flags}, chain.dtype)
     outputs = chain(joined.pop("inputs"), carry.state, training=False, **joined)[0]
-    return outputs[:, tf.shape(context["inputs"])[1]:] if context else outputs
+    return outputs[:, tf.shape(context["inputs"])[1] :] if context else outputs

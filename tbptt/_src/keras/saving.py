@@ -17,8 +17,12 @@ class SavableModel:
     its optimizer restored) before Keras reads the weights into it."""
 
     def get_config(self) -> dict:
-        return {"name": self.name, "trainable": self.trainable, "stateful": self.stateful,
-                "chain": keras.saving.serialize_keras_object(self.chain)}
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "stateful": self.stateful,
+            "chain": keras.saving.serialize_keras_object(self.chain),
+        }
 
     @classmethod
     def from_config(cls, config: dict):
@@ -75,15 +79,20 @@ def saved_features(path: str, first, saved_layers: list) -> int:
         import h5py  # a Keras 3 dependency
 
         name = _snake_case(type(first).__name__)
-        before = sum(1 for layer in saved_layers[:[id(v) for v in saved_layers].index(id(first))]
-                     if _snake_case(type(layer).__name__) == name)
+        before = sum(
+            1
+            for layer in saved_layers[: [id(v) for v in saved_layers].index(id(first))]
+            if _snake_case(type(layer).__name__) == name
+        )
         with h5py.File(path, "r") as weights:
             kernel = weights.get(f"chain_layers/{name}{f'_{before}' if before else ''}/vars/0")
             features = kernel.shape[0] if kernel is not None and len(kernel.shape) == 2 else None
     if not features:
-        raise ValueError(f"cannot tell from {path!r} which inputs the weights are for. Build "
-                         "the model before loading: model.build([None, None, F]) (or model("
-                         "x) on one batch).")
+        raise ValueError(
+            f"cannot tell from {path!r} which inputs the weights are for. Build "
+            "the model before loading: model.build([None, None, F]) (or model("
+            "x) on one batch)."
+        )
     return int(features)
 
 

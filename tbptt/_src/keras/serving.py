@@ -23,35 +23,50 @@ class ServingModule(tf.Module):
     def __init__(self, chain):
         super().__init__(name="tbptt_serving")
         if not chain.built:
-            raise ValueError("export needs a built chain: call the model (or fit it) once, or "
-                             "model.build([None, None, features]), before exporting.")
+            raise ValueError(
+                "export needs a built chain: call the model (or fit it) once, or "
+                "model.build([None, None, features]), before exporting."
+            )
         self.chain = chain.with_config(xla=False, check_numerics=False)
         # Every variable the layers hold, their seed generators' states included, tracked here:
         # a SavedModel keeps only what its object graph reaches.
-        self.held_variables = [compat.tf_variable(v) for part in chain.parts
-                               for v in getattr(part, "variables", [])]
+        self.held_variables = [
+            compat.tf_variable(v) for part in chain.parts for v in getattr(part, "variables", [])
+        ]
         leaves = tf.nest.flatten(chain.initial_state(1))
         self._structure = chain.initial_state(1)
-        self._state_specs = [tf.TensorSpec([None] + leaf.shape[1:].as_list(), leaf.dtype)
-                             for leaf in leaves]
+        self._state_specs = [
+            tf.TensorSpec([None] + leaf.shape[1:].as_list(), leaf.dtype) for leaf in leaves
+        ]
         inputs_dtype = chain.dtype if chain.inputs_layer is None else tf.int32
         self._inputs_spec = tf.TensorSpec(chain.input_shape, inputs_dtype)
-        self.step = tf.function(self._step, input_signature=[
-            self._inputs_spec, tf.nest.pack_sequence_as(self._structure, self._state_specs)])
+        self.step = tf.function(
+            self._step,
+            input_signature=[
+                self._inputs_spec,
+                tf.nest.pack_sequence_as(self._structure, self._state_specs),
+            ],
+        )
         self.initial_state = tf.function(
-            self._initial_state, input_signature=[tf.TensorSpec([], tf.int32)])
+            self._initial_state, input_signature=[tf.TensorSpec([], tf.int32)]
+        )
         named = [tf.TensorSpec(self._inputs_spec.shape, self._inputs_spec.dtype, "inputs")] + [
             tf.TensorSpec(spec.shape, spec.dtype, f"state_{i}")
-            for i, spec in enumerate(self._state_specs)]
+            for i, spec in enumerate(self._state_specs)
+        ]
         self.serve = tf.function(self._serve, input_signature=named)
 
     def _step(self, inputs, state):
         return self.chain(inputs, state)
 
     def _initial_state(self, batch_size):
-        return tf.nest.pack_sequence_as(self._structure, [
-            tf.zeros(tf.concat([[batch_size], spec.shape[1:].as_list()], 0), spec.dtype)
-            for spec in self._state_specs])
+        return tf.nest.pack_sequence_as(
+            self._structure,
+            [
+                tf.zeros(tf.concat([[batch_size], spec.shape[1:].as_list()], 0), spec.dtype)
+                for spec in self._state_specs
+            ],
+        )
 
     def _serve(self, inputs, *leaves):
         outputs, state = self.chain(inputs, tf.nest.pack_sequence_as(self._structure, leaves))
@@ -68,19 +83,23 @@ class ServingModule(tf.Module):
         return {"serving_default": self.serve}
 
 
-def export(chain, filepath, *, format: str = "tf_saved_model", verbose: bool = False,
-           **options) -> None:
+def export(
+    chain, filepath, *, format: str = "tf_saved_model", verbose: bool = False, **options
+) -> None:
     """Writes `chain` to `filepath` as a SavedModel (see the module docstring); `format` and
     `options` are those of `keras.Model.export`, of which only the SavedModel is written."""
     if format != "tf_saved_model" or options:
-        raise ValueError(f"ChunkedModel.export writes format='tf_saved_model' with the "
-                         f"state in and out, and takes no other options; got format="
-                         f"{format!r} and {sorted(options)}.")
+        raise ValueError(
+            f"ChunkedModel.export writes format='tf_saved_model' with the "
+            f"state in and out, and takes no other options; got format="
+            f"{format!r} and {sorted(options)}."
+        )
     module = ServingModule(chain)
     # Gradients are not served: without them a SavedModel holds the forward functions only.
     save_options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, str(filepath), signatures=module.signatures(),
-                        options=save_options)
+    tf.saved_model.save(module, str(filepath), signatures=module.signatures(), options=save_options)
     if verbose:
-        print(f"Saved the chain to {filepath}: step(inputs, state), initial_state("
-              "batch_size), and the signature serving_default(inputs, state_0, ...).")
+        print(
+            f"Saved the chain to {filepath}: step(inputs, state), initial_state("
+            "batch_size), and the signature serving_default(inputs, state_0, ...)."
+        )

@@ -19,14 +19,14 @@ The chain's chunking is saved beside it: a context of chunks means nothing to an
 import io
 import json
 import warnings
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from tbptt._src.core import compat
-from tbptt._src.recurrent.streaming import StreamCarry
-from tbptt._src.recurrent.streaming import check_window
+from tbptt._src.recurrent.streaming import StreamCarry, check_window
 
 
 class StreamPosition(NamedTuple):
@@ -49,7 +49,7 @@ class Stream(tf.train.experimental.PythonState):
     def __init__(self, chain, strategy: Callable):
         """`chain`: the model's chain; `strategy()`: the model's distribution strategy."""
         self._chain, self._strategy = chain, strategy
-        self.carry: Optional[StreamCarry] = None
+        self.carry: StreamCarry | None = None
         self.final_state = None
         self.position = StreamPosition(0, 0)
         self._resumed = False  # restored mid-epoch: the next epoch start goes on from it
@@ -77,18 +77,24 @@ class Stream(tf.train.experimental.PythonState):
             return
         carried = _local(self._strategy(), tf.nest.flatten(self.carry.state)[0])
         if first.shape[0] != carried.shape[0]:
-            warnings.warn(f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
-                          f"follows {carried.shape[0]} carried streams; the carried state is "
-                          "reset. Use batches of one size (drop_remainder=True) to carry the "
-                          "state through.", stacklevel=4)
+            warnings.warn(
+                f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
+                f"follows {carried.shape[0]} carried streams; the carried state is "
+                "reset. Use batches of one size (drop_remainder=True) to carry the "
+                "state through.",
+                stacklevel=4,
+            )
             self.reset()
 
     def stepped(self, carry: StreamCarry, final_state) -> None:
         """One batch further: its carry and final state (as the user sees it)."""
         strategy = self._strategy()
         self.carry = carry
-        self.final_state = final_state if strategy.num_replicas_in_sync > 1 else (
-            tf.nest.map_structure(lambda v: _local(strategy, v), final_state))
+        self.final_state = (
+            final_state
+            if strategy.num_replicas_in_sync > 1
+            else (tf.nest.map_structure(lambda v: _local(strategy, v), final_state))
+        )
         self.position = StreamPosition(self.position.epoch, self.position.batch + 1)
 
     # -- checkpointing -------------------------------------------------------------------------
@@ -98,22 +104,28 @@ class Stream(tf.train.experimental.PythonState):
         return [config.chunk_size, config.mode, config.backprop_chunks]
 
     def serialize(self) -> bytes:
-        layout = {"position": list(self.position), "chunking": self._chunking(),
-                  "context": None}
+        layout = {"position": list(self.position), "chunking": self._chunking(), "context": None}
         arrays = {}
         if self.carry is not None:
             strategy = self._strategy()
             if strategy.num_replicas_in_sync > 1:
-                raise ValueError("the carried state of a tf.distribute replica cannot be "
-                                 "checkpointed as one value; checkpoint at an epoch end (after "
-                                 "reset_state()).")
-            carry, final = tf.nest.map_structure(lambda v: _local(strategy, v),
-                                                 (self.carry, self.final_state))
+                raise ValueError(
+                    "the carried state of a tf.distribute replica cannot be "
+                    "checkpointed as one value; checkpoint at an epoch end (after "
+                    "reset_state())."
+                )
+            carry, final = tf.nest.map_structure(
+                lambda v: _local(strategy, v), (self.carry, self.final_state)
+            )
             layout["context"] = sorted(carry.context)
-            for name, value in [("state", carry.state), ("final", final),
-                                ("context", carry.context)]:
-                arrays.update({f"{name}_{i}": leaf.numpy()
-                               for i, leaf in enumerate(tf.nest.flatten(value))})
+            for name, value in [
+                ("state", carry.state),
+                ("final", final),
+                ("context", carry.context),
+            ]:
+                arrays.update(
+                    {f"{name}_{i}": leaf.numpy() for i, leaf in enumerate(tf.nest.flatten(value))}
+                )
         buffer = io.BytesIO()
         np.savez(buffer, layout=np.array(json.dumps(layout)), **arrays)
         return buffer.getvalue()
@@ -123,24 +135,32 @@ class Stream(tf.train.experimental.PythonState):
         layout = json.loads(str(stored["layout"]))
         saved = layout.get("chunking")
         if saved is not None and saved != self._chunking():
-            raise ValueError(f"this checkpoint's carried stream state was saved by a chain with "
-                             f"(chunk_size, mode, backprop_chunks) = {tuple(saved)}, but this "
-                             f"model's chain has {tuple(self._chunking())}. Restore it into a "
-                             "model with the same chunking, or call model.reset_state() and "
-                             "restore without the stream state.")
+            raise ValueError(
+                f"this checkpoint's carried stream state was saved by a chain with "
+                f"(chunk_size, mode, backprop_chunks) = {tuple(saved)}, but this "
+                f"model's chain has {tuple(self._chunking())}. Restore it into a "
+                "model with the same chunking, or call model.reset_state() and "
+                "restore without the stream state."
+            )
         self.position = StreamPosition(*layout["position"])
         if layout["context"] is None:
             self.reset()
             return
 
         def leaves(name):
-            return [tf.constant(stored[key]) for key in sorted(
-                (k for k in stored.files if k.startswith(name + "_")),
-                key=lambda k: int(k.rsplit("_", 1)[1]))]
+            return [
+                tf.constant(stored[key])
+                for key in sorted(
+                    (k for k in stored.files if k.startswith(name + "_")),
+                    key=lambda k: int(k.rsplit("_", 1)[1]),
+                )
+            ]
 
         structure = self._chain.initial_state(1)
-        self.carry = StreamCarry(tf.nest.pack_sequence_as(structure, leaves("state")),
-                                 dict(zip(layout["context"], leaves("context"))))
+        self.carry = StreamCarry(
+            tf.nest.pack_sequence_as(structure, leaves("state")),
+            dict(zip(layout["context"], leaves("context"))),
+        )
         self.final_state = tf.nest.pack_sequence_as(structure, leaves("final"))
         self._resumed = True
 
@@ -169,10 +189,13 @@ class Carried:
         first = _local(self._strategy(), tf.nest.flatten(data)[0])
         carried = _local(self._strategy(), tf.nest.flatten(self.state)[0])
         if first.shape[0] != carried.shape[0]:
-            warnings.warn(f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
-                          f"follows {carried.shape[0]} carried streams; the carried state is "
-                          "reset. Use batches of one size (drop_remainder=True) to carry the "
-                          "state through.", stacklevel=4)
+            warnings.warn(
+                f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
+                f"follows {carried.shape[0]} carried streams; the carried state is "
+                "reset. Use batches of one size (drop_remainder=True) to carry the "
+                "state through.",
+                stacklevel=4,
+            )
             self.reset()
 
 
@@ -182,6 +205,7 @@ class Carried:
 def train_function(step, stream: Stream, steps_per_execution: int):
     """`fit`'s function over batches: `step(data, carry) -> (logs, carry, final state)` on up
     to `steps_per_execution` batches, the training stream carried from one to the next."""
+
     def one(data):
         stream.check_batch(data)
         logs, carry, final_state = step(data, stream.carry)
@@ -194,13 +218,15 @@ def train_function(step, stream: Stream, steps_per_execution: int):
 def test_function(step, carried: Carried, steps_per_execution: int):
     """`evaluate`'s: `step(data, state) -> (logs, state)`, the state carried across the batches
     of the call (from zeros at its start)."""
-    return lambda iterator: _each_batch(iterator, steps_per_execution,
-                                        lambda data: carried.step(step, data))
+    return lambda iterator: _each_batch(
+        iterator, steps_per_execution, lambda data: carried.step(step, data)
+    )
 
 
 def predict_function(step, carried: Carried):
     """`predict`'s: `step(data, state) -> (outputs, state)` over the batches it is given, the
     state carried; the outputs joined."""
+
     def run(batches):
         outputs = [carried.step(step, data) for data in batches]
         return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *outputs)
@@ -213,8 +239,7 @@ def distributed(strategy, replica_step, kind: str, *, run_eagerly: bool, jit_com
     (compiled unless `run_eagerly`; each replica's step with XLA with `jit_compile`, as Keras
     compiles its own): logs are the first replica's, outputs all replicas' in order."""
     if jit_compile and not run_eagerly:
-        replica_step = compat.quiet_function(replica_step, jit_compile=True,
-                                             reduce_retracing=True)
+        replica_step = compat.quiet_function(replica_step, jit_compile=True, reduce_retracing=True)
 
     def gather(value):
         if kind == "logs":

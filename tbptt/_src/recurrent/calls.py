@@ -14,17 +14,15 @@ A `Call` crosses into the compiled function as the flat dict of its present tens
 (`Call.from_tensors`); a chunk source is then a `SourceReader` in its place in the batch.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from tbptt._src.core import checks
-from tbptt._src.core import chunking
-from tbptt._src.core import compat
-from tbptt._src.recurrent.loops import timeloop
-from tbptt._src.recurrent import losses
+from tbptt._src.core import checks, chunking, compat
 from tbptt._src.core import sources as sources_lib
+from tbptt._src.recurrent import losses
 from tbptt._src.recurrent.config import ChainConfig
+from tbptt._src.recurrent.loops import timeloop
 from tbptt._src.recurrent.stack import CellStack
 
 PER_STEP = ("inputs", "targets", "sample_weight", "reset", "mask")
@@ -37,8 +35,8 @@ class Batch(NamedTuple):
     inputs: Any
     targets: Any = None
     sample_weight: Any = None
-    reset: Optional[tf.Tensor] = None
-    mask: Optional[tf.Tensor] = None
+    reset: tf.Tensor | None = None
+    mask: tf.Tensor | None = None
 
     def given(self) -> dict:
         """name -> value of the fields given."""
@@ -59,10 +57,10 @@ class Call(NamedTuple):
 
     batch: Batch
     state: list
-    chunk_size: Optional[tf.Tensor] = None
-    final_state_grad: Optional[list] = None
-    context_steps: Optional[tf.Tensor] = None
-    steps: Optional[tf.Tensor] = None
+    chunk_size: tf.Tensor | None = None
+    final_state_grad: list | None = None
+    context_steps: tf.Tensor | None = None
+    steps: tf.Tensor | None = None
 
     def tensors(self) -> dict:
         """The compiled function's argument: name -> tensor (or list), present fields only."""
@@ -70,13 +68,13 @@ class Call(NamedTuple):
         return {name: value for name, value in flat.items() if value is not None}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, readers: Optional[dict] = None) -> "Call":
+    def from_tensors(cls, tensors: dict, readers: dict | None = None) -> "Call":
         """The call rebuilt inside the compiled function; `readers` stand for chunk sources."""
         tensors = {**tensors, **(readers or {})}
         batch = Batch(**{name: tensors.get(name) for name in PER_STEP})
         return cls(batch, **{name: tensors.get(name) for name in cls._fields[1:]})
 
-    def static_steps(self) -> Optional[int]:
+    def static_steps(self) -> int | None:
         """T where it is known in Python (None inside a tf.function with an unknown length)."""
         if self.steps is not None:
             return int(self.steps)
@@ -90,7 +88,9 @@ class Static(NamedTuple):
     source_specs: tuple = ()  # ((name, relaxed spec), ...) of the chunk sources
     training: bool = True
     record: bool = False  # diagnostics: the carried cotangents' norms
-    xla: bool = True  # the stock cells' loops compiled with XLA on their own (`timeloop.LoopSettings`)
+    xla: bool = (
+        True  # the stock cells' loops compiled with XLA on their own (`timeloop.LoopSettings`)
+    )
 
 
 class Prepared(NamedTuple):
@@ -118,8 +118,9 @@ def source_spec(source, dtype: tf.DType, sequence: bool = True) -> tf.TensorSpec
     if sequence and len(source.shape) != 3:
         raise ValueError(checks.INPUTS_RANK_MSG.format(shape=list(source.shape)))
     if not (source.dtype.is_floating or source.dtype.is_integer or source.dtype == tf.bool):
-        raise TypeError(f"{source.name}: a chunk source must hold numbers, got dtype "
-                        f"{source.dtype.name}.")
+        raise TypeError(
+            f"{source.name}: a chunk source must hold numbers, got dtype {source.dtype.name}."
+        )
     cast = source.dtype.is_floating or (sequence and source.dtype.is_integer)
     return tf.TensorSpec(source.shape, dtype if cast else source.dtype)
 
@@ -134,31 +135,42 @@ def chunk_size_for(config: ChainConfig, stack: CellStack, shape: tf.TensorShape)
     if config.chunk_size != "auto":
         return tf.constant(config.chunk_size, tf.int32)
     if shape[1] is None:
-        raise ValueError(f"chunk_size='auto' picks the chunk size from the sequence length, "
-                         f"which is unknown here (inputs of shape {shape.as_list()} inside a "
-                         "tf.function). Give the inputs a static time dimension or pass an "
-                         "int chunk_size.")
-    return tf.constant(plan_for(config, stack, shape[1], shape[0] or 1, shape[-1]).chunk_size,
-                       tf.int32)
+        raise ValueError(
+            f"chunk_size='auto' picks the chunk size from the sequence length, "
+            f"which is unknown here (inputs of shape {shape.as_list()} inside a "
+            "tf.function). Give the inputs a static time dimension or pass an "
+            "int chunk_size."
+        )
+    return tf.constant(
+        plan_for(config, stack, shape[1], shape[0] or 1, shape[-1]).chunk_size, tf.int32
+    )
 
 
-def plan_for(config: ChainConfig, stack: CellStack, steps: int, batch: int,
-             features: Optional[int] = None) -> chunking.ChunkPlan:
+def plan_for(
+    config: ChainConfig, stack: CellStack, steps: int, batch: int, features: int | None = None
+) -> chunking.ChunkPlan:
     """`chunking.plan` for this chain's configuration and state size."""
     features = stack.features if features is None else features
-    return chunking.plan(steps, chunk_size=config.chunk_size, levels=config.levels,
-                         memory_budget=config.memory_budget, batch=batch,
-                         state_floats=stack.state_floats, features=int(features or 0),
-                         itemsize=stack.dtype.size)
+    return chunking.plan(
+        steps,
+        chunk_size=config.chunk_size,
+        levels=config.levels,
+        memory_budget=config.memory_budget,
+        batch=batch,
+        state_floats=stack.state_floats,
+        features=int(features or 0),
+        itemsize=stack.dtype.size,
+    )
 
 
-def _flag(name: str, value, inputs) -> Optional[tf.Tensor]:
+def _flag(name: str, value, inputs) -> tf.Tensor | None:
     """reset or mask checked against inputs' [B, T], as a bool tensor (None when None)."""
     return None if value is None else checks.step_flags(name, value, inputs)
 
 
-def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, reset,
-                 mask, training: bool) -> Prepared:
+def forward_call(
+    config: ChainConfig, stack: CellStack, inputs, initial_state, reset, mask, training: bool
+) -> Prepared:
     """`chain(inputs, ...)`: in-memory inputs run as one chunk; a source chunk by chunk."""
     mask = compat.keras_mask(inputs) if mask is None else mask
     source = sources_lib.as_source("inputs", inputs)
@@ -171,51 +183,90 @@ def forward_call(config: ChainConfig, stack: CellStack, inputs, initial_state, r
     call = Call(batch, stack.leaves("initial_state", initial_state, batch_size(inputs)))
     specs = ()
     if source is not None:
-        call = call._replace(batch=batch._replace(inputs=None),
-                             chunk_size=chunk_size_for(config, stack, inputs.shape),
-                             steps=tf.constant(inputs.shape[1], tf.int32))
+        call = call._replace(
+            batch=batch._replace(inputs=None),
+            chunk_size=chunk_size_for(config, stack, inputs.shape),
+            steps=tf.constant(inputs.shape[1], tf.int32),
+        )
         specs = (("inputs", relaxed_spec(inputs)),)
     # Last: a refused call leaves the chain unbuilt.
     stack.build(inputs.shape, config.chunk_size, inputs.dtype)
-    return Prepared(call, {} if source is None else {"inputs": source},
-                    Static(source_specs=specs, training=training, xla=_xla(config)))
+    return Prepared(
+        call,
+        {} if source is None else {"inputs": source},
+        Static(source_specs=specs, training=training, xla=_xla(config)),
+    )
 
 
-def gradient_call(config: ChainConfig, stack: CellStack, inputs, targets, loss_fn, *,
-                  initial_state=None, final_state_grad=None, sample_weight=None, reset=None,
-                  mask=None, context_steps=None, state_name: str = "initial_state",
-                  record: bool = False) -> Prepared:
+def gradient_call(
+    config: ChainConfig,
+    stack: CellStack,
+    inputs,
+    targets,
+    loss_fn,
+    *,
+    initial_state=None,
+    final_state_grad=None,
+    sample_weight=None,
+    reset=None,
+    mask=None,
+    context_steps=None,
+    state_name: str = "initial_state",
+    record: bool = False,
+) -> Prepared:
     """`value_and_gradients` and `stream_step`: every argument checked, sources split off."""
     mask = compat.keras_mask(inputs) if mask is None else mask
     loss_fn = checks.loss_function(
-        loss_fn, with_weight=sample_weight is not None or mask is not None)
+        loss_fn, with_weight=sample_weight is not None or mask is not None
+    )
     batch, sources = _per_step(stack, inputs, targets, sample_weight)
-    _check_whole_counts(losses.reduction_of(config.reduction, loss_fn), sources)
+    _check_context(config, losses.reduction_of(config.reduction, loss_fn), sources)
+    batch = batch._replace(
+        reset=_flag("reset", reset, batch.inputs), mask=_flag("mask", mask, batch.inputs)
+    )
+    rows = batch_size(batch.inputs)
+    call = Call(
+        batch,
+        stack.leaves(state_name, initial_state, rows),
+        chunk_size_for(config, stack, batch.inputs.shape),
+        _final_state_grad(config, stack, final_state_grad, rows),
+        None if context_steps is None else tf.convert_to_tensor(context_steps, tf.int32),
+    )
+    call, specs = _sources_apart(call, sources)
+    # Last: a refused call leaves the chain unbuilt.
+    stack.build(batch.inputs.shape, config.chunk_size, batch.inputs.dtype)
+    if config.schedule.recomputes:
+        stack.check_replayable()
+    return Prepared(
+        call, sources, Static(loss_fn, specs, training=True, record=record, xla=_xla(config))
+    )
+
+
+def _check_context(config: ChainConfig, reduction: losses.Reduction, sources: dict) -> None:
+    """What this call needs of where it runs: chunk sources and check_numerics outside XLA,
+    in-memory counts for a mean over kept labels or sample weights."""
+    _check_whole_counts(reduction, sources)
     if sources:
         _sources_outside_xla()
     if config.check_numerics:
-        checks.outside_xla("check_numerics=True", "its assertions would be left out. Check "
-                           "numerics in a call outside jit_compile.")
-    batch = batch._replace(reset=_flag("reset", reset, batch.inputs),
-                           mask=_flag("mask", mask, batch.inputs))
-    rows = batch_size(batch.inputs)
-    call = Call(batch, stack.leaves(state_name, initial_state, rows),
-                chunk_size_for(config, stack, batch.inputs.shape),
-                _final_state_grad(config, stack, final_state_grad, rows),
-                None if context_steps is None else tf.convert_to_tensor(context_steps, tf.int32))
-    # Sources stay out of the compiled function's tensors: it is traced for their specs and
-    # reads the source whose handle it is given, so a new file costs no trace.
-    inputs_shape = batch.inputs.shape
+        checks.outside_xla(
+            "check_numerics=True",
+            "its assertions would be left out. Check numerics in a call outside jit_compile.",
+        )
+
+
+def _sources_apart(call: Call, sources: dict) -> tuple:
+    """``(the call, the sources' specs)``. Sources stay out of the compiled function's
+    tensors: it is traced for their specs and reads the source whose handle it is given, so a
+    new file costs no trace."""
+    batch = call.batch
     specs = tuple((name, relaxed_spec(getattr(batch, name))) for name in sorted(sources))
     if sources:
-        call = call._replace(batch=batch._replace(**{name: None for name in sources}),
-                             steps=tf.constant(sources["inputs"].shape[1], tf.int32))
-    # Last: a refused call leaves the chain unbuilt.
-    stack.build(inputs_shape, config.chunk_size, batch.inputs.dtype)
-    if config.schedule.recomputes:
-        stack.check_replayable()
-    return Prepared(call, sources, Static(loss_fn, specs, training=True, record=record,
-                                          xla=_xla(config)))
+        call = call._replace(
+            batch=batch._replace(**{name: None for name in sources}),
+            steps=tf.constant(sources["inputs"].shape[1], tf.int32),
+        )
+    return call, specs
 
 
 def _xla(config: ChainConfig) -> bool:
@@ -229,9 +280,11 @@ def _final_state_grad(config: ChainConfig, stack: CellStack, final_state_grad, r
     if final_state_grad is None:
         return None
     if not config.schedule.accepts_final_state_grad:
-        raise ValueError("final_state_grad would be dropped at the first cut with "
-                         "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to "
-                         "carry it back, mode='exact', or pass None.")
+        raise ValueError(
+            "final_state_grad would be dropped at the first cut with "
+            "mode='truncated', backprop_chunks=1. Use backprop_chunks >= 2 to "
+            "carry it back, mode='exact', or pass None."
+        )
     return stack.leaves("final_state_grad", final_state_grad, rows)
 
 
@@ -244,26 +297,39 @@ def _check_whole_counts(reduction: losses.Reduction, sources: dict) -> None:
             f"loss_fn averages over the {'kept labels' if needs == 'targets' else 'sample weights'}"
             f" of the whole sequence, which the chain counts before the first chunk: pass "
             f"{needs} in memory (not as a chunk source), or give the loss reduction='sum' and "
-            "divide by the count yourself.")
+            "divide by the count yourself."
+        )
 
 
 def _sources_outside_xla() -> None:
-    checks.outside_xla("a chunk source", "it is read by tf.numpy_function, which XLA cannot "
-                       "compile. Pass in-memory tensors, or call the chain outside jit_compile.")
+    checks.outside_xla(
+        "a chunk source",
+        "it is read by tf.numpy_function, which XLA cannot "
+        "compile. Pass in-memory tensors, or call the chain outside jit_compile.",
+    )
 
 
 def _per_step(stack: CellStack, inputs, targets, sample_weight) -> tuple[Batch, dict]:
     """inputs, targets and sample_weight checked: tensors, or the specs of chunk sources."""
     if targets is None:
-        raise ValueError("targets must be given: [batch, time, ...] values that loss_fn "
-                         "compares with the predictions.")
-    sources = {name: source for name, source in [
-        ("inputs", sources_lib.as_source("inputs", inputs)),
-        ("targets", sources_lib.as_source("targets", targets)),
-        ("sample_weight", sources_lib.as_source("sample_weight", sample_weight))]
-        if source is not None}
-    inputs = source_spec(sources["inputs"], stack.dtype) if "inputs" in sources else (
-        checks.sequence_inputs(inputs, stack.dtype, stack.inputs_layer is not None))
+        raise ValueError(
+            "targets must be given: [batch, time, ...] values that loss_fn "
+            "compares with the predictions."
+        )
+    sources = {
+        name: source
+        for name, source in [
+            ("inputs", sources_lib.as_source("inputs", inputs)),
+            ("targets", sources_lib.as_source("targets", targets)),
+            ("sample_weight", sources_lib.as_source("sample_weight", sample_weight)),
+        ]
+        if source is not None
+    }
+    inputs = (
+        source_spec(sources["inputs"], stack.dtype)
+        if "inputs" in sources
+        else (checks.sequence_inputs(inputs, stack.dtype, stack.inputs_layer is not None))
+    )
     checked = {}
     for name, value in [("targets", targets), ("sample_weight", sample_weight)]:
         if value is not None:

@@ -8,26 +8,19 @@ about one call is stored on the chain: what a call needs flows in as arguments a
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from tbptt._src.recurrent import calls
-from tbptt._src.core import checks
-from tbptt._src.core import chunking
-from tbptt._src.core import compat
-from tbptt._src.core import compiling
-from tbptt._src.recurrent import online as online_lib
-from tbptt._src.core import serialization
+from tbptt._src.core import checks, chunking, compat, compiling, serialization
 from tbptt._src.core import sources as sources_lib
-from tbptt._src.recurrent import streaming
-from tbptt._src.recurrent import timechain
-from tbptt._src.recurrent.config import ChainConfig
-from tbptt._src.recurrent.config import config_from
+from tbptt._src.core.types import ChainResult, LossFn, State
+from tbptt._src.recurrent import calls, streaming, timechain
+from tbptt._src.recurrent import online as online_lib
+from tbptt._src.recurrent.config import ChainConfig, config_from
 from tbptt._src.recurrent.stack import CellStack
 from tbptt._src.recurrent.streaming import StreamCarry
-from tbptt._src.core.types import ChainResult, LossFn, State
 
 keras = compat.keras
 
@@ -36,33 +29,20 @@ def _stack_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._stack, name), doc=doc)
 
 
-@serialization.register
-class RecurrentChain(tf.Module):
-    """Stacked RNN cells and a head, trained over time chunks with carried state and gradient.
+class _RecurrentParts(tf.Module):
+    """What a recurrent chain is: its cells, head and inputs layer (a `CellStack`) and its
+    `ChainConfig`, made, checked, built and saved; `RecurrentChain` runs it."""
 
-    ```
-    outputs, final_state = chain(inputs, initial_state)          # plain forward, differentiable
-    result = chain.value_and_gradients(inputs, targets, loss_fn)   # chunked: memory of one chunk
-    opt.apply_gradients(zip(result.grads, chain.trainable_variables))
-    result, carry = chain.stream_step(window, targets, loss_fn, carry)   # window after window
-    ```
-
-    The state is a tuple with one entry per layer: a tensor ``[B, units]``, or a tuple for cells
-    with several state tensors (LSTM: ``(h, c)``).
-
-    >>> import keras, numpy as np, tbptt
-    >>> chain = tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)
-    >>> x = np.ones([2, 7, 5], "float32")
-    >>> outputs, state = chain(x)
-    >>> outputs.shape, [tuple(s.shape) for s in state[0]]
-    (TensorShape([2, 7, 4]), [(2, 4), (2, 4)])
-    >>> result = chain.value_and_gradients(x, np.zeros([2, 7, 4]), keras.losses.MeanSquaredError())
-    >>> len(result.grads) == len(chain.trainable_variables)
-    True
-    """
-
-    def __init__(self, cells: Sequence, *, chunk_size: Union[int, str], head=None,
-                 inputs_layer=None, name: Optional[str] = None, **options):
+    def __init__(
+        self,
+        cells: Sequence,
+        *,
+        chunk_size: int | str,
+        head=None,
+        inputs_layer=None,
+        name: str | None = None,
+        **options,
+    ):
         """Creates the chain.
 
         Args:
@@ -89,24 +69,31 @@ class RecurrentChain(tf.Module):
         self._stack = CellStack(cells, head, config.dtype, inputs_layer)
         self._config = config._replace(dtype=self._stack.dtype)
         self._functions = compiling.FunctionCache(
-            _unknown_dims, variables=lambda: self._stack.trainable_variables,
-            state=self._stack.python_state)
+            _unknown_dims,
+            variables=lambda: self._stack.trainable_variables,
+            state=self._stack.python_state,
+        )
         self._online = online_lib.OnlineSteps()
 
     def _arguments(self) -> dict:
         """The constructor's keywords that make this chain again over the same layers."""
-        return {"cells": self.cells, "head": self.head, "inputs_layer": self.inputs_layer,
-                "name": self.name, **self._options}
+        return {
+            "cells": self.cells,
+            "head": self.head,
+            "inputs_layer": self.inputs_layer,
+            "name": self.name,
+            **self._options,
+        }
 
     def get_config(self) -> dict:
         """Keras's config of the chain: its constructor's keywords, layers serialized."""
         return serialization.chain_config(self._arguments())
 
     @classmethod
-    def from_config(cls, config: dict) -> "RecurrentChain":
+    def from_config(cls, config: dict) -> "_RecurrentParts":
         return cls(**serialization.chain_arguments(config))
 
-    def with_config(self, **changes) -> "RecurrentChain":
+    def with_config(self, **changes) -> "_RecurrentParts":
         """A chain of the same class over the same cells and head (so the same weights), its
         config changed; made by the constructor, so it is checked as a new chain is.
 
@@ -123,27 +110,34 @@ class RecurrentChain(tf.Module):
         fields is also an attribute of the chain (`chain.mode`, `chain.chunk_size`, ...)."""
         return self._config
 
-    state_dtype = _stack_field("state_dtype", "The carried state's and dLoss/dstate's dtype: "
-                               "float32 under mixed precision.")
+    state_dtype = _stack_field(
+        "state_dtype",
+        "The carried state's and dLoss/dstate's dtype: float32 under mixed precision.",
+    )
     cells = _stack_field("cells", "The cells, bottom layer first.")
     head = _stack_field("head", "The head, or None.")
     inputs_layer = _stack_field("inputs_layer", "The inputs layer, or None.")
     parts = _stack_field("parts", "The inputs layer (if any), the cells, the head (if any).")
     features = _stack_field("features", "The inputs' feature size F once built, else None.")
-    trainable_variables = _stack_field("trainable_variables", "The inputs layer's variables, "
-                                       "the cells' bottom to top, then the head's; once built.")
+    trainable_variables = _stack_field(
+        "trainable_variables",
+        "The inputs layer's variables, the cells' bottom to top, then the head's; once built.",
+    )
 
-    built = property(lambda self: self._stack.features is not None,
-                     doc="Whether the variables exist (after the first call or `build`).")
+    built = property(
+        lambda self: self._stack.features is not None,
+        doc="Whether the variables exist (after the first call or `build`).",
+    )
 
     @property
-    def input_shape(self) -> Optional[list]:
+    def input_shape(self) -> list | None:
         """``[None, None, ...]``: the inputs' shape the chain was built for (None before)."""
         tail = self._stack.input_tail
         return None if tail is None else [None, None] + list(tail)
 
-    def chunk_plan(self, steps: int, batch_size: int = 1,
-                   features: Optional[int] = None) -> chunking.ChunkPlan:
+    def chunk_plan(
+        self, steps: int, batch_size: int = 1, features: int | None = None
+    ) -> chunking.ChunkPlan:
         """`ChunkPlan(steps, chunk_size, chunks, group, estimated_bytes)`: how T = `steps` time
         steps of `batch_size` rows are cut, and the bytes estimated to stay alive; `group` is the
         chunks per coarse segment with levels=2; `features` None takes the built chain's F.
@@ -153,11 +147,18 @@ class RecurrentChain(tf.Module):
         >>> chain.chunk_plan(1_000_000, features=16)[:4]
         (1000000, 1000, 1000, None)
         """
-        return calls.plan_for(self._config, self._stack, checks.positive_int("steps", steps),
-                              checks.positive_int("batch_size", batch_size), features)
+        return calls.plan_for(
+            self._config,
+            self._stack,
+            checks.positive_int("steps", steps),
+            checks.positive_int("batch_size", batch_size),
+            features,
+        )
 
-    trace_count = property(lambda self: self._functions.trace_count, doc="How many times "
-                           "the compiled functions were traced (for tests of retracing).")
+    trace_count = property(
+        lambda self: self._functions.trace_count,
+        doc="How many times the compiled functions were traced (for tests of retracing).",
+    )
 
     def initial_state(self, batch_size: int) -> State:
         """Zero state: a tuple with one entry per layer (a tensor, or a tuple of tensors)."""
@@ -168,11 +169,38 @@ class RecurrentChain(tf.Module):
         inputs layer, the shape after [B, T], and `input_dtype`: None for int ids)."""
         self._stack.build(input_shape, self._config.chunk_size, input_dtype)
 
+
+@serialization.register
+class RecurrentChain(_RecurrentParts):
+    """Stacked RNN cells and a head, trained over time chunks with carried state and gradient.
+
+    ```
+    outputs, final_state = chain(inputs, initial_state)          # plain forward, differentiable
+    result = chain.value_and_gradients(inputs, targets, loss_fn)   # chunked: memory of one chunk
+    opt.apply_gradients(zip(result.grads, chain.trainable_variables))
+    result, carry = chain.stream_step(window, targets, loss_fn, carry)   # window after window
+    ```
+
+    The state is a tuple with one entry per layer: a tensor ``[B, units]``, or a tuple for cells
+    with several state tensors (LSTM: ``(h, c)``).
+
+    >>> import keras, numpy as np, tbptt
+    >>> chain = tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)
+    >>> x = np.ones([2, 7, 5], "float32")
+    >>> outputs, state = chain(x)
+    >>> outputs.shape, [tuple(s.shape) for s in state[0]]
+    (TensorShape([2, 7, 4]), [(2, 4), (2, 4)])
+    >>> result = chain.value_and_gradients(x, np.zeros([2, 7, 4]), keras.losses.MeanSquaredError())
+    >>> len(result.grads) == len(chain.trainable_variables)
+    True
+    """
+
     # The chunk and time loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
     # converting the Keras calls inside would only get in the way inside a user's tf.function.
     @tf.autograph.experimental.do_not_convert
-    def __call__(self, inputs, initial_state: State = None, *, training: bool = False,
-                 reset=None, mask=None) -> tuple:
+    def __call__(
+        self, inputs, initial_state: State = None, *, training: bool = False, reset=None, mask=None
+    ) -> tuple:
         """Plain forward pass over the whole sequence, differentiable by an outer tape.
 
         Args:
@@ -190,18 +218,27 @@ class RecurrentChain(tf.Module):
         online = reset is None and mask is None and self._config.compiled
         done = self._online.call(self._stack, inputs, initial_state, training) if online else None
         if done is None:
-            prepared = calls.forward_call(self._config, self._stack, inputs, initial_state,
-                                          reset, mask, training)
+            prepared = calls.forward_call(
+                self._config, self._stack, inputs, initial_state, reset, mask, training
+            )
             if online:
-                self._online.add(self._stack, inputs, initial_state, training,
-                                 prepared.static.xla)
+                self._online.add(self._stack, inputs, initial_state, training, prepared.static.xla)
             done = _run_forward(self._functions, self._config, self._stack, prepared)
         return done[0], self._stack.pack(list(done[1]))
 
     @tf.autograph.experimental.do_not_convert
-    def value_and_gradients(self, inputs, targets, loss_fn: LossFn, initial_state: State = None,
-                            final_state_grad: State = None, sample_weight=None, *,
-                            reset=None, mask=None) -> ChainResult:
+    def value_and_gradients(
+        self,
+        inputs,
+        targets,
+        loss_fn: LossFn,
+        initial_state: State = None,
+        final_state_grad: State = None,
+        sample_weight=None,
+        *,
+        reset=None,
+        mask=None,
+    ) -> ChainResult:
         """Loss and gradients over the whole sequence, computed one chunk at a time.
 
         ```
@@ -217,34 +254,41 @@ class RecurrentChain(tf.Module):
             e.g. a Keras loss.
           initial_state: state nest entering the first step; None for zeros.
           final_state_grad: dLoss/d(final state) from outside (the next batch's
-            `initial_state_grad`), same structure as the state; None for zero. In truncated
-            mode it counts as having crossed one cut already: it is carried back through
-            `backprop_chunks - 1` more chunks (refused with `backprop_chunks=1`). Chaining calls
-            this way is exact in exact mode and for backprop_chunks <= 2; for TBPTT(K, mK)
-            across consecutive windows with any m, use `stream_step`.
+            `initial_state_grad`), same structure as the state; None for zero. Truncated, it has
+            crossed one cut already (refused with `backprop_chunks=1`); for TBPTT(K, mK)
+            across consecutive windows with m > 2, use `stream_step`.
           sample_weight: ``[B, T]`` or ``[B, T, ...]``, passed to `loss_fn` per chunk.
-          reset: ``[B, T]`` bool: row b starts from a zero state at step t, so episodes can be
-            packed end to end; no gradient crosses a reset.
+          reset: ``[B, T]`` bool: row b starts from a zero state at step t (episodes packed end
+            to end); no gradient crosses a reset.
           mask: ``[B, T]`` bool, False on padding: those steps keep the state and add no loss
-            (they get sample weight 0; with reduction="mean" the loss is the mean over the
-            unmasked steps). None takes a Keras mask attached to `inputs`, if any.
+            (the mean is over the unmasked steps). None takes a Keras mask of `inputs`, if any.
 
         Returns:
           `ChainResult(loss, grads, final_state, initial_state_grad)`.
 
         Raises:
           ValueError, TypeError: on inputs of the wrong rank, dtype or shape, before tracing.
-          tbptt.NonFiniteError: with check_numerics=True, a NaN or Inf (see `__init__`).
+          tbptt.NonFiniteError: with check_numerics=True, a NaN or Inf (see `ChainConfig`).
         """
+        per_call = dict(initial_state=initial_state, final_state_grad=final_state_grad)
+        per_step = dict(sample_weight=sample_weight, reset=reset, mask=mask)
         call = calls.gradient_call(
-            self._config, self._stack, inputs, targets, loss_fn, initial_state=initial_state,
-            final_state_grad=final_state_grad, sample_weight=sample_weight, reset=reset,
-            mask=mask)
+            self._config, self._stack, inputs, targets, loss_fn, **per_call, **per_step
+        )
         return _result(self._stack, self._run(call))
 
     @tf.autograph.experimental.do_not_convert
-    def stream_step(self, inputs, targets, loss_fn: LossFn, carry: Optional[StreamCarry] = None,
-                    *, sample_weight=None, reset=None, mask=None) -> tuple:
+    def stream_step(
+        self,
+        inputs,
+        targets,
+        loss_fn: LossFn,
+        carry: StreamCarry | None = None,
+        *,
+        sample_weight=None,
+        reset=None,
+        mask=None,
+    ) -> tuple:
         """`value_and_gradients` on one window of B streams, continuing the previous window.
 
         ```
@@ -270,54 +314,86 @@ class RecurrentChain(tf.Module):
         Returns:
           ``(ChainResult, StreamCarry)``; the result's loss covers this window's own steps.
         """
-        per_step = {"inputs": inputs, "targets": targets, "sample_weight": sample_weight,
-                    "reset": reset, "mask": mask}
+        per_step = {
+            "inputs": inputs,
+            "targets": targets,
+            "sample_weight": sample_weight,
+            "reset": reset,
+            "mask": mask,
+        }
         call = streaming.stream_call(self._config, self._stack, loss_fn, carry, per_step)
         run = self._run(call)
         return _result(self._stack, run), streaming.next_carry(
-            call, self._stack.pack(list(run.kept_state)), run.kept_from)
+            call, self._stack.pack(list(run.kept_state)), run.kept_from
+        )
 
     def carried_grad_norms(self, inputs, targets, loss_fn: LossFn, **options) -> np.ndarray:
         """``[chunks, ages]``: the norm of the dLoss/dstate carried into the cut before chunk
         k, per age (what the loss `a` chunks ahead sends back; column a-1), for
         `tbptt.diagnostics.truncation_report`. `options`: those of `value_and_gradients`."""
-        prepared = calls.gradient_call(self._config, self._stack, inputs, targets, loss_fn,
-                                       record=True, **options)
+        prepared = calls.gradient_call(
+            self._config, self._stack, inputs, targets, loss_fn, record=True, **options
+        )
         return np.asarray(self._run(prepared).carry_grad_norms, "float64")
 
     def _run(self, prepared: calls.Prepared) -> timechain.Run:
         return _run_gradients(self._functions, self._config, self._stack, prepared)
 
 
-def _run_gradients(functions: compiling.FunctionCache, config: ChainConfig, stack: CellStack,
-                   prepared: calls.Prepared) -> timechain.Run:
+def _run_gradients(
+    functions: compiling.FunctionCache,
+    config: ChainConfig,
+    stack: CellStack,
+    prepared: calls.Prepared,
+) -> timechain.Run:
     """Runs the compiled gradient function of `prepared`'s call; a non-finite value found
     inside is reported here, outside the function, by name."""
-    fn = functions.get("value_and_gradients",
-                       functools.partial(timechain.gradients, config, stack),
-                       prepared.static, config.compiled, recorded=False)
+    fn = functions.get(
+        "value_and_gradients",
+        functools.partial(timechain.gradients, config, stack),
+        prepared.static,
+        config.compiled,
+        recorded=False,
+    )
     with sources_lib.live(prepared.sources) as handles:
         run = fn({**prepared.call.tensors(), "sources": handles})
     if run.non_finite is None:
         return run
     loss, grads = checks.report_non_finite(
-        run.non_finite, (run.loss, run.grads), chunk_size=prepared.call.chunk_size,
-        steps=prepared.call.static_steps())
+        run.non_finite,
+        (run.loss, run.grads),
+        chunk_size=prepared.call.chunk_size,
+        steps=prepared.call.static_steps(),
+    )
     return run._replace(loss=loss, grads=grads)
 
 
-def _run_forward(functions: compiling.FunctionCache, config: ChainConfig, stack: CellStack,
-                 prepared: calls.Prepared) -> tuple:
+def _run_forward(
+    functions: compiling.FunctionCache,
+    config: ChainConfig,
+    stack: CellStack,
+    prepared: calls.Prepared,
+) -> tuple:
     """Runs the compiled forward of `prepared`'s call: ``(outputs, flat final state)``."""
-    fn = functions.get("call", functools.partial(timechain.forward, stack), prepared.static,
-                       config.compiled, static_time=prepared.short, forward_mode=prepared.short)
+    fn = functions.get(
+        "call",
+        functools.partial(timechain.forward, stack),
+        prepared.static,
+        config.compiled,
+        static_time=prepared.short,
+        forward_mode=prepared.short,
+    )
     with sources_lib.live(prepared.sources) as handles:
         return fn({**prepared.call.tensors(), "sources": handles})
 
 
 def _result(stack: CellStack, run: timechain.Run) -> ChainResult:
-    return ChainResult(run.loss, list(run.grads), stack.pack(list(run.final_state)),
-                       stack.pack(list(run.initial_state_grad)))
+    return ChainResult(
+        run.loss,
+        list(run.grads),
+        stack.pack(list(run.final_state)),
+        stack.pack(list(run.initial_state_grad)),
+    )
 
 
 def _unknown_dims(name: str) -> int:
@@ -342,9 +418,17 @@ class StatefulGRUChain(RecurrentChain):
     [(2, 8), (2, 4)]
     """
 
-    def __init__(self, units: Union[int, Sequence[int]], *, chunk_size: Union[int, str],
-                 head=None, inputs_layer=None, name: Optional[str] = None,
-                 cells: Optional[Sequence] = None, **options):
+    def __init__(
+        self,
+        units: int | Sequence[int],
+        *,
+        chunk_size: int | str,
+        head=None,
+        inputs_layer=None,
+        name: str | None = None,
+        cells: Sequence | None = None,
+        **options,
+    ):
         """Creates one `keras.layers.GRUCell(u)` per entry of `units` (bottom first).
 
         Args:
@@ -353,16 +437,20 @@ class StatefulGRUChain(RecurrentChain):
           cells: the GRU cells to use, one per entry of `units` (None: new ones); how
             `with_config` makes a chain over the same weights.
         """
-        self._units = checks.positive_ints("units", units, example="units=64, or units=(64, "
-                                           "32) for two stacked layers")
+        self._units = checks.positive_ints(
+            "units", units, example="units=64, or units=(64, 32) for two stacked layers"
+        )
         dtype = config_from({"chunk_size": chunk_size, **options}).dtype
         if cells is None:
-            cells = [keras.layers.GRUCell(u, dtype=None if dtype is None else dtype.name)
-                     for u in self._units]
+            cells = [
+                keras.layers.GRUCell(u, dtype=None if dtype is None else dtype.name)
+                for u in self._units
+            ]
         elif [getattr(cell, "units", None) for cell in cells] != list(self._units):
             raise ValueError(f"cells must be GRU cells of units {self._units}, got {cells!r}.")
-        super().__init__(cells, chunk_size=chunk_size, head=head, inputs_layer=inputs_layer,
-                         name=name, **options)
+        super().__init__(
+            cells, chunk_size=chunk_size, head=head, inputs_layer=inputs_layer, name=name, **options
+        )
 
     @property
     def units(self) -> tuple:
@@ -373,11 +461,13 @@ class StatefulGRUChain(RecurrentChain):
 
 
 def _config_property(name: str) -> property:
-    return property(lambda self: getattr(self.config, name),
-                    doc=f"The config's `{name}` (see `tbptt.ChainConfig`).")
+    return property(
+        lambda self: getattr(self.config, name),
+        doc=f"The config's `{name}` (see `tbptt.ChainConfig`).",
+    )
 
 
 # Each config field is an attribute of the chain: an option is said once, in ChainConfig.
 for _field in dataclasses.fields(ChainConfig):
-    setattr(RecurrentChain, _field.name, _config_property(_field.name))
+    setattr(_RecurrentParts, _field.name, _config_property(_field.name))
 del _field

@@ -4,14 +4,12 @@ import dataclasses
 import difflib
 import numbers
 import os
-from typing import Optional, Union
 
 import tensorflow as tf
 
-from tbptt._src.core import checks
-from tbptt._src.recurrent import losses
-from tbptt._src.core import schedules
+from tbptt._src.core import checks, schedules
 from tbptt._src.core import vjp as vjp_lib
+from tbptt._src.recurrent import losses
 
 MODES = ("exact", "truncated")
 # The environment variable an `xla=None` config reads at each call ("0": loops without XLA).
@@ -61,17 +59,17 @@ class ChainConfig:
     Truncated(2)
     """
 
-    chunk_size: Union[int, str]
+    chunk_size: int | str
     mode: str = "exact"
     backprop_chunks: int = 1
     backend: str = "eager"
     reduction: str = "auto"
-    dtype: Optional[tf.DType] = None
+    dtype: tf.DType | None = None
     compiled: bool = True
     levels: int = 1
-    memory_budget: Optional[float] = None
+    memory_budget: float | None = None
     check_numerics: bool = False
-    xla: Optional[bool] = None
+    xla: bool | None = None
 
     def __post_init__(self):
         checks.choice("mode", self.mode, MODES)
@@ -79,20 +77,28 @@ class ChainConfig:
         checks.choice("reduction", self.reduction, REDUCTIONS)
         self._set("chunk_size", _chunk_size(self.chunk_size))
         self._set("memory_budget", _memory_budget(self.memory_budget, self.chunk_size))
-        self._set("backprop_chunks", checks.positive_int(
-            "backprop_chunks", self.backprop_chunks,
-            hint="; it counts the chunks a loss back-propagates through (1 = Keras "
-                 "stateful=True)"))
+        self._set(
+            "backprop_chunks",
+            checks.positive_int(
+                "backprop_chunks",
+                self.backprop_chunks,
+                hint="; it counts the chunks a loss back-propagates through (1 = Keras "
+                "stateful=True)",
+            ),
+        )
         if self.mode == "exact" and self.backprop_chunks != 1:
             raise ValueError(
                 f"backprop_chunks={self.backprop_chunks} only applies to mode='truncated'; "
                 "mode='exact' back-propagates through every chunk. Pass mode='truncated' or "
-                "leave backprop_chunks at 1.")
+                "leave backprop_chunks at 1."
+            )
         if self.levels not in (1, 2) or isinstance(self.levels, bool):
             raise ValueError(f"levels must be 1 or 2, got {self.levels!r}.")
         if self.levels == 2 and self.mode != "exact":
-            raise ValueError("levels=2 only applies to mode='exact'; mode='truncated' keeps at "
-                             "most backprop_chunks chunks alive already. Leave levels at 1.")
+            raise ValueError(
+                "levels=2 only applies to mode='exact'; mode='truncated' keeps at "
+                "most backprop_chunks chunks alive already. Leave levels at 1."
+            )
         if self.backend == "graph" and not self.compiled:
             raise ValueError(checks.COMPILED_GRAPH_MSG)
         self._set("compiled", bool(self.compiled))
@@ -145,9 +151,11 @@ def config_from(options: dict) -> ChainConfig:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"unexpected keyword argument {name!r}: a chain takes cells (or "
-                            f"units), head, inputs_layer, name and the ChainConfig fields "
-                            f"{known}.{hint}")
+            raise TypeError(
+                f"unexpected keyword argument {name!r}: a chain takes cells (or "
+                f"units), head, inputs_layer, name and the ChainConfig fields "
+                f"{known}.{hint}"
+            )
     return ChainConfig(**options)
 
 
@@ -159,17 +167,22 @@ def _chunk_size(value):
         return int(value)
     raise (ValueError if checks.is_int(value) or isinstance(value, str) else TypeError)(
         f"chunk_size must be a positive int (time steps per chunk) or 'auto', got {value!r}. "
-        "For example chunk_size=100, or 'auto' for about sqrt(T).")
+        "For example chunk_size=100, or 'auto' for about sqrt(T)."
+    )
 
 
 def _memory_budget(value, chunk_size):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise (ValueError if isinstance(value, numbers.Real) and not isinstance(value, bool)
-               else TypeError)(f"memory_budget must be a positive number of bytes (or None), "
-                               f"got {value!r}.")
+        raise (
+            ValueError
+            if isinstance(value, numbers.Real) and not isinstance(value, bool)
+            else TypeError
+        )(f"memory_budget must be a positive number of bytes (or None), got {value!r}.")
     if chunk_size != "auto":
-        raise ValueError(f"memory_budget only applies with chunk_size='auto'; got chunk_size="
-                         f"{chunk_size!r}. Pass chunk_size='auto' or drop memory_budget.")
+        raise ValueError(
+            f"memory_budget only applies with chunk_size='auto'; got chunk_size="
+            f"{chunk_size!r}. Pass chunk_size='auto' or drop memory_budget."
+        )
     return float(value)

@@ -16,7 +16,7 @@ values are per step is checked when the chain is traced, on the chunk's own tens
 or that masks its values otherwise is refused, never approximated.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -40,9 +40,9 @@ class Reduction(NamedTuple):
     """
 
     combine: str
-    share: Optional[str] = None
-    keras_loss: Optional[object] = None
-    ignore_class: Optional[int] = None
+    share: str | None = None
+    keras_loss: object | None = None
+    ignore_class: int | None = None
 
 
 def reduction_of(chain_reduction: str, loss_fn) -> Reduction:
@@ -62,21 +62,27 @@ def reduction_of(chain_reduction: str, loss_fn) -> Reduction:
         return Reduction("sum", keras_loss=loss_fn, ignore_class=ignore_class)
     if own == "mean_with_sample_weight":
         if ignore_class is not None:
-            raise ValueError("reduction='auto' cannot follow a loss with ignore_class and "
-                             "reduction 'mean_with_sample_weight'. Give it reduction "
-                             "'sum_over_batch_size' or 'sum'.")
+            raise ValueError(
+                "reduction='auto' cannot follow a loss with ignore_class and "
+                "reduction 'mean_with_sample_weight'. Give it reduction "
+                "'sum_over_batch_size' or 'sum'."
+            )
         return Reduction("mean", "weights", loss_fn)
     if isinstance(own, str) and own in MEAN_LOSS_REDUCTIONS:
-        return Reduction("mean", "kept" if ignore_class is not None else "steps", loss_fn,
-                         ignore_class)
-    raise ValueError(f"reduction='auto' cannot follow loss_fn's reduction {own!r}: the chain "
-                     "needs one scalar per chunk. Give the loss reduction='sum' or "
-                     "'sum_over_batch_size', or pass the chain's reduction explicitly.")
+        return Reduction(
+            "mean", "kept" if ignore_class is not None else "steps", loss_fn, ignore_class
+        )
+    raise ValueError(
+        f"reduction='auto' cannot follow loss_fn's reduction {own!r}: the chain "
+        "needs one scalar per chunk. Give the loss reduction='sum' or "
+        "'sum_over_batch_size', or pass the chain's reduction explicitly."
+    )
 
 
 def is_keras_loss(loss_fn) -> bool:
     return isinstance(loss_fn, compat.keras.losses.Loss) or isinstance(
-        loss_fn, tf.keras.losses.Loss)
+        loss_fn, tf.keras.losses.Loss
+    )
 
 
 def check_per_step(reduction: Reduction, y_true: tf.Tensor, y_pred: tf.Tensor) -> None:
@@ -96,20 +102,26 @@ def check_per_step(reduction: Reduction, y_true: tf.Tensor, y_pred: tf.Tensor) -
     values = loss.call(tf.cast(y_true, dtype), tf.cast(y_pred, dtype))
     shape = getattr(values, "shape", tf.TensorShape(None))
     name = type(loss).__name__
-    if shape.rank is None or shape.rank < 2 or not shape[1:2].is_compatible_with(
-            y_pred.shape[1:2]) or (shape[1] is None) != (y_pred.shape[1] is None):
+    if (
+        shape.rank is None
+        or shape.rank < 2
+        or not shape[1:2].is_compatible_with(y_pred.shape[1:2])
+        or (shape[1] is None) != (y_pred.shape[1] is None)
+    ):
         raise ValueError(
             f"loss_fn ({name}) is not a mean or sum of per-step terms: on a chunk of "
             f"predictions {y_pred.shape.as_list()} its values have shape {_dims(shape)}, "
             "not [batch, steps, ...], so the chunk losses would not add up to the loss of the "
             "whole sequence (a Dice or Tversky loss, a cosine over the time axis). Compute it "
             "on the whole sequence outside the chunked gradient, or pass the chain "
-            "reduction='sum' with a loss_fn that returns the total a chunk adds.")
+            "reduction='sum' with a loss_fn that returns the total a chunk adds."
+        )
     if compat.keras_mask(values) is not None and reduction.ignore_class is None:
         raise ValueError(
             f"loss_fn ({name}) masks its own values, so its mean counts only the kept "
             "elements of each chunk, which the chain cannot add up. Give it reduction='sum' "
-            "and divide by the count yourself, or pass the chain reduction='sum'.")
+            "and divide by the count yourself, or pass the chain reduction='sum'."
+        )
 
 
 def kept_labels(targets: tf.Tensor, ignore_class: int) -> tf.Tensor:

@@ -17,15 +17,14 @@ inside a graph) takes the general path; both compute the same function.
 
 import collections
 import threading
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from tbptt._src.core import compat
-from tbptt._src.recurrent.loops import timeloop
 from tbptt._src.recurrent import timechain
 from tbptt._src.recurrent.calls import Static
+from tbptt._src.recurrent.loops import timeloop
 
 # The shapes (batch size, steps) whose concrete functions a chain keeps.
 MAX_SHAPES = 8
@@ -64,7 +63,8 @@ class OnlineSteps:
             return timechain.forward(stack, {"inputs": x, "state": leaves}, static)
 
         specs = [tf.TensorSpec(inputs.shape, key[1])] + [
-            tf.TensorSpec(shape, dtype) for shape, dtype in key[2]]
+            tf.TensorSpec(shape, dtype) for shape, dtype in key[2]
+        ]
         function = tf.function(run, autograph=False).get_concrete_function(*specs)
         with self._lock:
             self._functions[key] = function
@@ -72,7 +72,7 @@ class OnlineSteps:
                 self._functions.popitem(last=False)
 
     @staticmethod
-    def _key(stack, inputs, state, training: bool) -> Optional[tuple]:
+    def _key(stack, inputs, state, training: bool) -> tuple | None:
         """The shape of an online step, or None for any other call."""
         if not tf.executing_eagerly() or stack.features is None or tf.distribute.has_strategy():
             return None
@@ -88,12 +88,18 @@ class OnlineSteps:
             return None
         structure = _structure(state)
         leaves = _leaves(state)
-        if structure is None or any(getattr(leaf, "dtype", None) != stack.state_dtype
-                                    for leaf in leaves):
+        if structure is None or any(
+            getattr(leaf, "dtype", None) != stack.state_dtype for leaf in leaves
+        ):
             return None
-        return (tuple(inputs.shape), dtype,
-                tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves), bool(training),
-                structure, stack.python_state())
+        return (
+            tuple(inputs.shape),
+            dtype,
+            tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves),
+            bool(training),
+            structure,
+            stack.python_state(),
+        )
 
 
 def _leaves(state) -> list:

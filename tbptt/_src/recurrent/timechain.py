@@ -21,20 +21,21 @@ gradients(config, stack, call):  segments of the call -> chain.gradients -> Run
 ```
 """
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 
-from tbptt._src.recurrent import calls
 from tbptt._src.core import chain as chain_lib
 from tbptt._src.core import checks
-from tbptt._src.recurrent.loops import timeloop
-from tbptt._src.recurrent import losses
+from tbptt._src.core import segments as segments_lib
 from tbptt._src.core import sources as sources_lib
 from tbptt._src.core import vjp as vjp_lib
+from tbptt._src.core.randomness import Draws
+from tbptt._src.recurrent import calls, losses
 from tbptt._src.recurrent.calls import Batch, Call, Static
 from tbptt._src.recurrent.config import ChainConfig
-from tbptt._src.core.randomness import Draws
+from tbptt._src.recurrent.loops import timeloop
 
 
 class SourceReader(NamedTuple):
@@ -58,30 +59,52 @@ class Run(NamedTuple):
     initial_state_grad: list
     kept_state: list  # the state where the next stream step's context starts
     kept_from: tf.Tensor  # ... and that step
-    non_finite: Optional[tf.Tensor]
-    carry_grad_norms: Optional[tf.Tensor]
+    non_finite: tf.Tensor | None
+    carry_grad_norms: tf.Tensor | None
 
 
 def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
     """The compiled body of `value_and_gradients` and `stream_step`: the call's chunks as
     segments, run by `chain.gradients` with the config's schedule and backend."""
     call = _rebuilt(tensors, static)
-    loss_dtype = chain_lib.loss_dtype_for(stack.dtype)
+    loss_dtype = segments_lib.loss_dtype_for(stack.dtype)
     draws = stack.draws(calls.batch_size(call.state[0]), training=True)
-    segments_ = segments(stack, call, static.loss_fn,
-                         losses.reduction_of(config.reduction, static.loss_fn), loss_dtype,
-                         xla=static.xla, draws=draws)
-    keep_at = None if call.context_steps is None else config.schedule.context_start(
-        segments_.count)
+    segments_ = segments(
+        stack,
+        call,
+        static.loss_fn,
+        losses.reduction_of(config.reduction, static.loss_fn),
+        loss_dtype,
+        xla=static.xla,
+        draws=draws,
+    )
+    keep_at = None if call.context_steps is None else config.schedule.context_start(segments_.count)
     result = chain_lib.gradients(
-        segments_, call.state, stack.trainable_variables, vjp_lib.get_linearize(config.backend),
-        config.schedule, loss_dtype=loss_dtype, final_carry_grad=call.final_state_grad,
-        record=chain_lib.Record(keep_at, config.check_numerics, static.record))
+        segments_,
+        call.state,
+        stack.trainable_variables,
+        vjp_lib.get_linearize(config.backend),
+        config.schedule,
+        loss_dtype=loss_dtype,
+        final_carry_grad=call.final_state_grad,
+        record=segments_lib.Record(keep_at, config.check_numerics, static.record),
+    )
     total = steps_of(call)
-    kept, kept_from = (result.final_carry, total) if keep_at is None else (
-        result.kept_carry, tf.minimum(keep_at * call.chunk_size, total))
-    return Run(result.loss, result.grads, result.final_carry, result.initial_carry_grad, kept,
-               kept_from, result.non_finite, result.carry_grad_norms)
+    kept, kept_from = (
+        (result.final_carry, total)
+        if keep_at is None
+        else (result.kept_carry, tf.minimum(keep_at * call.chunk_size, total))
+    )
+    return Run(
+        result.loss,
+        result.grads,
+        result.final_carry,
+        result.initial_carry_grad,
+        kept,
+        kept_from,
+        result.non_finite,
+        result.carry_grad_norms,
+    )
 
 
 def forward(stack, tensors: dict, static: Static) -> tuple:
@@ -91,29 +114,43 @@ def forward(stack, tensors: dict, static: Static) -> tuple:
     draws = stack.draws(calls.batch_size(call.state[0]), training=static.training)
     if not static.source_specs:
         flags = chunk_flags(call.batch, 0, tf.shape(call.batch.inputs)[1])
-        return stack(call.batch.inputs, call.state, training=static.training, flags=flags,
-                     loop=timeloop.LoopSettings(xla=static.xla), draws=draws)
+        return stack(
+            call.batch.inputs,
+            call.state,
+            training=static.training,
+            flags=flags,
+            loop=timeloop.LoopSettings(xla=static.xla),
+            draws=draws,
+        )
     size, total = call.chunk_size, steps_of(call)
     loop = timeloop.LoopSettings(size, static.xla)
 
     def output(k, state):
         start, stop = k * size, tf.minimum((k + 1) * size, total)
-        predictions, state = stack(window(call.batch.inputs, start, stop), state,
-                                   training=static.training,
-                                   flags=chunk_flags(call.batch, start, stop), loop=loop,
-                                   draws=draws, chunk=k)
+        predictions, state = stack(
+            window(call.batch.inputs, start, stop),
+            state,
+            training=static.training,
+            flags=chunk_flags(call.batch, start, stop),
+            loop=loop,
+            draws=draws,
+            chunk=k,
+        )
         return timeloop.time_major(predictions), state
 
-    outputs, state = chain_lib.forward_outputs((total + size - 1) // size, output,
-                                               list(call.state), stack.dtype, rank=3)
+    outputs, state = chain_lib.forward_outputs(
+        (total + size - 1) // size, output, list(call.state), stack.dtype, rank=3
+    )
     return timeloop.time_major(outputs), state
 
 
 def _rebuilt(tensors: dict, static: Static) -> Call:
     """The call inside the compiled function, each chunk source read through its handle."""
     run = sources_lib.run_token() if static.source_specs else None
-    readers = {name: SourceReader(tensors["sources"][name], run, spec)
-               for name, spec in static.source_specs}
+    readers = {
+        name: SourceReader(tensors["sources"][name], run, spec)
+        for name, spec in static.source_specs
+    }
     return Call.from_tensors({k: v for k, v in tensors.items() if k != "sources"}, readers)
 
 
@@ -129,12 +166,16 @@ def window(value, start, stop):
     return value[:, start:stop]
 
 
-def chunk_flags(batch: Batch, start, stop) -> Optional[timeloop.StepFlags]:
+def chunk_flags(batch: Batch, start, stop) -> timeloop.StepFlags | None:
     """The chunk's reset and mask, time-major; None when neither is set."""
     if batch.reset is None and batch.mask is None:
         return None
-    return timeloop.StepFlags(*[None if flag is None else timeloop.time_major(window(flag, start, stop))
-                              for flag in (batch.reset, batch.mask)])
+    return timeloop.StepFlags(
+        *[
+            None if flag is None else timeloop.time_major(window(flag, start, stop))
+            for flag in (batch.reset, batch.mask)
+        ]
+    )
 
 
 def masked_weight(sample_weight, mask, dtype):
@@ -149,8 +190,9 @@ def masked_weight(sample_weight, mask, dtype):
     if sample_weight is None:
         return mask
     sample_weight = tf.cast(sample_weight, dtype)
-    return sample_weight * tf.reshape(mask, tf.concat(
-        [tf.shape(mask), tf.ones([sample_weight.shape.rank - 2], tf.int32)], 0))
+    return sample_weight * tf.reshape(
+        mask, tf.concat([tf.shape(mask), tf.ones([sample_weight.shape.rank - 2], tf.int32)], 0)
+    )
 
 
 def chunk_weights(call: Call, size, reduction: losses.Reduction, dtype: tf.DType) -> Callable:
@@ -201,9 +243,15 @@ def _share_counts(batch: Batch, reduction: losses.Reduction, dtype, context, tot
     return steps_of, unmasked / tf.cast(tf.shape(batch.mask)[0], dtype)
 
 
-def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
-             loss_dtype: tf.DType, xla: Optional[bool] = None,
-             draws: Draws = Draws()) -> chain_lib.Segments:
+def segments(
+    core,
+    call: Call,
+    loss_fn: Callable,
+    reduction: losses.Reduction,
+    loss_dtype: tf.DType,
+    xla: bool | None = None,
+    draws: Draws = Draws(),
+) -> segments_lib.Segments:
     """The chunks of one sequence as chain segments over the flat state.
 
     Args:
@@ -213,36 +261,50 @@ def segments(core, call: Call, loss_fn: Callable, reduction: losses.Reduction,
       loss_fn: ``loss_fn(y_true [B, t, ...], y_pred [B, t, O][, sample_weight]) -> scalar``.
       reduction: how the chunk losses add up (see `chunk_weights`).
       loss_dtype: the dtype every chunk loss is computed and weighted in.
-      xla: whether the stock cells' loops are compiled with XLA on their own (`timeloop.LoopSettings`).
+      xla: whether the stock cells' loops are compiled with XLA on their own.
       draws: what the call drew once; each chunk replays its own draws from it.
     """
     size, total, batch = call.chunk_size, steps_of(call), call.batch
     loop = timeloop.LoopSettings(size, xla)
     weight = chunk_weights(call, size, reduction, loss_dtype)
 
-    def bounds(k):
-        return k * size, tf.minimum((k + 1) * size, total)
-
-    def advance(k, state):
-        start, stop = bounds(k)
-        return core(window(batch.inputs, start, stop), state,
-                    flags=chunk_flags(batch, start, stop), with_outputs=False, loop=loop,
-                    draws=draws, chunk=k)[1]
+    def run(k, state, with_outputs: bool):
+        start, stop = k * size, tf.minimum((k + 1) * size, total)
+        flags = chunk_flags(batch, start, stop)
+        outputs, state = core(
+            window(batch.inputs, start, stop),
+            state,
+            flags=flags,
+            with_outputs=with_outputs,
+            loop=loop,
+            draws=draws,
+            chunk=k,
+        )
+        return outputs, state, (start, stop)
 
     def segment(k, state):
-        start, stop = bounds(k)
-        predictions, state = core(window(batch.inputs, start, stop), state,
-                                  flags=chunk_flags(batch, start, stop), loop=loop,
-                                  draws=draws, chunk=k)
-        loss_args = [window(batch.targets, start, stop), predictions]
-        losses.check_per_step(reduction, *loss_args)
-        sample_weight = masked_weight(
-            None if batch.sample_weight is None else window(batch.sample_weight, start, stop),
-            None if batch.mask is None else window(batch.mask, start, stop), predictions.dtype)
-        if sample_weight is not None:
-            loss_args.append(sample_weight)
-        loss = tf.cast(checks.scalar_loss(loss_fn(*loss_args)), loss_dtype)
-        return loss * weight(k), state
+        predictions, state, (start, stop) = run(k, state, with_outputs=True)
+        loss = _chunk_loss(loss_fn, reduction, batch, start, stop, predictions)
+        return tf.cast(loss, loss_dtype) * weight(k), state
 
     live = None if call.context_steps is None else lambda k: k * size >= call.context_steps
-    return chain_lib.Segments((total + size - 1) // size, advance, segment, live=live)
+
+    def advance(k, state):
+        return run(k, state, with_outputs=False)[1]
+
+    return segments_lib.Segments((total + size - 1) // size, advance, segment, live=live)
+
+
+def _chunk_loss(loss_fn, reduction: losses.Reduction, batch: Batch, start, stop, predictions):
+    """The loss of one chunk: `loss_fn` on its targets and predictions, with its sample
+    weights times its mask where either is given."""
+    loss_args = [window(batch.targets, start, stop), predictions]
+    losses.check_per_step(reduction, *loss_args)
+    sample_weight = masked_weight(
+        None if batch.sample_weight is None else window(batch.sample_weight, start, stop),
+        None if batch.mask is None else window(batch.mask, start, stop),
+        predictions.dtype,
+    )
+    if sample_weight is not None:
+        loss_args.append(sample_weight)
+    return checks.scalar_loss(loss_fn(*loss_args))

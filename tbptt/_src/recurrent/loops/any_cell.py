@@ -8,12 +8,11 @@ is.
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import tensorflow as tf
 
-from tbptt._src.recurrent.loops import compiled
-from tbptt._src.recurrent.loops import timeloop
+from tbptt._src.recurrent.loops import compiled, timeloop
 
 
 def _zeros_for_none(values: list, like: list) -> list:
@@ -31,13 +30,13 @@ class Counts(NamedTuple):
 
     def split(self, values) -> tuple:
         w, s = self.weights, self.states
-        return list(values[:w]), list(values[w:w + s]), tuple(values[w + s:])
+        return list(values[:w]), list(values[w : w + s]), tuple(values[w + s :])
 
 
 def forward_loop(step, counts: Counts, xs, length, *rest):
     """``step(x_t, states, weights)`` over the first `length` steps of ``xs [P, B, F]``, each
-    `timeloop.flagged`: ``[outputs [P, B, U], *saved [P, B, ...] (the state leaves entering each step,
-    after any reset), *last states]``."""
+    `timeloop.flagged`: ``[outputs [P, B, U], *saved [P, B, ...] (the state leaves entering
+    each step, after any reset), *last states]``."""
     weights, states, flags = counts.split(rest)
     inputs = timeloop.readable(xs)
     flags_at = timeloop.flag_steps(flags, counts.kinds)
@@ -53,9 +52,15 @@ def forward_loop(step, counts: Counts, xs, length, *rest):
         return t + 1, new_states, outputs.write(t, y), saved
 
     _, last, outputs, saved = tf.while_loop(
-        lambda t, *_: t < length, body,
-        (tf.constant(0), states, tf.TensorArray(xs.dtype, size=size),
-         [tf.TensorArray(s.dtype, size=size) for s in states]))
+        lambda t, *_: t < length,
+        body,
+        (
+            tf.constant(0),
+            states,
+            tf.TensorArray(xs.dtype, size=size),
+            [tf.TensorArray(s.dtype, size=size) for s in states],
+        ),
+    )
     return [outputs.stack()] + [a.stack() for a in saved] + list(last)
 
 
@@ -63,7 +68,7 @@ def backward_loop(step, counts: Counts, d_outputs, *args):
     """The transpose of `forward_loop`: args are ``(*d_last, xs, length, *saved, *weights,
     *states, *flags)``; returns ``[d_xs, *d_weights, *d_states]``."""
     n = counts.states
-    d_last, (xs, length), rest = list(args[:n]), args[n:n + 2], args[n + 2:]
+    d_last, (xs, length), rest = list(args[:n]), args[n : n + 2], args[n + 2 :]
     saved, (weights, _, flags) = [timeloop.readable(a) for a in rest[:n]], counts.split(rest[n:])
     inputs, d_ys = timeloop.readable(xs), timeloop.readable(d_outputs)
     flags_at = timeloop.flag_steps(flags, counts.kinds)
@@ -79,7 +84,9 @@ def backward_loop(step, counts: Counts, d_outputs, *args):
             own = [] if counts.output_is_state else [d_y]  # else d_y joins the state's below
             d_x, d_entered, d_w = tape.gradient(
                 ([] if counts.output_is_state else [y]) + list(new_states),
-                [x, entered, weights], output_gradients=own + d_new)
+                [x, entered, weights],
+                output_gradients=own + d_new,
+            )
             d_x = tf.zeros_like(x) if d_x is None else d_x
             return _zeros_for_none(d_entered, entered), (d_x, _zeros_for_none(d_w, weights))
 
@@ -88,9 +95,15 @@ def backward_loop(step, counts: Counts, d_outputs, *args):
         return i + 1, d_prev, [a + b for a, b in zip(d_weights, d_w)], d_xs.write(t, d_x)
 
     _, d_states, d_weights, d_xs = tf.while_loop(
-        lambda i, *_: i < length, back,
-        (tf.constant(0), d_last, [tf.zeros_like(w) for w in weights],
-         tf.TensorArray(xs.dtype, size=timeloop.length_of(xs))))
+        lambda i, *_: i < length,
+        back,
+        (
+            tf.constant(0),
+            d_last,
+            [tf.zeros_like(w) for w in weights],
+            tf.TensorArray(xs.dtype, size=timeloop.length_of(xs)),
+        ),
+    )
     return [d_xs.stack()] + d_weights + d_states
 
 
@@ -102,19 +115,31 @@ class StepLoops:
         # Weights kept in another dtype (float32 under mixed precision) are cast inside each
         # step: their gradient is summed over the steps in the kept dtype.
         self._step = lambda x, states, weights: step(
-            x, states, [tf.cast(w, x.dtype) for w in weights])
+            x, states, [tf.cast(w, x.dtype) for w in weights]
+        )
         self._output_is_state = output_is_state  # see `timeloop.flagged`
         self._sequences = {}
 
-    def run(self, xs, states: list, weights: list, flags: Optional[timeloop.StepFlags], loop: timeloop.LoopSettings):
+    def run(
+        self,
+        xs,
+        states: list,
+        weights: list,
+        flags: timeloop.StepFlags | None,
+        loop: timeloop.LoopSettings,
+    ):
         """The step over ``xs [K, B, F]``, time-major: ``(outputs [K, B, U], states)``."""
         length = timeloop.length_of(xs)
         kinds, padded_flags = timeloop.padded_flags(flags, length, loop.max_steps)
         counts = Counts(len(weights), len(states), kinds, self._output_is_state)
         sequence = self._sequence(counts, loop.compiled_alone())
-        outputs, *last = sequence(timeloop.padded_steps(xs, length, loop.max_steps),
-                                  tf.convert_to_tensor(length, tf.int32), *weights, *states,
-                                  *padded_flags)
+        outputs, *last = sequence(
+            timeloop.padded_steps(xs, length, loop.max_steps),
+            tf.convert_to_tensor(length, tf.int32),
+            *weights,
+            *states,
+            *padded_flags,
+        )
         return outputs[:length], list(last)
 
     def _sequence(self, counts: Counts, jit: bool):
@@ -133,12 +158,13 @@ def sequence(step, counts: Counts, jit: bool):
     @tf.custom_gradient
     def sequence(xs, length, *rest):
         outputs, *saved_and_last = forward(xs, length, *rest)
-        saved, last = saved_and_last[:counts.states], saved_and_last[counts.states:]
+        saved, last = saved_and_last[: counts.states], saved_and_last[counts.states :]
 
         def grad(d_outputs, *d_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
-            d_xs, *d_rest = backward(d_outputs, *_zeros_for_none(list(d_last), last), xs,
-                                     length, *saved, *rest)
+            d_xs, *d_rest = backward(
+                d_outputs, *_zeros_for_none(list(d_last), last), xs, length, *saved, *rest
+            )
             return [d_xs, None] + d_rest + [None] * len(counts.kinds)
 
         return (outputs, *last), grad

@@ -13,7 +13,7 @@ import functools
 import tensorflow as tf
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loop_function(fn, jit: bool, **static):
     """`loop_call` of `fn(*tensors, **static)`: one per function and static setting, shared
     by every chain, traced per shape and dtype."""
@@ -45,8 +45,10 @@ def loop_call(plain, jit: bool):
         outputs = run(*[tf.stop_gradient(a) for a in args])
 
         def grad(*d_outputs):
-            seeds = [tf.zeros_like(y) if d is None else d
-                     for y, d in zip(tf.nest.flatten(outputs), d_outputs)]
+            seeds = [
+                tf.zeros_like(y) if d is None else d
+                for y, d in zip(tf.nest.flatten(outputs), d_outputs)
+            ]
             floats = iter(vjp(list(args), seeds))
             return [next(floats) if a.dtype.is_floating else None for a in args]
 

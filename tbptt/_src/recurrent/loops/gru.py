@@ -10,12 +10,12 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from tbptt._src.recurrent.loops import compiled
-from tbptt._src.recurrent.loops import timeloop
+from tbptt._src.recurrent.loops import compiled, timeloop
 
 
-def step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation,
-              recurrent_activation):
+def step(
+    x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation, recurrent_activation
+):
     """Keras `GRUCell.call` on ``x = inputs @ kernel + input_bias`` ``[B, 3U]``.
 
     Returns ``(h, z, r, hh, aux)``: the new state, the gates, the candidate, and what the
@@ -30,19 +30,27 @@ def step(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation,
             inner = tf.nn.bias_add(inner, recurrent_bias)
         inner_gates, aux = tf.split(inner, [2 * units, units], axis=1)
     else:
-        inner_gates = tf.matmul(h, recurrent_kernel[:, :2 * units])
+        inner_gates = tf.matmul(h, recurrent_kernel[:, : 2 * units])
     z, r = tf.split(recurrent_activation(x_gates + inner_gates), 2, axis=1)
     if reset_after:
         candidate = r * aux
     else:
         aux = r * h
-        candidate = tf.matmul(aux, recurrent_kernel[:, 2 * units:])
+        candidate = tf.matmul(aux, recurrent_kernel[:, 2 * units :])
     hh = activation(x_candidate + candidate)
     return z * h + (1 - z) * hh, z, r, hh, aux
 
 
-def step_dropped(x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation,
-                      recurrent_activation, masks: tuple):
+def step_dropped(
+    x,
+    h,
+    recurrent_kernel,
+    recurrent_bias,
+    reset_after: bool,
+    activation,
+    recurrent_activation,
+    masks: tuple,
+):
     """Keras `GRUCell.call` with recurrent dropout (its implementation 1) on ``x = inputs @
     kernel + input_bias`` ``[B, 3U]``: each gate's recurrent product takes the state times its
     own mask of ``masks`` (3 of ``[B, U]``); the new state mixes in the state undropped."""
@@ -73,8 +81,8 @@ class Kernels(NamedTuple):
 
 def kernels_of(recurrent_kernel, reset_after: bool) -> Kernels:
     units = recurrent_kernel.shape[0]
-    inner = recurrent_kernel if reset_after else recurrent_kernel[:, :2 * units]
-    return Kernels(inner, recurrent_kernel[:, 2 * units:])
+    inner = recurrent_kernel if reset_after else recurrent_kernel[:, : 2 * units]
+    return Kernels(inner, recurrent_kernel[:, 2 * units :])
 
 
 def step_backward(dh, h_prev, z, r, hh, aux, kernels: Kernels, reset_after: bool):
@@ -100,8 +108,10 @@ def step_backward(dh, h_prev, z, r, hh, aux, kernels: Kernels, reset_after: bool
         d_reset_state = tf.matmul(d_pre_candidate, kernels.candidate, transpose_b=True)
         dr = d_reset_state * h_prev
         dh_prev += d_reset_state * r
-    d_inner = tf.concat([dz * z * (1 - z), dr * r * (1 - r)]
-                        + ([d_pre_candidate * r] if reset_after else []), axis=1)
+    d_inner = tf.concat(
+        [dz * z * (1 - z), dr * r * (1 - r)] + ([d_pre_candidate * r] if reset_after else []),
+        axis=1,
+    )
     dh_prev += tf.matmul(d_inner, kernels.inner, transpose_b=True)
     return dh_prev, tf.concat([d_inner, d_pre_candidate], axis=1)
 
@@ -113,11 +123,12 @@ def step_parts(d_step: tf.Tensor, units: int, reset_after: bool) -> tuple:
     inner = d_step[..., :-units]
     if not reset_after:
         return d_step, inner
-    return tf.concat([d_step[..., :2 * units], d_step[..., 3 * units:]], axis=-1), inner
+    return tf.concat([d_step[..., : 2 * units], d_step[..., 3 * units :]], axis=-1), inner
 
 
-def forward_loop(projected, length, h0, recurrent_kernel, recurrent_bias, *flags,
-              reset_after: bool, kinds: tuple):
+def forward_loop(
+    projected, length, h0, recurrent_kernel, recurrent_bias, *flags, reset_after: bool, kinds: tuple
+):
     """`step` over the first `length` steps of ``projected [P, B, 3U]``, each `timeloop.flagged`
     by `flags` (the `kinds` of `timeloop.padded_flags`): ``(saved [P, B, 5U or 6U], h_length)``,
     where each step saved (h, z, r, hh, aux), and with flags the state it started from, in one
@@ -128,19 +139,24 @@ def forward_loop(projected, length, h0, recurrent_kernel, recurrent_bias, *flags
     def body(t, h, saved):
         reset, mask = flags_at(t)
         h_in = timeloop.entering([h], reset)[0]
-        values = step(xs.read(t), h_in, recurrent_kernel, recurrent_bias, reset_after,
-                           tf.tanh, tf.sigmoid)
-        h_next = timeloop.leaving([values[0]], [h_in], mask)[0]  # a masked row outputs the kept state
+        values = step(
+            xs.read(t), h_in, recurrent_kernel, recurrent_bias, reset_after, tf.tanh, tf.sigmoid
+        )
+        h_next = timeloop.leaving([values[0]], [h_in], mask)[
+            0
+        ]  # a masked row outputs the kept state
         row = (h_next,) + values[1:] + ((h_in,) if flags else ())
         return t + 1, h_next, saved.write(t, tf.concat(row, axis=1))
 
     _, h_last, saved = tf.while_loop(
-        lambda t, *_: t < length, body,
-        (tf.constant(0), h0, tf.TensorArray(projected.dtype, size=timeloop.length_of(projected))))
+        lambda t, *_: t < length,
+        body,
+        (tf.constant(0), h0, tf.TensorArray(projected.dtype, size=timeloop.length_of(projected))),
+    )
     return saved.stack(), h_last
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
     """``(projected [P, B, 3U], length, h0 [B, U], recurrent_kernel [U, 3U], recurrent_bias
     [3U], *flags) -> (outputs [P, B, U], h_length)`` for sigmoid/tanh GRUs over the first
@@ -153,16 +169,17 @@ def sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
     def gru_sequence(projected, length, h0, recurrent_kernel, recurrent_bias, *flags):
         kept_dtype = recurrent_kernel.dtype  # float32 under mixed precision: cast in here
         kernel, bias = (tf.cast(w, projected.dtype) for w in (recurrent_kernel, recurrent_bias))
-        saved, h_last = compiled.loop_function(forward_loop, jit, reset_after=reset_after, kinds=kinds)(
-            projected, length, h0, kernel, bias, *flags)
-        outputs = saved[..., :recurrent_kernel.shape[0]]
+        saved, h_last = compiled.loop_function(
+            forward_loop, jit, reset_after=reset_after, kinds=kinds
+        )(projected, length, h0, kernel, bias, *flags)
+        outputs = saved[..., : recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_last = tf.zeros_like(h0) if d_last is None else d_last
             d_projected, d_h0, d_kernel, d_bias = compiled.loop_function(
-                backward_loop, jit, reset_after=reset_after, kinds=kinds, kept_dtype=kept_dtype)(
-                    d_outputs, d_last, length, h0, saved, kernel, bias, *flags)
+                backward_loop, jit, reset_after=reset_after, kinds=kinds, kept_dtype=kept_dtype
+            )(d_outputs, d_last, length, h0, saved, kernel, bias, *flags)
             return (d_projected, None, d_h0, d_kernel, d_bias) + (None,) * len(flags)
 
         return (outputs, h_last), grad
@@ -170,18 +187,29 @@ def sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
     return gru_sequence
 
 
-def backward_loop(d_outputs, d_last, length, h0, saved, recurrent_kernel,
-                           recurrent_bias, *flags, reset_after: bool, kinds: tuple,
-                           kept_dtype: tf.DType):
+def backward_loop(
+    d_outputs,
+    d_last,
+    length,
+    h0,
+    saved,
+    recurrent_kernel,
+    recurrent_bias,
+    *flags,
+    reset_after: bool,
+    kinds: tuple,
+    kept_dtype: tf.DType,
+):
     """The gradients of `sequence`'s inputs: `step_backward` over the steps in
     reverse (one read and one write per step, through the flags' `where`s), then the
     recurrent weights' gradients as one matmul over all steps, in their `kept_dtype` (the
     padded steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
     # The state each step started from: saved with flags, else the previous step's output.
-    previous = saved[..., 5 * units:] if flags else timeloop.previous(h0, saved[..., :units])
-    step_values = timeloop.readable(tf.concat([d_outputs, previous, saved[..., units:5 * units]],
-                                      axis=-1))
+    previous = saved[..., 5 * units :] if flags else timeloop.previous(h0, saved[..., :units])
+    step_values = timeloop.readable(
+        tf.concat([d_outputs, previous, saved[..., units : 5 * units]], axis=-1)
+    )
     kernels = kernels_of(recurrent_kernel, reset_after)
     flags_at = timeloop.flag_steps(flags, kinds)
 
@@ -190,23 +218,29 @@ def backward_loop(d_outputs, d_last, length, h0, saved, recurrent_kernel,
         d_output, h_prev, z, r, hh, aux = tf.split(step_values.read(t), 6, axis=1)
 
         def transposed(d_new):
-            dh_prev, d_step = step_backward(d_new[0], h_prev, z, r, hh, aux, kernels,
-                                                 reset_after)
+            dh_prev, d_step = step_backward(d_new[0], h_prev, z, r, hh, aux, kernels, reset_after)
             return [dh_prev], d_step
 
         (dh_prev,), d_step = timeloop.through_flags([dh], [d_output], transposed, *flags_at(t))
         return i + 1, dh_prev, d_steps.write(t, d_step)
 
-    _, d_h0, d_steps = tf.while_loop(
-        lambda i, *_: i < length, back,
-        (tf.constant(0), d_last, tf.TensorArray(saved.dtype, size=timeloop.length_of(saved))))
+    d_steps = tf.TensorArray(saved.dtype, size=timeloop.length_of(saved))
+    _, d_h0, d_steps = tf.while_loop(lambda i, *_: i < length, back, (0, d_last, d_steps))
     d_projected, d_inner = step_parts(d_steps.stack(), units, reset_after)
+    d_kernel, d_bias = _weights_backward(
+        previous, saved, d_projected, d_inner, reset_after, kept_dtype
+    )
+    return d_projected, d_h0, d_kernel, d_bias
+
+
+def _weights_backward(previous, saved, d_projected, d_inner, reset_after: bool, kept_dtype):
+    """The recurrent kernel's and bias's gradients, each one matmul (or sum) over all steps
+    in their `kept_dtype`: ``d_kernel = sum_t h_{t-1}^T d_inner_t`` (without reset_after, the
+    candidate's columns take the reset state r * h, saved as aux)."""
+    units = previous.shape[-1]
     d_kernel = timeloop.weight_product(previous, d_inner, kept_dtype)
     if reset_after:
-        d_bias = tf.reduce_sum(tf.cast(timeloop.flat_steps(d_inner), kept_dtype), axis=0)
-    else:  # the candidate's recurrent term multiplies the reset state r * h (aux)
-        d_candidate = timeloop.weight_product(saved[..., 4 * units:5 * units],
-                                     d_projected[..., 2 * units:], kept_dtype)
-        d_kernel = tf.concat([d_kernel, d_candidate], axis=1)
-        d_bias = tf.zeros(recurrent_bias.shape, kept_dtype)
-    return d_projected, d_h0, d_kernel, d_bias
+        return d_kernel, tf.reduce_sum(tf.cast(timeloop.flat_steps(d_inner), kept_dtype), axis=0)
+    reset_state = saved[..., 4 * units : 5 * units]
+    d_candidate = timeloop.weight_product(reset_state, d_projected[..., 2 * units :], kept_dtype)
+    return tf.concat([d_kernel, d_candidate], axis=1), tf.zeros([3 * units], kept_dtype)

@@ -5,8 +5,7 @@ import functools
 
 import tensorflow as tf
 
-from tbptt._src.recurrent.loops import compiled
-from tbptt._src.recurrent.loops import timeloop
+from tbptt._src.recurrent.loops import compiled, timeloop
 
 
 def step(x, h, c, recurrent_kernel, activation, recurrent_activation):
@@ -22,14 +21,14 @@ def step(x, h, c, recurrent_kernel, activation, recurrent_activation):
     return o * activation_c, c, i, f, o, g, activation_c
 
 
-def step_dropped(x, h, c, recurrent_kernel, activation, recurrent_activation,
-                       masks: tuple):
+def step_dropped(x, h, c, recurrent_kernel, activation, recurrent_activation, masks: tuple):
     """Keras `LSTMCell.call` with recurrent dropout (its implementation 1) on ``x = inputs @
     kernel + bias`` ``[B, 4U]``: each gate's recurrent product takes the state times its own
     mask of ``masks`` (4 of ``[B, U]``). Returns ``(h, c)``."""
     kernels = tf.split(recurrent_kernel, 4, axis=1)
-    z_i, z_f, z_c, z_o = [x_g + tf.matmul(h * m, k) for x_g, m, k in
-                          zip(tf.split(x, 4, axis=1), masks, kernels)]
+    z_i, z_f, z_c, z_o = [
+        x_g + tf.matmul(h * m, k) for x_g, m, k in zip(tf.split(x, 4, axis=1), masks, kernels)
+    ]
     i, f, o = recurrent_activation(z_i), recurrent_activation(z_f), recurrent_activation(z_o)
     c = f * c + i * activation(z_c)
     return o * activation(c), c
@@ -47,8 +46,15 @@ def step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
       matmul's output, so dW = sum_t h_{t-1}^T d_x_t.
     """
     dc = dc + dh * o * (1 - tanh_c * tanh_c)
-    d_x = tf.concat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                     dh * tanh_c * o * (1 - o)], axis=1)
+    d_x = tf.concat(
+        [
+            dc * g * i * (1 - i),
+            dc * c_prev * f * (1 - f),
+            dc * i * (1 - g * g),
+            dh * tanh_c * o * (1 - o),
+        ],
+        axis=1,
+    )
     return tf.matmul(d_x, recurrent_kernel, transpose_b=True), dc * f, d_x
 
 
@@ -69,12 +75,19 @@ def forward_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tup
         return t + 1, h_next, c_next, saved.write(t, tf.concat(row, axis=1))
 
     _, h_last, c_last, saved = tf.while_loop(
-        lambda t, *_: t < length, body,
-        (tf.constant(0), h0, c0, tf.TensorArray(projected.dtype, size=timeloop.length_of(projected))))
+        lambda t, *_: t < length,
+        body,
+        (
+            tf.constant(0),
+            h0,
+            c0,
+            tf.TensorArray(projected.dtype, size=timeloop.length_of(projected)),
+        ),
+    )
     return saved.stack(), h_last, c_last
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sequence(jit: bool, kinds: tuple = ()):
     """``(projected [P, B, 4U], length, h0, c0 [B, U], recurrent_kernel [U, 4U], *flags)
     -> (outputs [P, B, U], h_length, c_length)`` for sigmoid/tanh LSTMs over the first `length`
@@ -86,16 +99,17 @@ def sequence(jit: bool, kinds: tuple = ()):
         kept_dtype = recurrent_kernel.dtype  # float32 under mixed precision: cast in here
         kernel = tf.cast(recurrent_kernel, projected.dtype)
         saved, h_last, c_last = compiled.loop_function(forward_loop, jit, kinds=kinds)(
-            projected, length, h0, c0, kernel, *flags)
-        outputs = saved[..., :recurrent_kernel.shape[0]]
+            projected, length, h0, c0, kernel, *flags
+        )
+        outputs = saved[..., : recurrent_kernel.shape[0]]
 
         def grad(d_outputs, d_h_last, d_c_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
             d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
             d_projected, d_h0, d_c0, d_kernel = compiled.loop_function(
-                backward_loop, jit, kinds=kinds, kept_dtype=kept_dtype)(
-                d_outputs, d_h_last, d_c_last, length, h0, c0, saved, kernel, *flags)
+                backward_loop, jit, kinds=kinds, kept_dtype=kept_dtype
+            )(d_outputs, d_h_last, d_c_last, length, h0, c0, saved, kernel, *flags)
             return (d_projected, None, d_h0, d_c0, d_kernel) + (None,) * len(flags)
 
         return (outputs, h_last, c_last), grad
@@ -103,19 +117,30 @@ def sequence(jit: bool, kinds: tuple = ()):
     return lstm_sequence
 
 
-def backward_loop(d_outputs, d_h_last, d_c_last, length, h0, c0, saved,
-                            recurrent_kernel, *flags, kinds: tuple, kept_dtype: tf.DType):
+def backward_loop(
+    d_outputs,
+    d_h_last,
+    d_c_last,
+    length,
+    h0,
+    c0,
+    saved,
+    recurrent_kernel,
+    *flags,
+    kinds: tuple,
+    kept_dtype: tf.DType,
+):
     """The gradients of `sequence`'s inputs: `step_backward` over the steps in
     reverse (through the flags' `where`s), then the recurrent kernel's gradient as one matmul
     over all steps, in its `kept_dtype` (the padded steps' gradients are zero)."""
     units = recurrent_kernel.shape[0]
     if flags:  # the states each step started from
-        h_previous, c_previous = saved[..., 7 * units:8 * units], saved[..., 8 * units:]
+        h_previous, c_previous = saved[..., 7 * units : 8 * units], saved[..., 8 * units :]
     else:
         h_previous = timeloop.previous(h0, saved[..., :units])
-        c_previous = timeloop.previous(c0, saved[..., units:2 * units])
-    step_values = timeloop.readable(tf.concat([d_outputs, c_previous, saved[..., 2 * units:7 * units]],
-                                      axis=-1))
+        c_previous = timeloop.previous(c0, saved[..., units : 2 * units])
+    gates = saved[..., 2 * units : 7 * units]
+    step_values = timeloop.readable(tf.concat([d_outputs, c_previous, gates], axis=-1))
     flags_at = timeloop.flag_steps(flags, kinds)
 
     def back(k, dh, dc, d_projected):
@@ -123,16 +148,17 @@ def backward_loop(d_outputs, d_h_last, d_c_last, length, h0, c0, saved,
         d_output, c_prev, *step_gates = tf.split(step_values.read(t), 7, axis=1)
 
         def transposed(d_new):
-            dh_prev, dc_prev, d_x = step_backward(d_new[0], d_new[1], c_prev,
-                                                        *step_gates, recurrent_kernel)
+            dh_prev, dc_prev, d_x = step_backward(
+                d_new[0], d_new[1], c_prev, *step_gates, recurrent_kernel
+            )
             return [dh_prev, dc_prev], d_x
 
-        (dh_prev, dc_prev), d_x = timeloop.through_flags([dh, dc], [d_output, None], transposed,
-                                                 *flags_at(t))
+        (dh_prev, dc_prev), d_x = timeloop.through_flags(
+            [dh, dc], [d_output, None], transposed, *flags_at(t)
+        )
         return k + 1, dh_prev, dc_prev, d_projected.write(t, d_x)
 
-    _, d_h0, d_c0, d_projected = tf.while_loop(
-        lambda k, *_: k < length, back,
-        (tf.constant(0), d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=timeloop.length_of(saved))))
+    start = (0, d_h_last, d_c_last, tf.TensorArray(saved.dtype, size=timeloop.length_of(saved)))
+    _, d_h0, d_c0, d_projected = tf.while_loop(lambda k, *_: k < length, back, start)
     d_projected = d_projected.stack()
     return d_projected, d_h0, d_c0, timeloop.weight_product(h_previous, d_projected, kept_dtype)

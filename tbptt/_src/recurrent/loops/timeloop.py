@@ -9,7 +9,7 @@ stacked tensor in a loop, pad a chunk to a compiled size, and sum a weight's gra
 steps as one matmul.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -26,7 +26,7 @@ class LoopSettings(NamedTuple):
         says; False: a device without an XLA compiler).
     """
 
-    max_steps: Optional[tf.Tensor] = None
+    max_steps: tf.Tensor | None = None
     xla: bool = True
 
     def compiled_alone(self) -> bool:
@@ -39,8 +39,8 @@ class LoopSettings(NamedTuple):
 class StepFlags(NamedTuple):
     """Per-row, per-step flags of one chunk, time-major ``[K, B]`` bool (None: no flag)."""
 
-    reset: Optional[tf.Tensor] = None
-    mask: Optional[tf.Tensor] = None
+    reset: tf.Tensor | None = None
+    mask: tf.Tensor | None = None
 
 
 def _rows(flag: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -72,11 +72,13 @@ def flagged(step, output_is_state: bool = False):
     outputs the state it keeps, which is the last output, as Keras's RNN repeats it; else the
     step's output is its own either way.
     """
+
     def run(x, states, reset, mask):
         states = entering(states, reset)
         y, new_states = step(x, states)
         new_states = leaving(new_states, states, mask)
         return (new_states[0] if output_is_state else y), new_states
+
     return run
 
 
@@ -85,9 +87,16 @@ def time_major(xs: tf.Tensor) -> tf.Tensor:
     return tf.transpose(xs, [1, 0] + list(range(2, xs.shape.rank)))
 
 
-def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-                      flags: Optional[StepFlags] = None, loop: LoopSettings = LoopSettings(),
-                      output_is_state: bool = False):
+def unroll_time_major(
+    step,
+    xs: tf.Tensor,
+    states: list,
+    *,
+    with_outputs: bool,
+    flags: StepFlags | None = None,
+    loop: LoopSettings = LoopSettings(),
+    output_is_state: bool = False,
+):
     """``step(x_t, states) -> (y_t, states)`` over ``xs [K, B, ...]``; outputs ``[K, B, U]``.
 
     With `flags`, each step is `flagged` with the step's reset and mask (and
@@ -95,27 +104,36 @@ def unroll_time_major(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
     inside XLA sizes its accumulators).
     """
     if is_short(xs):
-        return _unrolled(step, xs, states, with_outputs=with_outputs, flags=flags,
-                         output_is_state=output_is_state)
+        return _unrolled(
+            step,
+            xs,
+            states,
+            with_outputs=with_outputs,
+            flags=flags,
+            output_is_state=output_is_state,
+        )
     count = length_of(xs)
     inputs = readable(xs)
     outputs = tf.TensorArray(xs.dtype, size=count) if with_outputs else None
     with_flags = flagged(step, output_is_state) if flags is not None else None
-    flag_arrays = [None if f is None else tf.TensorArray(tf.bool, size=count).unstack(f)
-                   for f in (flags or ())]
+    flag_arrays = [
+        None if f is None else tf.TensorArray(tf.bool, size=count).unstack(f) for f in (flags or ())
+    ]
 
     def body(t, states, *outputs):
         if with_flags is None:
             y, states = step(inputs.read(t), states)
         else:
-            y, states = with_flags(inputs.read(t), states,
-                                   *[None if a is None else a.read(t) for a in flag_arrays])
+            y, states = with_flags(
+                inputs.read(t), states, *[None if a is None else a.read(t) for a in flag_arrays]
+            )
         return (t + 1, list(states)) + ((outputs[0].write(t, y),) if with_outputs else ())
 
     loop_vars = (tf.constant(0), list(states)) + ((outputs,) if with_outputs else ())
     bound = count if loop.max_steps is None else loop.max_steps
-    _, states, *outputs = tf.while_loop(lambda t, *_: t < count, body, loop_vars,
-                                        maximum_iterations=bound)
+    _, states, *outputs = tf.while_loop(
+        lambda t, *_: t < count, body, loop_vars, maximum_iterations=bound
+    )
     return (outputs[0].stack() if with_outputs else None), states
 
 
@@ -129,15 +147,22 @@ def is_short(xs: tf.Tensor) -> bool:
     return xs.shape[0] is not None and xs.shape[0] <= SHORT_STEPS
 
 
-def _unrolled(step, xs: tf.Tensor, states: list, *, with_outputs: bool,
-              flags: Optional[StepFlags] = None, output_is_state: bool = False):
+def _unrolled(
+    step,
+    xs: tf.Tensor,
+    states: list,
+    *,
+    with_outputs: bool,
+    flags: StepFlags | None = None,
+    output_is_state: bool = False,
+):
     """`unroll_time_major` over a short, static K as K copies of the step."""
-    run = flagged(step, output_is_state) if flags is not None else (
-        lambda x, s, *_: step(x, s))
+    run = flagged(step, output_is_state) if flags is not None else (lambda x, s, *_: step(x, s))
     outputs = []
     for t in range(xs.shape[0]):
-        y, states = run(xs[t], list(states), *[None if f is None else f[t]
-                                                 for f in (flags or (None, None))])
+        y, states = run(
+            xs[t], list(states), *[None if f is None else f[t] for f in (flags or (None, None))]
+        )
         outputs.append(y)
     return (tf.stack(outputs) if with_outputs else None), list(states)
 
@@ -161,13 +186,18 @@ def unroll(step, inputs: tf.Tensor, state) -> tuple:
     >>> outputs[0, :, 0].numpy().tolist(), float(count[0, 0])
     ([1.0, 2.0, 3.0, 4.0], 4.0)
     """
+
     def flat_step(x, leaves):
         y, new_state = step(x, tf.nest.pack_sequence_as(state, leaves))
         tf.nest.assert_same_structure(state, new_state)
         return y, tf.nest.flatten(new_state)
 
-    outputs, leaves = unroll_time_major(flat_step, time_major(tf.convert_to_tensor(inputs)),
-                                        tf.nest.flatten(state), with_outputs=True)
+    outputs, leaves = unroll_time_major(
+        flat_step,
+        time_major(tf.convert_to_tensor(inputs)),
+        tf.nest.flatten(state),
+        with_outputs=True,
+    )
     return time_major(outputs), tf.nest.pack_sequence_as(state, leaves)
 
 
@@ -187,25 +217,31 @@ def padded_steps(xs: tf.Tensor, length, max_steps) -> tf.Tensor:
     for a whole sequence, to the power of two at or above K (few shapes for many lengths).
     The loops run the first K steps only."""
     if max_steps is None:
-        target = tf.cast(2.0 ** tf.math.ceil(tf.math.log(tf.cast(length, tf.float64))
-                                             / tf.math.log(tf.constant(2.0, tf.float64))),
-                         tf.int32)
+        target = tf.cast(
+            2.0
+            ** tf.math.ceil(
+                tf.math.log(tf.cast(length, tf.float64)) / tf.math.log(tf.constant(2.0, tf.float64))
+            ),
+            tf.int32,
+        )
         target = tf.maximum(target, tf.cast(length, tf.int32))  # rounding at exact powers
     else:
         target = tf.maximum(tf.cast(max_steps, tf.int32), tf.cast(length, tf.int32))
     return tf.pad(xs, [[0, target - length]] + [[0, 0]] * (xs.shape.rank - 1))
 
 
-def padded_flags(flags: Optional[StepFlags], length, max_steps) -> tuple:
+def padded_flags(flags: StepFlags | None, length, max_steps) -> tuple:
     """``(kinds, tensors)``: the names of the flags given, a static part of the loops
     ("reset", "mask"; () without flags), and each as ``[P, B, 1]`` bool padded as
     `padded_steps` pads the inputs, to read one step's rows in a loop and broadcast them over
     the units."""
-    given = [] if flags is None else [(k, f) for k, f in zip(StepFlags._fields, flags)
-                                      if f is not None]
+    given = (
+        [] if flags is None else [(k, f) for k, f in zip(StepFlags._fields, flags) if f is not None]
+    )
     return tuple(k for k, _ in given), tuple(
         tf.cast(padded_steps(tf.cast(f[..., None], tf.int8), length, max_steps), tf.bool)
-        for _, f in given)
+        for _, f in given
+    )
 
 
 def previous(first: tf.Tensor, stacked: tf.Tensor) -> tf.Tensor:
@@ -221,8 +257,7 @@ def flat_steps(stacked: tf.Tensor) -> tf.Tensor:
 def flag_steps(flags: tuple, kinds: tuple):
     """The loop's reader of step t's ``(reset_t, mask_t) [B, 1]`` (None where not given)."""
     readers = dict(zip(kinds, [readable(f) for f in flags]))
-    return lambda t: tuple(readers[k].read(t) if k in readers else None
-                           for k in StepFlags._fields)
+    return lambda t: tuple(readers[k].read(t) if k in readers else None for k in StepFlags._fields)
 
 
 def through_flags(d_state: list, d_own: list, transpose, reset, mask) -> tuple:
@@ -239,6 +274,7 @@ def through_flags(d_state: list, d_own: list, transpose, reset, mask) -> tuple:
     Returns:
       ``(the gradients of the states before the step, d_step)``.
     """
+
     def plus_own(d_new):
         return [d if own is None else own + d for own, d in zip(d_own, d_new)]
 
@@ -255,5 +291,4 @@ def through_flags(d_state: list, d_own: list, transpose, reset, mask) -> tuple:
 def weight_product(a: tf.Tensor, b: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """``sum_t a_t^T b_t`` over ``[K, B, M]`` and ``[K, B, N]``: a weight's gradient over
     all steps as one matmul, in the weight's kept `dtype`."""
-    return tf.matmul(tf.cast(flat_steps(a), dtype), tf.cast(flat_steps(b), dtype),
-                     transpose_a=True)
+    return tf.matmul(tf.cast(flat_steps(a), dtype), tf.cast(flat_steps(b), dtype), transpose_a=True)
