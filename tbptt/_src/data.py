@@ -200,7 +200,8 @@ def _episode_targets(targets: Sequence, episodes: list) -> list:
 def _lanes_of(episodes: list, lanes: int) -> tuple:
     """``(the episodes' indices in each lane, the longest lane's steps)``: each episode goes to
     the lane shortest so far."""
-    order, lengths = [[] for _ in range(lanes)], [0] * lanes
+    order: list = [[] for _ in range(lanes)]
+    lengths = [0] * lanes
     for index, episode in enumerate(episodes):
         lane = int(np.argmin(lengths))
         order[lane].append(index)

@@ -215,7 +215,7 @@ def diagnose(
 
     chain = _diagnosed_chain(train_steps, delay, chunk_sizes[0], length, units, seed, quiet)
     inputs, targets, weights = echo_batch(np.random.RandomState(seed + 2), batch, length, delay)
-    settings = dict(chunk_sizes=list(chunk_sizes), backprop_chunks=list(backprop_chunks))
+    settings: dict = dict(chunk_sizes=list(chunk_sizes), backprop_chunks=list(backprop_chunks))
     report = truncation_report(
         chain, inputs, targets, LOSS, sample_weight=weights, verbose=0 if quiet else 1, **settings
     )

@@ -233,8 +233,8 @@ class StageChain(tf.Module):
         return StageResult(loss, grads, boundary_grads, input_grad)
 
     def _gradients_impl(self, args: dict, loss_fn: LossFn):
-        structures = {}  # nest structure of each stage's input, recorded in the forward pass
-        saved = {}  # non-trainable values of each stage before its first run (recompute)
+        structures: dict = {}  # nest structure of each stage's input, recorded in the forward pass
+        saved: dict = {}  # non-trainable values of each stage before its first run (recompute)
 
         def stage_fn(index):
             last = index == len(self._stages) - 1
@@ -298,7 +298,7 @@ def _check_reruns_alike(stage, index: int, value, run) -> None:
         ),
         value,
     )
-    saved = {}
+    saved: dict = {}
     runs = []
     for _ in range(2):
         _snapshot_or_restore(stage, index, saved)
@@ -328,7 +328,7 @@ def _snapshot_or_restore(stage, index: int, saved: dict) -> None:
 
 def _merge(stage_variables: list, variables: list, stage_grads: list) -> list:
     """Per-stage gradients summed into `trainable_variables` order."""
-    totals = {}
+    totals: dict = {}
     for own, grads in zip(stage_variables, stage_grads):
         for v, g in zip(own, grads):
             totals[id(v)] = g if id(v) not in totals else totals[id(v)] + g
@@ -365,7 +365,7 @@ def split_sequential(model, at: Sequence[int]) -> list:
             f"a linear chain, got {model!r}."
         )
     layers = _linear_layers(model)
-    cuts = list(at) if not checks.is_int(at) else [at]
+    cuts: list = [at] if checks.is_int(at) else list(at)
     if (
         not cuts
         or not all(checks.is_int(c) for c in cuts)

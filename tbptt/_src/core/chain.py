@@ -205,13 +205,13 @@ def _loop(count, body, start: tuple, most):
 
 def _group(segments: segments_lib.Segments, group, j) -> segments_lib.Segments:
     """Segments j*group .. (j+1)*group - 1 as a chain of their own (at most `group` of them)."""
-    first = j * group
+    first, live, segment = j * group, segments.live, segments.segment
     return segments_lib.Segments(
         tf.minimum(group, segments.count - first),
         lambda k, c: segments.advance(first + k, c),
-        lambda k, c: segments.segment(first + k, c),
+        None if segment is None else lambda k, c: segment(first + k, c),
         bound=group,
-        live=None if segments.live is None else lambda k: segments.live(first + k),
+        live=None if live is None else lambda k: live(first + k),
     )
 
 
@@ -384,7 +384,8 @@ def static_forward(
     Returns one `Linearized` per segment for `static_backward` (the pullback kept from this
     pass, or with `recompute` a re-run from the boundary value) and the non-finite findings.
     """
-    linearized, found = [], numerics.no_findings()
+    linearized: list = []
+    found = numerics.no_findings()
     for k, (segment, segment_variables) in enumerate(zip(segments, variables)):
         fn = lambda c, f=segment: segments_lib.flat(f(c))  # noqa: E731
         if recompute:
@@ -410,7 +411,9 @@ def static_backward(
       `StaticChainGradients(loss, grads, carry_grads)`: grads one list per segment,
       carry_grads dLoss/d(carry entering segment k) for every k.
     """
-    loss, grads, carry_grads = tf.zeros([], loss_dtype), [], []
+    loss = tf.zeros([], loss_dtype)
+    grads: list = []
+    carry_grads: list = []
     carried = None
     for linearize_k in reversed(linearized):
         outputs, pullback = linearize_k()

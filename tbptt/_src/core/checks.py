@@ -238,7 +238,7 @@ def loss_function(loss_fn, with_weight: bool = False):
     # small share of a small call); any other callable's (a function, a partial, a
     # tf.function, an object) each time, as it is.
     signature = (
-        _call_signature(type(loss_fn))
+        _call_signature(type(loss_fn))  # type: ignore[arg-type]  # a class is hashable
         if isinstance(loss_fn, compat.keras.losses.Loss)
         else _signature(loss_fn)
     )

@@ -121,7 +121,7 @@ def attributes_key(layer) -> tuple:
     inside them) that a trace may read from Python, by value: plain values and lists of them,
     arrays and eager tensors by content, functions by identity. Its other objects are Keras's
     own (initializers, specs) or read anew (variables). Made at every call, so kept cheap."""
-    keyed = []
+    keyed: list = []
     for name, value in vars(layer).items():
         if name[0] == "_":
             continue
@@ -176,14 +176,14 @@ class FunctionCache:
         self._unknown_dims = unknown_dims
         self._variables = variables
         self._state = state
-        self._functions = collections.OrderedDict()
+        self._functions: collections.OrderedDict = collections.OrderedDict()
         # key -> the concrete function of a call made unrecorded: one per key, since the
         # signature is fixed; looking it up anew would cost about as much as a small call.
-        self._concretes = {}
+        self._concretes: dict = {}
         self._lock = threading.Lock()
         self._compiled = 0
         self._dropped_traces = 0
-        self._variants = {}  # the key apart from loss values -> the last full key
+        self._variants: dict = {}  # the key apart from loss values -> the last full key
         self._warned = False
 
     def get(

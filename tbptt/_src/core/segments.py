@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from tbptt._src.core import schedules
+
 Advance = Callable[[tf.Tensor, list], list]
 Segment = Callable[[tf.Tensor, list], tuple]
 # A segment of a static chain, linearized: () -> (outputs [loss or None, *carry], pullback).
@@ -32,7 +34,7 @@ class Segments(NamedTuple):
 
     count: tf.Tensor
     advance: Advance
-    segment: Segment
+    segment: Segment | None  # None for a chain only ever run forward
     bound: tf.Tensor | None = None
     live: Callable[[tf.Tensor], tf.Tensor] | None = None  # k -> does segment k's loss count
 
@@ -136,14 +138,16 @@ class Backprop(NamedTuple):
 
     variables: list
     linearize: Callable
-    schedule: object
+    schedule: schedules.Schedule
     loss_dtype: tf.DType
 
 
 def linearize_segment(segments: Segments, k, carry: list, backprop: Backprop):
     """Segment k run from `carry` under the backend: ``(outputs [loss, *carry], pullback)``."""
+    segment = segments.segment
+    assert segment is not None, "a chain run only forward has no segment to differentiate"
     return backprop.linearize(
-        lambda c: flat(segments.segment(k, c)),
+        lambda c: flat(segment(k, c)),
         carry,
         backprop.variables,
         persistent=backprop.schedule.seed_count > 1,

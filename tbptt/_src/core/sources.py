@@ -112,8 +112,9 @@ def as_source(name: str, value):
 # registration lives while a call holds it, or, for a call made while a graph is built (inside
 # a user's tf.function, or a TF1 graph), while that graph does: the graph runs later, and maybe
 # many times.
-_LIVE = weakref.WeakValueDictionary()
-_HELD_BY_GRAPH = weakref.WeakKeyDictionary()  # graph -> the registrations its runs read
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# graph -> the registrations its runs read
+_HELD_BY_GRAPH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LIVE_LOCK = threading.Lock()
 _HANDLES = itertools.count(1)
 _RUNS = itertools.count(1)
@@ -128,8 +129,9 @@ class _Registration:
 
     def __init__(self, source: ChunkSource):
         self.source = source
-        self.error = None
-        self.fingerprints = collections.OrderedDict()  # run -> {(start, stop): digest}
+        self.error: BaseException | None = None
+        # run -> {(start, stop): digest}
+        self.fingerprints: collections.OrderedDict = collections.OrderedDict()
         self.lock = threading.Lock()
 
     def read(self, run: int, start: int, stop: int) -> np.ndarray:
@@ -179,7 +181,9 @@ def live(sources: dict):
     try:
         yield {name: tf.constant(handle, tf.int64) for name, handle in handles.items()}
     except tf.errors.OpError as error:
-        raised = [r.error for r in registrations.values() if r.error is not None]
+        raised: list[BaseException] = [
+            r.error for r in registrations.values() if r.error is not None
+        ]
         if raised:  # the source's own exception, not TensorFlow's wrapper of it
             raise raised[0] from error
         raise

@@ -72,7 +72,7 @@ def pullback_of(
         )
         results = []
         for index, (cotangents, want_primals) in enumerate(zip(cotangent_sets, want_primal_grads)):
-            live = alive[index] if skip else None
+            live = alive[index] if skip and alive is not None else None
             if live is None:
                 grads = product(cotangents, want_primals)
             else:  # a set that is zero (a bool scalar False) is not pulled back at all

@@ -2,12 +2,11 @@
 object itself (computed in the chain's loss dtype, every setting kept), with Keras's scaling
 for mixed precision and distribution, and the loss of a whole sequence as Keras logs it."""
 
+import keras
 import tensorflow as tf
 
 from tbptt._src.core import compat, segments
 from tbptt._src.recurrent import losses
-
-keras = compat.keras
 
 
 class ChunkLoss(keras.losses.Loss):

@@ -21,7 +21,9 @@ import contextlib
 import functools
 import inspect
 import warnings
+from typing import Any
 
+import keras
 import tensorflow as tf
 
 from tbptt._src.core import checks, compat, serialization
@@ -31,8 +33,6 @@ from tbptt._src.keras import stream as stream_lib
 from tbptt._src.keras.stream import Carried, Stream, StreamPosition
 from tbptt._src.recurrent.chain import RecurrentChain
 from tbptt._src.recurrent.streaming import StreamCarry, check_window, join_context
-
-keras = compat.keras
 
 
 @serialization.register
@@ -65,6 +65,10 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     [(2, 8)]
     """
 
+    train_function: Any  # Keras's step functions, None until made (for type checkers)
+    test_function: Any
+    predict_function: Any
+
     def __init__(self, chain: RecurrentChain, *, stateful: bool = False, **kwargs):
         """Wraps `chain`.
 
@@ -85,7 +89,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
             p for p in chain.cells + [chain.head, chain.inputs_layer] if compat.is_keras_layer(p)
         ]
         self.stateful = bool(stateful)
-        self._chunk_loss = None
+        self._chunk_loss: losses_lib.ChunkLoss | None = None  # made by `compile`
         # What a stateful fit carries between batches (checkpointed with the model), and what
         # a stateful evaluate or predict carries across the batches of one call.
         self._stream = Stream(chain, lambda: self.distribute_strategy)
@@ -107,7 +111,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     trainable_variables = trainable_weights
 
     @property
-    def chunk_loss(self):
+    def chunk_loss(self) -> Any:
         """The compiled loss as the chain's per-chunk `loss_fn` (None before `compile`)."""
         return self._chunk_loss
 
@@ -122,8 +126,6 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         outputs, _ = self._chain(inputs, training=training, **flags)
         self.built = True
         return outputs
-
-    # -- carried state -------------------------------------------------------------------------
 
     @property
     def carried_state(self):
@@ -191,7 +193,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
         if compat.has_compiled_metrics(self):  # as Keras: predictions before the update
             y_pred = _predictions(chain, carry, inputs, flags)
         grads, penalty = _with_weight_penalty(self, result.grads, chain.trainable_variables)
-        loss = self._chunk_loss.logged(result.loss) + penalty  # the scale of this step
+        loss = self.chunk_loss.logged(result.loss) + penalty  # the scale of this step
         self.optimizer.apply_gradients(zip(grads, chain.trainable_variables))
         compat.loss_tracker(self).update_state(loss, sample_weight=tf.shape(inputs)[0])
         logs = self.compute_metrics(

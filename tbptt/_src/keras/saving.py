@@ -6,12 +6,10 @@ import json
 import re
 import zipfile
 
-from tbptt._src.core import compat
-
-keras = compat.keras
+import keras
 
 
-class SavableModel:
+class SavableModel(keras.Model):
     """Whole-model saving for `tbptt.keras.ChunkedModel`: its config is its chain's config and
     `stateful`; its build config is the chain's feature size, so a loaded model is built (and
     its optimizer restored) before Keras reads the weights into it."""

@@ -64,7 +64,8 @@ class Call(NamedTuple):
 
     def tensors(self) -> dict:
         """The compiled function's argument: name -> tensor (or list), present fields only."""
-        flat = {**self._replace(batch=None)._asdict(), **self.batch.given()}
+        fields = {k: v for k, v in self._asdict().items() if k != "batch"}
+        flat = {**fields, **self.batch.given()}
         return {name: value for name, value in flat.items() if value is not None}
 
     @classmethod
@@ -72,7 +73,8 @@ class Call(NamedTuple):
         """The call rebuilt inside the compiled function; `readers` stand for chunk sources."""
         tensors = {**tensors, **(readers or {})}
         batch = Batch(**{name: tensors.get(name) for name in PER_STEP})
-        return cls(batch, **{name: tensors.get(name) for name in cls._fields[1:]})
+        fields: dict[str, Any] = {name: tensors.get(name) for name in cls._fields[1:]}
+        return cls(batch, **fields)
 
     def static_steps(self) -> int | None:
         """T where it is known in Python (None inside a tf.function with an unknown length)."""
@@ -181,7 +183,7 @@ def forward_call(
         inputs = checks.sequence_inputs(inputs, stack.dtype, stack.inputs_layer is not None)
     batch = Batch(inputs, reset=_flag("reset", reset, inputs), mask=_flag("mask", mask, inputs))
     call = Call(batch, stack.leaves("initial_state", initial_state, batch_size(inputs)))
-    specs = ()
+    specs: tuple = ()
     if source is not None:
         call = call._replace(
             batch=batch._replace(inputs=None),
@@ -291,7 +293,7 @@ def _final_state_grad(config: ChainConfig, stack: CellStack, final_state_grad, r
 def _check_whole_counts(reduction: losses.Reduction, sources: dict) -> None:
     """A mean over kept labels or over sample weights needs the whole sequence's count before
     the first chunk's gradient: the values it counts must be in memory."""
-    needs = {"kept": "targets", "weights": "sample_weight"}.get(reduction.share)
+    needs = {"kept": "targets", "weights": "sample_weight"}.get(reduction.share or "")
     if needs in sources:
         raise ValueError(
             f"loss_fn averages over the {'kept labels' if needs == 'targets' else 'sample weights'}"

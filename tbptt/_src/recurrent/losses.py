@@ -16,7 +16,7 @@ values are per step is checked when the chain is traced, on the chunk's own tens
 or that masks its values otherwise is refused, never approximated.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
@@ -41,7 +41,7 @@ class Reduction(NamedTuple):
 
     combine: str
     share: str | None = None
-    keras_loss: object | None = None
+    keras_loss: Any = None
     ignore_class: int | None = None
 
 

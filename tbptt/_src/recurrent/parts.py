@@ -175,11 +175,11 @@ def _check_traced_like_eager(part, what: str, x: tf.Tensor, whole: tf.Tensor) ->
     )
     try:
         got = traced(x)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
-        got = error
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as failure:
+        got = failure
     if isinstance(got, tf.Tensor) and got.shape == whole.shape:
-        error = tf.abs(tf.cast(got, tf.float64) - tf.cast(whole, tf.float64))
-        if bool(tf.reduce_all(error <= 1e-6 * (1 + tf.abs(tf.cast(whole, tf.float64))))):
+        difference = tf.abs(tf.cast(got, tf.float64) - tf.cast(whole, tf.float64))
+        if bool(tf.reduce_all(difference <= 1e-6 * (1 + tf.abs(tf.cast(whole, tf.float64))))):
             return
     result = f"shape {got.shape.as_list()}" if isinstance(got, tf.Tensor) else repr(got)[:200]
     raise ValueError(

@@ -62,12 +62,12 @@ class CellStack(tf.Module):
         self._state_sizes = [cell.state_size for cell in self._cells]
         self.leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self.features = None  # F of the cells' inputs, once built
-        self.input_tail = None  # the chain's inputs' shape after [B, T], once built
+        self.input_tail: tuple | None = None  # the inputs' shape after [B, T], once built
         # The seed generators' states of the inputs layer and the head, replayed per chunk,
         # and why a call that recomputes chunks could not replay a part's draws (see
         # `randomness.py`), once built.
-        self.seed_states = []
-        self._replay_problems = []
+        self.seed_states: list = []
+        self._replay_problems: list = []
 
     @property
     def cells(self) -> list:

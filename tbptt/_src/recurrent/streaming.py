@@ -119,7 +119,7 @@ def check_carry(config: ChainConfig, carry, per_step: dict) -> StreamCarry | Non
 
 def _check_context_shape(config: ChainConfig, context: dict, per_step: dict) -> None:
     steps = time_steps(context["inputs"])
-    size, most = config.chunk_size, config.schedule.context_chunks
+    size, most = int(config.chunk_size), config.schedule.context_chunks
     if steps is not None and (steps % size or steps > most * size):
         raise ValueError(
             f"carry.context holds {steps} steps, but this chain (chunk_size={size}, "

@@ -90,11 +90,10 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         record=segments_lib.Record(keep_at, config.check_numerics, static.record),
     )
     total = steps_of(call)
-    kept, kept_from = (
-        (result.final_carry, total)
-        if keep_at is None
-        else (result.kept_carry, tf.minimum(keep_at * call.chunk_size, total))
-    )
+    if keep_at is None or result.kept_carry is None:
+        kept, kept_from = result.final_carry, total
+    else:
+        kept, kept_from = result.kept_carry, tf.minimum(keep_at * call.chunk_size, total)
     return Run(
         result.loss,
         result.grads,
@@ -230,7 +229,8 @@ def _share_counts(batch: Batch, reduction: losses.Reduction, dtype, context, tot
     if share == "weights" and batch.sample_weight is None and batch.mask is None:
         share = "steps"  # Keras divides by the element count when no weight is given
     if share == "kept":
-        kept = tf.cast(losses.kept_labels(batch.targets, reduction.ignore_class), dtype)
+        ignored = int(reduction.ignore_class)  # type: ignore[arg-type]  # set with "kept"
+        kept = tf.cast(losses.kept_labels(batch.targets, ignored), dtype)
         unmasked = kept if batch.mask is None else kept * tf.cast(batch.mask, dtype)
         return (lambda a, b: tf.reduce_sum(kept[:, a:b])), tf.reduce_sum(unmasked[:, context:])
     if share == "weights":
@@ -249,7 +249,7 @@ def segments(
     loss_fn: Callable,
     reduction: losses.Reduction,
     loss_dtype: tf.DType,
-    xla: bool | None = None,
+    xla: bool = True,
     draws: Draws = Draws(),
 ) -> segments_lib.Segments:
     """The chunks of one sequence as chain segments over the flat state.

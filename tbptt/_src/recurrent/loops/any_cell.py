@@ -118,7 +118,7 @@ class StepLoops:
             x, states, [tf.cast(w, x.dtype) for w in weights]
         )
         self._output_is_state = output_is_state  # see `timeloop.flagged`
-        self._sequences = {}
+        self._sequences: dict = {}
 
     def run(
         self,

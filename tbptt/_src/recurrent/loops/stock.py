@@ -245,9 +245,11 @@ class LSTMRunner(FusedRunner):
         cell = self._cell
         activations = (cell.activation, cell.recurrent_activation)
         if recurrent.masks is not None:
-            h, c = lstm.step_dropped(x, *states, recurrent.kernel, *activations, recurrent.masks)
+            h, c = lstm.step_dropped(
+                x, states[0], states[1], recurrent.kernel, *activations, recurrent.masks
+            )
             return h, [h, c]
-        h, c = lstm.step(x, *states, recurrent.kernel, *activations)[:2]
+        h, c = lstm.step(x, states[0], states[1], recurrent.kernel, *activations)[:2]
         return h, [h, c]
 
     def _sequence(self, jit: bool, kinds: tuple):
