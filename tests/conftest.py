@@ -1,5 +1,6 @@
 """Shared helpers: meaningful test data, weight copying and independent references."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -82,6 +83,15 @@ def copy_weights(source, target, input_shape):
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
+
+@functools.cache
+def mirrored() -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy over the two logical CPUs for the whole test process: TensorFlow's
+    collective ops go wrong when several strategies over the same devices run reductions of
+    different dtypes in one process (plain Keras fails so too), whatever tbptt does."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 # tests/legacy needs the TF1 cells, which on TF >= 2.16 exist only with TF_USE_LEGACY_KERAS=1
 # set before TensorFlow is imported: tests/test_compat_v1.py runs it in a subprocess.
 LEGACY_CELLS_HERE = os.environ.get("TF_USE_LEGACY_KERAS") == "1" or tuple(
@@ -105,14 +115,26 @@ needs_keras3 = pytest.mark.skipif(
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
 def pytest_collection_modifyitems(config, items):
-    """The default suite runs the first case of each parametrized test; the further cases are
-    marked `slow` (and `more_cases`), and run with `pytest -m slow` (as CI does)."""
-    seen = set()
+    """The default suite runs, of each parametrized test, the cases its `default_cases` mark
+    names: the test's own choice, not the order of its parameters. Its other cases are marked
+    `slow` (and `more_cases`) and run with `pytest -m slow`, as CI does. A parametrized test
+    without the mark, or naming a case it does not have, is refused."""
+    cases, problems = {}, []
+    for item in items:
+        if getattr(item, "callspec", None) is not None:
+            cases.setdefault(item.nodeid.split("[")[0], (item, set()))[1].add(item.callspec.id)
+    for function, (item, ids) in cases.items():
+        mark = item.get_closest_marker("default_cases")
+        if mark is None:
+            problems.append(f"{function} has no @pytest.mark.default_cases(...)")
+        elif not mark.kwargs.get("every") and set(mark.args) - ids:
+            problems.append(f"{function}: no case {sorted(set(mark.args) - ids)}")
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
     for item in items:
         if getattr(item, "callspec", None) is None:
             continue
-        function = item.nodeid.split("[")[0]
-        if function in seen:
+        mark = item.get_closest_marker("default_cases")
+        if not mark.kwargs.get("every") and item.callspec.id not in mark.args:
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.more_cases)
-        seen.add(function)

@@ -83,6 +83,7 @@ def run(backend, m=None, final_grad=None):
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("final_grad", [None, 0.6])
+@pytest.mark.default_cases("None-eager")
 def test_exact_matches_closed_form(backend, final_grad):
     result = run(backend, final_grad=final_grad)
     da, dc, ds0 = closed_form(final_grad=final_grad or 0.0)
@@ -94,6 +95,7 @@ def test_exact_matches_closed_form(backend, final_grad):
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("m", [3, 1, 2, 5, 6, 7])
+@pytest.mark.default_cases("3-eager")
 def test_truncated_matches_closed_form(backend, m):
     final_grad = None if m == 1 else 0.6
     result = run(backend, m=m, final_grad=final_grad)

@@ -39,6 +39,7 @@ def data(steps, batch=3):
     ],
     ids=["auto", "auto-levels2", "k2-levels2", "k3-levels2-graph", "budget"],
 )
+@pytest.mark.default_cases("auto")
 def test_exact_gradient_whatever_the_chunking(kwargs):
     x, y = data(37)
     chain = gru_chain(**kwargs)
@@ -71,6 +72,7 @@ def test_levels_2_keeps_about_cube_root_states():
 
 
 @pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.default_cases("1")
 def test_memory_budget_gives_the_largest_chunk_that_fits(levels):
     chain = gru_chain(chunk_size="auto", memory_budget=200_000, levels=levels)
     plan = chain.chunk_plan(10_000, batch_size=4, features=4)
@@ -133,6 +135,7 @@ def test_auto_inside_a_tf_function_with_unknown_time_is_refused():
         ({"chunk_size": "auto", "memory_budget": "1GB"}, TypeError, "memory_budget must be"),
     ],
 )
+@pytest.mark.default_cases("kwargs0-ValueError-chunk_size must be a positive int .* or 'auto'")
 def test_bad_chunking_configuration(kwargs, error, match):
     with pytest.raises(error, match=match):
         gru_chain(**kwargs)

@@ -15,6 +15,7 @@ last_step_weights = tbptt.data.last_step_weights
 
 
 @pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.default_cases("False")
 def test_a_label_per_sequence_equals_keras_on_the_last_step(ragged):
     rng = np.random.default_rng(0)
     x = rng.normal(size=[B, T, F]).astype("float32")

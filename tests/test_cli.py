@@ -137,6 +137,7 @@ def test_diagnose_runs_on_the_demo_model_and_writes_a_plot(tmp_path, capsys):
         (["--backprop-chunks", "0"], "positive ints separated by commas"),
     ],
 )
+@pytest.mark.default_cases("args0-positive ints separated by commas")
 def test_diagnose_rejects_bad_lists(args, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["diagnose"] + args)

@@ -51,6 +51,7 @@ def test_tf1_graph_suite_in_a_legacy_keras_process():
     "experiment,expected",
     [("gru-500-500", "all four routes agree"), ("gru-minibatch", "equal one pass")],
 )
+@pytest.mark.default_cases("gru-500-500-all four routes agree")
 def test_reproduce_seed_001(experiment, expected):
     code, output = run([sys.executable, "-m", "tbptt._src.cli", "reproduce", experiment])
     assert code == 0, output[-3000:]

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_all_close
+from conftest import assert_all_close, mirrored
 from references import full_bptt
 
 import tbptt
@@ -87,7 +87,7 @@ def test_memory_stays_flat_over_new_loss_objects_and_new_lengths():
 def test_each_replica_of_an_eager_strategy_run_reads_its_own_weights():
     """The kept concrete functions are one per key only outside a strategy: each replica of
     `strategy.run` traces its own, on its own device and copy of the variables."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored()
     with strategy.scope():
         model = chain()
         model.build([None, None, 3])

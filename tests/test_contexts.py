@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_all_close, l1_loss, make_sequence, needs_keras3
+from conftest import assert_all_close, l1_loss, make_sequence, mirrored, needs_keras3
 from references import forward, full_bptt, truncated_reference
 
 import tbptt
@@ -45,7 +45,7 @@ def weighted_l1(y_true, y_pred, sample_weight=None):
 
 
 def first(context, contexts=CONTEXTS):
-    """`contexts` with `context` first: the default suite runs the first case only."""
+    """`contexts` with `context` first (the order cases are listed in)."""
     return [context] + [c for c in contexts if c != context]
 
 
@@ -71,7 +71,7 @@ def run_in(context, fn, monkeypatch):
         with tf.GradientTape(persistent=True):
             return _numpy(function())
     if context == "distribute":
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = mirrored()
         results = tf.function(lambda: strategy.run(fn))()
         replicas = [strategy.experimental_local_results(r) for r in tf.nest.flatten(results)]
         assert len(replicas[0]) == 2
@@ -124,8 +124,8 @@ def initial_state(chain):
 # -- chain(...) under the user's own tape --------------------------------------------------------
 
 
-# The default suite runs the jit cell; the persistent tape's (traced under the tape: ~10 s) is slow.
 @pytest.mark.parametrize("context", first("jit"))
+@pytest.mark.default_cases("jit", "persistent_tape", "distribute", "traced_then_taped")
 def test_forward_under_an_outer_tape(context, monkeypatch):
     chain = gru_lstm_chain()
     x, y = data()
@@ -155,6 +155,16 @@ def test_forward_under_an_outer_tape(context, monkeypatch):
 
 @pytest.mark.parametrize("context", first("jit"))
 @pytest.mark.parametrize("mode", ["exact", "truncated", "levels2", "flags", "any_cell"])
+@pytest.mark.default_cases(  # every mode and every context, each at least once
+    "exact-jit",
+    "truncated-eager",
+    "levels2-function",
+    "flags-persistent_tape",
+    "any_cell-nested_tape",
+    "exact-no_xla",
+    "flags-distribute",
+    "levels2-traced_then_taped",
+)
 def test_value_and_gradients(context, mode, monkeypatch):
     options = {
         "exact": {},
@@ -225,6 +235,7 @@ def test_chunk_sources_and_check_numerics_are_refused_by_name_inside_xla():
 
 
 @pytest.mark.parametrize("context", first("function", ["function", "persistent_tape"]))
+@pytest.mark.default_cases("function")
 def test_a_chunk_source_inside_the_user_s_function(context, monkeypatch):
     chain = gru_lstm_chain()
     x, y = data()
@@ -241,10 +252,30 @@ def test_a_chunk_source_inside_the_user_s_function(context, monkeypatch):
         assert_all_close([got[0]] + got[1], [loss] + grads, F64, context)
 
 
+def test_a_first_call_under_a_tape_traces_with_the_device_and_raises_the_loss_s_error():
+    """The first trace of a call made under a persistent tape runs in a thread of its own
+    (tapes belong to their thread): the result is placed where the caller asked, and an
+    error raised while tracing reaches the caller, leaving the chain usable."""
+    chain = gru_lstm_chain()
+    x, y = data()
+
+    def failing(y_true, y_pred):
+        raise ValueError("the loss says no")
+
+    with tf.GradientTape(persistent=True), pytest.raises(ValueError, match="the loss says no"):
+        chain.value_and_gradients(x, y, failing)
+    with tf.device("/CPU:1"), tf.GradientTape(persistent=True):  # the second logical CPU
+        result = chain.value_and_gradients(x, y, l1_loss)
+    assert result.loss.device.endswith("CPU:1")
+    loss, grads, _, _ = full_bptt(chain, x, y, l1_loss)
+    assert_all_close([result.loss] + result.grads, [loss] + grads, F64, "persistent_tape")
+
+
 # -- stream_step ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("context", first("function"))
+@pytest.mark.default_cases("jit", "persistent_tape", "distribute", "traced_then_taped")
 def test_stream_step(context, monkeypatch):
     chain = gru_lstm_chain(mode="truncated", backprop_chunks=3)
     x, y = data(3 * 2 * K)  # three windows of two chunks
@@ -268,6 +299,16 @@ def test_stream_step(context, monkeypatch):
 
 @pytest.mark.parametrize("context", first("jit"))
 @pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.default_cases(  # every context, recompute either way
+    "False-jit",
+    "True-eager",
+    "False-function",
+    "True-persistent_tape",
+    "False-nested_tape",
+    "True-no_xla",
+    "False-distribute",
+    "True-traced_then_taped",
+)
 def test_stage_chain(context, recompute, monkeypatch):
     keras.utils.set_random_seed(6)
     stages = [
@@ -301,6 +342,7 @@ def test_stage_chain(context, recompute, monkeypatch):
 @pytest.mark.parametrize(
     "context", first("function", ["function", "jit", "persistent_tape", "nested_tape", "eager"])
 )
+@pytest.mark.default_cases(every=True)
 def test_backprop_chunks(context, monkeypatch):
     w = tf.Variable([[0.9, -0.2], [0.3, 0.7]], dtype=tf.float64)
     x = tf.constant(make_sequence(2, 6, 2, "float64"))
@@ -379,12 +421,11 @@ def _compile(model, context):
 
 @needs_keras3
 @pytest.mark.parametrize("context", KERAS_CONTEXTS)
+@pytest.mark.default_cases("jit", "run_eagerly", "distribute")
 def test_chunked_model_fit_evaluate_predict(context, monkeypatch):
     if context == "no_xla":
         monkeypatch.setenv("TBPTT_XLA", "0")
-    strategy = (
-        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if context == "distribute" else None
-    )
+    strategy = mirrored() if context == "distribute" else None
     model, plain = keras_pair(strategy)
     x, y = (np.concatenate([a, a[::-1] * 0.5]) for a in data())  # 4 rows, 2 batches of 2
     _compile(model, context)
@@ -417,6 +458,7 @@ SAVED_SCRIPT = textwrap.dedent("""
 @needs_keras3
 @pytest.mark.slow  # a new interpreter importing TensorFlow: ~10 s
 @pytest.mark.parametrize("order", ["import keras, tbptt", "import tbptt, keras"])
+@pytest.mark.default_cases("import keras, tbptt")
 def test_a_saved_model_loads_predicts_and_trains_in_a_new_process(tmp_path, order):
     model, _ = keras_pair()
     x, y = (np.concatenate([a, a[::-1] * 0.5]) for a in data())

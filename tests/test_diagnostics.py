@@ -131,6 +131,7 @@ def test_enough_chunks_back_is_the_exact_gradient_and_the_report_reads(tmp_path)
         ({"reach_chunks": 0}, ValueError, "reach_chunks must be a positive int"),
     ],
 )
+@pytest.mark.default_cases("kwargs0-ValueError-chunk_sizes must be a positive int")
 def test_bad_arguments(kwargs, error, match):
     x, y = data()
     with pytest.raises(error, match=match):

@@ -33,6 +33,7 @@ def gru(**kwargs):
         ({"head": "dense"}, TypeError, "head must be"),
     ],
 )
+@pytest.mark.default_cases("kwargs0-ValueError-chunk_size must be a positive int .* got 0")
 def test_bad_configuration(kwargs, error, match):
     with pytest.raises(error, match=match):
         gru(**kwargs)
@@ -48,12 +49,14 @@ def test_bad_configuration(kwargs, error, match):
         (None, TypeError),
     ],
 )
+@pytest.mark.default_cases("units0-ValueError")
 def test_bad_units(units, error):
     with pytest.raises(error, match="units"):
         tbptt.StatefulGRUChain(units, chunk_size=2)
 
 
 @pytest.mark.parametrize("cells", [[], None, [object()], "gru"])
+@pytest.mark.default_cases("cells0")
 def test_bad_cells(cells):
     with pytest.raises(TypeError, match="cells"):
         tbptt.RecurrentChain(cells, chunk_size=2)
@@ -189,6 +192,7 @@ def l3(y_true, y_pred, sample_weight):
 
 
 @pytest.mark.parametrize("call,error,match", BAD_CALLS)
+@pytest.mark.default_cases("<lambda>-ValueError-rank 3.*\\\\[7, 3\\\\]")
 def test_bad_call_raises_before_tracing_and_leaves_the_chain_working(call, error, match):
     chain = gru()
     chain.value_and_gradients(X, Y, sum_squares)
@@ -211,6 +215,7 @@ def test_bad_call_raises_before_tracing_and_leaves_the_chain_working(call, error
         ),
     ],
 )
+@pytest.mark.default_cases("<lambda>-loss_fn must return a scalar")
 def test_a_non_scalar_loss_is_refused_and_the_chain_still_works(call, match):
     """Only tracing the loss shows its shape: the error comes from the trace, nothing runs."""
     chain = gru()
@@ -230,6 +235,7 @@ def test_a_non_scalar_loss_is_refused_and_the_chain_still_works(call, match):
         ("reduction", "means", "Did you mean 'mean'"),
     ],
 )
+@pytest.mark.default_cases("mode-exat-Did you mean 'exact'")
 def test_a_misspelled_choice_gets_a_suggestion(name, value, match):
     with pytest.raises(ValueError, match=match):
         gru(**{name: value})
@@ -281,6 +287,7 @@ SX, SY = make_sequence(3, 5, 1)[..., 0], make_sequence(3, 2, 1, offset=0.5)[...,
         ),
     ],
 )
+@pytest.mark.default_cases("<lambda>-TypeError-loss_fn must be callable")
 def test_stage_chain_bad_call_leaves_it_working(call, error, match):
     chain = stage_chain()
     with pytest.raises(error, match=match):

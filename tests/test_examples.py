@@ -22,6 +22,7 @@ def run_example(name: str, *args: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["classify.py", "char_lm.py"])
+@pytest.mark.default_cases("classify.py")
 def test_help_explains_every_option(name):
     text = run_example(name, "--help")
     assert "default:" in text and "usage:" in text

@@ -162,6 +162,7 @@ def flagged_reference(chain, x, y, state, flags):
 @pytest.mark.parametrize("flags", ["both", "reset", "mask", "none"])
 @pytest.mark.parametrize("cell", [c for c in CELLS if c != "grid_cell"])  # [B, 2, 3] outputs
 @pytest.mark.parametrize("mode", ["exact", "truncated"])
+@pytest.mark.default_cases("exact-gru-both")
 def test_compiled_loops_with_and_without_flags_equal_the_cells_step_by_step(
     mode, cell, flags, step_loops
 ):
@@ -186,6 +187,7 @@ def test_compiled_loops_with_and_without_flags_equal_the_cells_step_by_step(
 
 @needs_keras3
 @pytest.mark.parametrize("cell", ["relu_gru", "simple_rnn", "user_cell", "grid_cell"])
+@pytest.mark.default_cases("relu_gru")
 def test_the_forward_of_any_cell_runs_compiled_and_equals_keras_rnn(cell, step_loops):
     chain = chain_of(cell)
     x, _ = data()
@@ -220,6 +222,7 @@ def test_a_cell_with_state_of_its_own_runs_step_by_step_and_stays_exact(step_loo
 
 @needs_keras3
 @pytest.mark.parametrize("cell", ["simple_rnn", "gru"])
+@pytest.mark.default_cases("simple_rnn")
 def test_a_gradient_penalty_differentiates_the_compiled_loops_of_any_cell(cell):
     """A second derivative (a tape over the gradient) gets the autodiff of the same loops."""
     chain = chain_of(cell)
@@ -245,6 +248,7 @@ def test_a_gradient_penalty_differentiates_the_compiled_loops_of_any_cell(cell):
 
 @needs_keras3
 @pytest.mark.parametrize("in_branch", [False, True])
+@pytest.mark.default_cases("False")
 def test_a_cell_that_draws_noise_runs_step_by_step_and_differentiates_what_it_drew(
     in_branch, step_loops
 ):

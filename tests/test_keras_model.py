@@ -75,6 +75,7 @@ def _mse_reference(chain, x, y, mode, reduction):
 
 @pytest.mark.parametrize("mode", ["exact", "truncated"])
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.default_cases("sum_over_batch_size-exact")
 def test_one_fit_step_is_sgd_on_the_reference_gradient(mode, reduction):
     x, y = _data()
     chain = _chain(mode=mode)
@@ -220,6 +221,7 @@ def _truncated_stream_reference(chain, batches, lr, m):
     ids=["default", "jit", "run_eagerly"],
 )
 @pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.default_cases("2-default")
 def test_stateful_truncated_gradient_reaches_into_the_previous_batch(m, compiled):
     batches = _stream_batches(count=4)
     chain = _chain(mode="truncated", backprop_chunks=m)
@@ -294,6 +296,7 @@ def test_reset_and_mask_in_fit_data_equal_separate_sequences():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.default_cases("mixed_float16")
 def test_mixed_precision_keeps_float32_state_and_gradients_close_to_float32(policy):
     x, y = _data(batch=8, steps=16)
     full = _chain()
@@ -350,6 +353,7 @@ def test_bad_arguments_are_refused_with_clear_errors():
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
 @pytest.mark.parametrize("chunks", [1, 2, 3, 4, 5])
+@pytest.mark.default_cases("1-sum_over_batch_size")
 def test_float64_fit_stays_float64(chunks, reduction):
     """One float64 fit step equals SGD on value_and_gradients to float64 rounding, whatever the
     chunks' shares of the mean (a float32 cast anywhere shows up as ~1e-8)."""
@@ -574,6 +578,7 @@ def _keras_gru_model(chain, dtype):
         lambda dtype: keras.losses.LogCosh(reduction="sum", dtype=dtype),
     ],
 )
+@pytest.mark.default_cases("<lambda>0")
 def test_a_float64_model_trains_with_its_loss_as_given(make_loss):
     """The compiled loss object itself, every setting kept, computed in float64: the same fit
     as Keras's own model given that loss in float64."""

@@ -105,6 +105,7 @@ def hoisted_run(cell, xla=True):
 
 @pytest.mark.parametrize("graph", [False, True], ids=["tape", "tf_gradients"])
 @pytest.mark.parametrize("kind", sorted(CELLS))
+@pytest.mark.default_cases("gru-tape")
 def test_hoisted_runner_equals_keras_cell(kind, graph):
     """With the time loops compiled by XLA (the default)."""
     cell, rnn = random_cell(kind, 4)
@@ -117,6 +118,7 @@ def test_hoisted_runner_equals_keras_cell(kind, graph):
 
 @pytest.mark.parametrize("graph", [False, True], ids=["tape", "tf_gradients"])
 @pytest.mark.parametrize("kind", ["gru", "gru_reset_before", "lstm"])
+@pytest.mark.default_cases("gru-tape")
 def test_loops_without_xla_equal_keras_cell(kind, graph):
     cell, rnn = random_cell(kind, 4)
     x, states, weights = problem(cell)
@@ -147,6 +149,7 @@ def test_float32_hoisted_runner_equals_keras_cell():
         ("gru_reset_before", True),
     ],
 )
+@pytest.mark.default_cases("gru-True")
 def test_second_derivatives_equal_keras(kind, xla):
     """A gradient penalty: the XLA-compiled loops (whose first derivative is written out), the
     same loops without XLA, and a cell stepped under autodiff all give Keras's own second
@@ -221,6 +224,7 @@ def _step_problem(units, width, seed=3):
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.default_cases("True")
 def test_gru_step_backward_is_the_transpose_of_the_step(reset_after):
     x, h, kernel, bias, dh = _step_problem(4, 3)
     with tf.GradientTape() as tape:

@@ -55,6 +55,7 @@ def poisoned_loss(y_true, y_pred):
     [(config, 4) for config in sorted(CONFIGS)]
     + [("exact", 0), ("exact", 10), ("truncated_m2", 10)],
 )
+@pytest.mark.default_cases("exact-4")
 def test_nan_input_names_the_chunk_of_the_state(config, step):
     x, y = clean_data()
     x[1, step, 0] = np.nan
@@ -70,6 +71,7 @@ def test_nan_input_names_the_chunk_of_the_state(config, step):
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.default_cases("exact")
 def test_inf_target_names_the_chunk_of_the_loss(config):
     x, y = clean_data()
     y[0, 7, 1] = np.inf
@@ -79,6 +81,7 @@ def test_inf_target_names_the_chunk_of_the_loss(config):
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.default_cases("exact")
 def test_nan_gradient_names_the_chunk_where_the_backward_broke(config):
     x, y = clean_data()
     flag = np.zeros([B, T, 1], "float32")
@@ -100,6 +103,7 @@ def test_clean_data_gives_the_same_result_with_the_check_on():
 
 
 @pytest.mark.parametrize("config", ["exact", "truncated_m1"])
+@pytest.mark.default_cases("exact")
 def test_without_the_check_a_nan_loss_is_returned_as_it_is(config):
     x, y = clean_data()
     x[0, 5, 1] = np.nan
@@ -155,6 +159,7 @@ def stages(poison_at=None):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.default_cases("False")
 def test_stage_chain_names_the_stage(recompute):
     x, y = make_sequence(3, 2, 5)[:, 0], np.zeros([3, 1], "float32")
     bad = x.copy()

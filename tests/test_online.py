@@ -32,6 +32,7 @@ def step_by_step(model, x, state, steps=1, call=None):
 
 
 @pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.default_cases("1")
 def test_steps_one_at_a_time_equal_keras_over_the_whole_stream(steps):
     model = chain()
     x = make_sequence(B, T, F, "float64")
@@ -44,6 +45,7 @@ def test_steps_one_at_a_time_equal_keras_over_the_whole_stream(steps):
 
 
 @pytest.mark.parametrize("context", ["function", "jit", "tape", "no_xla"])
+@pytest.mark.default_cases("function")
 def test_the_online_step_in_every_context(context, monkeypatch):
     model = chain()
     x = make_sequence(B, T, F, "float64")

@@ -94,6 +94,7 @@ def test_random_configurations_many(config):
 @pytest.mark.parametrize(
     "kind,backend,mode", itertools.product(CELL_KINDS, ["eager", "graph"], MODES)
 )
+@pytest.mark.default_cases("gru-eager-exact")
 def test_every_cell_kind_backend_and_mode(kind, backend, mode):
     check(
         {

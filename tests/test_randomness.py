@@ -90,6 +90,7 @@ def _run(context, fn):
 
 @pytest.mark.parametrize("context", ["eager", "function", "jit"])
 @pytest.mark.parametrize("noise", list(NOISE))
+@pytest.mark.default_cases("Dropout-eager")
 def test_noise_in_the_inputs_layer_is_replayed_in_the_recompute(noise, context):
     chain = _linear_chain(NOISE[noise]())
     x = make_sequence(B, T, F, "float64")
@@ -124,6 +125,7 @@ def test_each_chunk_draws_its_own_noise():
 
 
 @pytest.mark.parametrize("part", ["inputs_layer", "head"])
+@pytest.mark.default_cases("inputs_layer")
 def test_draws_the_chain_cannot_replay_are_refused_where_chunks_are_recomputed(part):
     def make(**options):
         layers = {part: UnseededNoise(dtype="float64")}
@@ -197,6 +199,7 @@ def _keras_rnn_gradients(chain, x, y, loss_fn):
 
 @pytest.mark.parametrize("rates", list(RATES))
 @pytest.mark.parametrize("kind", list(DROPOUT_CELLS))
+@pytest.mark.default_cases("gru-both")
 def test_keras_cell_dropout_equals_keras_rnn_with_the_same_masks(kind, rates):
     if kind == "simple_rnn" and rates == "implementation_1":
         pytest.skip("SimpleRNNCell has one implementation")

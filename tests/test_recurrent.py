@@ -44,6 +44,7 @@ def data(batch=3, steps=13, features=4, outputs=2, dtype="float64"):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "stacked"])
+@pytest.mark.default_cases("gru")
 def test_forward_matches_keras_rnn(kind):
     x, _ = data(dtype="float32")
     chain = chain_for(kind, 4, dtype="float32", head=False, chunk_size=5)
@@ -75,6 +76,7 @@ def test_gru_step_matches_numpy():
 
 
 @pytest.mark.parametrize("kind,execution", list(itertools.product(CELL_KINDS, EXECUTIONS)))
+@pytest.mark.default_cases("gru-execution0")
 def test_exact_matches_full_bptt_float64(kind, execution):
     backend, compiled = execution
     x, y = data()
@@ -93,6 +95,7 @@ def test_exact_matches_full_bptt_float64(kind, execution):
 
 
 @pytest.mark.parametrize("steps,chunk_size", [(13, 1), (13, 5), (7, 20), (12, 4), (1, 3)])
+@pytest.mark.default_cases("13-1")
 def test_exact_any_chunking(steps, chunk_size):
     x, y = data(steps=steps)
     chain = chain_for("stacked", 4, chunk_size=chunk_size)
@@ -103,6 +106,7 @@ def test_exact_any_chunking(steps, chunk_size):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.default_cases("gru")
 def test_exact_matches_finite_differences(kind):
     """Independent of every tape: central differences of the float64 loss."""
     x, y = data(batch=2, steps=5, features=2)
@@ -153,6 +157,7 @@ def test_exact_matches_finite_differences(kind):
         (3, "graph", "custom"),
     ],
 )
+@pytest.mark.default_cases("2-eager-stacked")
 def test_truncated_matches_stop_gradient_reference(m, backend, kind):
     x, y = data(steps=14)
     chain = chain_for(kind, 4, chunk_size=4, mode="truncated", backprop_chunks=m, backend=backend)
@@ -196,6 +201,7 @@ def test_truncated_with_many_chunks_back_equals_exact():
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("cut", [8, 6])  # on a chunk boundary, and inside a chunk
+@pytest.mark.default_cases("8-eager")
 def test_two_calls_chained_by_hand_equal_one_call(backend, cut):
     """Seed 001: state forward into the next mini-batch, dL/dstate back from it."""
     x, y = data(steps=14)
@@ -234,6 +240,7 @@ def test_final_state_grad_matches_tape():
     "loss",
     [float64_loss(keras.losses.MeanSquaredError), float64_loss(keras.losses.MeanAbsoluteError)],
 )
+@pytest.mark.default_cases("loss0-False")
 def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
     x, y = data(steps=13)  # chunks of 5, 5 and a ragged 3
     weights = np.linspace(0.5, 2.0, 3 * 13).reshape(3, 13) if weighted else None
@@ -253,6 +260,7 @@ def test_mean_reduction_equals_keras_loss_over_whole_sequence(loss, weighted):
         (l1_loss, True),
     ],
 )
+@pytest.mark.default_cases("loss0-False")
 def test_the_default_reduction_follows_the_loss_whatever_the_chunk_size(loss, summed):
     """reduction="auto": a Keras mean loss gives the whole-sequence mean, a summed loss the sum;
     neither the loss nor the gradient depends on the chunk size."""
@@ -406,6 +414,7 @@ class _OwnGRUCell(keras.layers.GRUCell):
 
 
 @pytest.mark.parametrize("option", ["dropout", "recurrent_dropout"])
+@pytest.mark.default_cases("dropout")
 def test_dropout_the_chain_cannot_replay_is_refused(option):
     """Keras's own GRU/LSTM/SimpleRNN cells' dropout is replayed (tests/test_randomness.py);
     inside StackedRNNCells or in a subclass it would be drawn anew in each recompute."""
@@ -445,6 +454,7 @@ def _token_chain(chunk_size=4, **kwargs):
 
 
 @pytest.mark.parametrize("mode", ["exact", "truncated"])
+@pytest.mark.default_cases("exact")
 def test_an_embedding_inputs_layer_trains_end_to_end_like_one_keras_tape(mode):
     """Token ids [B, T] through Embedding, GRU, Dense: the chunked loss and gradients (the
     embedding's included) equal one tape over Keras's own layers, float64."""

@@ -62,6 +62,7 @@ def _assert_same_next_step(model, other, x, y):
 @pytest.mark.parametrize(
     "kwargs", [{}, {"stateful": True, "mode": "truncated", "backprop_chunks": 2}]
 )
+@pytest.mark.default_cases("kwargs0")
 def test_keras_file_round_trip_predicts_and_trains_on_identically(tmp_path, kwargs):
     model, x, y = _trained(**kwargs)
     path = str(tmp_path / "m.keras")
@@ -101,6 +102,7 @@ def test_load_weights_into_a_fresh_model(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["best.keras", "best.weights.h5"])
+@pytest.mark.default_cases("best.keras")
 def test_model_checkpoint(tmp_path, name):
     model, x, y = _trained()
     path = str(tmp_path / name)
@@ -188,6 +190,7 @@ def test_a_stage_that_is_not_a_keras_layer_has_no_config():
         lambda: tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3),
     ],
 )
+@pytest.mark.default_cases("<lambda>0")
 def test_a_mixed_precision_chain_reloads_with_float32_weights(make):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -267,6 +270,7 @@ DATA = Path(__file__).resolve().parent / "data"
         ("v0.1.0_embedding_stateful.keras", "ids", "embedding"),
     ],
 )
+@pytest.mark.default_cases("v0.1.0_gru_lstm.keras-x-gru_lstm")
 def test_models_saved_by_version_0_1_0_load_predict_and_train(name, inputs, expected):
     """Files written by tbptt 0.1.0 (tests/data/make_v0.1.0.py) load with their optimizer."""
     saved = np.load(DATA / "v0.1.0_expected.npz")
@@ -285,6 +289,7 @@ def test_models_saved_by_version_0_1_0_load_predict_and_train(name, inputs, expe
         (lambda: keras.layers.Embedding(7, 3), lambda: np.arange(12).reshape(2, 6) % 7),
     ],
 )
+@pytest.mark.default_cases("<lambda>-<lambda>0")
 def test_weights_load_into_a_fresh_model_with_an_inputs_layer(tmp_path, inputs_layer, inputs):
     def make():
         return tbptt.keras.ChunkedModel(

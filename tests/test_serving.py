@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_sequence, needs_keras3
+from conftest import make_sequence, mirrored, needs_keras3
 from references import forward
 
 import tbptt
@@ -28,13 +28,19 @@ SERVE = textwrap.dedent("""
     state = served.initial_state(x.shape[0])
     first, state = served.step(x[:, :7], state)            # two windows, the state carried
     second, state = served.step(x[:, 7:], state)
+    from_zeros = served.serve(x[:, :7])                    # Keras's endpoint: inputs only
+    if x.dtype.kind == "i":                                # token ids: int64 and int32 alike
+        again = served.serve(x[:, :7].astype("int32" if x.dtype == "int64" else "int64"))
+        assert np.array_equal(again, from_zeros)
     signature = served.signatures["serving_default"]
     leaves = tf.nest.flatten(served.initial_state(x.shape[0]))
-    flat = signature(inputs=tf.constant(x[:, :7]),
+    spec = signature.structured_input_signature[1]["inputs"]
+    flat = signature(inputs=tf.constant(x[:, :7], spec.dtype),
                      **{f"state_{i}": leaf for i, leaf in enumerate(leaves)})
     print(json.dumps({"tbptt": "tbptt" in sys.modules,
                       "outputs": np.concatenate([first, second], axis=1).tolist(),
                       "flat": flat["outputs"].numpy().tolist(),
+                      "serve": from_zeros.numpy().tolist(),
                       "keys": sorted(flat)}))
 """)
 
@@ -69,15 +75,15 @@ def _serve(tmp_path, model, x):
     return path, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # a subprocess each (the CI runs them)
 @pytest.mark.parametrize("kind", ["features", "token ids"])
+@pytest.mark.default_cases("token ids")  # a subprocess each
 def test_an_exported_model_serves_consecutive_windows_without_tbptt(tmp_path, kind):
     if kind == "features":
         model, x = _model(), make_sequence(2, 12, 3)
         y = make_sequence(2, 12, 2, offset=0.5)
     else:
         model = _model(keras.layers.Embedding(9, 3))
-        x = ((np.arange(24).reshape(2, 12) * 5) % 9).astype("int32")
+        x = (np.arange(24).reshape(2, 12) * 5) % 9  # NumPy's default int64
         y = make_sequence(2, 12, 2, offset=0.5)
     model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
     path, served = _serve(tmp_path, model, x)
@@ -88,6 +94,7 @@ def test_an_exported_model_serves_consecutive_windows_without_tbptt(tmp_path, ki
     expected, _ = forward(plain, inputs)  # Keras's RNN over the whole stream
     np.testing.assert_allclose(served["outputs"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(served["flat"], expected[:, :7], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["serve"], expected[:, :7], rtol=1e-5, atol=1e-6)
     assert served["keys"] == ["outputs", "state_0", "state_1", "state_2"]
 
 
@@ -125,10 +132,11 @@ def test_export_refuses_another_format_and_an_unbuilt_model(tmp_path):
         model.export(tmp_path / "m", format="onnx")
 
 
+@pytest.mark.slow
 def test_a_model_built_under_a_strategy_exports_and_serves_its_weights(tmp_path):
     """Variables made under MirroredStrategy().scope() are a copy per device: the export
     still sees them as the cells' own and serves them."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored()
     with strategy.scope():
         model = _model()
     x = make_sequence(4, 12, 3)

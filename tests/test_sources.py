@@ -25,6 +25,7 @@ def memmap(tmp_path, name, array):
 @pytest.mark.parametrize(
     "mode,backend", [("exact", "eager"), ("exact", "graph"), ("truncated", "eager")]
 )
+@pytest.mark.default_cases("exact-eager")
 def test_memmap_inputs_and_targets_equal_in_memory(tmp_path, mode, backend):
     x, y = make_sequence(3, 14, 4, "float64"), make_sequence(3, 14, 2, "float64", offset=0.5)
     kwargs = dict(mode=mode, backend=backend, backprop_chunks=2 if mode == "truncated" else 1)
@@ -110,6 +111,7 @@ def test_a_failing_fetch_surfaces_and_the_chain_still_works():
 
 
 @pytest.mark.parametrize("chunk_size", [4, "auto"])
+@pytest.mark.default_cases("4")
 def test_forward_over_a_source_equals_in_memory_and_is_differentiable(tmp_path, chunk_size):
     x = make_sequence(3, 14, 4, "float64")
     model = tbptt.StatefulGRUChain(

@@ -49,6 +49,7 @@ def joined_tape(chain, x, y, loss_fn, training=True):
 
 
 @pytest.mark.parametrize("backend,recompute", EXECUTIONS)
+@pytest.mark.default_cases("eager-False")
 def test_thread_toy_matches_joined_tape(backend, recompute):
     x, y = toy_data()
     chain = tbptt.StageChain(thread_toy_stages(), backend=backend, recompute=recompute)
@@ -74,6 +75,7 @@ class Scale(tf.Module):
 
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
+@pytest.mark.default_cases("eager")
 def test_plain_callables_and_modules_as_stages(backend):
     x, y = toy_data()
     stages = [
@@ -138,6 +140,7 @@ def dropout_bn_stages():
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.default_cases("False")
 def test_dropout_and_batch_norm_match_one_joined_training_step(recompute):
     """The recompute must draw the first forward's dropout mask and update BN statistics once:
     run the chain, then rewind the non-trainable state and run one joined tape from it."""
@@ -217,6 +220,7 @@ def test_split_functional_linear_chain_and_refuse_branches():
 
 
 @pytest.mark.parametrize("at", [[0], [3], [5], [2, 1], [], "1"])
+@pytest.mark.default_cases("at0")
 def test_split_cut_out_of_range(at):
     model = keras.Sequential([keras.Input((10, 10, 1))] + thread_toy_stages("float32"))
     with pytest.raises(ValueError, match="at must be increasing layer indices"):
@@ -226,6 +230,7 @@ def test_split_cut_out_of_range(at):
 @pytest.mark.parametrize(
     "stages,error", [([], TypeError), (None, TypeError), ([keras.layers.Dense(1), "x"], TypeError)]
 )
+@pytest.mark.default_cases("stages0-TypeError")
 def test_bad_stages(stages, error):
     with pytest.raises(error, match="stages"):
         tbptt.StageChain(stages)

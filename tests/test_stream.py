@@ -58,6 +58,7 @@ def run_stream(chain, x, y, loss_fn=l1_loss, **per_step):
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("m", [3, 1, 2, 4])
+@pytest.mark.default_cases("3-eager")
 def test_stream_steps_equal_tbptt_over_the_whole_stream(m, backend):
     x, y = stream()
     chain = chain_for(m, backend)
@@ -248,6 +249,7 @@ def _carry_after_one_window(chain):
         ),
     ],
 )
+@pytest.mark.default_cases("<lambda>-TypeError-carry must be the tbptt.StreamCarry")
 def test_a_carry_that_does_not_fit_the_chain_or_the_window_is_refused(make, error, match):
     """A carry of another chain (chunking, streams) would silently drop the window's first
     losses or splice other streams; each is named before anything runs."""

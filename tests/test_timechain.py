@@ -58,6 +58,7 @@ def inputs():
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("kind", ["module", "function"])
+@pytest.mark.default_cases("module-eager")
 def test_a_plain_core_gives_the_full_bptt_gradient(kind, backend):
     module = LeakyCore()
     core = as_core(module if kind == "module" else function_core(module))

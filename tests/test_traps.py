@@ -58,6 +58,7 @@ def reference(chain, x, y, loss_fn):
         (1, 1, 1, "custom"),  # one step, one row
     ],
 )
+@pytest.mark.default_cases("7-1-2-lstm-execution0")
 def test_edge_shapes_match_the_reference(execution, steps, chunk_size, batch, kind):
     chain = make_chain(execution, chunk_size, kind)
     x, y = make_sequence(batch, steps, 3, "float64"), make_sequence(batch, steps, 2, "float64", 1.0)
@@ -73,6 +74,7 @@ def test_edge_shapes_match_the_reference(execution, steps, chunk_size, batch, ki
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("head", ["zero", "constant"])
+@pytest.mark.default_cases("zero-execution0")
 def test_state_that_reaches_no_loss_gets_zero_gradients(execution, head):
     """A head that ignores the state ("zero": multiplied by 0, "constant": not connected at
     all): every cell gradient and the initial-state gradient are zeros, never None or NaN."""
@@ -87,6 +89,7 @@ def test_state_that_reaches_no_loss_gets_zero_gradients(execution, head):
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.default_cases("execution0")
 def test_resets_at_every_cut_make_the_chunks_independent(execution):
     """With a reset at each chunk's first step no gradient crosses a cut: every mode's gradient
     is the sum of separate tapes over the chunks, each from a zero state."""

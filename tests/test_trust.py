@@ -68,6 +68,7 @@ def test_a_stage_function_over_a_layer_is_refused():
         (lambda: lambda h: {"y": h}, "one tensor"),
     ],
 )
+@pytest.mark.default_cases("<lambda>-looks across0")
 def test_heads_that_do_not_act_step_by_step_are_refused(head, match):
     x, y = data()
     with pytest.raises(ValueError, match=match):
@@ -82,6 +83,7 @@ class _MixesStepsInTraining(keras.layers.Layer):
 
 
 @pytest.mark.parametrize("part", ["head", "inputs_layer"])
+@pytest.mark.default_cases("head")
 def test_a_part_that_mixes_steps_only_in_training_is_refused(part):
     """The chunked gradient runs the head and the inputs layer with training=True: they are
     checked so, their dropout drawing alike in the two runs compared."""
@@ -329,6 +331,7 @@ class ShortStateCell(keras.layers.Layer):
         (lambda: [ShortStateCell()], ValueError, "state_size 5 says"),
     ],
 )
+@pytest.mark.default_cases("<lambda>-TypeError-pass its cell")
 def test_cells_that_cannot_work_are_named(cells, error, match):
     with pytest.raises(error, match=match):
         tbptt.RecurrentChain(cells(), chunk_size=3)(make_sequence(B, T, F))
@@ -479,6 +482,7 @@ class ScaledHead(keras.layers.Layer):
 
 
 @pytest.mark.parametrize("entry", ["value_and_gradients", "chain(x)", "online step"])
+@pytest.mark.default_cases("value_and_gradients")
 def test_a_head_attribute_changed_between_calls_is_seen(entry):
     head = ScaledHead(dtype="float64")
     chain = gru(head=head)

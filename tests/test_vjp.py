@@ -27,6 +27,7 @@ def setup():
 
 
 @pytest.mark.parametrize("backend", vjp_lib.BACKENDS)
+@pytest.mark.default_cases("eager")
 def test_vjp_matches_explicit_jacobian(backend):
     w, unused, s, fn = setup()
     seeds = [

@@ -5,8 +5,12 @@ place: the switches between Keras 3 (TF >= 2.16) and Keras 2 (TF 2.15), and ever
 import contextlib
 import inspect
 import os
+import threading
 
 import tensorflow as tf
+
+# The device an eager call is placed on (`tf.device` in eager mode keeps no public stack).
+from tensorflow.python.eager import context as _context
 
 # Whether a ForwardAccumulator watches a tensor (the public API only gives a tensor's JVP).
 from tensorflow.python.eager import forwardprop_util as _forwardprop_util
@@ -300,6 +304,37 @@ def quiet_function(fn, **options):
     function = tf.function(fn, **options)
     function._omit_frequent_tracing_warning = True
     return function
+
+
+def traced_off_tape(trace):
+    """`trace()` (a tf.function traced), in a thread of its own when tapes of this thread
+    may record eagerly: a tape that watches the variables the trace reads records every op
+    traced too, and then TensorFlow builds the gradient of every loop inside at trace time
+    (minutes for a two-level chain). Tapes belong to their thread; the device scope and
+    Keras's dtype policy are carried over. Inside a tf.distribute strategy, whose replica
+    contexts belong to the thread, it traces here."""
+    if not (tf.executing_eagerly() and _record.could_possibly_record()):
+        return trace()
+    if tf.distribute.has_strategy():
+        return trace()
+    device, outcome = _context.context().device_name, {}
+    policy = keras.config.dtype_policy() if KERAS_MAJOR >= 3 else None  # Keras 2's is global
+
+    def run():
+        try:
+            if policy is not None:
+                keras.config.set_dtype_policy(policy)
+            with tf.device(device):
+                outcome["value"] = trace()
+        except BaseException as error:  # raised again in the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="tbptt-trace")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def unrecorded():

@@ -286,7 +286,7 @@ class FunctionCache:
         keep = tf.executing_eagerly() and not tf.distribute.has_strategy()
         concrete = self._concretes.get(key) if keep else None
         if concrete is None:
-            concrete = function.get_concrete_function(args)
+            concrete = compat.traced_off_tape(lambda: function.get_concrete_function(args))
             with self._lock:  # not for a function the LRU dropped meanwhile
                 if keep and self._functions.get(key) is function:
                     self._concretes[key] = concrete

@@ -4,17 +4,23 @@
 served = tf.saved_model.load(path)                    # no tbptt needed, plain TensorFlow ops
 state = served.initial_state(batch_size)              # the nest of chain.initial_state
 outputs, state = served.step(inputs [B, T, ...], state)
+outputs = served.serve(inputs)                        # from a zero state, as Keras's export
 served.signatures["serving_default"](inputs=..., state_0=..., state_1=...)
     -> {"outputs": [B, T, O], "state_0": ..., "state_1": ...}     (flat, for TF Serving)
 ```
 
-Batch size and number of steps are free. The loops are the chain's own, run as TensorFlow ops
-(`xla=False`): a serving process needs no XLA compiler.
+Batch size and number of steps are free. Token ids (a chain with an inputs layer) may be int32
+or int64 in `step` and `serve` (NumPy's default is int64); the flat signature takes int32. The
+loops are the chain's own, run as TensorFlow ops (`xla=False`): a serving process needs no XLA
+compiler.
 """
 
 import tensorflow as tf
 
 from tbptt._src.core import compat
+
+# The id dtypes `step` and `serve` are traced for, the signature's first.
+ID_DTYPES = (tf.int32, tf.int64)
 
 
 class ServingModule(tf.Module):
@@ -38,23 +44,24 @@ class ServingModule(tf.Module):
         self._state_specs = [
             tf.TensorSpec([None] + leaf.shape[1:].as_list(), leaf.dtype) for leaf in leaves
         ]
-        inputs_dtype = chain.dtype if chain.inputs_layer is None else tf.int32
-        self._inputs_spec = tf.TensorSpec(chain.input_shape, inputs_dtype)
-        self.step = tf.function(
-            self._step,
-            input_signature=[
-                self._inputs_spec,
-                tf.nest.pack_sequence_as(self._structure, self._state_specs),
-            ],
-        )
+        dtypes = (chain.dtype,) if chain.inputs_layer is None else ID_DTYPES
+        inputs_specs = [tf.TensorSpec(chain.input_shape, dtype) for dtype in dtypes]
+        state_specs = tf.nest.pack_sequence_as(self._structure, self._state_specs)
+        # Traced for each inputs dtype: the loaded function picks the trace by its argument.
+        self.step = tf.function(self._step)
+        self.serve = tf.function(self._serve)
+        for spec in inputs_specs:
+            self.step.get_concrete_function(spec, state_specs)
+        for spec in inputs_specs:
+            self.serve.get_concrete_function(spec)
         self.initial_state = tf.function(
             self._initial_state, input_signature=[tf.TensorSpec([], tf.int32)]
         )
-        named = [tf.TensorSpec(self._inputs_spec.shape, self._inputs_spec.dtype, "inputs")] + [
+        named = [tf.TensorSpec(chain.input_shape, dtypes[0], "inputs")] + [
             tf.TensorSpec(spec.shape, spec.dtype, f"state_{i}")
             for i, spec in enumerate(self._state_specs)
         ]
-        self.serve = tf.function(self._serve, input_signature=named)
+        self.serve_with_state = tf.function(self._serve_with_state, input_signature=named)
 
     def _step(self, inputs, state):
         return self.chain(inputs, state)
@@ -68,8 +75,13 @@ class ServingModule(tf.Module):
             ],
         )
 
-    def _serve(self, inputs, *leaves):
-        outputs, state = self.chain(inputs, tf.nest.pack_sequence_as(self._structure, leaves))
+    # `serve` and the signature call `step`'s own traces (no trace of the chain of their own).
+
+    def _serve(self, inputs):
+        return self.step(inputs, self._initial_state(tf.shape(inputs)[0]))[0]
+
+    def _serve_with_state(self, inputs, *leaves):
+        outputs, state = self.step(inputs, tf.nest.pack_sequence_as(self._structure, leaves))
         served = {"outputs": outputs}
         served.update({f"state_{i}": leaf for i, leaf in enumerate(tf.nest.flatten(state))})
         return served
@@ -80,7 +92,7 @@ class ServingModule(tf.Module):
         # The function itself (it has an input signature), not a concrete function of it:
         # TensorFlow saves a concrete function over a tf.distribute strategy's variables only
         # when it traces it for the SavedModel.
-        return {"serving_default": self.serve}
+        return {"serving_default": self.serve_with_state}
 
 
 def export(
@@ -100,6 +112,7 @@ def export(
     tf.saved_model.save(module, str(filepath), signatures=module.signatures(), options=save_options)
     if verbose:
         print(
-            f"Saved the chain to {filepath}: step(inputs, state), initial_state("
-            "batch_size), and the signature serving_default(inputs, state_0, ...)."
+            f"Saved the chain to {filepath}: step(inputs, state), serve(inputs), "
+            "initial_state(batch_size), and the signature serving_default(inputs, "
+            "state_0, ...)."
         )
