@@ -64,6 +64,7 @@ def __getattr__(name: str):
 # What a saved Keras model names: "tbptt>class" -> the module that defines the class.
 _SAVED_CLASSES = {
     "ChunkedModel": "tbptt._src.keras.model",
+    "PerStep": "tbptt._src.keras.chunked",
     "RecurrentChain": "tbptt._src.recurrent.chain",
     "StageChain": "tbptt._src.stages",
     "StatefulGRUChain": "tbptt._src.recurrent.chain",

@@ -122,7 +122,7 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
 
     def call(self, inputs, training: bool = False):
         """The chain's predictions ``[B, T, O]`` from a zero state."""
-        inputs, flags = _split_inputs(inputs)
+        inputs, flags = _split_inputs(self._chain, inputs)
         outputs, _ = self._chain(inputs, training=training, **flags)
         self.built = True
         return outputs
@@ -174,8 +174,8 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     def _train_step(self, data, carry: StreamCarry | None):
         """One step on one replica: returns (logs, the carry for the next step, final state)."""
         x, y, sample_weight = _unpack(data)
-        inputs, flags = _split_inputs(x)
         chain = self._train_chain
+        inputs, flags = _split_inputs(chain, x)
         _build_before_tracing(chain, self.optimizer, inputs)
         if self.stateful:
             result, new_carry = chain.stream_step(
@@ -347,7 +347,7 @@ def _test_step(model: ChunkedModel, data, state):
     """The loss and metrics of one batch from `state` (None: zeros), as Keras computes them on
     the whole window: ``(logs, the final state)``."""
     x, y, sample_weight = _unpack(data)
-    inputs, flags = _split_inputs(x)
+    inputs, flags = _split_inputs(model.chain, x)
     y_pred, final_state = model.chain(inputs, state, training=False, **flags)
     loss = model.chunk_loss.whole_sequence(y, y_pred, sample_weight, flags.get("mask"))
     loss += _with_weight_penalty(model, [], [])[1]
@@ -358,14 +358,14 @@ def _test_step(model: ChunkedModel, data, state):
 
 def _predict_from(chain: RecurrentChain, x, initial_state):
     """A non-stateful model's predictions of all of `x` from `initial_state`, in one call."""
-    inputs, flags = _split_inputs(x)
+    inputs, flags = _split_inputs(chain, x)
     return chain(inputs, initial_state, training=False, **flags)[0].numpy()
 
 
 def _predict_step(model: ChunkedModel, data, state):
     """The predictions of one batch from `state` (None: zeros), and the final state."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-    inputs, flags = _split_inputs(x)
+    inputs, flags = _split_inputs(model.chain, x)
     return model.chain(inputs, state, training=False, **flags)
 
 
@@ -379,8 +379,18 @@ def _unpack(data):
     return x, y, sample_weight
 
 
-def _split_inputs(x):
-    """x -> (inputs, {"reset": ..., "mask": ...} for the flags given)."""
+def _split_inputs(chain: RecurrentChain, x):
+    """x -> (inputs, {"reset": ..., "mask": ...} for the flags given), the mask the chain
+    computes from the inputs (`compute_mask`) where none is given."""
+    inputs, flags = _given_flags(x)
+    if "mask" not in flags:
+        mask = chain.compute_mask(inputs)
+        if mask is not None:
+            flags["mask"] = mask
+    return inputs, flags
+
+
+def _given_flags(x) -> tuple:
     if not isinstance(x, dict):
         return x, {}
     if "inputs" not in x or set(x) - {"inputs", "reset", "mask"}:

@@ -16,6 +16,7 @@ A `Call` crosses into the compiled function as the flat dict of its present tens
 
 from typing import Any, NamedTuple
 
+import keras
 import tensorflow as tf
 
 from tbptt._src.core import checks, chunking, compat
@@ -165,6 +166,21 @@ def plan_for(
     )
 
 
+def inputs_mask(stack: CellStack, inputs):
+    """The mask Keras would give the cells: one attached to `inputs` (a Keras mask), else the
+    one the inputs layer computes from them (`Embedding(mask_zero=True)`, `Masking`; of a
+    Sequential, its first layer's), else None. Never read from a chunk source."""
+    attached = compat.keras_mask(inputs)
+    layer = stack.inputs_layer
+    if attached is not None or layer is None or sources_lib.as_source("inputs", inputs):
+        return attached
+    while isinstance(layer, keras.Sequential) and layer.layers:
+        layer = layer.layers[0]
+    if not compat.is_keras_layer(layer):
+        return None
+    return layer.compute_mask(tf.convert_to_tensor(inputs), None)
+
+
 def _flag(name: str, value, inputs) -> tf.Tensor | None:
     """reset or mask checked against inputs' [B, T], as a bool tensor (None when None)."""
     return None if value is None else checks.step_flags(name, value, inputs)
@@ -174,7 +190,7 @@ def forward_call(
     config: ChainConfig, stack: CellStack, inputs, initial_state, reset, mask, training: bool
 ) -> Prepared:
     """`chain(inputs, ...)`: in-memory inputs run as one chunk; a source chunk by chunk."""
-    mask = compat.keras_mask(inputs) if mask is None else mask
+    mask = inputs_mask(stack, inputs) if mask is None else mask
     source = sources_lib.as_source("inputs", inputs)
     if source is not None:
         _sources_outside_xla()
@@ -217,7 +233,7 @@ def gradient_call(
     record: bool = False,
 ) -> Prepared:
     """`value_and_gradients` and `stream_step`: every argument checked, sources split off."""
-    mask = compat.keras_mask(inputs) if mask is None else mask
+    mask = inputs_mask(stack, inputs) if mask is None else mask
     loss_fn = checks.loss_function(
         loss_fn, with_weight=sample_weight is not None or mask is not None
     )

@@ -54,9 +54,9 @@ class _RecurrentParts(tf.Module):
             predictions, step by step; None uses the top layer's outputs.
           inputs_layer: Keras layer or callable mapping the inputs ``[B, T, ...]`` to the
             cells' ``[B, T, F]``, step by step and chunk by chunk like the head, and trained
-            with them: ``keras.layers.Embedding(vocabulary, width)`` for token ids ``[B, T]``
-            (its `mask_zero` is not read: pass ``mask=ids != 0``). None: the inputs are the
-            cells' inputs.
+            with them: ``keras.layers.Embedding(vocabulary, width)`` for token ids ``[B, T]``.
+            Its Keras mask (``Embedding(mask_zero=True)``, ``Masking``; see `compute_mask`)
+            is the mask of every call not given one. None: the inputs are the cells' inputs.
           name: module name.
           **options: the other fields of the chain's `tbptt.ChainConfig`, documented there
             (mode, backprop_chunks, backend, reduction, dtype, compiled, levels,
@@ -159,6 +159,13 @@ class _RecurrentParts(tf.Module):
         lambda self: self._functions.trace_count,
         doc="How many times the compiled functions were traced (for tests of retracing).",
     )
+
+    def compute_mask(self, inputs):
+        """The ``[B, T]`` mask a call on `inputs` takes when given none, as Keras would: a
+        Keras mask attached to `inputs`, else the one the inputs layer computes from them
+        (``Embedding(mask_zero=True)``: ids != 0; ``Masking``; of a Sequential, its first
+        layer's), else None. A chunk source is never read for it: pass ``mask=``."""
+        return calls.inputs_mask(self._stack, inputs)
 
     def initial_state(self, batch_size: int) -> State:
         """Zero state: a tuple with one entry per layer (a tensor, or a tuple of tensors)."""

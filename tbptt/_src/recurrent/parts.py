@@ -254,9 +254,10 @@ def checked_cells(cells) -> list:
 
 
 def resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
-    """The compute dtype; unbuilt Keras cells are set to it, built ones must have it. The head
-    follows too, unless it was given a dtype of its own (a float32 output layer under mixed
-    precision, as Keras advises): Keras casts its inputs."""
+    """The compute dtype; unbuilt Keras cells are set to it, built ones must have it. An unbuilt
+    head or inputs layer follows too, unless it was given a dtype of its own (a float32 output
+    layer under mixed precision, as Keras advises); a built one keeps its dtype: Keras casts
+    its inputs."""
     if dtype is None:
         dtype = compat.compute_dtype(cells[0]) or keras.backend.floatx()
     dtype = tf.as_dtype(dtype)
@@ -269,10 +270,12 @@ def resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
         # chain computing in another dtype (float32 given explicitly) like any other layer.
         if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype:
             continue
-        if layer.built and what != "cells" and _float32_beside_16_bits(layer, dtype):
-            continue  # a float32 output layer under mixed precision, loaded (already built)
-        if layer.built and what != "cells" and _holds_no_variables_of_its_own(layer):
-            compat.set_compute_dtype(layer, dtype)  # a loaded Sequential: how it casts inputs
+        if layer.built and what != "cells":
+            if _holds_no_variables_of_its_own(layer) and not _float32_beside_16_bits(layer, dtype):
+                compat.set_compute_dtype(layer, dtype)  # a loaded Sequential: how it casts inputs
+            # Else it computes in its own dtype, as in a Keras model of layers of several
+            # dtypes (a Masking layer of the global policy in a float64 model, a float32
+            # output layer under mixed precision): Keras casts its inputs, the chain its outputs.
             continue
         if layer.built:
             name = f"a cell ({type(layer).__name__})" if what == "cells" else f"the {what}"
