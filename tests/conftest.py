@@ -40,11 +40,16 @@ def sum_squares(y_true, y_pred):
     return tf.reduce_sum(tf.square(y_true - y_pred))
 
 
+def dense(value):
+    """A gradient as one array (an embedding's IndexedSlices summed densely)."""
+    return tf.convert_to_tensor(value) if isinstance(value, tf.IndexedSlices) else value
+
+
 def max_rel_error(actual, expected):
     """max |a - e| / max(|e|), over a list of tensors (0 for an all-zero reference)."""
     errors = []
     for a, e in zip(actual, expected):
-        a, e = np.asarray(a, "float64"), np.asarray(e, "float64")
+        a, e = np.asarray(dense(a), "float64"), np.asarray(dense(e), "float64")
         scale = max(np.max(np.abs(e)), 1e-30)
         errors.append(np.max(np.abs(a - e)) / scale)
     return max(errors)

@@ -115,8 +115,6 @@ def _close(got: list, want: list, tolerance: float):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.default_cases("sgd-gru_gru_dense", "adam-functional", "sgd-embedding_mask_zero_lstm")
 def test_a_converted_model_trains_step_for_step_as_keras_fits_it(shape, optimizer):
-    if optimizer == "adam" and SHAPES[shape][1]:
-        pytest.skip("an Embedding's IndexedSlices gradient: Keras's Adam takes another step")
     x, y = _data(shape)
     expected = _fit(_model(shape), x, y, optimizer)
     original = _model(shape)

@@ -519,3 +519,99 @@ def test_stacked_cells_with_a_multi_part_state_take_their_states_nested():
     expected = tape.gradient(loss, chain.trainable_variables)
     assert_all_close([result.loss] + result.grads, [loss] + expected, 1e-10)
     assert [tuple(s.shape) for s in result.final_state[0]] == [(3, 4), (3, 4), (3, 3)]
+
+
+def _embedding_chain(mode: str, **options):
+    keras.utils.set_random_seed(4)
+    embedding = keras.layers.Embedding(11, 3, dtype="float64")
+    chain = tbptt.RecurrentChain(
+        [keras.layers.GRUCell(4)],
+        head=keras.layers.Dense(2),
+        inputs_layer=embedding,
+        chunk_size=4,
+        dtype="float64",
+        mode=mode,
+        **options,
+    )
+    return chain, embedding
+
+
+@pytest.mark.parametrize(
+    "mode, options",
+    [("exact", {}), ("exact", {"levels": 2}), ("exact", {"backend": "graph"})],
+    ids=["exact", "levels2", "graph"],
+)
+@pytest.mark.default_cases("exact", "graph")
+def test_an_embedding_s_gradient_is_one_tape_s_indexed_slices_row_by_row(mode, options):
+    """Keras's gradient of an Embedding: one row per lookup (Adam squares each row), here
+    against one tape over Keras's RNN, row by row (chunk-major rows mapped to [B, T] order)."""
+    chain, embedding = _embedding_chain(mode, **options)
+    rng = np.random.default_rng(0)
+    batch, steps, size = 3, 10, 4
+    ids = rng.integers(0, 11, size=[batch, steps])
+    targets = rng.normal(size=[batch, steps, 2])
+    loss_fn = keras.losses.MeanSquaredError(dtype="float64")
+    call = lambda: chain.value_and_gradients(ids, targets, loss_fn)  # noqa: E731
+    result = tf.function(call)() if options.get("backend") == "graph" else call()
+    with tf.GradientTape() as tape:
+        rnn = keras.layers.RNN(chain.cells[0], return_sequences=True, dtype="float64")
+        outputs = rnn(embedding(ids))
+        loss = loss_fn(targets, chain.head(outputs))
+    reference = tape.gradient(loss, embedding.embeddings)
+    got = result.grads[0]
+    assert isinstance(got, tf.IndexedSlices) and isinstance(reference, tf.IndexedSlices)
+    # Chunk-major rows (chunk c: rows b * K_c + t) -> the tape's [B, T] order.
+    order = [
+        b * steps + start + t
+        for start in range(0, steps, size)
+        for b in range(batch)
+        for t in range(min(size, steps - start))
+    ]
+    np.testing.assert_array_equal(np.asarray(got.indices), ids.reshape(-1)[order])
+    np.testing.assert_allclose(
+        np.asarray(got.values), np.asarray(reference.values)[order], rtol=1e-10, atol=1e-12
+    )
+
+
+def test_truncated_sums_an_embedding_s_seed_sets_row_by_row():
+    """Truncated with m=2: each lookup's row comes once, its ages' cotangents added; densely
+    equal to TBPTT written out with one tape and stop_gradient at the cuts."""
+    chain, embedding = _embedding_chain("truncated", backprop_chunks=2)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 11, size=[3, 10])
+    targets = rng.normal(size=[3, 10, 2])
+    loss_fn = keras.losses.MeanSquaredError(reduction="sum", dtype="float64")
+    got = chain.value_and_gradients(ids, targets, loss_fn).grads[0]
+    assert isinstance(got, tf.IndexedSlices) and got.values.shape[0] == 30
+    rnn = keras.layers.RNN(
+        chain.cells[0], return_sequences=True, return_state=True, dtype="float64"
+    )
+    boundaries = [tf.zeros([3, 4], "float64")]
+    for j in range(3):
+        boundaries.append(
+            rnn(embedding(ids[:, 4 * j : 4 * j + 4]), initial_state=boundaries[-1])[1]
+        )
+    with tf.GradientTape() as tape:
+        total = 0.0
+        for j in range(3):  # L_j through chunks j-1 and j, cut before
+            first = max(j - 1, 0)
+            state = tf.stop_gradient(boundaries[first])
+            outputs, _ = rnn(embedding(ids[:, 4 * first : 4 * j + 4]), initial_state=state)
+            window = slice(4 * j, 4 * j + 4)
+            steps = ids[:, window].shape[1]
+            total += loss_fn(targets[:, window], chain.head(outputs[:, -steps:]))
+    reference = tape.gradient(total, embedding.embeddings)
+    np.testing.assert_allclose(
+        tf.convert_to_tensor(got), tf.convert_to_tensor(reference), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_under_xla_an_embedding_s_gradient_is_dense_with_a_warning():
+    chain, _ = _embedding_chain("exact")
+    ids = np.random.default_rng(2).integers(0, 11, size=[3, 10])
+    targets = np.zeros([3, 10, 2])
+    loss_fn = keras.losses.MeanSquaredError(dtype="float64")
+    run = tf.function(lambda: chain.value_and_gradients(ids, targets, loss_fn), jit_compile=True)
+    with pytest.warns(UserWarning, match="summed densely.*jit_compile=False"):
+        grads = run().grads
+    assert not isinstance(grads[0], tf.IndexedSlices)

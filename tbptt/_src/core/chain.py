@@ -59,6 +59,7 @@ def gradients(
     loss_dtype: tf.DType,
     final_carry_grad: list | None = None,
     record: segments_lib.Record = segments_lib.Record(),
+    sparse: tuple = (),
 ) -> segments_lib.ChainGradients:
     """Total loss, d(loss)/d(variables) and d(loss)/d(carry) over the whole chain.
 
@@ -77,11 +78,13 @@ def gradients(
       loss_dtype: dtype of the loss accumulator.
       final_carry_grad: flat list, dLoss/d(final carry) from outside the chain (or None).
       record: what to record beside (see `Record`).
+      sparse: per variable, whether its gradient is `IndexedSlices` (one row per lookup of
+        an embedding table), summed over segments as `segments.Rows`.
 
     Returns:
       `ChainGradients`, grads aligned with `variables`, the carries as flat lists.
     """
-    backprop = segments_lib.Backprop(variables, linearize, schedule, loss_dtype)
+    backprop = segments_lib.Backprop(variables, linearize, schedule, loss_dtype, tuple(sparse))
     if not schedule.carried_ages:  # nothing crosses a cut: each backward right after its forward
         _check_record_without_carry(record)
         return _one_sweep(segments, carry, backprop, record.non_finite)
@@ -175,21 +178,23 @@ def _two_levels(
         if check:
             inner_found = numerics.offset_non_finite(inner.non_finite, j * group)
             found = numerics.merge_non_finite(found, inner_found)
-        grads = segments_lib.added(grads, inner.grads)
+        grads = segments_lib.added(grads, inner.grads, j)
         return i + 1, inner.initial_carry_grad, grads, loss + inner.loss, found
 
-    start = (tf.constant(0), list(final_carry_grad)) + _sums(backprop)
+    start = (tf.constant(0), list(final_carry_grad)) + _sums(backprop, groups.count)
     _, initial_carry_grad, grads, loss, found = _loop(groups.count, body, start, groups.count)
     non_finite = found if check else None
+    grads = segments_lib.totals(grads, backprop.variables)
     return segments_lib.ChainGradients(
         loss, grads, final_carry, initial_carry_grad, non_finite=non_finite
     )
 
 
-def _sums(backprop: segments_lib.Backprop) -> tuple:
-    """The sums a loop over segments starts from: variables' gradients, loss, findings."""
+def _sums(backprop: segments_lib.Backprop, size) -> tuple:
+    """The sums a loop over `size` segments starts from: variables' gradients, loss, findings."""
     zero_loss = tf.zeros([], backprop.loss_dtype)
-    return segments_lib.zeros(backprop.variables), zero_loss, numerics.no_findings()
+    grads = segments_lib.sums(backprop.variables, backprop.sparse, size)
+    return grads, zero_loss, numerics.no_findings()
 
 
 def _loop(count, body, start: tuple, most):
@@ -276,8 +281,7 @@ def backward(
     alive: list | None = None,
 ) -> Backward:
     """Segments n-1 .. 0 in reverse: recompute each from its boundary, `step_back` through it;
-    the carry out of the last segment comes from its recompute (the loop's first step: the
-    forward sweep need not run it).
+    the carry out of the last segment comes from its recompute (the forward sweep skips it).
 
     With `norms`, also the norms ``[n, ages]`` of the cotangents carried into each cut. With
     `alive` (bool scalars, one per age of `carried`: may it be non-zero?), the seed sets known
@@ -303,15 +307,17 @@ def backward(
         if norms:
             written = written.write(k, tf.stack([_norm(c, dtype) for c in carried]))
         loss += tf.cast(outputs[0], dtype)
-        return i + 1, carried, alive, segments_lib.added(grads, d_vars), loss, found, written, last
+        grads = segments_lib.added(grads, d_vars, k)
+        return i + 1, carried, alive, grads, loss, found, written, last
 
-    variables_grads, zero_loss, no_findings = _sums(backprop)
+    variables_grads, zero_loss, no_findings = _sums(backprop, segments.count)
     found = no_findings if found is None else found
     last = segments_lib.zeros(carried[0])
     start = (tf.constant(0), carried, alive or [], variables_grads, zero_loss, found, written, last)
     _, carried, _, grads, loss, found, written, last = _loop(
         segments.count, body, start, segments.most
     )
+    grads = segments_lib.totals(grads, backprop.variables)
     return Backward(loss, grads, carried, found, written.stack() if norms else None, last)
 
 
@@ -330,10 +336,11 @@ def _one_sweep(
         outputs, d_vars, _, _ = segments_lib.pull_back(segments, k, carry, [], None, backprop)
         found = numerics.note_if(check, found, k, state=outputs[1:], loss=outputs[:1], grads=d_vars)
         loss += tf.cast(outputs[0], backprop.loss_dtype)
-        return k + 1, outputs[1:], segments_lib.added(grads, d_vars), loss, found
+        return k + 1, outputs[1:], segments_lib.added(grads, d_vars, k), loss, found
 
-    start = (tf.constant(0), list(carry)) + _sums(backprop)
+    start = (tf.constant(0), list(carry)) + _sums(backprop, segments.count)
     _, final_carry, grads, loss, found = _loop(segments.count, body, start, segments.most)
+    grads = segments_lib.totals(grads, backprop.variables)
     non_finite = found if check else None
     return segments_lib.ChainGradients(
         loss, grads, final_carry, segments_lib.zeros(carry), non_finite=non_finite

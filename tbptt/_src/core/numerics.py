@@ -22,10 +22,9 @@ def no_findings() -> tf.Tensor:
 
 
 def _all_finite(tensors: list) -> tf.Tensor:
+    values = [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors]
     flags = [
-        tf.reduce_all(tf.math.is_finite(t))
-        for t in tensors
-        if t is not None and t.dtype.is_floating
+        tf.reduce_all(tf.math.is_finite(t)) for t in values if t is not None and t.dtype.is_floating
     ]
     return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
 

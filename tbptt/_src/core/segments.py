@@ -69,9 +69,56 @@ class Record(NamedTuple):
     carry_grad_norms: bool = False
 
 
-def added(grads: list, d_vars: list) -> list:
-    """The running sum of the variables' gradients over segments."""
-    return [g + d for g, d in zip(grads, d_vars)]
+class Rows(NamedTuple):
+    """The running sum of a sparse variable's gradient (an embedding table's): the rows each
+    segment gives (its `IndexedSlices`, one row per lookup), written at the segment's index and
+    joined at the end, so the sum is the one `IndexedSlices` one tape over the whole sequence
+    gives (Keras's optimizers update those rows, and Adam squares each row)."""
+
+    values: tf.TensorArray  # [rows_k, ...] per segment
+    indices: tf.TensorArray  # [rows_k] int64 per segment
+
+    @classmethod
+    def empty(cls, variable, size) -> "Rows":
+        shape = [None] + list(variable.shape[1:])
+        dtype = tf.as_dtype(variable.dtype)
+        return cls(
+            tf.TensorArray(dtype, size=size, element_shape=shape, infer_shape=False),
+            tf.TensorArray(tf.int64, size=size, element_shape=[None], infer_shape=False),
+        )
+
+    def write(self, k, grad: tf.IndexedSlices) -> "Rows":
+        return Rows(
+            self.values.write(k, grad.values),
+            self.indices.write(k, tf.cast(grad.indices, tf.int64)),
+        )
+
+    def joined(self, variable) -> tf.IndexedSlices:
+        shape = tf.constant(variable.shape.as_list(), tf.int64)
+        return tf.IndexedSlices(self.values.concat(), self.indices.concat(), shape)
+
+
+def sums(variables: list, sparse: tuple, size) -> list:
+    """Zero running sums of the variables' gradients: `Rows` of `size` segments where
+    `sparse` says so, else zero tensors."""
+    return [
+        Rows.empty(v, size) if is_sparse else tf.zeros_like(v)
+        for v, is_sparse in zip(variables, _padded(sparse, variables))
+    ]
+
+
+def added(grads: list, d_vars: list, k) -> list:
+    """The running sums with segment `k`'s gradients added."""
+    return [g.write(k, d) if isinstance(g, Rows) else g + d for g, d in zip(grads, d_vars)]
+
+
+def totals(grads: list, variables: list) -> list:
+    """The sums as gradients: a sparse variable's rows joined into one `IndexedSlices`."""
+    return [g.joined(v) if isinstance(g, Rows) else g for g, v in zip(grads, variables)]
+
+
+def _padded(sparse: tuple, variables: list) -> tuple:
+    return tuple(sparse) + (False,) * (len(variables) - len(sparse))
 
 
 def zeros(tensors: list) -> list:
@@ -122,8 +169,20 @@ def step_back_live(
 
 def _summed(results: list) -> tuple[list, list]:
     """The variables' gradient summed over the seed sets, and the carry cotangents passed on."""
-    d_vars = [tf.add_n(list(parts)) for parts in zip(*[d for d, _ in results])]
+    d_vars = [_sum(list(parts)) for parts in zip(*[d for d, _ in results])]
     return d_vars, [d for _, d in results if d is not None]
+
+
+def _sum(parts: list):
+    """Tensors added; a sparse gradient's seed sets (the same lookups, pulled back with other
+    seeds) as one row per lookup, their values added."""
+    if not isinstance(parts[0], tf.IndexedSlices):
+        return tf.add_n(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return tf.IndexedSlices(
+        tf.add_n([p.values for p in parts]), parts[0].indices, parts[0].dense_shape
+    )
 
 
 def flat(loss_and_carry) -> list:
@@ -134,12 +193,14 @@ def flat(loss_and_carry) -> list:
 class Backprop(NamedTuple):
     """How a chain is differentiated, the same for every segment of a call: the variables, the
     backend's `linearize` (`vjp.py`), the schedule that says which cotangents travel
-    (`schedules.py`), and the dtype losses are summed in."""
+    (`schedules.py`), the dtype losses are summed in, and which variables' gradients are sparse
+    (`IndexedSlices`, summed as `Rows`)."""
 
     variables: list
     linearize: Callable
     schedule: schedules.Schedule
     loss_dtype: tf.DType
+    sparse: tuple = ()  # per variable (missing: False)
 
 
 def linearize_segment(segments: Segments, k, carry: list, backprop: Backprop):
@@ -151,6 +212,7 @@ def linearize_segment(segments: Segments, k, carry: list, backprop: Backprop):
         carry,
         backprop.variables,
         persistent=backprop.schedule.seed_count > 1,
+        sparse=backprop.sparse,
     )
 
 

@@ -37,27 +37,48 @@ def _targets(outputs: list, cotangents: Sequence) -> tuple[list, list]:
     return [y for y, _ in pairs], [tf.cast(c, y.dtype) for y, c in pairs]
 
 
-def _zeros_for_none(grads: Sequence, sources: Sequence) -> list:
-    """Dense gradients: None (unconnected) becomes zeros, IndexedSlices become tensors."""
+def _zeros_for_none(grads: Sequence, sources: Sequence, sparse: Sequence) -> list:
+    """Dense gradients: None (unconnected) becomes zeros, IndexedSlices become tensors; where
+    `sparse` says so, `IndexedSlices` (no rows for None, every row for a dense gradient)."""
     return [
-        tf.zeros_like(s) if g is None else tf.convert_to_tensor(g) for g, s in zip(grads, sources)
+        _sparse(g, s) if is_sparse else tf.zeros_like(s) if g is None else tf.convert_to_tensor(g)
+        for g, s, is_sparse in zip(grads, sources, sparse)
     ]
 
 
+def _sparse(grad, source) -> tf.IndexedSlices:
+    if isinstance(grad, tf.IndexedSlices):
+        return grad
+    shape = tf.constant(source.shape.as_list(), tf.int64)
+    if grad is None:
+        empty = tf.zeros([0] + source.shape.as_list()[1:], tf.as_dtype(source.dtype))
+        return tf.IndexedSlices(empty, tf.zeros([0], tf.int64), shape)
+    grad = tf.convert_to_tensor(grad)
+    return tf.IndexedSlices(grad, tf.range(tf.shape(grad, tf.int64)[0]), shape)
+
+
 def pullback_of(
-    outputs: list, variables: Sequence, primals: Sequence, gradient: Gradient, skips: bool = True
+    outputs: list,
+    variables: Sequence,
+    primals: Sequence,
+    gradient: Gradient,
+    skips: bool = True,
+    sparse: Sequence = (),
 ) -> Pullback:
     """The pullback of `outputs` with respect to `variables` and `primals`, for one backend's
     `gradient`: one backward pass per cotangent set, d_primals only where wanted (else None).
     `skips`: whether a set known to be zero may skip its pass inside a `tf.cond` branch (the
-    backend's `gradient` must then work from inside a branch function)."""
+    backend's `gradient` must then work inside a branch). `sparse` (per variable): the gradient
+    stays `IndexedSlices`, the same rows for every set (none skipped: they add row by row)."""
     variables, primals = list(variables), list(primals)
+    sparse = list(sparse) + [False] * (len(variables) + len(primals) - len(sparse))
+    skips = skips and not any(sparse)
 
     def product(cotangents, want_primals: bool) -> list:
         ys, seeds = _targets(outputs, cotangents)
         sources = variables + (primals if want_primals else [])
         grads = gradient(ys, sources, seeds) if ys else [None] * len(sources)
-        return _zeros_for_none(grads, sources)
+        return _zeros_for_none(grads, sources, sparse)
 
     def pullback(
         cotangent_sets: Sequence, want_primal_grads: Sequence[bool], alive: Sequence | None = None
@@ -92,11 +113,13 @@ def _zeros(sources: list) -> list:
     return [tf.zeros_like(s) for s in sources]
 
 
-def tape_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bool = False):
+def tape_linearize(
+    fn: SegmentFn, primals: list, variables: list, persistent: bool = False, sparse=()
+):
     """Eager backend: `tf.GradientTape.gradient(..., output_gradients=...)`.
 
     Works executing eagerly and inside a `tf.function`. `persistent` allows the pullback to be
-    called with several cotangent sets or several times.
+    called with several cotangent sets or several times; `sparse`: see `pullback_of`.
     """
     with tf.GradientTape(persistent=persistent) as tape:
         # A fresh identity per primal: two equal entries (say zeros for h and c) get separate
@@ -108,11 +131,15 @@ def tape_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bo
     def gradient(ys, sources, seeds):
         return tape.gradient(ys, sources, output_gradients=seeds)
 
-    return outputs, pullback_of(outputs, variables, primals, gradient)
+    return outputs, pullback_of(outputs, variables, primals, gradient, sparse=sparse)
 
 
 def graph_pullback(
-    outputs: list, variables: Sequence, primals: Sequence, stop_at_primals: bool = False
+    outputs: list,
+    variables: Sequence,
+    primals: Sequence,
+    stop_at_primals: bool = False,
+    sparse: Sequence = (),
 ) -> Pullback:
     """`tf.gradients(ys, xs, grad_ys=...)` on tensors already in a graph.
 
@@ -129,17 +156,19 @@ def graph_pullback(
 
     # No skipping: inside a branch function, `tf.gradients` sees the outputs as captured
     # inputs, with no path back to the sources, and returns zeros.
-    return pullback_of(outputs, variables, primals, gradient, skips=False)
+    return pullback_of(outputs, variables, primals, gradient, skips=False, sparse=sparse)
 
 
-def gradients_linearize(fn: SegmentFn, primals: list, variables: list, persistent: bool = False):
+def gradients_linearize(
+    fn: SegmentFn, primals: list, variables: list, persistent: bool = False, sparse=()
+):
     """Graph backend: `tf.gradients(ys, xs, grad_ys=...)`; must run while building a graph."""
     del persistent  # tf.gradients can always be called again on the same graph
     if tf.executing_eagerly():
         raise RuntimeError("backend='graph' needs graph mode: run it inside a tf.function.")
     primals = [tf.identity(p) for p in primals]
     outputs = fn(primals)
-    return outputs, graph_pullback(outputs, variables, primals)
+    return outputs, graph_pullback(outputs, variables, primals, sparse=sparse)
 
 
 def get_linearize(backend: str):

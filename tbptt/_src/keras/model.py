@@ -413,7 +413,11 @@ def _with_weight_penalty(model: ChunkedModel, grads: list, variables: list) -> t
         penalty = tf.cast(tf.add_n(model.losses), dtype)
         scaled = penalty * model.chunk_loss.scale() / replicas
     extra = tape.gradient(scaled, variables) if variables else []
-    return [g if e is None else g + tf.cast(e, g.dtype) for g, e in zip(grads, extra)], penalty
+    # An embedding's rows plus its penalty's gradient: dense, as one tape gives their sum.
+    return [
+        g if e is None else tf.convert_to_tensor(g) + tf.cast(e, g.dtype)
+        for g, e in zip(grads, extra)
+    ], penalty
 
 
 def _check_chain(chain, stateful: bool) -> None:

@@ -94,6 +94,17 @@ class CellStack(tf.Module):
             [v for part in self.parts for v in compat.trainable_variables_of(part)]
         )
 
+    def sparse_variables(self) -> tuple:
+        """Per trainable variable: whether one tape gives its gradient as `IndexedSlices`, one
+        row per lookup (an `Embedding` table of the inputs layer that nothing else reads)."""
+        elsewhere = {id(v) for part in self.parts[1:] for v in compat.trainable_variables_of(part)}
+        tables: set[int] = set()
+        if self._inputs_layer is not None:
+            for layer in compat.sublayers(self._inputs_layer):
+                if isinstance(layer, compat.keras.layers.Embedding) and layer.trainable:
+                    tables.update(id(v) for v in layer.trainable_variables)
+        return tuple(id(v) in tables and id(v) not in elsewhere for v in self.trainable_variables)
+
     def python_state(self) -> tuple:
         """The Python attributes of the parts and their layers that a trace may read
         (`compiling.attributes_key`): in every compiled function's key, so changes are seen."""

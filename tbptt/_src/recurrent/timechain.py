@@ -21,13 +21,14 @@ gradients(config, stack, call):  segments of the call -> chain.gradients -> Run
 ```
 """
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import tensorflow as tf
 
 from tbptt._src.core import chain as chain_lib
-from tbptt._src.core import checks
+from tbptt._src.core import checks, compat
 from tbptt._src.core import segments as segments_lib
 from tbptt._src.core import sources as sources_lib
 from tbptt._src.core import vjp as vjp_lib
@@ -88,6 +89,7 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         loss_dtype=loss_dtype,
         final_carry_grad=call.final_state_grad,
         record=segments_lib.Record(keep_at, config.check_numerics, static.record),
+        sparse=_sparse_variables(stack),
     )
     total = steps_of(call)
     if keep_at is None or result.kept_carry is None:
@@ -104,6 +106,25 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         result.non_finite,
         result.carry_grad_norms,
     )
+
+
+_SPARSE_UNDER_XLA = (
+    "an Embedding's gradient is summed densely inside an XLA-compiled function "
+    "(jit_compile=True): XLA sizes every array statically, and a chunk's rows of lookups "
+    "differ in number. Keras's optimizers step otherwise on a dense gradient than on its "
+    "IndexedSlices (Adam squares each lookup's row): for Keras's own step, compile with "
+    "jit_compile=False."
+)
+
+
+def _sparse_variables(stack) -> tuple:
+    """Which variables' gradients are summed as rows of lookups (`segments.Rows`): none
+    inside XLA, with a warning when that changes the answer."""
+    sparse = stack.sparse_variables()
+    if any(sparse) and compat.in_xla_context():
+        warnings.warn(_SPARSE_UNDER_XLA, stacklevel=2)
+        return ()
+    return sparse
 
 
 def forward(stack, tensors: dict, static: Static) -> tuple:
