@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -148,3 +149,59 @@ def test_a_model_built_under_a_strategy_exports_and_serves_its_weights(tmp_path)
         tbptt.RecurrentChain(model.chain.cells, head=model.chain.head, chunk_size=5), x
     )
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+
+
+def _interpreter(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter: "moved to the LiteRT package"
+        return tf.lite.Interpreter(model_path=str(path))
+
+
+def _lite_run(path, packets, state_names):
+    """The TensorFlow Lite model at `path` over consecutive packets, the state carried."""
+    runner = _interpreter(path).get_signature_runner()
+    details = runner.get_input_details()
+    state = {n: np.zeros(details[n]["shape"], details[n]["dtype"]) for n in state_names}
+    outputs = []
+    for packet in packets:
+        result = runner(inputs=packet, **state)
+        outputs.append(result["outputs"])
+        state = {name: result[name] for name in state}
+    return np.concatenate(outputs, axis=1)
+
+
+@pytest.mark.parametrize(
+    "kind, steps, batch",
+    [("features", 1, 1), ("features", 4, 2), ("token ids", 3, 2)],
+    ids=["one_step", "packets", "ids"],
+)
+@pytest.mark.default_cases("one_step", "ids")
+def test_a_tflite_export_streams_packets_with_the_state_in_and_out(tmp_path, kind, steps, batch):
+    """Packet after packet through the TensorFlow Lite model equals Keras's RNN over the whole
+    stream; the model holds only built-in operators."""
+    if kind == "features":
+        model, x = _model(), make_sequence(batch, 12, 3)
+    else:
+        model = _model(keras.layers.Embedding(9, 3))
+        x = ((np.arange(batch * 12).reshape(batch, 12) * 5) % 9).astype("int32")
+    model.predict(x, verbose=0)  # built
+    path = tmp_path / "chain.tflite"
+    model.export(path, format="tflite", steps=steps, batch_size=batch, verbose=False)
+    packets = [x[:, t : t + steps] for t in range(0, 12, steps)]
+    got = _lite_run(path, packets, ["state_0", "state_1", "state_2"])
+    chain = model.chain
+    inputs = x if chain.inputs_layer is None else chain.inputs_layer(x)
+    plain = tbptt.RecurrentChain(chain.cells, head=chain.head, chunk_size=5)
+    expected, _ = forward(plain, inputs)  # Keras's RNN over the whole stream
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    ops = {op["op_name"] for op in _interpreter(path)._get_ops_details()}
+    assert not any(op.startswith("Flex") or op in ("WHILE", "VAR_HANDLE") for op in ops), ops
+
+
+def test_a_tflite_export_refuses_bad_options_by_name(tmp_path):
+    model, x = _model(), make_sequence(2, 6, 3)
+    model.predict(x, verbose=0)
+    with pytest.raises(ValueError, match="steps"):
+        model.export(tmp_path / "m.tflite", format="tflite", steps=0)
+    with pytest.raises(TypeError):
+        model.export(tmp_path / "m.tflite", format="tflite", window=3)

@@ -25,6 +25,10 @@ from tensorflow.python.eager import tape as _tape
 
 # TensorFlow's own test for an XLA cluster being built (what tf.while_loop asks); no public API
 # says whether the graph being traced is compiled by XLA as a whole.
+# A concrete function with its variables as constants: what TensorFlow Lite's converter does to
+# the functions it is given, except that it keeps variables its analysis cannot prove constant
+# (those read inside the chain's nested functions), which a device would read uninitialized.
+from tensorflow.python.framework import convert_to_constants as _convert_to_constants
 from tensorflow.python.ops import control_flow_util as _control_flow_util
 from tensorflow.python.ops import gradients_util as _gradients_util
 
@@ -335,6 +339,11 @@ def traced_off_tape(trace):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def frozen(concrete_function):
+    """`concrete_function` with every variable it reads as a constant (its flat outputs)."""
+    return _convert_to_constants.convert_variables_to_constants_v2(concrete_function)
 
 
 def unrecorded():

@@ -149,8 +149,11 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     ) -> None:
         """Writes a SavedModel that serves the chain with its state in and out, loadable by
         `tf.saved_model.load(filepath)` in a process without tbptt (see `keras/serving.py`):
-        `step(inputs, state) -> (outputs, state)`, `initial_state(batch_size)`, and a
-        `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...)."""
+        `step(inputs, state) -> (outputs, state)`, `serve(inputs)`, `initial_state(batch_size)`
+        and a `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...).
+        With format="tflite" (or "litert"), a streaming TensorFlow Lite model of `steps` steps
+        of `batch_size` streams per call (keywords, both 1 by default), the state as named
+        input and output tensors."""
         serving.export(self._chain, filepath, format=format, verbose=verbose, **kwargs)
 
     # -- compiling -----------------------------------------------------------------------------

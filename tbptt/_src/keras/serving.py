@@ -17,10 +17,18 @@ compiler.
 
 import tensorflow as tf
 
-from tbptt._src.core import compat
+from tbptt._src.core import checks, compat
 
 # The id dtypes `step` and `serve` are traced for, the signature's first.
 ID_DTYPES = (tf.int32, tf.int64)
+
+
+def _check_built(chain) -> None:
+    if not chain.built:
+        raise ValueError(
+            "export needs a built chain: call the model (or fit it) once, or "
+            "model.build([None, None, features]), before exporting."
+        )
 
 
 class ServingModule(tf.Module):
@@ -28,11 +36,7 @@ class ServingModule(tf.Module):
 
     def __init__(self, chain):
         super().__init__(name="tbptt_serving")
-        if not chain.built:
-            raise ValueError(
-                "export needs a built chain: call the model (or fit it) once, or "
-                "model.build([None, None, features]), before exporting."
-            )
+        _check_built(chain)
         self.chain = chain.with_config(xla=False, check_numerics=False)
         # Every variable the layers hold, their seed generators' states included, tracked here:
         # a SavedModel keeps only what its object graph reaches.
@@ -98,13 +102,16 @@ class ServingModule(tf.Module):
 def export(
     chain, filepath, *, format: str = "tf_saved_model", verbose: bool = False, **options
 ) -> None:
-    """Writes `chain` to `filepath` as a SavedModel (see the module docstring); `format` and
-    `options` are those of `keras.Model.export`, of which only the SavedModel is written."""
+    """Writes `chain` to `filepath` as a SavedModel (see the module docstring), or with
+    format="tflite" (or "litert") as a streaming TensorFlow Lite model (`export_lite`)."""
+    if format in LITE_FORMATS:
+        export_lite(chain, filepath, verbose=verbose, **options)
+        return
     if format != "tf_saved_model" or options:
         raise ValueError(
-            f"ChunkedModel.export writes format='tf_saved_model' with the "
-            f"state in and out, and takes no other options; got format="
-            f"{format!r} and {sorted(options)}."
+            f"ChunkedModel.export writes format='tf_saved_model' (a SavedModel with the "
+            f"state in and out, no options) or format='tflite' (options steps, batch_size); "
+            f"got format={format!r} and {sorted(options)}."
         )
     module = ServingModule(chain)
     # Gradients are not served: without them a SavedModel holds the forward functions only.
@@ -115,4 +122,59 @@ def export(
             f"Saved the chain to {filepath}: step(inputs, state), serve(inputs), "
             "initial_state(batch_size), and the signature serving_default(inputs, "
             "state_0, ...)."
+        )
+
+
+LITE_FORMATS = ("tflite", "litert")
+
+
+def export_lite(
+    chain, filepath, *, steps: int = 1, batch_size: int = 1, verbose: bool = False
+) -> None:
+    """Writes `chain` to `filepath` as a TensorFlow Lite (LiteRT) model that runs `steps` steps
+    of `batch_size` streams per call, the state as named input and output tensors:
+
+    ```
+    runner = tf.lite.Interpreter(model_path=path).get_signature_runner()   # or ai_edge_litert
+    state = {f"state_{i}": zeros for each leaf of chain.initial_state(batch_size)}
+    for packet in stream:                               # [batch_size, steps, ...]
+        out = runner(inputs=packet, **state)            # {"outputs", "state_0", ...}
+        state = {name: out[name] for name in state}
+    ```
+
+    The steps are unrolled into the converter's built-in operators (no loop, no TensorFlow
+    ops in the model); the weights are constants in it. Token ids are int32.
+    """
+    steps = checks.positive_int("steps", steps, " (time steps per call of the model)")
+    batch_size = checks.positive_int("batch_size", batch_size, " (streams per call)")
+    _check_built(chain)
+    lite = chain.with_config(xla=False, check_numerics=False)
+    structure = chain.initial_state(batch_size)
+    leaves = tf.nest.flatten(structure)
+    dtype = chain.dtype if chain.inputs_layer is None else tf.int32
+    inputs = tf.TensorSpec([batch_size, steps] + list(chain.input_shape[2:]), dtype, "inputs")
+    lite(tf.zeros(inputs.shape, dtype), structure)  # built and checked here, not in the trace
+    specs = [inputs] + [
+        tf.TensorSpec(leaf.shape, leaf.dtype, f"state_{i}") for i, leaf in enumerate(leaves)
+    ]
+
+    def step(inputs, *leaves):
+        outputs, state = lite(inputs, tf.nest.pack_sequence_as(structure, list(leaves)))
+        named = {f"state_{i}": leaf for i, leaf in enumerate(tf.nest.flatten(state))}
+        return {"outputs": outputs, **named}
+
+    traced = tf.function(step, input_signature=specs).get_concrete_function()
+    constant = compat.frozen(traced)
+    names = sorted(traced.structured_outputs)  # the order of the frozen function's outputs
+    signature = tf.function(
+        lambda *args: dict(zip(names, constant(*args))), input_signature=specs
+    ).get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([signature], tf.Module())
+    with tf.io.gfile.GFile(str(filepath), "wb") as file:
+        file.write(converter.convert())
+    if verbose:
+        print(
+            f"Saved the chain to {filepath} for TensorFlow Lite: inputs [{batch_size}, "
+            f"{steps}, ...] and state_0 .. state_{len(leaves) - 1} in, outputs and the "
+            "state out."
         )
