@@ -147,13 +147,10 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     def export(
         self, filepath, format: str = "tf_saved_model", verbose: bool = True, **kwargs
     ) -> None:
-        """Writes a SavedModel that serves the chain with its state in and out, loadable by
-        `tf.saved_model.load(filepath)` in a process without tbptt (see `keras/serving.py`):
-        `step(inputs, state) -> (outputs, state)`, `serve(inputs)`, `initial_state(batch_size)`
-        and a `serving_default` signature with flat named tensors (`inputs`, `state_0`, ...).
-        With format="tflite" (or "litert"), a streaming TensorFlow Lite model of `steps` steps
-        of `batch_size` streams per call (keywords, both 1 by default), the state as named
-        input and output tensors."""
+        """A SavedModel serving the chain with its state in and out, for a process without
+        tbptt: `step(inputs, state)`, `serve(inputs)`, `initial_state(batch_size)`, a flat
+        `serving_default`; or with format="tflite", a streaming TensorFlow Lite model
+        (keywords `steps`, `batch_size`). See `keras/serving.py`."""
         serving.export(self._chain, filepath, format=format, verbose=verbose, **kwargs)
 
     # -- compiling -----------------------------------------------------------------------------
