@@ -5,6 +5,7 @@ the same model trained by Keras's own `fit` (compositions of every kind are draw
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import make_sequence, needs_keras3, run_python
 
 import tbptt
@@ -13,6 +14,7 @@ pytestmark = needs_keras3
 
 B, T, F = 4, 9, 3
 L = keras.layers
+MSE = keras.losses.MeanSquaredError
 
 
 # Real model shapes: (name, layers after the Input, ids as inputs).
@@ -218,6 +220,20 @@ def test_a_converted_model_saves_loads_in_a_new_process_and_exports(tmp_path):
             lambda: [L.GRU(4, return_sequences=True), L.GlobalAveragePooling1D()],
             "GlobalAveragePooling1D",
         ),
+        (
+            lambda: [
+                L.GRU(4, return_sequences=True, activity_regularizer=keras.regularizers.L2(1.0))
+            ],
+            "activity_regularizer",
+        ),
+        (
+            lambda: [L.SpatialDropout1D(0.2), L.GRU(4, return_sequences=True)],
+            "one dropout mask for every step",
+        ),
+        (
+            lambda: [L.Dropout(0.2, noise_shape=(None, 1, F)), L.GRU(4, return_sequences=True)],
+            "one dropout mask for every step",
+        ),
     ],
     ids=[
         "bidirectional",
@@ -229,9 +245,12 @@ def test_a_converted_model_saves_loads_in_a_new_process_and_exports(tmp_path):
         "no_rnn",
         "stateful",
         "pooling",
+        "activity",
+        "spatial_dropout",
+        "noise_shape",
     ],
 )
-@pytest.mark.default_cases("bidirectional", "conv1d", "many_to_one", "between")
+@pytest.mark.default_cases("bidirectional", "conv1d", "many_to_one", "between", "activity")
 def test_what_cannot_be_chunked_is_refused_by_name(layers, match):
     built = layers()
     shape = (B, None, F) if any(getattr(x, "stateful", False) for x in built) else None
@@ -286,3 +305,84 @@ def test_time_distributed_of_any_layer_runs_per_step_and_saves(tmp_path):
     converted.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_embedding_model_with_adam_steps_as_keras_step_by_step_in_float64():
+    """Keras's Adam on an Embedding's IndexedSlices (one row per lookup, each squared):
+    the converted model's weights equal the original's after each of several steps."""
+
+    def model():
+        keras.utils.set_random_seed(11)
+        return keras.Sequential(
+            [
+                keras.Input((None,), dtype="int32"),
+                L.Embedding(7, 3, dtype="float64"),
+                L.GRU(4, return_sequences=True, dtype="float64"),
+                L.Dense(2, dtype="float64"),
+            ]
+        )
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 7, size=[4, 9])  # repeated ids: several rows for one table row
+    y = rng.normal(size=[4, 9, 2])
+    keras_model, converted = model(), tbptt.keras.chunked(model(), chunk_size=4)
+    for m in (keras_model, converted):  # Keras computes a loss in float32 unless told
+        m.compile(optimizer=keras.optimizers.Adam(0.05), loss=MSE(dtype="float64"))
+    for step in range(5):
+        keras_model.train_on_batch(x, y)
+        converted.train_on_batch(x, y)
+        for got, want in zip(converted.trainable_variables, keras_model.trainable_variables):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11, err_msg=f"step {step}")
+
+
+def test_a_front_layer_that_drops_the_mask_drops_it_as_in_keras():
+    """Keras drops a mask at a layer that does not support masking (a Lambda): the converted
+    model computes the same loss as Keras's evaluate."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            L.Embedding(11, 3, mask_zero=True),
+            L.Lambda(lambda t: t * 2.0),
+            L.GRU(4, return_sequences=True),
+            L.Dense(2),
+        ]
+    )
+    x, y = _data("embedding_mask_zero_lstm")
+    model.compile(loss="mse")
+    converted = tbptt.keras.chunked(model, chunk_size=4)
+    converted.compile(loss="mse")
+    want = model.evaluate(x, y, verbose=0)
+    np.testing.assert_allclose(converted.evaluate(x, y, verbose=0), want, rtol=1e-5)
+
+
+def test_lora_embeddings_keep_dense_gradients_and_step_as_keras():
+    keras.utils.set_random_seed(6)
+
+    def model():
+        keras.utils.set_random_seed(6)
+        embedding = L.Embedding(11, 4)
+        m = keras.Sequential(
+            [
+                keras.Input((None,), dtype="int32"),
+                embedding,
+                L.GRU(4, return_sequences=True),
+                L.Dense(2),
+            ]
+        )
+        embedding.enable_lora(2)
+        return m
+
+    x, y = _data("embedding_gru_dense")
+    expected = _fit(model(), x, y, "adam")
+    _close(_fit(tbptt.keras.chunked(model(), chunk_size=3), x, y, "adam"), expected, 2e-5)
+
+
+def test_dense_embedding_grads_on_request():
+    model = tbptt.keras.chunked(_model("embedding_gru_dense"), chunk_size=3)
+    chain = model.chain.with_config(embedding_grads="dense")
+    x, y = _data("embedding_gru_dense")
+    result = chain.value_and_gradients(x, y, MSE())
+    assert not isinstance(result.grads[0], tf.IndexedSlices)
+    sparse = model.chain.value_and_gradients(x, y, MSE()).grads[0]
+    np.testing.assert_allclose(result.grads[0], tf.convert_to_tensor(sparse), atol=1e-7)

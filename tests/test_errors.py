@@ -362,3 +362,10 @@ def test_forward_mode_through_the_compiled_loops_is_refused_and_short_calls_work
     with tf.autodiff.ForwardAccumulator(short, tangent[:, :3]) as acc:
         got = acc.jvp(chain(short)[0])
     assert_all_close(got, expected, 1e-12, "short call's JVP")
+
+
+def test_a_built_head_of_another_dtype_than_the_one_given_is_refused():
+    head = keras.layers.Dense(2)
+    head.build((None, None, 4))  # float32
+    with pytest.raises(ValueError, match="already built in float32"):
+        tbptt.RecurrentChain([keras.layers.GRUCell(4)], head=head, chunk_size=3, dtype="float64")

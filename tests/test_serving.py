@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_sequence, mirrored, needs_keras3
+from conftest import make_sequence, mirrored, needs_keras3, run_python
 from references import forward
 
 import tbptt
@@ -30,9 +30,9 @@ SERVE = textwrap.dedent("""
     first, state = served.step(x[:, :7], state)            # two windows, the state carried
     second, state = served.step(x[:, 7:], state)
     from_zeros = served.serve(x[:, :7])                    # Keras's endpoint: inputs only
-    if x.dtype.kind == "i":                                # token ids: int64 and int32 alike
-        again = served.serve(x[:, :7].astype("int32" if x.dtype == "int64" else "int64"))
-        assert np.array_equal(again, from_zeros)
+    if x.dtype.kind == "i":                                # token ids: any integer dtype
+        for dtype in ("int32", "uint8", "int16"):
+            assert np.array_equal(served.serve(x[:, :7].astype(dtype)), from_zeros), dtype
     signature = served.signatures["serving_default"]
     leaves = tf.nest.flatten(served.initial_state(x.shape[0]))
     spec = signature.structured_input_signature[1]["inputs"]
@@ -205,3 +205,32 @@ def test_a_tflite_export_refuses_bad_options_by_name(tmp_path):
         model.export(tmp_path / "m.tflite", format="tflite", steps=0)
     with pytest.raises(TypeError):
         model.export(tmp_path / "m.tflite", format="tflite", window=3)
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_tflite_model_runs_in_a_process_without_tbptt(tmp_path):
+    model, x = _model(), make_sequence(1, 6, 3)
+    model.predict(x, verbose=0)
+    model.export(tmp_path / "chain.tflite", format="tflite", verbose=False)
+    np.save(tmp_path / "x.npy", x)
+    out = run_python(
+        "import sys, json, warnings, numpy as np, tensorflow as tf\n"
+        "warnings.simplefilter('ignore')\n"
+        "runner = tf.lite.Interpreter(model_path=sys.argv[1]).get_signature_runner()\n"
+        "x = np.load(sys.argv[2])\n"
+        "state = {n: np.zeros(d['shape'], d['dtype'])\n"
+        "         for n, d in runner.get_input_details().items() if n != 'inputs'}\n"
+        "outputs = []\n"
+        "for t in range(x.shape[1]):\n"
+        "    result = runner(inputs=x[:, t : t + 1], **state)\n"
+        "    outputs.append(result['outputs'])\n"
+        "    state = {n: result[n] for n in state}\n"
+        "print(json.dumps({'tbptt': 'tbptt' in sys.modules,\n"
+        "                  'outputs': np.concatenate(outputs, 1).tolist()}))\n",
+        tmp_path / "chain.tflite",
+        tmp_path / "x.npy",
+    )
+    served = json.loads(out.strip().splitlines()[-1])
+    assert not served["tbptt"]
+    want, _ = model.chain(x)
+    np.testing.assert_allclose(served["outputs"], want, rtol=1e-5, atol=1e-6)

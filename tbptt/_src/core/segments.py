@@ -76,7 +76,7 @@ class Rows(NamedTuple):
     gives (Keras's optimizers update those rows, and Adam squares each row)."""
 
     values: tf.TensorArray  # [rows_k, ...] per segment
-    indices: tf.TensorArray  # [rows_k] int64 per segment
+    indices: tf.TensorArray  # [rows_k] int32 per segment
 
     @classmethod
     def empty(cls, variable, size) -> "Rows":
@@ -84,13 +84,13 @@ class Rows(NamedTuple):
         dtype = tf.as_dtype(variable.dtype)
         return cls(
             tf.TensorArray(dtype, size=size, element_shape=shape, infer_shape=False),
-            tf.TensorArray(tf.int64, size=size, element_shape=[None], infer_shape=False),
+            tf.TensorArray(tf.int32, size=size, element_shape=[None], infer_shape=False),
         )
 
     def write(self, k, grad: tf.IndexedSlices) -> "Rows":
         return Rows(
             self.values.write(k, grad.values),
-            self.indices.write(k, tf.cast(grad.indices, tf.int64)),
+            self.indices.write(k, tf.cast(grad.indices, tf.int32)),
         )
 
     def joined(self, variable) -> tf.IndexedSlices:
@@ -178,6 +178,9 @@ def _sum(parts: list):
     seeds) as one row per lookup, their values added."""
     if not isinstance(parts[0], tf.IndexedSlices):
         return tf.add_n(parts)
+    # A set that did not reach the table has no rows; the others have the segment's lookups
+    # (vjp.pullback_of skips no set when a variable is sparse).
+    parts = [p for p in parts if p.values.shape[0] != 0] or parts[:1]
     if len(parts) == 1:
         return parts[0]
     return tf.IndexedSlices(

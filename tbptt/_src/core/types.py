@@ -16,7 +16,9 @@ class ChainResult(NamedTuple):
 
     Attributes:
       loss: scalar, the total loss over all chunks (weighted by `reduction`).
-      grads: one gradient per entry of `chain.trainable_variables`, same shapes.
+      grads: one gradient per entry of `chain.trainable_variables`, same shapes; an
+        `Embedding` table's is `tf.IndexedSlices` (one row per lookup), as one tape gives it
+        (`tf.convert_to_tensor` sums it densely; `embedding_grads="dense"` returns it so).
       final_state: the state after the last step, no gradient attached. Carry it into the next
         batch as its `initial_state`.
       initial_state_grad: dLoss/d(initial_state), same structure as the state. Hand it to the

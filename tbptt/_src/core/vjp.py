@@ -13,7 +13,8 @@ there.
 A cotangent entry of None means "this output is not differentiated" (cheaper than a zero seed);
 an output of None is never differentiated. Gradients that do not reach a source come back as
 zeros, filled in here rather than with `unconnected_gradients`, whose behaviour has changed
-between TensorFlow releases.
+between TensorFlow releases. A variable marked sparse (an embedding table) keeps its
+`IndexedSlices`, one row per lookup (no rows where unconnected), and then no set is skipped.
 """
 
 from collections.abc import Callable, Sequence
@@ -47,14 +48,16 @@ def _zeros_for_none(grads: Sequence, sources: Sequence, sparse: Sequence) -> lis
 
 
 def _sparse(grad, source) -> tf.IndexedSlices:
+    """A sparse variable's gradient as `IndexedSlices`: a dense one (a table also read otherwise
+    than by lookups) as every row once."""
     if isinstance(grad, tf.IndexedSlices):
         return grad
     shape = tf.constant(source.shape.as_list(), tf.int64)
     if grad is None:
         empty = tf.zeros([0] + source.shape.as_list()[1:], tf.as_dtype(source.dtype))
-        return tf.IndexedSlices(empty, tf.zeros([0], tf.int64), shape)
+        return tf.IndexedSlices(empty, tf.zeros([0], tf.int32), shape)
     grad = tf.convert_to_tensor(grad)
-    return tf.IndexedSlices(grad, tf.range(tf.shape(grad, tf.int64)[0]), shape)
+    return tf.IndexedSlices(grad, tf.range(tf.shape(grad)[0]), shape)
 
 
 def pullback_of(

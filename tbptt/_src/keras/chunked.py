@@ -41,8 +41,10 @@ TIME_MIXING = (
     "Attention",
     "AdditiveAttention",
     "MultiHeadAttention",
-    "GroupQueryAttention",
+    "GroupedQueryAttention",
 )
+# Layers whose one random draw covers every step of a sequence: a chunk would draw its own.
+ONE_DRAW_PER_SEQUENCE = ("SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D")
 MANY_TO_ONE = (
     "the chain trains on a loss at every step: keep return_sequences=True, give each "
     "sequence's target at its last step and weigh the other steps 0 with "
@@ -165,9 +167,10 @@ def _split(layers: list) -> tuple:
     if between:
         raise ValueError(
             f"chunked(model): {[layer.name for layer in between]} sit between recurrent "
-            "layers; the chain stacks cells directly. Move dropout into the recurrent "
-            "layers (GRU(..., dropout=..., recurrent_dropout=...)), or build a cell that "
-            "holds the layer and pass it to tbptt.RecurrentChain."
+            "layers; the chain stacks cells directly. Build a cell that runs the layer on its "
+            "output (a keras.layers.Layer with state_size and call(inputs, states)) and pass "
+            "the cells to tbptt.RecurrentChain; for dropout, the next recurrent layer's "
+            "dropout= (one mask per sequence, not per step) is the nearest Keras has."
         )
     return layers[:first], layers[first : last + 1], layers[last + 1 :]
 
@@ -185,7 +188,26 @@ def _check_layer(layer) -> None:
             "it and no state carried from the chunks before can give them. Chunk a "
             "forward-only model, or train this one on whole sequences with Keras."
         )
-    if name in TIME_MIXING:  # (wrapped in TimeDistributed, each acts on one step)
+    if name.startswith("ConvLSTM"):
+        raise ValueError(
+            f"chunked(model) cannot chunk {layer.name!r} ({name}): its state is a feature map, "
+            "and the chain's cells step on [batch, features]. Flatten each frame in front "
+            "(TimeDistributed(...)) and use GRU or LSTM layers."
+        )
+    if _one_draw_per_sequence(layer):
+        raise ValueError(
+            f"chunked(model) cannot chunk {layer.name!r} ({name}): it draws one dropout mask "
+            "for every step of a sequence, and each chunk would draw its own. Use Dropout "
+            "(a mask per step), or the recurrent layers' dropout= (one mask per sequence)."
+        )
+    if getattr(layer, "activity_regularizer", None) is not None:
+        raise ValueError(
+            f"chunked(model) cannot chunk {layer.name!r} with an activity_regularizer: its "
+            "penalty is added while the layer runs, once per chunk inside the compiled chunk "
+            "loop, where fit cannot collect it. Regularize its weights instead "
+            "(kernel_regularizer=...)."
+        )
+    if any(name == kind or _is_a(layer, kind) for kind in TIME_MIXING):
         raise ValueError(
             f"chunked(model) cannot chunk {layer.name!r} ({name}): it mixes time steps, and "
             f"a chunk sees only its own. Per-step layers only in front of and behind the "
@@ -204,6 +226,19 @@ def _check_layer(layer) -> None:
             f"chunked(model) cannot chunk {layer.name!r} with return_sequences=False: "
             f"{MANY_TO_ONE}."
         )
+
+
+def _is_a(layer, kind: str) -> bool:
+    """Whether `layer` is an instance of Keras's layer class `kind` (or of a subclass)."""
+    cls = getattr(keras.layers, kind, None)
+    return cls is not None and isinstance(layer, cls)
+
+
+def _one_draw_per_sequence(layer) -> bool:
+    if any(_is_a(layer, kind) for kind in ONE_DRAW_PER_SEQUENCE):
+        return True
+    shape = getattr(layer, "noise_shape", None) if _is_a(layer, "Dropout") else None
+    return shape is not None and len(shape) > 1 and shape[1] == 1  # one mask over time
 
 
 def _stateful(recurrent: list) -> bool:
@@ -262,11 +297,11 @@ def _per_step(layer):
     if not isinstance(layer, keras.layers.TimeDistributed):
         return layer
     inner = layer.layer
-    last_axis_norm = isinstance(inner, keras.layers.LayerNormalization) and inner.axis in (
-        -1,
-        [-1],
+    axis = getattr(inner, "axis", -1)
+    on_the_last_axis = axis in (-1, [-1]) and (
+        isinstance(inner, ON_THE_LAST_AXIS) or isinstance(inner, keras.layers.LayerNormalization)
     )
-    return inner if isinstance(inner, ON_THE_LAST_AXIS) or last_axis_norm else PerStep(inner)
+    return inner if on_the_last_axis else PerStep(inner)
 
 
 def _joined(layers: list, name: str):

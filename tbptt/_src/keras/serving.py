@@ -9,8 +9,8 @@ served.signatures["serving_default"](inputs=..., state_0=..., state_1=...)
     -> {"outputs": [B, T, O], "state_0": ..., "state_1": ...}     (flat, for TF Serving)
 ```
 
-Batch size and number of steps are free. Token ids (a chain with an inputs layer) may be int32
-or int64 in `step` and `serve` (NumPy's default is int64); the flat signature takes int32. The
+Batch size and number of steps are free. Token ids (a chain with an inputs layer) may be of any
+integer dtype in `step` and `serve` (NumPy's default is int64); the flat signature takes int32. The
 loops are the chain's own, run as TensorFlow ops (`xla=False`): a serving process needs no XLA
 compiler.
 """
@@ -19,8 +19,17 @@ import tensorflow as tf
 
 from tbptt._src.core import checks, compat
 
-# The id dtypes `step` and `serve` are traced for, the signature's first.
-ID_DTYPES = (tf.int32, tf.int64)
+# The id dtypes `step` and `serve` are traced for (every integer dtype), the signature's first.
+ID_DTYPES = (
+    tf.int32,
+    tf.int64,
+    tf.int8,
+    tf.int16,
+    tf.uint8,
+    tf.uint16,
+    tf.uint32,
+    tf.uint64,
+)
 
 
 def _check_built(chain) -> None:
@@ -49,14 +58,19 @@ class ServingModule(tf.Module):
             tf.TensorSpec([None] + leaf.shape[1:].as_list(), leaf.dtype) for leaf in leaves
         ]
         dtypes = (chain.dtype,) if chain.inputs_layer is None else ID_DTYPES
+        self._inputs_dtype = chain.dtype if chain.inputs_layer is None else tf.int64
         inputs_specs = [tf.TensorSpec(chain.input_shape, dtype) for dtype in dtypes]
         state_specs = tf.nest.pack_sequence_as(self._structure, self._state_specs)
-        # Traced for each inputs dtype: the loaded function picks the trace by its argument.
+        # The chain traced once; `step`, `serve` and the signature call that trace, each traced
+        # for every inputs dtype (the loaded function picks the trace by its argument).
+        self.chain_step = tf.function(self._chain_step)
+        self.chain_step.get_concrete_function(
+            tf.TensorSpec(chain.input_shape, self._inputs_dtype), state_specs
+        )
         self.step = tf.function(self._step)
         self.serve = tf.function(self._serve)
         for spec in inputs_specs:
             self.step.get_concrete_function(spec, state_specs)
-        for spec in inputs_specs:
             self.serve.get_concrete_function(spec)
         self.initial_state = tf.function(
             self._initial_state, input_signature=[tf.TensorSpec([], tf.int32)]
@@ -67,8 +81,11 @@ class ServingModule(tf.Module):
         ]
         self.serve_with_state = tf.function(self._serve_with_state, input_signature=named)
 
-    def _step(self, inputs, state):
+    def _chain_step(self, inputs, state):
         return self.chain(inputs, state)
+
+    def _step(self, inputs, state):
+        return self.chain_step(tf.cast(inputs, self._inputs_dtype), state)
 
     def _initial_state(self, batch_size):
         return tf.nest.pack_sequence_as(
@@ -78,8 +95,6 @@ class ServingModule(tf.Module):
                 for spec in self._state_specs
             ],
         )
-
-    # `serve` and the signature call `step`'s own traces (no trace of the chain of their own).
 
     def _serve(self, inputs):
         return self.step(inputs, self._initial_state(tf.shape(inputs)[0]))[0]

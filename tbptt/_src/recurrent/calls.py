@@ -169,16 +169,27 @@ def plan_for(
 def inputs_mask(stack: CellStack, inputs):
     """The mask Keras would give the cells: one attached to `inputs` (a Keras mask), else the
     one the inputs layer computes from them (`Embedding(mask_zero=True)`, `Masking`; of a
-    Sequential, its first layer's), else None. Never read from a chunk source."""
+    Sequential, its first layer's, if every later layer passes it on), else None. Never read
+    from a chunk source."""
     attached = compat.keras_mask(inputs)
     layer = stack.inputs_layer
     if attached is not None or layer is None or sources_lib.as_source("inputs", inputs):
         return attached
-    while isinstance(layer, keras.Sequential) and layer.layers:
-        layer = layer.layers[0]
-    if not compat.is_keras_layer(layer):
+    layers = _opened(layer)
+    if not compat.is_keras_layer(layers[0]):
         return None
-    return layer.compute_mask(tf.convert_to_tensor(inputs), None)
+    mask = layers[0].compute_mask(tf.convert_to_tensor(inputs), None)
+    # Keras drops a mask at a layer that does not support masking.
+    if mask is not None and not all(getattr(x, "supports_masking", False) for x in layers[1:]):
+        return None
+    return mask
+
+
+def _opened(layer) -> list:
+    """A layer, or the layers of a Sequential (nested ones opened), in order."""
+    if isinstance(layer, keras.Sequential):
+        return [inner for sub in layer.layers for inner in _opened(sub)] or [layer]
+    return [layer]
 
 
 def _flag(name: str, value, inputs) -> tf.Tensor | None:

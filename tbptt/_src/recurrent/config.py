@@ -50,6 +50,11 @@ class ChainConfig:
         or run them as TensorFlow ops (False: a device without an XLA compiler); None (the
         default) reads ``TBPTT_XLA`` from the environment at each call (``0``: False). Inside
         a function that XLA compiles as a whole they are compiled as part of it either way.
+      embedding_grads: "sparse" (the default): an `Embedding` table's gradient is
+        `IndexedSlices`, one row per lookup, as one Keras tape gives it (Keras's optimizers
+        step on it as on Keras's own model; B*T rows of the table's width are kept until the
+        chunks are summed); "dense": one table-sized sum, whatever T (long sequences over a
+        small vocabulary; Adam then steps otherwise than Keras on the same model).
 
     Every field is checked when the value is made, `_replace` included, so a config that exists
     is valid:
@@ -70,9 +75,11 @@ class ChainConfig:
     memory_budget: float | None = None
     check_numerics: bool = False
     xla: bool | None = None
+    embedding_grads: str = "sparse"
 
     def __post_init__(self):
         checks.choice("mode", self.mode, MODES)
+        checks.choice("embedding_grads", self.embedding_grads, ("sparse", "dense"))
         checks.choice("backend", self.backend, vjp_lib.BACKENDS)
         checks.choice("reduction", self.reduction, REDUCTIONS)
         self._set("chunk_size", _chunk_size(self.chunk_size))

@@ -256,8 +256,9 @@ def checked_cells(cells) -> list:
 def resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
     """The compute dtype; unbuilt Keras cells are set to it, built ones must have it. An unbuilt
     head or inputs layer follows too, unless it was given a dtype of its own (a float32 output
-    layer under mixed precision, as Keras advises); a built one keeps its dtype: Keras casts
-    its inputs."""
+    layer under mixed precision, as Keras advises); a built one keeps its dtype (Keras casts
+    its inputs) unless `dtype` was given, which it must then have."""
+    given = dtype is not None
     if dtype is None:
         dtype = compat.compute_dtype(cells[0]) or keras.backend.floatx()
     dtype = tf.as_dtype(dtype)
@@ -271,12 +272,16 @@ def resolve_dtype(cells: list, head, dtype, inputs_layer=None) -> tf.DType:
         if not compat.is_keras_layer(layer) or compat.compute_dtype(layer) == dtype:
             continue
         if layer.built and what != "cells":
-            if _holds_no_variables_of_its_own(layer) and not _float32_beside_16_bits(layer, dtype):
+            beside = _float32_beside_16_bits(layer, dtype)
+            if _holds_no_variables_of_its_own(layer) and not beside:
                 compat.set_compute_dtype(layer, dtype)  # a loaded Sequential: how it casts inputs
-            # Else it computes in its own dtype, as in a Keras model of layers of several
-            # dtypes (a Masking layer of the global policy in a float64 model, a float32
-            # output layer under mixed precision): Keras casts its inputs, the chain its outputs.
-            continue
+                continue
+            # Else, unless the chain's dtype was given, it computes in its own dtype, as in a
+            # Keras model of layers of several dtypes (a Masking layer of the global policy in
+            # a float64 model, a float32 output layer under mixed precision): Keras casts its
+            # inputs, the chain its outputs.
+            if beside or not given:
+                continue
         if layer.built:
             name = f"a cell ({type(layer).__name__})" if what == "cells" else f"the {what}"
             raise ValueError(

@@ -101,8 +101,12 @@ class CellStack(tf.Module):
         tables: set[int] = set()
         if self._inputs_layer is not None:
             for layer in compat.sublayers(self._inputs_layer):
-                if isinstance(layer, compat.keras.layers.Embedding) and layer.trainable:
-                    tables.update(id(v) for v in layer.trainable_variables)
+                if (
+                    isinstance(layer, compat.keras.layers.Embedding)
+                    and layer.trainable
+                    and not getattr(layer, "lora_enabled", False)  # LoRA's factors are dense
+                ):
+                    tables.add(id(layer.embeddings))
         return tuple(id(v) in tables and id(v) not in elsewhere for v in self.trainable_variables)
 
     def python_state(self) -> tuple:

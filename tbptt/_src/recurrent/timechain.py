@@ -89,7 +89,7 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         loss_dtype=loss_dtype,
         final_carry_grad=call.final_state_grad,
         record=segments_lib.Record(keep_at, config.check_numerics, static.record),
-        sparse=_sparse_variables(stack),
+        sparse=_sparse_variables(stack) if config.embedding_grads == "sparse" else (),
     )
     total = steps_of(call)
     if keep_at is None or result.kept_carry is None:
