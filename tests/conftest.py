@@ -125,6 +125,8 @@ def pytest_collection_modifyitems(config, items):
     `slow` (and `more_cases`) and run with `pytest -m slow`, as CI does. A parametrized test
     without the mark, or naming a case it does not have, is refused."""
     cases, problems = {}, []
+    # Cases chosen by id on the command line: the others are not collected to be compared.
+    chosen = any("[" in arg for arg in config.args)
     for item in items:
         if getattr(item, "callspec", None) is not None:
             cases.setdefault(item.nodeid.split("[")[0], (item, set()))[1].add(item.callspec.id)
@@ -132,7 +134,7 @@ def pytest_collection_modifyitems(config, items):
         mark = item.get_closest_marker("default_cases")
         if mark is None:
             problems.append(f"{function} has no @pytest.mark.default_cases(...)")
-        elif not mark.kwargs.get("every") and set(mark.args) - ids:
+        elif not mark.kwargs.get("every") and set(mark.args) - ids and not chosen:
             problems.append(f"{function}: no case {sorted(set(mark.args) - ids)}")
     if problems:
         raise pytest.UsageError("\n".join(problems))
