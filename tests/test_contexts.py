@@ -125,7 +125,7 @@ def initial_state(chain):
 
 
 @pytest.mark.parametrize("context", first("jit"))
-@pytest.mark.default_cases("jit", "persistent_tape", "distribute", "traced_then_taped")
+@pytest.mark.default_cases("jit", "persistent_tape")
 def test_forward_under_an_outer_tape(context, monkeypatch):
     chain = gru_lstm_chain()
     x, y = data()
@@ -275,7 +275,7 @@ def test_a_first_call_under_a_tape_traces_with_the_device_and_raises_the_loss_s_
 
 
 @pytest.mark.parametrize("context", first("function"))
-@pytest.mark.default_cases("jit", "persistent_tape", "distribute", "traced_then_taped")
+@pytest.mark.default_cases("persistent_tape", "distribute")
 def test_stream_step(context, monkeypatch):
     chain = gru_lstm_chain(mode="truncated", backprop_chunks=3)
     x, y = data(3 * 2 * K)  # three windows of two chunks
@@ -421,7 +421,7 @@ def _compile(model, context):
 
 @needs_keras3
 @pytest.mark.parametrize("context", KERAS_CONTEXTS)
-@pytest.mark.default_cases("jit", "run_eagerly", "distribute")
+@pytest.mark.default_cases("jit", "distribute")
 def test_chunked_model_fit_evaluate_predict(context, monkeypatch):
     if context == "no_xla":
         monkeypatch.setenv("TBPTT_XLA", "0")

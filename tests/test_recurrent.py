@@ -541,7 +541,7 @@ def _embedding_chain(mode: str, **options):
     [("exact", {}), ("exact", {"levels": 2}), ("exact", {"backend": "graph"})],
     ids=["exact", "levels2", "graph"],
 )
-@pytest.mark.default_cases("exact", "graph")
+@pytest.mark.default_cases("exact")
 def test_an_embedding_s_gradient_is_one_tape_s_indexed_slices_row_by_row(mode, options):
     """Keras's gradient of an Embedding: one row per lookup (Adam squares each row), here
     against one tape over Keras's RNN, row by row (chunk-major rows mapped to [B, T] order)."""
@@ -573,6 +573,7 @@ def test_an_embedding_s_gradient_is_one_tape_s_indexed_slices_row_by_row(mode, o
     )
 
 
+@pytest.mark.slow
 def test_truncated_sums_an_embedding_s_seed_sets_row_by_row():
     """Truncated with m=2: each lookup's row comes once, its ages' cotangents added; densely
     equal to TBPTT written out with one tape and stop_gradient at the cuts."""

@@ -76,8 +76,9 @@ def _serve(tmp_path, model, x):
     return path, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize("kind", ["features", "token ids"])
-@pytest.mark.default_cases("token ids")  # a subprocess each
+@pytest.mark.default_cases("token ids")
 def test_an_exported_model_serves_consecutive_windows_without_tbptt(tmp_path, kind):
     if kind == "features":
         model, x = _model(), make_sequence(2, 12, 3)
@@ -175,7 +176,7 @@ def _lite_run(path, packets, state_names):
     [("features", 1, 1), ("features", 4, 2), ("token ids", 3, 2)],
     ids=["one_step", "packets", "ids"],
 )
-@pytest.mark.default_cases("one_step", "ids")
+@pytest.mark.default_cases("ids")
 def test_a_tflite_export_streams_packets_with_the_state_in_and_out(tmp_path, kind, steps, batch):
     """Packet after packet through the TensorFlow Lite model equals Keras's RNN over the whole
     stream; the model holds only built-in operators."""
