@@ -275,7 +275,7 @@ def test_a_first_call_under_a_tape_traces_with_the_device_and_raises_the_loss_s_
 
 
 @pytest.mark.parametrize("context", first("function"))
-@pytest.mark.default_cases("persistent_tape", "distribute")
+@pytest.mark.default_cases("persistent_tape", "function")
 def test_stream_step(context, monkeypatch):
     chain = gru_lstm_chain(mode="truncated", backprop_chunks=3)
     x, y = data(3 * 2 * K)  # three windows of two chunks

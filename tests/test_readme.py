@@ -22,7 +22,9 @@ SMALLER = [
     ("for step in range(10):", "for step in range(2):"),
     ("B, T, classes = 32, 400, 5", "B, T, classes = 4, 120, 5"),
     ("np.random.randn(100_000, 8)", "np.random.randn(3_200, 8)"),
-    ("np.random.randn(16, 1000, 8)", "np.random.randn(4, 120, 8)"),
+    ("np.random.randn(16, 1000, 8)", "np.random.randn(4, 60, 8)"),
+    ("keras.layers.GRU(64, return_sequences=True)", "keras.layers.GRU(8, return_sequences=True)"),
+    ("keras.layers.LSTM(32, return_sequences=True)", "keras.layers.LSTM(4, return_sequences=True)"),
     ("chunk_sizes=[50, 100]", "chunk_sizes=[50]"),
     ("backprop_chunks=[1, 2, 4, 8]", "backprop_chunks=[1, 2]"),
 ]

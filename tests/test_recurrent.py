@@ -550,7 +550,7 @@ def test_an_embedding_s_gradient_is_one_tape_s_indexed_slices_row_by_row(mode, o
     batch, steps, size = 3, 10, 4
     ids = rng.integers(0, 11, size=[batch, steps])
     targets = rng.normal(size=[batch, steps, 2])
-    loss_fn = keras.losses.MeanSquaredError(dtype="float64")
+    loss_fn = float64_loss(keras.losses.MeanSquaredError)
     call = lambda: chain.value_and_gradients(ids, targets, loss_fn)  # noqa: E731
     result = tf.function(call)() if options.get("backend") == "graph" else call()
     with tf.GradientTape() as tape:
@@ -581,7 +581,7 @@ def test_truncated_sums_an_embedding_s_seed_sets_row_by_row():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 11, size=[3, 10])
     targets = rng.normal(size=[3, 10, 2])
-    loss_fn = keras.losses.MeanSquaredError(reduction="sum", dtype="float64")
+    loss_fn = float64_loss(keras.losses.MeanSquaredError, reduction="sum")
     got = chain.value_and_gradients(ids, targets, loss_fn).grads[0]
     assert isinstance(got, tf.IndexedSlices) and got.values.shape[0] == 30
     rnn = keras.layers.RNN(
@@ -611,7 +611,7 @@ def test_under_xla_an_embedding_s_gradient_is_dense_with_a_warning():
     chain, _ = _embedding_chain("exact")
     ids = np.random.default_rng(2).integers(0, 11, size=[3, 10])
     targets = np.zeros([3, 10, 2])
-    loss_fn = keras.losses.MeanSquaredError(dtype="float64")
+    loss_fn = float64_loss(keras.losses.MeanSquaredError)
     run = tf.function(lambda: chain.value_and_gradients(ids, targets, loss_fn), jit_compile=True)
     with pytest.warns(UserWarning, match="summed densely.*jit_compile=False"):
         grads = run().grads
