@@ -33,6 +33,7 @@ CELLS = {
 
 @pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("kind", sorted(CELLS))
+@pytest.mark.default_cases(every=True)  # runs only where tensorflow-addons is (CI's TF 2.15 leg)
 def test_exact_equals_full_bptt(kind, backend):
     chain = tbptt.RecurrentChain(
         [CELLS[kind]()],
@@ -51,6 +52,7 @@ def test_exact_equals_full_bptt(kind, backend):
 
 
 @pytest.mark.parametrize("kind", sorted(CELLS))
+@pytest.mark.default_cases(every=True)
 def test_truncated_equals_stop_gradient_reference(kind):
     chain = tbptt.RecurrentChain(
         [CELLS[kind]()], chunk_size=3, mode="truncated", backprop_chunks=2, dtype="float64"

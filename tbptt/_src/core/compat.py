@@ -203,7 +203,7 @@ def left_as_it_was(part):
     (moving statistics, seed generators' states) are restored, and the dropout masks a Keras
     RNN cell caches on itself while it runs (Keras's RNN layer clears them after its loop) are
     cleared, so a probe leaves the user's layers as they were."""
-    state = unique(list(getattr(part, "non_trainable_variables", None) or []) + seed_states(part))
+    state = unique(_non_trainable(part) + seed_states(part))
     saved = [tf.identity(v) for v in state]
     try:
         yield
@@ -213,6 +213,13 @@ def left_as_it_was(part):
         for layer in sublayers(part):
             for clear in ("reset_dropout_mask", "reset_recurrent_dropout_mask"):
                 getattr(layer, clear, lambda: None)()
+
+
+def _non_trainable(part) -> list:
+    try:
+        return list(getattr(part, "non_trainable_variables", None) or [])
+    except (TypeError, ValueError):  # Keras 2: an unbuilt Sequential asks to be built first
+        return []
 
 
 def sublayers(layer) -> list:
