@@ -73,17 +73,7 @@ class Stream(tf.train.experimental.PythonState):
         first = _local(self._strategy(), tf.nest.flatten(data)[0])
         if self._chain.config.schedule.context_chunks:
             check_window(self._chain.config, first.shape[1])
-        if self.carry is None:
-            return
-        carried = _local(self._strategy(), tf.nest.flatten(self.carry.state)[0])
-        if first.shape[0] != carried.shape[0]:
-            warnings.warn(
-                f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
-                f"follows {carried.shape[0]} carried streams; the carried state is "
-                "reset. Use batches of one size (drop_remainder=True) to carry the "
-                "state through.",
-                stacklevel=4,
-            )
+        if self.carry is not None and _other_size(first, self._strategy(), self.carry.state):
             self.reset()
 
     def stepped(self, carry: StreamCarry, final_state) -> None:
@@ -186,17 +176,23 @@ class Carried:
         """A batch of another size than the carried streams resets the state, with a warning."""
         if self.state is None:
             return
-        first = _local(self._strategy(), tf.nest.flatten(data)[0])
-        carried = _local(self._strategy(), tf.nest.flatten(self.state)[0])
-        if first.shape[0] != carried.shape[0]:
-            warnings.warn(
-                f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows "
-                f"follows {carried.shape[0]} carried streams; the carried state is "
-                "reset. Use batches of one size (drop_remainder=True) to carry the "
-                "state through.",
-                stacklevel=4,
-            )
+        strategy = self._strategy()
+        if _other_size(_local(strategy, tf.nest.flatten(data)[0]), strategy, self.state):
             self.reset()
+
+
+def _other_size(first: tf.Tensor, strategy, state) -> bool:
+    """Whether a batch's rows differ from the carried streams' (warned: the state is reset)."""
+    carried = _local(strategy, tf.nest.flatten(state)[0])
+    if first.shape[0] == carried.shape[0]:
+        return False
+    warnings.warn(
+        f"ChunkedModel(stateful=True): a batch of {first.shape[0]} rows follows "
+        f"{carried.shape[0]} carried streams; the carried state is reset. Use batches of one "
+        "size (drop_remainder=True) to carry the state through.",
+        stacklevel=5,
+    )
+    return True
 
 
 # -- the step loops of a stateful model: Keras's own run one batch from nothing -------------------
