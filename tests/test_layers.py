@@ -238,7 +238,7 @@ def test_gru_step_backward_is_the_transpose_of_the_step(reset_after):
     dh_prev, d_step = gru.step_backward(
         dh, h, z, r, hh, aux, gru.kernels_of(kernel, reset_after), reset_after
     )
-    d_x, d_inner = gru.step_parts(d_step, 4, reset_after)
+    d_x, d_inner = gru.step_parts(d_step, reset_after)
     d_kernel = tf.matmul(h, d_inner, transpose_a=True)  # the gates' (or all) columns
     if not reset_after:  # the candidate's columns multiply the reset state r * h
         d_kernel = tf.concat([d_kernel, tf.matmul(aux, d_x[:, 8:], transpose_a=True)], axis=1)
@@ -255,6 +255,7 @@ def test_lstm_step_backward_is_the_transpose_of_the_step():
         total = tf.reduce_sum(h_new * dh) + tf.reduce_sum(c_new * dc)
     expected = tape.gradient(total, [x, h, c, kernel])
     dh_prev, dc_prev, d_x = lstm.step_backward(dh, dc, c, i, f, o, g, tanh_c, kernel)
+    d_x = tf.concat(d_x, axis=1)
     d_kernel = tf.matmul(h, d_x, transpose_a=True)
     assert_all_close([d_x, dh_prev, dc_prev, d_kernel], expected, 1e-13)
 

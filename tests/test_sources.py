@@ -37,9 +37,19 @@ def test_memmap_inputs_and_targets_equal_in_memory(tmp_path, mode, backend):
     assert_all_close(result.initial_state_grad, expected.initial_state_grad, 1e-12)
 
 
-def test_callable_source_reads_each_chunk_twice_and_nothing_more():
-    """Once in the forward sweep, once in the backward recompute (the loop may read ahead);
-    the last chunk only in the recompute, which gives the final state."""
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (None, [(0, 4), (0, 4), (4, 8), (4, 8), (8, 10)]),
+        ("auto", [(0, 4), (4, 8), (8, 10)]),
+    ],
+    ids=["least-memory", "all-kept"],
+)
+@pytest.mark.default_cases("least-memory", "all-kept")
+def test_callable_source_reads_each_chunk_as_often_as_it_runs_and_nothing_more(budget, expected):
+    """With the least memory, once in the forward sweep and once in the backward recompute
+    (the loop may read ahead), the last chunk only in the recompute, which gives the final
+    state; when the whole call fits the budget, once."""
     x, y = make_sequence(2, 10, 3, "float64"), make_sequence(2, 10, 2, "float64", offset=0.5)
     reads = []
 
@@ -47,11 +57,11 @@ def test_callable_source_reads_each_chunk_twice_and_nothing_more():
         reads.append((start, stop))
         return x[:, start:stop]
 
-    model = chain()
-    expected = model.value_and_gradients(x, y, l1_loss)
+    model = chain(memory_budget=budget)
+    expected_result = model.value_and_gradients(x, y, l1_loss)
     result = model.value_and_gradients(tbptt.ChunkSource(fetch, x.shape, "float64"), y, l1_loss)
-    assert_all_close(result.grads, expected.grads, 1e-12)
-    assert sorted(reads) == [(0, 4), (0, 4), (4, 8), (4, 8), (8, 10)]
+    assert_all_close(result.grads, expected_result.grads, 1e-12)
+    assert sorted(reads) == expected
 
 
 def test_a_new_source_of_another_length_costs_no_trace(tmp_path):

@@ -1,17 +1,25 @@
-"""Choosing the chunk size: how many time steps a chunk holds, from T and a memory budget.
+"""Choosing the chunk size and how many chunks the exact backward keeps, from a memory budget.
 
 The memory the chunked backward keeps alive, per batch element, in floats:
 
 ```
 levels=1:  ceil(T/K) * S           (one boundary state per chunk)
-         + K * A                   (the activations of one chunk)
-levels=2:  ceil(T/(K*G)) * S + G * S + K * A      (G chunks per group, G = ceil(sqrt(T/K)))
+         + G * K * A               (the activations of the G chunks differentiated as one run)
+levels=2:  ceil(T/(K*G2)) * S + G2 * S + K * A      (G2 chunks per group, G2 = ceil(sqrt(T/K)))
 ```
 
-with S the floats of one state (all layers) and A ~ F + 10 * S the floats one time step keeps
-for its backward (its inputs, and the gates and outputs of each layer). With no budget, K is
-about sqrt(T) (levels=1) or T^(1/3) (levels=2), which minimizes the sum up to a constant factor.
-With a budget, K is the largest chunk that fits: fewer chunks, less loop overhead.
+with S the floats of one state (all layers) and A ~ F + 10 * S + 3 * O the floats one time
+step keeps for its backward (its inputs, the gates and outputs of each layer, the head's
+outputs and what the loss keeps of them). With no budget, K is about sqrt(T) (levels=1) or
+T^(1/3) (levels=2), which minimizes the sum up to a constant factor, and G = 1: every chunk but
+the last runs twice (the forward sweep, then the recompute).
+
+A budget buys speed with memory. The default, "auto" (`DEFAULT_MEMORY_BUDGET`, 1 GiB), keeps
+everything when the whole call fits in it, one forward and one backward as one tape over the
+sequence would, and otherwise the least memory (G = 1): a long sequence costs what it cost
+without a budget. A budget in bytes keeps the trailing chunks that fit (G > 1, only the
+chunks before them recomputed) and, with chunk_size="auto", takes the largest chunk that fits:
+fewer chunks, less loop overhead.
 """
 
 import math
@@ -20,17 +28,24 @@ from typing import NamedTuple
 import tensorflow as tf
 
 FLOATS_PER_STATE_VALUE_AND_STEP = 10
+FLOATS_PER_OUTPUT_VALUE_AND_STEP = 3
+# memory_budget="auto": a fixed size (not a share of this machine's memory), so that a call is
+# cut the same way, and gives the same floats, on every machine.
+DEFAULT_MEMORY_BUDGET = 2**30
 
 
 class ChunkPlan(NamedTuple):
     """How a sequence of `steps` is cut: chunks of `chunk_size` steps, `group` chunks per coarse
-    segment with levels=2 (None with levels=1), and the estimated bytes kept alive."""
+    segment with levels=2 (None with levels=1), the estimated bytes kept alive, and
+    `kept_chunks`, how many trailing chunks the exact backward keeps as one run (`chunks`: one
+    forward and one backward, nothing recomputed; 1: every chunk but the last recomputed)."""
 
     steps: int
     chunk_size: int
     chunks: int
     group: int | None
     estimated_bytes: int
+    kept_chunks: int = 1
 
 
 def group_size(chunks: int) -> int:
@@ -51,6 +66,7 @@ def estimated_bytes(
     state_floats: int,
     step_floats: int,
     itemsize: int,
+    kept_chunks: int = 1,
 ) -> int:
     """The memory model of the module docstring, in bytes."""
     chunks = math.ceil(steps / chunk_size)
@@ -59,7 +75,28 @@ def estimated_bytes(
     else:
         group = group_size(chunks)
         kept = math.ceil(chunks / group) * state_floats + group * state_floats
-    return batch * itemsize * (kept + chunk_size * step_floats)
+    run = min(kept_chunks * chunk_size, steps)
+    return batch * itemsize * (kept + run * step_floats)
+
+
+def kept_chunks(
+    memory_budget, chunks, chunk_size, batch, state_floats, step_floats, itemsize
+) -> tf.Tensor:
+    """How many trailing chunks the exact backward keeps as one run (see the module
+    docstring): from Python numbers, or from tensors inside a compiled call (the batch size
+    and T may be known only there). An int32 tensor in [1, chunks]."""
+    if memory_budget is None:
+        return tf.ones([], tf.int32)
+    as_float = lambda x: tf.cast(x, tf.float64)  # noqa: E731
+    chunks = tf.cast(chunks, tf.int32)
+    row = as_float(batch) * itemsize
+    states = row * as_float(chunks) * state_floats
+    per_chunk = row * as_float(chunk_size) * step_floats
+    if memory_budget == "auto":
+        fits = as_float(chunks) * per_chunk <= DEFAULT_MEMORY_BUDGET
+        return tf.where(fits, chunks, 1)
+    fitting = tf.math.floor((memory_budget - states) / per_chunk)  # clipped before the cast
+    return tf.cast(tf.clip_by_value(fitting, 1.0, as_float(tf.maximum(chunks, 1))), tf.int32)
 
 
 def plan(
@@ -70,27 +107,41 @@ def plan(
     memory_budget,
     batch: int,
     state_floats: int,
-    features: int,
+    step_floats: int,
     itemsize: int,
+    keeps_runs: bool = True,
 ) -> ChunkPlan:
-    """The chunking of one sequence (see the module docstring).
+    """The chunking of one sequence (see the module docstring); `step_floats` is A, and
+    `keeps_runs` whether the backward may keep trailing chunks as one run (exact, one level).
 
     Raises:
       ValueError: when no chunk size fits `memory_budget`.
     """
-    step_floats = features + FLOATS_PER_STATE_VALUE_AND_STEP * state_floats
 
-    def cost(size):
-        return estimated_bytes(steps, size, levels, batch, state_floats, step_floats, itemsize)
+    def cost(size, kept=1):
+        return estimated_bytes(
+            steps, size, levels, batch, state_floats, step_floats, itemsize, kept
+        )
 
+    least = math.ceil(steps ** (1 / 2 if levels == 1 else 1 / 3))
+    if memory_budget == "auto" and not keeps_runs:
+        memory_budget = None  # the default budget only buys the exact one-level backward speed
     if chunk_size != "auto":
         size = min(chunk_size, steps)
     elif memory_budget is None:
-        size = math.ceil(steps ** (1 / 2 if levels == 1 else 1 / 3))
+        size = least
+    elif memory_budget == "auto":
+        size = steps if steps * step_floats * batch * itemsize <= DEFAULT_MEMORY_BUDGET else least
     else:
         size = _evened(steps, _largest_fitting(steps, levels, memory_budget, cost), cost)
     chunks = math.ceil(steps / size)
-    return ChunkPlan(steps, size, chunks, group_size(chunks) if levels == 2 else None, cost(size))
+    kept = 1
+    if keeps_runs and levels == 1:
+        kept = int(
+            kept_chunks(memory_budget, chunks, size, batch, state_floats, step_floats, itemsize)
+        )
+    group = group_size(chunks) if levels == 2 else None
+    return ChunkPlan(steps, size, chunks, group, cost(size, kept), kept)
 
 
 def _evened(steps: int, largest: int, cost) -> int:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from tbptt._src.core import checks, chunking, compat
+from tbptt._src.core import checks, chunking, compat, schedules
 from tbptt._src.core import sources as sources_lib
 from tbptt._src.recurrent import losses
 from tbptt._src.recurrent.config import ChainConfig
@@ -153,7 +153,6 @@ def plan_for(
     config: ChainConfig, stack: CellStack, steps: int, batch: int, features: int | None = None
 ) -> chunking.ChunkPlan:
     """`chunking.plan` for this chain's configuration and state size."""
-    features = stack.features if features is None else features
     return chunking.plan(
         steps,
         chunk_size=config.chunk_size,
@@ -161,8 +160,35 @@ def plan_for(
         memory_budget=config.memory_budget,
         batch=batch,
         state_floats=stack.state_floats,
-        features=int(features or 0),
+        step_floats=step_floats(stack, features),
         itemsize=stack.dtype.size,
+        keeps_runs=keeps_runs(config, stack),
+    )
+
+
+def step_floats(stack: CellStack, features: int | None = None) -> int:
+    """A of `chunking`: the floats one time step keeps for its backward, per row (for inputs
+    of `features`; None: the built chain's F)."""
+    features = stack.features if features is None else features
+    return (
+        int(features or 0)
+        + chunking.FLOATS_PER_STATE_VALUE_AND_STEP * stack.state_floats
+        + chunking.FLOATS_PER_OUTPUT_VALUE_AND_STEP * stack.output_floats
+    )
+
+
+def keeps_runs(config: ChainConfig, stack: CellStack, record: bool = False) -> bool:
+    """Whether the exact backward may keep trailing chunks as one run (`chain.grouped`): the
+    exact one-level schedule, with a budget, no per-chunk record (check_numerics names the
+    chunk, diagnostics read every cut), and no embedding's rows (autodiff of a run's loop
+    over chunks would sum them into one dense table)."""
+    schedule = config.schedule
+    sparse = config.embedding_grads == "sparse" and bool(stack.embedding_layers())
+    return (
+        isinstance(schedule, schedules.Exact)
+        and not schedule.grouped
+        and config.memory_budget is not None
+        and not (config.check_numerics or record or sparse)
     )
 
 

@@ -40,8 +40,13 @@ class ChainConfig:
       levels: 1 keeps a state at every cut; 2 (exact mode) keeps one every ~sqrt(T/K) chunks
         and recomputes the others group by group in the backward pass: memory of about T^(1/3)
         states for one more forward pass.
-      memory_budget: with chunk_size="auto", the bytes the backward may keep alive; the largest
-        chunk size that fits is taken (ValueError when none does).
+      memory_budget: what the exact backward may keep alive, for speed. "auto" (the default,
+        1 GiB): when a call's activations fit in it, they are all kept (one forward and one
+        backward, as one tape over the sequence; with chunk_size="auto" the whole sequence is
+        one chunk), else only one chunk's (every chunk but the last runs twice: the least
+        memory, whatever T). Bytes: the trailing chunks that fit are kept and only the others
+        run twice; with chunk_size="auto" the largest chunk that fits is taken (ValueError
+        when none does). None: the least memory always. See `RecurrentChain.chunk_plan`.
       check_numerics: test every chunk's carried state, loss, carried dLoss/dstate and weight
         gradients for NaN/Inf in `value_and_gradients`, and raise `tbptt.NonFiniteError`
         naming the chunk where one first appeared (inside a tf.function:
@@ -72,7 +77,7 @@ class ChainConfig:
     dtype: tf.DType | None = None
     compiled: bool = True
     levels: int = 1
-    memory_budget: float | None = None
+    memory_budget: float | str | None = "auto"
     check_numerics: bool = False
     xla: bool | None = None
     embedding_grads: str = "sparse"
@@ -83,7 +88,7 @@ class ChainConfig:
         checks.choice("backend", self.backend, vjp_lib.BACKENDS)
         checks.choice("reduction", self.reduction, REDUCTIONS)
         self._set("chunk_size", _chunk_size(self.chunk_size))
-        self._set("memory_budget", _memory_budget(self.memory_budget, self.chunk_size))
+        self._set("memory_budget", _memory_budget(self.memory_budget))
         self._set(
             "backprop_chunks",
             checks.positive_int(
@@ -178,18 +183,17 @@ def _chunk_size(value):
     )
 
 
-def _memory_budget(value, chunk_size):
-    if value is None:
-        return None
+def _memory_budget(value):
+    """A positive number of bytes, "auto" or None."""
+    if value is None or value == "auto":
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise (
             ValueError
-            if isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if isinstance(value, numbers.Real | str) and not isinstance(value, bool)
             else TypeError
-        )(f"memory_budget must be a positive number of bytes (or None), got {value!r}.")
-    if chunk_size != "auto":
-        raise ValueError(
-            f"memory_budget only applies with chunk_size='auto'; got chunk_size="
-            f"{chunk_size!r}. Pass chunk_size='auto' or drop memory_budget."
+        )(
+            f"memory_budget must be a positive number of bytes, 'auto' or None, got "
+            f"{value!r}. For example memory_budget=4e9 keeps up to 4 GB of activations."
         )
     return float(value)

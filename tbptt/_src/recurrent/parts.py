@@ -34,10 +34,12 @@ def build_inputs_layer(layer, input_shape: tf.TensorShape, dtype, compute_dtype,
     return features, [problem]
 
 
-def build_cells_and_head(cells, head, features, input_shape, zeros, dtype, reach: int) -> list:
+def build_cells_and_head(
+    cells, head, features, input_shape, zeros, dtype, reach: int
+) -> tuple[list, int]:
     """Builds and checks the cells and the head for inputs of F `features` (`zeros()`: the
-    zero state of each layer, ``[1, ...]``): why a recompute could not replay each part's
-    draws (or None)."""
+    zero state of each layer, ``[1, ...]``). Returns why a recompute could not replay each
+    part's draws (or None), and the floats the stack puts out per step and row."""
     if features is None:
         raise ValueError(
             f"inputs must have a known feature size (the last axis) to build the chain's "
@@ -51,7 +53,17 @@ def build_cells_and_head(cells, head, features, input_shape, zeros, dtype, reach
             problems.append(check_part(head, "head", tf.cast(x, dtype), dtype))
     # Again outside init_scope, which pauses tapes: which variables does each part read?
     _run_parts(cells, head, features, zeros, dtype, owned=True)
-    return problems
+    return problems, _output_floats(head, int(top.shape[-1]))
+
+
+def _output_floats(head, units: int) -> int:
+    """The floats the head puts out per step and row (of its last axis; the top layer's
+    `units` without a head, or where the head cannot say)."""
+    try:
+        shape = head.compute_output_shape((2, 2, units))
+        return int(shape[-1]) if shape[-1] is not None else units
+    except Exception:  # a plain function, or a layer without compute_output_shape
+        return units
 
 
 def _run_parts(cells, head, features, zeros, dtype, *, owned: bool) -> tuple:

@@ -62,6 +62,7 @@ class CellStack(tf.Module):
         self._state_sizes = [cell.state_size for cell in self._cells]
         self.leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self.features = None  # F of the cells' inputs, once built
+        self.output_floats = 0  # O of the head's outputs per step and row, once built
         self.input_tail: tuple | None = None  # the inputs' shape after [B, T], once built
         # The seed generators' states of the inputs layer and the head, replayed per chunk,
         # and why a call that recomputes chunks could not replay a part's draws (see
@@ -98,16 +99,21 @@ class CellStack(tf.Module):
         """Per trainable variable: whether one tape gives its gradient as `IndexedSlices`, one
         row per lookup (an `Embedding` table of the inputs layer that nothing else reads)."""
         elsewhere = {id(v) for part in self.parts[1:] for v in compat.trainable_variables_of(part)}
-        tables: set[int] = set()
-        if self._inputs_layer is not None:
-            for layer in compat.sublayers(self._inputs_layer):
-                if (
-                    isinstance(layer, compat.keras.layers.Embedding)
-                    and layer.trainable
-                    and not getattr(layer, "lora_enabled", False)  # LoRA's factors are dense
-                ):
-                    tables.add(id(layer.embeddings))
+        tables = {id(layer.embeddings) for layer in self.embedding_layers()}
         return tuple(id(v) in tables and id(v) not in elsewhere for v in self.trainable_variables)
+
+    def embedding_layers(self) -> list:
+        """The inputs layer's trainable `Embedding` layers (built or not; LoRA's are left out:
+        their factors' gradients are dense)."""
+        if self._inputs_layer is None:
+            return []
+        return [
+            layer
+            for layer in compat.sublayers(self._inputs_layer)
+            if isinstance(layer, compat.keras.layers.Embedding)
+            and layer.trainable
+            and not getattr(layer, "lora_enabled", False)
+        ]
 
     def python_state(self) -> tuple:
         """The Python attributes of the parts and their layers that a trace may read
@@ -199,9 +205,10 @@ class CellStack(tf.Module):
             def zeros():  # made where they are used: eagerly, or in the graph being traced
                 return self._per_layer([tf.zeros((1, *s), self.dtype) for s in self.leaf_shapes])
 
-            problems += parts.build_cells_and_head(
+            more, self.output_floats = parts.build_cells_and_head(
                 self._cells, self._head, features, input_shape, zeros, self.dtype, reach
             )
+            problems += more
             self._replay_problems = [p for p in problems if p is not None]
             self.features = features
             self.seed_states = compat.unique(

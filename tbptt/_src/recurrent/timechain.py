@@ -28,7 +28,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from tbptt._src.core import chain as chain_lib
-from tbptt._src.core import checks, compat
+from tbptt._src.core import checks, chunking, compat
 from tbptt._src.core import segments as segments_lib
 from tbptt._src.core import sources as sources_lib
 from tbptt._src.core import vjp as vjp_lib
@@ -80,6 +80,9 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         draws=draws,
     )
     keep_at = None if call.context_steps is None else config.schedule.context_start(segments_.count)
+    sparse = _sparse_variables(stack) if config.embedding_grads == "sparse" else ()
+    if keep_at is None and _keeps_runs(config, stack, static):
+        segments_ = chain_lib.grouped(segments_, _run_length(config, stack, call), loss_dtype)
     result = chain_lib.gradients(
         segments_,
         call.state,
@@ -89,7 +92,7 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         loss_dtype=loss_dtype,
         final_carry_grad=call.final_state_grad,
         record=segments_lib.Record(keep_at, config.check_numerics, static.record),
-        sparse=_sparse_variables(stack) if config.embedding_grads == "sparse" else (),
+        sparse=sparse,
     )
     total = steps_of(call)
     if keep_at is None or result.kept_carry is None:
@@ -105,6 +108,28 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
         kept_from,
         result.non_finite,
         result.carry_grad_norms,
+    )
+
+
+def _keeps_runs(config: ChainConfig, stack, static: Static) -> bool:
+    """Whether this call keeps trailing chunks as one run (`calls.keeps_runs`): never inside
+    XLA, where a run's loop over chunks cannot be differentiated (its shapes are no
+    compile-time constants there)."""
+    return calls.keeps_runs(config, stack, static.record) and not compat.in_xla_context()
+
+
+def _run_length(config: ChainConfig, stack, call: Call) -> tf.Tensor:
+    """How many trailing chunks the backward keeps as one run (`chunking.kept_chunks`), from
+    this call's batch size and T, which may be known only inside the compiled function."""
+    size = call.chunk_size
+    return chunking.kept_chunks(
+        config.memory_budget,
+        (steps_of(call) + size - 1) // size,
+        size,
+        calls.batch_size(call.state[0]),
+        stack.state_floats,
+        calls.step_floats(stack),
+        stack.dtype.size,
     )
 
 

@@ -16,22 +16,24 @@ from tbptt._src.recurrent.loops import compiled, timeloop
 def step(
     x, h, recurrent_kernel, recurrent_bias, reset_after: bool, activation, recurrent_activation
 ):
-    """Keras `GRUCell.call` on ``x = inputs @ kernel + input_bias`` ``[B, 3U]``.
+    """Keras `GRUCell.call` on ``x = inputs @ kernel + input_bias``: ``[B, 3U]``, or its three
+    gates' parts ``[B, U]`` (update, reset, candidate), as the compiled loops read them.
 
     Returns ``(h, z, r, hh, aux)``: the new state, the gates, the candidate, and what the
     backward needs of the candidate's recurrent term (reset_after: ``h @ U_h + b``; else the
     reset state ``r * h``).
     """
     units = recurrent_kernel.shape[0]
-    x_gates, x_candidate = tf.split(x, [2 * units, units], axis=1)
+    x_z, x_r, x_candidate = timeloop.parts_of(x, 3)
     if reset_after:
         inner = tf.matmul(h, recurrent_kernel)
         if recurrent_bias is not None:
             inner = tf.nn.bias_add(inner, recurrent_bias)
-        inner_gates, aux = tf.split(inner, [2 * units, units], axis=1)
+        aux = inner[:, 2 * units :]
     else:
-        inner_gates = tf.matmul(h, recurrent_kernel[:, : 2 * units])
-    z, r = tf.split(recurrent_activation(x_gates + inner_gates), 2, axis=1)
+        inner = tf.matmul(h, recurrent_kernel[:, : 2 * units])
+    z = recurrent_activation(x_z + inner[:, :units])
+    r = recurrent_activation(x_r + inner[:, units : 2 * units])
     if reset_after:
         candidate = r * aux
     else:
@@ -94,10 +96,10 @@ def step_backward(dh, h_prev, z, r, hh, aux, kernels: Kernels, reset_after: bool
 
     Returns:
       ``(dh_prev [B, U], d_step)``: the gradient of the state entering the step, and the
-      step's other gradients in one tensor (one write per step in a loop; `step_parts`
-      splits them). Its first columns are the recurrent matmul's output gradient ``d_inner``
-      (gates, then with reset_after the candidate's recurrent term), then the candidate's
-      pre-activation gradient: ``[B, 4U]`` reset_after, else ``[B, 3U]``.
+      step's other gradients as a tuple of ``[B, U]`` parts (one write each per step in a
+      loop; `step_parts` joins them): the recurrent matmul's output gradient ``d_inner``
+      (the gates', then with reset_after the candidate's recurrent term), then the
+      candidate's pre-activation gradient.
     """
     d_pre_candidate = dh * (1 - z) * (1 - hh * hh)
     dz = dh * (h_prev - hh)
@@ -108,52 +110,55 @@ def step_backward(dh, h_prev, z, r, hh, aux, kernels: Kernels, reset_after: bool
         d_reset_state = tf.matmul(d_pre_candidate, kernels.candidate, transpose_b=True)
         dr = d_reset_state * h_prev
         dh_prev += d_reset_state * r
-    d_inner = tf.concat(
-        [dz * z * (1 - z), dr * r * (1 - r)] + ([d_pre_candidate * r] if reset_after else []),
-        axis=1,
-    )
-    dh_prev += tf.matmul(d_inner, kernels.inner, transpose_b=True)
-    return dh_prev, tf.concat([d_inner, d_pre_candidate], axis=1)
+    d_inner = [dz * z * (1 - z), dr * r * (1 - r)] + ([d_pre_candidate * r] if reset_after else [])
+    dh_prev += tf.matmul(tf.concat(d_inner, axis=1), kernels.inner, transpose_b=True)
+    return dh_prev, tuple(d_inner) + (d_pre_candidate,)
 
 
-def step_parts(d_step: tf.Tensor, units: int, reset_after: bool) -> tuple:
-    """`step_backward`'s d_step ``[..., 4U or 3U]`` -> (the projected input's gradient
+def step_parts(d_step: tuple, reset_after: bool) -> tuple:
+    """`step_backward`'s d_step parts ``[..., U]`` -> (the projected input's gradient
     ``[..., 3U]``: gates then candidate, the recurrent matmul's output gradient ``[..., 3U
     or 2U]``)."""
-    inner = d_step[..., :-units]
-    if not reset_after:
-        return d_step, inner
-    return tf.concat([d_step[..., : 2 * units], d_step[..., 3 * units :]], axis=-1), inner
+    gates, candidate = list(d_step[:2]), d_step[-1]
+    inner = tf.concat(list(d_step[:-1]), axis=-1)
+    return tf.concat(gates + [candidate], axis=-1), inner
 
 
 def forward_loop(
     projected, length, h0, recurrent_kernel, recurrent_bias, *flags, reset_after: bool, kinds: tuple
 ):
     """`step` over the first `length` steps of ``projected [P, B, 3U]``, each `timeloop.flagged`
-    by `flags` (the `kinds` of `timeloop.padded_flags`): ``(saved [P, B, 5U or 6U], h_length)``,
-    where each step saved (h, z, r, hh, aux), and with flags the state it started from, in one
-    write (zeros past `length`)."""
-    xs = timeloop.readable(projected)
+    by `flags` (the `kinds` of `timeloop.padded_flags`): ``(*saved, h_length)``, where saved
+    are ``[P, B, U]`` arrays of each step's (h, z, r, hh, aux), and with flags the state it
+    started from (zeros past `length`).
+
+    Each value a step reads or writes is an array of its own: XLA's CPU code for a step that
+    slices a value read at step t (a dynamic slice) is element by element, several times
+    slower than the step's matmul."""
+    xs = timeloop.readable_parts(projected, 3)
     flags_at = timeloop.flag_steps(flags, kinds)
 
     def body(t, h, saved):
         reset, mask = flags_at(t)
         h_in = timeloop.entering([h], reset)[0]
         values = step(
-            xs.read(t), h_in, recurrent_kernel, recurrent_bias, reset_after, tf.tanh, tf.sigmoid
+            [x.read(t) for x in xs],
+            h_in,
+            recurrent_kernel,
+            recurrent_bias,
+            reset_after,
+            tf.tanh,
+            tf.sigmoid,
         )
-        h_next = timeloop.leaving([values[0]], [h_in], mask)[
-            0
-        ]  # a masked row outputs the kept state
+        # a masked row outputs the kept state
+        h_next = timeloop.leaving([values[0]], [h_in], mask)[0]
         row = (h_next,) + values[1:] + ((h_in,) if flags else ())
-        return t + 1, h_next, saved.write(t, tf.concat(row, axis=1))
+        return t + 1, h_next, timeloop.written(saved, t, row)
 
-    _, h_last, saved = tf.while_loop(
-        lambda t, *_: t < length,
-        body,
-        (tf.constant(0), h0, tf.TensorArray(projected.dtype, size=timeloop.length_of(projected))),
-    )
-    return saved.stack(), h_last
+    count = 6 if flags else 5
+    start = (tf.constant(0), h0, timeloop.arrays(projected.dtype, projected, count))
+    _, h_last, saved = tf.while_loop(lambda t, *_: t < length, body, start)
+    return tuple(a.stack() for a in saved) + (h_last,)
 
 
 @functools.cache
@@ -169,17 +174,17 @@ def sequence(reset_after: bool, jit: bool, kinds: tuple = ()):
     def gru_sequence(projected, length, h0, recurrent_kernel, recurrent_bias, *flags):
         kept_dtype = recurrent_kernel.dtype  # float32 under mixed precision: cast in here
         kernel, bias = (tf.cast(w, projected.dtype) for w in (recurrent_kernel, recurrent_bias))
-        saved, h_last = compiled.loop_function(
+        *saved, h_last = compiled.loop_function(
             forward_loop, jit, reset_after=reset_after, kinds=kinds
         )(projected, length, h0, kernel, bias, *flags)
-        outputs = saved[..., : recurrent_kernel.shape[0]]
+        outputs = saved[0]
 
         def grad(d_outputs, d_last):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_last = tf.zeros_like(h0) if d_last is None else d_last
             d_projected, d_h0, d_kernel, d_bias = compiled.loop_function(
                 backward_loop, jit, reset_after=reset_after, kinds=kinds, kept_dtype=kept_dtype
-            )(d_outputs, d_last, length, h0, saved, kernel, bias, *flags)
+            )(d_outputs, d_last, length, h0, kernel, bias, *saved, *flags)
             return (d_projected, None, d_h0, d_kernel, d_bias) + (None,) * len(flags)
 
         return (outputs, h_last), grad
@@ -192,48 +197,47 @@ def backward_loop(
     d_last,
     length,
     h0,
-    saved,
     recurrent_kernel,
     recurrent_bias,
-    *flags,
+    *saved_and_flags,
     reset_after: bool,
     kinds: tuple,
     kept_dtype: tf.DType,
 ):
     """The gradients of `sequence`'s inputs: `step_backward` over the steps in
-    reverse (one read and one write per step, through the flags' `where`s), then the
+    reverse (reads and writes of ``[B, U]`` arrays, through the flags' `where`s), then the
     recurrent weights' gradients as one matmul over all steps, in their `kept_dtype` (the
-    padded steps' gradients are zero)."""
-    units = recurrent_kernel.shape[0]
+    padded steps' gradients are zero). `saved_and_flags`: `forward_loop`'s saved arrays, then
+    the flags."""
+    saved_count = 6 if kinds else 5
+    saved, flags = saved_and_flags[:saved_count], saved_and_flags[saved_count:]
     # The state each step started from: saved with flags, else the previous step's output.
-    previous = saved[..., 5 * units :] if flags else timeloop.previous(h0, saved[..., :units])
-    step_values = timeloop.readable(
-        tf.concat([d_outputs, previous, saved[..., units : 5 * units]], axis=-1)
-    )
+    previous = saved[5] if flags else timeloop.previous(h0, saved[0])
+    step_values = [timeloop.readable(v) for v in (d_outputs, previous) + tuple(saved[1:5])]
     kernels = kernels_of(recurrent_kernel, reset_after)
     flags_at = timeloop.flag_steps(flags, kinds)
 
     def back(i, dh, d_steps):
         t = length - 1 - i
-        d_output, h_prev, z, r, hh, aux = tf.split(step_values.read(t), 6, axis=1)
+        d_output, h_prev, z, r, hh, aux = [v.read(t) for v in step_values]
 
         def transposed(d_new):
             dh_prev, d_step = step_backward(d_new[0], h_prev, z, r, hh, aux, kernels, reset_after)
             return [dh_prev], d_step
 
         (dh_prev,), d_step = timeloop.through_flags([dh], [d_output], transposed, *flags_at(t))
-        return i + 1, dh_prev, d_steps.write(t, d_step)
+        return i + 1, dh_prev, timeloop.written(d_steps, t, d_step)
 
-    d_steps = tf.TensorArray(saved.dtype, size=timeloop.length_of(saved))
+    d_steps = timeloop.arrays(d_outputs.dtype, d_outputs, 4 if reset_after else 3)
     _, d_h0, d_steps = tf.while_loop(lambda i, *_: i < length, back, (0, d_last, d_steps))
-    d_projected, d_inner = step_parts(d_steps.stack(), units, reset_after)
+    d_projected, d_inner = step_parts(tuple(a.stack() for a in d_steps), reset_after)
     d_kernel, d_bias = _weights_backward(
-        previous, saved, d_projected, d_inner, reset_after, kept_dtype
+        previous, saved[4], d_projected, d_inner, reset_after, kept_dtype
     )
     return d_projected, d_h0, d_kernel, d_bias
 
 
-def _weights_backward(previous, saved, d_projected, d_inner, reset_after: bool, kept_dtype):
+def _weights_backward(previous, aux, d_projected, d_inner, reset_after: bool, kept_dtype):
     """The recurrent kernel's and bias's gradients, each one matmul (or sum) over all steps
     in their `kept_dtype`: ``d_kernel = sum_t h_{t-1}^T d_inner_t`` (without reset_after, the
     candidate's columns take the reset state r * h, saved as aux)."""
@@ -241,6 +245,5 @@ def _weights_backward(previous, saved, d_projected, d_inner, reset_after: bool, 
     d_kernel = timeloop.weight_product(previous, d_inner, kept_dtype)
     if reset_after:
         return d_kernel, tf.reduce_sum(tf.cast(timeloop.flat_steps(d_inner), kept_dtype), axis=0)
-    reset_state = saved[..., 4 * units : 5 * units]
-    d_candidate = timeloop.weight_product(reset_state, d_projected[..., 2 * units :], kept_dtype)
+    d_candidate = timeloop.weight_product(aux, d_projected[..., 2 * units :], kept_dtype)
     return tf.concat([d_kernel, d_candidate], axis=1), tf.zeros([3 * units], kept_dtype)

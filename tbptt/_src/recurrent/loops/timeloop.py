@@ -206,6 +206,27 @@ def readable(stacked: tf.Tensor) -> tf.TensorArray:
     return tf.TensorArray(stacked.dtype, size=length_of(stacked)).unstack(stacked)
 
 
+def readable_parts(stacked: tf.Tensor, count: int) -> list:
+    """``[K, ..., count * N]`` as `count` TensorArrays of ``[K, ..., N]``: a step reads each
+    part whole (see `gru.forward_loop` on why not one read sliced)."""
+    return [readable(part) for part in tf.split(stacked, count, axis=-1)]
+
+
+def parts_of(x, count: int) -> list:
+    """A step's ``[B, count * N]`` value as `count` parts ``[B, N]``, or its parts as given."""
+    return list(x) if isinstance(x, (list, tuple)) else tf.split(x, count, axis=-1)
+
+
+def arrays(dtype: tf.DType, like: tf.Tensor, count: int) -> list:
+    """`count` TensorArrays of `like`'s leading length, one per value a loop writes a step."""
+    return [tf.TensorArray(dtype, size=length_of(like)) for _ in range(count)]
+
+
+def written(arrays_: list, t, values) -> list:
+    """Each of `values` written at step t of its own array."""
+    return [a.write(t, v) for a, v in zip(arrays_, values)]
+
+
 def length_of(stacked: tf.Tensor):
     """The leading dimension: a Python int when it is known (XLA needs fixed list sizes)."""
     return stacked.shape[0] if stacked.shape[0] is not None else tf.shape(stacked)[0]
