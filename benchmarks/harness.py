@@ -167,7 +167,7 @@ def save(
     """Prints the table and writes NAME.md and NAME.png to benchmarks/results/ (not tracked);
     `plot_fn(path)` draws the plot instead of `plot` when given.
 
-    With `update_readme`, the table also replaces the README's between the lines
+    With `update_readme`, the table also replaces the documentation's between the lines
     ``<!-- NAME -->`` and ``<!-- /NAME -->`` and goes to the tracked benchmarks/NAME.md.
     """
     print(text)
@@ -189,17 +189,26 @@ def save(
 
 
 def replace_in_readme(name: str, text: str) -> None:
-    """Puts `text` between the README's ``<!-- name -->`` and ``<!-- /name -->`` lines."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    with open(path) as f:
-        readme = f.read()
+    """Puts `text` between the ``<!-- name -->`` and ``<!-- /name -->`` lines of the page that
+    has them: the documentation's (docs/*.md, docs/guides/*.md) or the README."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
-    if start not in readme or end not in readme:
-        raise SystemExit(f"README.md has no {start.strip()} ... {end} lines to put the table in")
-    before, rest = readme.split(start, 1)
-    with open(path, "w") as f:
-        f.write(before + start + text + "\n" + end + rest.split(end, 1)[1])
-    print(f"updated README.md ({name}) and benchmarks/{name}.md")
+    pages = [os.path.join(root, "README.md")] + sorted(
+        os.path.join(folder, file)
+        for folder in (os.path.join(root, "docs"), os.path.join(root, "docs", "guides"))
+        for file in os.listdir(folder)
+        if file.endswith(".md")
+    )
+    for path in pages:
+        with open(path) as f:
+            page = f.read()
+        if start in page and end in page:
+            before, rest = page.split(start, 1)
+            with open(path, "w") as f:
+                f.write(before + start + text + "\n" + end + rest.split(end, 1)[1])
+            print(f"updated {os.path.relpath(path, root)} ({name}) and benchmarks/{name}.md")
+            return
+    raise SystemExit(f"no page has {start.strip()} ... {end} lines to put the table in")
 
 
 def positive_int(text: str) -> int:

@@ -19,7 +19,7 @@ the median step time and the ratio to the group's reference:
     python benchmarks/off_path.py                      # T = 1000, 7 repeats (large: 3)
     python benchmarks/off_path.py --groups flags --repeats 3
 
-Writes benchmarks/results/off_path.md; with --update-readme also the README's table and
+Writes benchmarks/results/off_path.md; with --update-readme also the documentation's table and
 benchmarks/off_path.md.
 """
 
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="also put the table in README.md and benchmarks/off_path.md",
+        help="also put the table in docs/benchmarks.md and benchmarks/off_path.md",
     )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="also put the table in the README (between its online markers)",
+        help="also put the table in the documentation (between its online markers)",
     )
     args = parser.parse_args()
     lines = [

@@ -25,8 +25,8 @@ GFLOP/s of one large float32 matmul measured in the same process.
     python benchmarks/peers.py              # T = 1000, 4000 (5 repeats) and 16000 (1)
     python benchmarks/peers.py --steps 1000 --cells gru --repeats 3     # a quick look
 
-Writes benchmarks/results/peers.md and peers.png; with --update-readme also the README's table,
-benchmarks/peers.md and docs/peers.png.
+Writes benchmarks/results/peers.md and peers.png; with --update-readme also the
+documentation's table, benchmarks/peers.md and docs/peers.png.
 """
 
 import argparse
@@ -303,7 +303,7 @@ def tables(rows: list, peak: float) -> str:
 
 
 def summary(rows: list, peak: float) -> str:
-    """The README's short table: tbptt exact beside the others, per cell and T."""
+    """The documentation's short table: tbptt exact beside the others, per cell and T."""
     lines = [
         "| cell | T | Keras full BPTT (s) | tbptt exact (s) | x Keras | x JAX full "
         "| x JAX checkpointed | share of matmul peak: tbptt / JAX full |",
@@ -391,7 +391,7 @@ def main() -> None:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="also put the table in README.md, benchmarks/peers.md and docs/peers.png",
+        help="also put the table in docs/benchmarks.md, benchmarks/peers.md and docs/peers.png",
     )
     args = parser.parse_args()
     if any(steps % SETUP["chunk"] for steps in args.steps):

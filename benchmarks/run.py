@@ -25,7 +25,7 @@ at the shortest (fixed costs such as tracing cancel out); T >= 16k runs one repe
 recompute_grad stops at 4k (its Python loop over chunks is unrolled: the trace grows with T).
 
 Writes benchmarks/results/results_speed.md and results_scale.md (tables) and a PNG plot of
-each; with --update-readme also the README's tables and the tracked benchmarks/results_*.md.
+each; with --update-readme also the documentation's tables and the tracked benchmarks/results_*.md.
 """
 
 import argparse
@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="also put the tables in README.md and benchmarks/results_*.md",
+        help="also put the tables in docs/benchmarks.md and benchmarks/results_*.md",
     )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()

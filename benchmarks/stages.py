@@ -7,7 +7,7 @@ returns the parameter gradients and dL/dx (StageChain's `input_grad`).
 
     python benchmarks/stages.py            # sizes 10, 32, 64
 
-Writes benchmarks/results/stages.md and stages.png; with --update-readme also the README's
+Writes benchmarks/results/stages.md and stages.png; with --update-readme also the documentation's
 table and the tracked benchmarks/stages.md.
 """
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="also put the table in README.md and benchmarks/stages.md",
+        help="also put the table in docs/benchmarks.md and benchmarks/stages.md",
     )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()

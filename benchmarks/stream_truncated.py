@@ -15,7 +15,7 @@ times TBPTT(K, K) at windows of one chunk, less at longer windows. Keras's state
 carries only the state across windows: TBPTT(W, W) for windows of W steps.
 
     python benchmarks/stream_truncated.py              # 9 timed epochs of each row
-    python benchmarks/stream_truncated.py --update-readme   # also the README's table
+    python benchmarks/stream_truncated.py --update-readme   # also the documentation's table
     python benchmarks/stream_truncated.py --show-times      # and every epoch's time
 """
 
@@ -123,7 +123,9 @@ def main() -> None:
         default=9,
         help="timed epochs of each row, after one that is not (default: %(default)s)",
     )
-    parser.add_argument("--update-readme", action="store_true", help="put the table in the README")
+    parser.add_argument(
+        "--update-readme", action="store_true", help="put the table in docs/benchmarks.md"
+    )
     parser.add_argument(
         "--show-times", action="store_true", help="also print every epoch's time, row by row"
     )

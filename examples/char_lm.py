@@ -30,6 +30,7 @@ import argparse
 import numpy as np
 
 WINDOW, STREAMS, UNITS = 128, 16, 128
+EMBEDDING = 32  # the width of each character's learned vector (ids in, not one-hot)
 RUNS = {
     "exact": dict(mode="exact", chunk_size=16),
     "truncated": dict(mode="truncated", backprop_chunks=1, chunk_size=4),
@@ -58,8 +59,8 @@ def load_text(doubled: bool, limit: int = 600_000):
 
 
 def held_out_batch(valid_ids, valid_second, vocab_size: int):
-    """The held-out text as one batch of 16 streams: (one-hot inputs, next ids, weights that
-    are 1 where the next character belongs to a word's second copy)."""
+    """The held-out text as one batch of 16 streams: (ids, next ids, weights that are 1 where
+    the next character belongs to a word's second copy)."""
     import tensorflow as tf
 
     import tbptt
@@ -67,22 +68,22 @@ def held_out_batch(valid_ids, valid_second, vocab_size: int):
     window = len(valid_ids) // STREAMS - 1
     x, y = next(iter(tbptt.data.batchify(valid_ids, batch_size=STREAMS, window=window)))
     _, second = next(iter(tbptt.data.batchify(valid_second, batch_size=STREAMS, window=window)))
-    return tf.one_hot(x, vocab_size), y, tf.cast(second, tf.float32)
+    return x, y, tf.cast(second, tf.float32)
 
 
 def sample(chain, vocab: list, length: int, prompt: str = "The ", seed: int = 0) -> str:
     """`length` characters drawn from the trained chain after `prompt`, one at a time: the
-    online step `chain(x_t [1, 1, V], state)` carries the state from each to the next."""
-    import tensorflow as tf
+    online step `chain(ids [1, 1], state)` carries the state from each to the next."""
+    import tensorflow as tf  # the softmax below
 
     rng = np.random.default_rng(seed)
     state, text = chain.initial_state(1), prompt
     ids = [vocab.index(c) for c in prompt if c in vocab] or [0]
     for i in ids[:-1]:  # the prompt, one character at a time
-        _, state = chain(tf.one_hot([[i]], len(vocab)), state)
+        _, state = chain(np.array([[i]]), state)
     last = ids[-1]
     for _ in range(length):
-        logits, state = chain(tf.one_hot([[last]], len(vocab)), state)
+        logits, state = chain(np.array([[last]]), state)
         p = tf.nn.softmax(tf.cast(logits[0, -1], tf.float64)).numpy()
         last = int(rng.choice(len(vocab), p=p / p.sum()))
         text += vocab[last]
@@ -95,22 +96,23 @@ def train(
     """Trains one run; returns ([(batches done, held-out nats/char on all characters, on the
     second copies)], the trained chain)."""
     import keras
-    import tensorflow as tf
 
     import tbptt
 
     keras.utils.set_random_seed(0)
-    chain = tbptt.StatefulGRUChain(UNITS, head=keras.layers.Dense(vocab_size), **RUNS[run])
+    chain = tbptt.StatefulGRUChain(
+        UNITS,
+        inputs_layer=keras.layers.Embedding(vocab_size, EMBEDDING),
+        head=keras.layers.Dense(vocab_size),
+        **RUNS[run],
+    )
     model = tbptt.keras.ChunkedModel(chain, stateful=True)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3, clipnorm=1.0),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
 
-    def one_hot(x, y):
-        return (tf.one_hot(x, vocab_size), y)
-
-    stream = tbptt.data.batchify(train_ids, batch_size=STREAMS, window=WINDOW).map(one_hot)
+    stream = tbptt.data.batchify(train_ids, batch_size=STREAMS, window=WINDOW)
     x, y, second = valid
     curve, done = [], [0]
 

@@ -27,8 +27,9 @@ def lanes(stream, batch_size: int) -> np.ndarray:
     """``[N, ...] -> [B, N // B, ...]``: B consecutive pieces of the stream (the tail of fewer
     than B steps is dropped).
 
-    >>> lanes(np.arange(7), 2).tolist()
-    [[0, 1, 2], [3, 4, 5]]
+    Examples:
+        >>> lanes(np.arange(7), 2).tolist()
+        [[0, 1, 2], [3, 4, 5]]
     """
     stream = np.asarray(stream)
     if stream.ndim == 0:
@@ -54,9 +55,10 @@ def stream_windows(
       A `tf.data.Dataset` of ``inputs [B, W, ...]`` (or ``(inputs, targets)``), in stream
       order: do not shuffle it.
 
-    >>> ds = stream_windows(np.arange(12.0)[:, None], batch_size=2, window=3)
-    >>> [b[..., 0].numpy().tolist() for b in ds]
-    [[[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]], [[3.0, 4.0, 5.0], [9.0, 10.0, 11.0]]]
+    Examples:
+        >>> ds = stream_windows(np.arange(12.0)[:, None], batch_size=2, window=3)
+        >>> [b[..., 0].numpy().tolist() for b in ds]
+        [[[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]], [[3.0, 4.0, 5.0], [9.0, 10.0, 11.0]]]
     """
     window = checks.positive_int("window", window)
     batch_size = checks.positive_int("batch_size", batch_size)
@@ -87,12 +89,14 @@ def batchify(tokens, *, batch_size: int, window: int) -> tf.data.Dataset:
       batch_size, window: as in `stream_windows`.
 
     Returns:
-      A dataset of ``(ids [B, W], next ids [B, W])``; map the ids to features (e.g.
-      ``tf.one_hot``) before the chain.
+      A dataset of ``(ids [B, W], next ids [B, W])``, for a chain whose
+      ``inputs_layer=keras.layers.Embedding(V, D)`` looks the ids up chunk by chunk (its
+      gradient one row per lookup, as Keras's is).
 
-    >>> ds = batchify(np.arange(9), batch_size=2, window=2)
-    >>> [(x.numpy().tolist(), y.numpy().tolist()) for x, y in ds]
-    [([[0, 1], [4, 5]], [[1, 2], [5, 6]]), ([[2, 3], [6, 7]], [[3, 4], [7, 8]])]
+    Examples:
+        >>> ds = batchify(np.arange(9), batch_size=2, window=2)
+        >>> [(x.numpy().tolist(), y.numpy().tolist()) for x, y in ds]
+        [([[0, 1], [4, 5]], [[1, 2], [5, 6]]), ([[2, 3], [6, 7]], [[3, 4], [7, 8]])]
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -119,10 +123,11 @@ def episode_windows(
       A dataset of ``{"inputs": [B, W, F], "reset": [B, W], "mask": [B, W]}`` (with targets:
       ``(that dict, targets [B, W, ...])``), in stream order.
 
-    >>> ds = episode_windows([np.ones([3, 1]), np.ones([2, 1]), np.ones([2, 1])],
-    ...                      batch_size=2, window=2)
-    >>> [x["reset"].numpy().tolist() for x in ds]
-    [[[True, False], [True, False]], [[False, False], [True, False]]]
+    Examples:
+        >>> ds = episode_windows([np.ones([3, 1]), np.ones([2, 1]), np.ones([2, 1])],
+        ...                      batch_size=2, window=2)
+        >>> [x["reset"].numpy().tolist() for x in ds]
+        [[[True, False], [True, False]], [[False, False], [True, False]]]
     """
     batch_size = checks.positive_int("batch_size", batch_size)
     window = checks.positive_int("window", window)
@@ -147,8 +152,9 @@ def last_step_weights(lengths, steps: int) -> np.ndarray:
     averages over its weights (Keras's ``reduction="mean_with_sample_weight"``) the chunked
     loss is the batch mean of each sequence's last-step loss, as a Keras classifier's is.
 
-    >>> last_step_weights([3, 1], steps=4).tolist()
-    [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    Examples:
+        >>> last_step_weights([3, 1], steps=4).tolist()
+        [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
     """
     lengths = np.asarray(lengths)
     steps = checks.positive_int("steps", steps)

@@ -55,14 +55,15 @@ class ChunkedModel(saving.SavableModel, compat.LocalSymbolicBuild, keras.Model):
     `predict` carry the state across the batches of one call, from zeros at its start (the
     training carry is left alone); without, each batch starts from zeros.
 
-    >>> import keras, numpy as np, tbptt
-    >>> chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=5)
-    >>> model = tbptt.keras.ChunkedModel(chain, stateful=True)
-    >>> model.compile(optimizer="sgd", loss="mse")
-    >>> x, y = np.ones([4, 20, 3], "float32"), np.zeros([4, 20, 1], "float32")
-    >>> history = model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
-    >>> [tuple(s.shape) for s in model.carried_state]
-    [(2, 8)]
+    Examples:
+        >>> import keras, numpy as np, tbptt
+        >>> chain = tbptt.StatefulGRUChain(8, head=keras.layers.Dense(1), chunk_size=5)
+        >>> model = tbptt.keras.ChunkedModel(chain, stateful=True)
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> x, y = np.ones([4, 20, 3], "float32"), np.zeros([4, 20, 1], "float32")
+        >>> history = model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+        >>> [tuple(s.shape) for s in model.carried_state]
+        [(2, 8)]
     """
 
     train_function: Any  # Keras's step functions, None until made (for type checkers)

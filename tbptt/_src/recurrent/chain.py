@@ -97,10 +97,11 @@ class _RecurrentParts(tf.Module):
         """A chain of the same class over the same cells and head (so the same weights), its
         config changed; made by the constructor, so it is checked as a new chain is.
 
-        >>> import tbptt
-        >>> chain = tbptt.StatefulGRUChain(4, chunk_size=10)
-        >>> chain.with_config(mode="truncated", backprop_chunks=2).config.schedule
-        Truncated(2)
+        Examples:
+            >>> import tbptt
+            >>> chain = tbptt.StatefulGRUChain(4, chunk_size=10)
+            >>> chain.with_config(mode="truncated", backprop_chunks=2).config.schedule
+            Truncated(2)
         """
         return type(self)(**{**self._arguments(), **changes})
 
@@ -142,10 +143,11 @@ class _RecurrentParts(tf.Module):
         steps of `batch_size` rows are cut, and the bytes estimated to stay alive; `group` is the
         chunks per coarse segment with levels=2; `features` None takes the built chain's F.
 
-        >>> import tbptt
-        >>> chain = tbptt.StatefulGRUChain(64, chunk_size="auto")
-        >>> chain.chunk_plan(1_000_000, features=16)[:4]
-        (1000000, 1000, 1000, None)
+        Examples:
+            >>> import tbptt
+            >>> chain = tbptt.StatefulGRUChain(64, chunk_size="auto")
+            >>> chain.chunk_plan(1_000_000, features=16)[:4]
+            (1000000, 1000, 1000, None)
         """
         return calls.plan_for(
             self._config,
@@ -191,15 +193,17 @@ class RecurrentChain(_RecurrentParts):
     The state is a tuple with one entry per layer: a tensor ``[B, units]``, or a tuple for cells
     with several state tensors (LSTM: ``(h, c)``).
 
-    >>> import keras, numpy as np, tbptt
-    >>> chain = tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)
-    >>> x = np.ones([2, 7, 5], "float32")
-    >>> outputs, state = chain(x)
-    >>> outputs.shape, [tuple(s.shape) for s in state[0]]
-    (TensorShape([2, 7, 4]), [(2, 4), (2, 4)])
-    >>> result = chain.value_and_gradients(x, np.zeros([2, 7, 4]), keras.losses.MeanSquaredError())
-    >>> len(result.grads) == len(chain.trainable_variables)
-    True
+    Examples:
+        >>> import keras, numpy as np, tbptt
+        >>> chain = tbptt.RecurrentChain([keras.layers.LSTMCell(4)], chunk_size=3)
+        >>> x = np.ones([2, 7, 5], "float32")
+        >>> outputs, state = chain(x)
+        >>> outputs.shape, [tuple(s.shape) for s in state[0]]
+        (TensorShape([2, 7, 4]), [(2, 4), (2, 4)])
+        >>> loss = keras.losses.MeanSquaredError()
+        >>> result = chain.value_and_gradients(x, np.zeros([2, 7, 4]), loss)
+        >>> len(result.grads) == len(chain.trainable_variables)
+        True
     """
 
     # The chunk and time loops are explicit tf.while_loops: AutoGraph has nothing to convert, and
@@ -412,17 +416,16 @@ def _unknown_dims(name: str) -> int:
 class StatefulGRUChain(RecurrentChain):
     """Stacked Keras `GRUCell`s and a head, trained over time chunks.
 
-    Example:
-
-    >>> import keras, numpy as np, tbptt
-    >>> chain = tbptt.StatefulGRUChain((8, 4), head=keras.layers.Dense(3), chunk_size=5)
-    >>> state = chain.initial_state(2)
-    >>> [tuple(s.shape) for s in state]
-    [(2, 8), (2, 4)]
-    >>> x, y = np.ones([2, 12, 6], "float32"), np.zeros([2, 12, 3], "float32")
-    >>> result = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError(), state)
-    >>> [tuple(s.shape) for s in result.initial_state_grad]
-    [(2, 8), (2, 4)]
+    Examples:
+        >>> import keras, numpy as np, tbptt
+        >>> chain = tbptt.StatefulGRUChain((8, 4), head=keras.layers.Dense(3), chunk_size=5)
+        >>> state = chain.initial_state(2)
+        >>> [tuple(s.shape) for s in state]
+        [(2, 8), (2, 4)]
+        >>> x, y = np.ones([2, 12, 6], "float32"), np.zeros([2, 12, 3], "float32")
+        >>> result = chain.value_and_gradients(x, y, keras.losses.MeanSquaredError(), state)
+        >>> [tuple(s.shape) for s in result.initial_state_grad]
+        [(2, 8), (2, 4)]
     """
 
     def __init__(
