@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tbptt._src.core import chunking  # noqa: E402
+
 
 def make_sequence(batch, steps, features, dtype="float32", offset=0.0):
     """Deterministic, non-zero, not-constant inputs: no dropped state can pass unnoticed."""
@@ -109,6 +111,17 @@ collect_ignore = ["data"] + ([] if LEGACY_CELLS_HERE else ["legacy"])
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _chunk_by_chunk(request, monkeypatch):
+    """The tests of chunking run their chunks as cut: memory_budget="auto" keeps nothing here
+    (its 1 GiB would hold every test's whole call as one chunk, and the chunked path would go
+    untested). Tests of the default itself are marked `default_budget`; subprocesses and
+    explicit budgets are untouched."""
+    if request.node.get_closest_marker("default_budget") is None:
+        monkeypatch.setattr(chunking, "DEFAULT_MEMORY_BUDGET", 0)
     yield
 
 

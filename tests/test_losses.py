@@ -84,9 +84,10 @@ def test_auto_gives_the_keras_loss_of_the_whole_sequence(case):
 
 
 def test_the_kept_labels_count_over_the_whole_sequence_not_per_chunk():
-    """The equality above is not vacuous: chunks weighed by their steps give another loss."""
+    """The equality above is not vacuous: chunks weighed by their steps give another loss
+    (chunk by chunk: with a budget the whole call would be one chunk)."""
     model = chain()
-    by_steps = model.with_config(reduction="mean").value_and_gradients(
+    by_steps = model.with_config(reduction="mean", memory_budget=None).value_and_gradients(
         X, LABELS, ce(ignore_class=2)
     )
     loss, _ = whole_sequence(model, ce(ignore_class=2), LABELS)

@@ -550,7 +550,8 @@ def _embedding_chain(mode: str, **options):
 def test_an_embedding_s_gradient_is_one_tape_s_indexed_slices_row_by_row(mode, options):
     """Keras's gradient of an Embedding: one row per lookup (Adam squares each row), here
     against one tape over Keras's RNN, row by row (chunk-major rows mapped to [B, T] order)."""
-    chain, embedding = _embedding_chain(mode, **options)
+    # The least memory: chunks of 4, their rows chunk-major (a budget would run one chunk).
+    chain, embedding = _embedding_chain(mode, memory_budget=None, **options)
     rng = np.random.default_rng(0)
     batch, steps, size = 3, 10, 4
     ids = rng.integers(0, 11, size=[batch, steps])

@@ -220,54 +220,6 @@ def _group(segments: segments_lib.Segments, group, j) -> segments_lib.Segments:
     )
 
 
-def grouped(segments: segments_lib.Segments, group, loss_dtype: tf.DType) -> segments_lib.Segments:
-    """Runs of `group` consecutive segments as one segment each, the last run full and the
-    first the remainder: the backward differentiates a run as one (one tape over its
-    segments), so only the segments before the last run are run twice (the forward sweep,
-    then the recompute), and a run's activations are what stays alive.
-
-    ```
-    n = 10, group = 4:   [0 1] [2 3 4 5] [6 7 8 9]      runs 0 and 1 recomputed, run 2 not
-    n <= group:          [0 .. n-1]                      one forward, one backward
-    ```
-
-    A run's loss is the sum of its segments' losses, each segment run as it is alone (its
-    index, its draws, its loss), so the gradient is the same whatever `group` is.
-    """
-    count = (segments.count + group - 1) // group
-    offset = count * group - segments.count  # how much shorter the first run is
-
-    def span(j):
-        return tf.maximum(j * group - offset, 0), (j + 1) * group - offset
-
-    def advance(j, carry):
-        first, stop = span(j)
-        body = lambda k, c: (k + 1, list(segments.advance(k, c)))  # noqa: E731
-        return _loop(stop, body, (first, list(carry)), group)[1]
-
-    def segment(j, carry):
-        assert segments.segment is not None, "a chain run only forward has no segment"
-        first, stop = span(j)
-
-        def body(k, c, loss):
-            loss_k, c = segments.segment(k, c)
-            return k + 1, list(c), loss + tf.cast(loss_k, loss_dtype)
-
-        start = (first, list(carry), tf.zeros([], loss_dtype))
-        _, carry, loss = _loop(stop, body, start, group)
-        return loss, carry
-
-    # A streaming context is a prefix of the segments: a run counts when its last one does.
-    live = segments.live
-    return segments_lib.Segments(
-        count,
-        advance,
-        segment,
-        bound=None if segments.bound is None else (segments.bound + group - 1) // group,
-        live=None if live is None else lambda j: live(span(j)[1] - 1),
-    )
-
-
 # -- loops over segments of one shape --------------------------------------------------------------
 
 

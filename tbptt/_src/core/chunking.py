@@ -14,12 +14,12 @@ outputs and what the loss keeps of them). With no budget, K is about sqrt(T) (le
 T^(1/3) (levels=2), which minimizes the sum up to a constant factor, and G = 1: every chunk but
 the last runs twice (the forward sweep, then the recompute).
 
-A budget buys speed with memory. The default, "auto" (`DEFAULT_MEMORY_BUDGET`, 1 GiB), keeps
-everything when the whole call fits in it, one forward and one backward as one tape over the
-sequence would, and otherwise the least memory (G = 1): a long sequence costs what it cost
-without a budget. A budget in bytes keeps the trailing chunks that fit (G > 1, only the
-chunks before them recomputed) and, with chunk_size="auto", takes the largest chunk that fits:
-fewer chunks, less loop overhead.
+A budget buys speed with memory. The default, "auto" (`DEFAULT_MEMORY_BUDGET`, 1 GiB), runs the
+whole call as one chunk when its activations fit in it, one forward and one backward as one
+tape over the sequence would, and otherwise keeps the least memory (G = 1): a long sequence
+costs what it cost without a budget. A budget in bytes runs G chunks as one (a chunk G times
+longer, G made as even as can be), so only the chunks before the last run twice, and with
+chunk_size="auto" takes the largest chunk that fits: fewer chunks, less loop overhead.
 """
 
 import math
@@ -37,8 +37,8 @@ DEFAULT_MEMORY_BUDGET = 2**30
 class ChunkPlan(NamedTuple):
     """How a sequence of `steps` is cut: chunks of `chunk_size` steps, `group` chunks per coarse
     segment with levels=2 (None with levels=1), the estimated bytes kept alive, and
-    `kept_chunks`, how many trailing chunks the exact backward keeps as one run (`chunks`: one
-    forward and one backward, nothing recomputed; 1: every chunk but the last recomputed)."""
+    `kept_chunks`, how many chunks the exact backward runs as one (`chunks`: the whole call,
+    one forward and one backward; 1: every chunk but the last run twice)."""
 
     steps: int
     chunk_size: int
@@ -82,9 +82,9 @@ def estimated_bytes(
 def kept_chunks(
     memory_budget, chunks, chunk_size, batch, state_floats, step_floats, itemsize
 ) -> tf.Tensor:
-    """How many trailing chunks the exact backward keeps as one run (see the module
-    docstring): from Python numbers, or from tensors inside a compiled call (the batch size
-    and T may be known only there). An int32 tensor in [1, chunks]."""
+    """How many chunks the exact backward runs as one (G of the module docstring): from Python
+    numbers, or from tensors inside a compiled call (the batch size and T may be known only
+    there). An int32 tensor in [1, chunks]."""
     if memory_budget is None:
         return tf.ones([], tf.int32)
     as_float = lambda x: tf.cast(x, tf.float64)  # noqa: E731
@@ -96,7 +96,11 @@ def kept_chunks(
         fits = as_float(chunks) * per_chunk <= DEFAULT_MEMORY_BUDGET
         return tf.where(fits, chunks, 1)
     fitting = tf.math.floor((memory_budget - states) / per_chunk)  # clipped before the cast
-    return tf.cast(tf.clip_by_value(fitting, 1.0, as_float(tf.maximum(chunks, 1))), tf.int32)
+    fitting = tf.clip_by_value(fitting, 1.0, as_float(tf.maximum(chunks, 1)))
+    # As even as can be: runs of `fitting` leave a last one as short as one chunk, which the
+    # compiled loops would pad to a run's length.
+    runs = tf.math.ceil(as_float(chunks) / fitting)
+    return tf.cast(tf.math.ceil(as_float(chunks) / runs), tf.int32)
 
 
 def plan(
@@ -112,7 +116,7 @@ def plan(
     keeps_runs: bool = True,
 ) -> ChunkPlan:
     """The chunking of one sequence (see the module docstring); `step_floats` is A, and
-    `keeps_runs` whether the backward may keep trailing chunks as one run (exact, one level).
+    `keeps_runs` whether the backward may run chunks as one (exact, one level).
 
     Raises:
       ValueError: when no chunk size fits `memory_budget`.

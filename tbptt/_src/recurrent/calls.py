@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tbptt._src.core import checks, chunking, compat, schedules
 from tbptt._src.core import sources as sources_lib
-from tbptt._src.recurrent import losses
+from tbptt._src.recurrent import losses, parts
 from tbptt._src.recurrent.config import ChainConfig
 from tbptt._src.recurrent.loops import timeloop
 from tbptt._src.recurrent.stack import CellStack
@@ -162,7 +162,7 @@ def plan_for(
         state_floats=stack.state_floats,
         step_floats=step_floats(stack, features),
         itemsize=stack.dtype.size,
-        keeps_runs=keeps_runs(config, stack),
+        keeps_runs=keeps_runs(config),
     )
 
 
@@ -173,22 +173,20 @@ def step_floats(stack: CellStack, features: int | None = None) -> int:
     return (
         int(features or 0)
         + chunking.FLOATS_PER_STATE_VALUE_AND_STEP * stack.state_floats
-        + chunking.FLOATS_PER_OUTPUT_VALUE_AND_STEP * stack.output_floats
+        + chunking.FLOATS_PER_OUTPUT_VALUE_AND_STEP * parts.output_floats(stack.cells, stack.head)
     )
 
 
-def keeps_runs(config: ChainConfig, stack: CellStack, record: bool = False) -> bool:
-    """Whether the exact backward may keep trailing chunks as one run (`chain.grouped`): the
-    exact one-level schedule, with a budget, no per-chunk record (check_numerics names the
-    chunk, diagnostics read every cut), and no embedding's rows (autodiff of a run's loop
-    over chunks would sum them into one dense table)."""
+def keeps_runs(config: ChainConfig, record: bool = False) -> bool:
+    """Whether the exact backward may keep several chunks as one run (a chunk that many times
+    longer, see `chunking`): the exact one-level schedule, with a budget, and no per-chunk
+    record (check_numerics names the chunk, diagnostics read every cut)."""
     schedule = config.schedule
-    sparse = config.embedding_grads == "sparse" and bool(stack.embedding_layers())
     return (
         isinstance(schedule, schedules.Exact)
         and not schedule.grouped
         and config.memory_budget is not None
-        and not (config.check_numerics or record or sparse)
+        and not (config.check_numerics or record)
     )
 
 

@@ -41,12 +41,13 @@ class ChainConfig:
         and recomputes the others group by group in the backward pass: memory of about T^(1/3)
         states for one more forward pass.
       memory_budget: what the exact backward may keep alive, for speed. "auto" (the default,
-        1 GiB): when a call's activations fit in it, they are all kept (one forward and one
-        backward, as one tape over the sequence; with chunk_size="auto" the whole sequence is
-        one chunk), else only one chunk's (every chunk but the last runs twice: the least
-        memory, whatever T). Bytes: the trailing chunks that fit are kept and only the others
-        run twice; with chunk_size="auto" the largest chunk that fits is taken (ValueError
-        when none does). None: the least memory always. See `RecurrentChain.chunk_plan`.
+        1 GiB): when a call's activations fit in it, the call runs as one chunk (one forward
+        and one backward, as one tape over the sequence; with chunk_size="auto" too), else
+        chunk by chunk with the least memory (every chunk but the last runs twice, whatever
+        T). Bytes: as many chunks as fit run as one (`ChunkPlan.kept_chunks` times longer), so
+        only the chunks before the last run twice; with chunk_size="auto" the largest chunk
+        that fits is taken (ValueError when none does). None: the least memory always.
+        Exact mode with levels=1 only, and not with check_numerics (which names the chunk).
       check_numerics: test every chunk's carried state, loss, carried dLoss/dstate and weight
         gradients for NaN/Inf in `value_and_gradients`, and raise `tbptt.NonFiniteError`
         naming the chunk where one first appeared (inside a tf.function:

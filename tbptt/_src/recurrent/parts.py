@@ -34,12 +34,10 @@ def build_inputs_layer(layer, input_shape: tf.TensorShape, dtype, compute_dtype,
     return features, [problem]
 
 
-def build_cells_and_head(
-    cells, head, features, input_shape, zeros, dtype, reach: int
-) -> tuple[list, int]:
+def build_cells_and_head(cells, head, features, input_shape, zeros, dtype, reach: int) -> list:
     """Builds and checks the cells and the head for inputs of F `features` (`zeros()`: the
-    zero state of each layer, ``[1, ...]``). Returns why a recompute could not replay each
-    part's draws (or None), and the floats the stack puts out per step and row."""
+    zero state of each layer, ``[1, ...]``): why a recompute could not replay each part's
+    draws (or None)."""
     if features is None:
         raise ValueError(
             f"inputs must have a known feature size (the last axis) to build the chain's "
@@ -53,17 +51,26 @@ def build_cells_and_head(
             problems.append(check_part(head, "head", tf.cast(x, dtype), dtype))
     # Again outside init_scope, which pauses tapes: which variables does each part read?
     _run_parts(cells, head, features, zeros, dtype, owned=True)
-    return problems, _output_floats(head, int(top.shape[-1]))
+    return problems
 
 
-def _output_floats(head, units: int) -> int:
-    """The floats the head puts out per step and row (of its last axis; the top layer's
-    `units` without a head, or where the head cannot say)."""
-    try:
-        shape = head.compute_output_shape((2, 2, units))
-        return int(shape[-1]) if shape[-1] is not None else units
-    except Exception:  # a plain function, or a layer without compute_output_shape
+def output_floats(cells: list, head) -> int:
+    """The floats the stack puts out per step and row, for the memory estimate: the head's
+    output width (the top cell's without a head), read without building anything (0 where
+    neither says)."""
+    top = getattr(cells[-1], "output_size", None)
+    units = top if isinstance(top, int) else 0
+    if head is None:
         return units
+    if getattr(head, "built", False):
+        try:
+            width = head.compute_output_shape((2, 2, units))[-1]
+            return int(width) if width is not None else units
+        except Exception:  # a layer without compute_output_shape
+            return units
+    layers = getattr(head, "layers", None) or [head]
+    widths = [getattr(layer, "units", None) for layer in reversed(layers)]
+    return next((w for w in widths if isinstance(w, int)), units)
 
 
 def _run_parts(cells, head, features, zeros, dtype, *, owned: bool) -> tuple:

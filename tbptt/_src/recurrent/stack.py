@@ -62,7 +62,6 @@ class CellStack(tf.Module):
         self._state_sizes = [cell.state_size for cell in self._cells]
         self.leaf_shapes = [s for size in self._state_sizes for s in _leaf_shapes(size)]
         self.features = None  # F of the cells' inputs, once built
-        self.output_floats = 0  # O of the head's outputs per step and row, once built
         self.input_tail: tuple | None = None  # the inputs' shape after [B, T], once built
         # The seed generators' states of the inputs layer and the head, replayed per chunk,
         # and why a call that recomputes chunks could not replay a part's draws (see
@@ -205,10 +204,9 @@ class CellStack(tf.Module):
             def zeros():  # made where they are used: eagerly, or in the graph being traced
                 return self._per_layer([tf.zeros((1, *s), self.dtype) for s in self.leaf_shapes])
 
-            more, self.output_floats = parts.build_cells_and_head(
+            problems += parts.build_cells_and_head(
                 self._cells, self._head, features, input_shape, zeros, self.dtype, reach
             )
-            problems += more
             self._replay_problems = [p for p in problems if p is not None]
             self.features = features
             self.seed_states = compat.unique(

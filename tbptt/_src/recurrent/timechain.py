@@ -68,6 +68,8 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
     """The compiled body of `value_and_gradients` and `stream_step`: the call's chunks as
     segments, run by `chain.gradients` with the config's schedule and backend."""
     call = _rebuilt(tensors, static)
+    if calls.keeps_runs(config, static.record):
+        call = call._replace(chunk_size=call.chunk_size * _run_length(config, stack, call))
     loss_dtype = segments_lib.loss_dtype_for(stack.dtype)
     draws = stack.draws(calls.batch_size(call.state[0]), training=True)
     segments_ = segments(
@@ -81,8 +83,6 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
     )
     keep_at = None if call.context_steps is None else config.schedule.context_start(segments_.count)
     sparse = _sparse_variables(stack) if config.embedding_grads == "sparse" else ()
-    if keep_at is None and _keeps_runs(config, stack, static):
-        segments_ = chain_lib.grouped(segments_, _run_length(config, stack, call), loss_dtype)
     result = chain_lib.gradients(
         segments_,
         call.state,
@@ -111,15 +111,9 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
     )
 
 
-def _keeps_runs(config: ChainConfig, stack, static: Static) -> bool:
-    """Whether this call keeps trailing chunks as one run (`calls.keeps_runs`): never inside
-    XLA, where a run's loop over chunks cannot be differentiated (its shapes are no
-    compile-time constants there)."""
-    return calls.keeps_runs(config, stack, static.record) and not compat.in_xla_context()
-
-
 def _run_length(config: ChainConfig, stack, call: Call) -> tf.Tensor:
-    """How many trailing chunks the backward keeps as one run (`chunking.kept_chunks`), from
+    """How many chunks the backward keeps as one (`chunking.kept_chunks`): the call then runs
+    in chunks that many times longer, and only the chunks before the last run twice. From
     this call's batch size and T, which may be known only inside the compiled function."""
     size = call.chunk_size
     return chunking.kept_chunks(

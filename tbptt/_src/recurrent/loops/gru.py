@@ -158,7 +158,7 @@ def forward_loop(
     count = 6 if flags else 5
     start = (tf.constant(0), h0, timeloop.arrays(projected.dtype, projected, count))
     _, h_last, saved = tf.while_loop(lambda t, *_: t < length, body, start)
-    return tuple(a.stack() for a in saved) + (h_last,)
+    return timeloop.stacked_parts(saved, count) + (h_last,)
 
 
 @functools.cache
@@ -228,9 +228,10 @@ def backward_loop(
         (dh_prev,), d_step = timeloop.through_flags([dh], [d_output], transposed, *flags_at(t))
         return i + 1, dh_prev, timeloop.written(d_steps, t, d_step)
 
-    d_steps = timeloop.arrays(d_outputs.dtype, d_outputs, 4 if reset_after else 3)
+    parts = 4 if reset_after else 3
+    d_steps = timeloop.arrays(d_outputs.dtype, d_outputs, parts)
     _, d_h0, d_steps = tf.while_loop(lambda i, *_: i < length, back, (0, d_last, d_steps))
-    d_projected, d_inner = step_parts(tuple(a.stack() for a in d_steps), reset_after)
+    d_projected, d_inner = step_parts(timeloop.stacked_parts(d_steps, parts), reset_after)
     d_kernel, d_bias = _weights_backward(
         previous, saved[4], d_projected, d_inner, reset_after, kept_dtype
     )

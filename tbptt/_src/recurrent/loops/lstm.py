@@ -79,11 +79,12 @@ def forward_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tup
         row = (h_next, c_next) + values[2:] + ((h_in, c_in) if flags else ())
         return t + 1, h_next, c_next, timeloop.written(saved, t, row)
 
-    arrays = timeloop.arrays(projected.dtype, projected, 9 if flags else 7)
+    count = 9 if flags else 7
+    arrays = timeloop.arrays(projected.dtype, projected, count)
     _, h_last, c_last, saved = tf.while_loop(
         lambda t, *_: t < length, body, (tf.constant(0), h0, c0, arrays)
     )
-    return tuple(a.stack() for a in saved) + (h_last, c_last)
+    return timeloop.stacked_parts(saved, count) + (h_last, c_last)
 
 
 @functools.cache
@@ -159,5 +160,5 @@ def backward_loop(
 
     start = (0, d_h_last, d_c_last, timeloop.arrays(d_outputs.dtype, d_outputs, 4))
     _, d_h0, d_c0, d_projected = tf.while_loop(lambda k, *_: k < length, back, start)
-    d_projected = tf.concat([a.stack() for a in d_projected], axis=-1)
+    d_projected = d_projected.stack()  # the four gates' parts joined, as the kernel's columns
     return d_projected, d_h0, d_c0, timeloop.weight_product(h_previous, d_projected, kept_dtype)

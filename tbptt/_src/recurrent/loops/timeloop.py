@@ -217,14 +217,21 @@ def parts_of(x, count: int) -> list:
     return list(x) if isinstance(x, (list, tuple)) else tf.split(x, count, axis=-1)
 
 
-def arrays(dtype: tf.DType, like: tf.Tensor, count: int) -> list:
-    """`count` TensorArrays of `like`'s leading length, one per value a loop writes a step."""
-    return [tf.TensorArray(dtype, size=length_of(like)) for _ in range(count)]
+def arrays(dtype: tf.DType, like: tf.Tensor, count: int) -> tf.TensorArray:
+    """The array a loop writes `count` values ``[B, N]`` of a step into, joined: one array of
+    `like`'s leading length (one write a step; `stacked_parts` parts them after the loop)."""
+    del count  # the parts are joined along the last axis
+    return tf.TensorArray(dtype, size=length_of(like))
 
 
-def written(arrays_: list, t, values) -> list:
-    """Each of `values` written at step t of its own array."""
-    return [a.write(t, v) for a, v in zip(arrays_, values)]
+def written(array: tf.TensorArray, t, values) -> tf.TensorArray:
+    """`values` ``[B, N]`` each, written at step t as one row ``[B, len(values) * N]``."""
+    return array.write(t, tf.concat(list(values), axis=-1))
+
+
+def stacked_parts(array: tf.TensorArray, count: int) -> tuple:
+    """The `count` values a loop `written` at each step, each ``[K, B, N]``."""
+    return tuple(tf.split(array.stack(), count, axis=-1))
 
 
 def length_of(stacked: tf.Tensor):
