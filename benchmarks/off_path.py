@@ -96,7 +96,10 @@ def group_steps(group: str, x, rng) -> dict:
     units = LARGE["units"] if group.startswith("large") else SETUP["units"]
     keras.utils.set_random_seed(0)
     chain = tbptt.RecurrentChain(
-        make_cells(kind, units), head=keras.layers.Dense(SETUP["labels"]), chunk_size=SETUP["chunk"]
+        make_cells(kind, units),
+        head=keras.layers.Dense(SETUP["labels"]),
+        chunk_size=SETUP["chunk"],
+        memory_budget=None,  # "tbptt exact": the least memory; the budget row sets its own
     )
     chain.build(x.shape)
     weights = [v.numpy() for v in chain.trainable_variables]

@@ -73,7 +73,7 @@ def tbptt_chain(cell: str, **options):
         [make(u) for u in SETUP["units"]],
         head=keras.layers.Dense(SETUP["labels"]),
         chunk_size=SETUP["chunk"],
-        **options,
+        **{"memory_budget": None, **options},  # bounded memory: one chunk's (see the docstring)
     )
 
 

@@ -80,6 +80,7 @@ RUNNABLE = _runnable()
 @pytest.mark.parametrize("page", RUNNABLE)
 @pytest.mark.default_cases(*RUNNABLE)
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.default_budget  # as a reader runs them
 def test_every_python_block_of_a_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the blocks write their files (plots, checkpoints) here
     namespace: dict = {}

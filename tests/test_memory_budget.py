@@ -1,5 +1,6 @@
-"""The memory budget: the exact backward keeps the trailing chunks that fit as one run (only the
-chunks before them run twice), and the gradient is the one-tape gradient whatever it keeps."""
+"""The memory budget: the exact backward runs as many chunks as fit as one (a chunk that many
+times longer; only the runs before the last run twice), and the gradient is the one-tape
+gradient whatever it keeps."""
 
 import keras
 import numpy as np
@@ -66,8 +67,10 @@ def test_the_default_keeps_everything_that_fits_and_nothing_else():
     assert long.estimated_bytes < chunking.DEFAULT_MEMORY_BUDGET / 10
     assert gru_chain(memory_budget=None).chunk_plan(STEPS, BATCH, features=4).kept_chunks == 1
     auto = tbptt.RecurrentChain([keras.layers.GRUCell(5)], chunk_size="auto")
-    assert auto.chunk_plan(1000, 8, features=4).chunk_size == 1000  # one chunk: it fits
-    assert auto.chunk_plan(10**6, 8, features=4).chunk_size == 1000  # about sqrt(T)
+    fits = auto.chunk_plan(1000, 8, features=4)
+    assert (fits.chunk_size, fits.kept_chunks) == (32, fits.chunks)  # about sqrt(T), one run
+    long = auto.chunk_plan(10**6, 8, features=4)
+    assert (long.chunk_size, long.kept_chunks) == (1000, 1)
 
 
 @pytest.mark.default_budget
@@ -82,7 +85,7 @@ def test_truncation_and_two_levels_keep_nothing():
 @pytest.mark.parametrize("context", ["call", "tf.function", "jit"])
 @pytest.mark.default_cases("call-eager-4", "jit-eager-6")
 def test_kept_runs_give_the_one_tape_gradient(kept, backend, context):
-    """Runs of 2 (the first one short of nothing: 6 = 2+2+2), 4 (a first run of 2) and all 6
+    """Runs of 2 (6 = 2+2+2), of 3 (four fit: 3+3, as even as can be) and all 6
     against one tape over Keras's RNN, with a state in and a cotangent of the final state."""
     x, y = data()
     chain = gru_chain(backend=backend)
@@ -199,3 +202,26 @@ def test_a_kept_run_keeps_an_embedding_s_rows():
     assert isinstance(got, tf.IndexedSlices) and got.values.shape[0] == BATCH * STEPS
     least = chain.with_config(memory_budget=None).value_and_gradients(ids, targets, l1_loss)
     assert_all_close(tf.convert_to_tensor(got), tf.convert_to_tensor(least.grads[0]), F64)
+
+
+@pytest.mark.default_budget
+def test_auto_chunks_under_the_default_budget_run_in_a_function_and_in_fit():
+    """chunk_size="auto" with the default budget plans in Python inside a trace too, and a
+    batch unknown there (Keras's fit) is not taken for one row: the chunk size stays about
+    sqrt(T) and the compiled call keeps what its real batch fits."""
+    x, y = data()
+    chain = tbptt.StatefulGRUChain(
+        (5, 3), head=keras.layers.Dense(2, dtype="float64"), chunk_size="auto", dtype="float64"
+    )
+    plan = chain.chunk_plan(STEPS, BATCH, features=4)
+    assert (plan.chunk_size, plan.kept_chunks) == (5, plan.chunks)  # ceil(sqrt(23)), all kept
+    expected = full_bptt(chain, x, y, l1_loss)
+    got = tf.function(lambda: chain.value_and_gradients(x, y, l1_loss))()
+    assert_all_close(got.grads, expected[1], F64, "grads")
+    if int(keras.__version__.split(".")[0]) >= 3:
+        model = tbptt.keras.ChunkedModel(
+            tbptt.StatefulGRUChain(4, head=keras.layers.Dense(2), chunk_size="auto")
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        history = model.fit(x.astype("float32"), y.astype("float32"), batch_size=3, verbose=0)
+        assert np.isfinite(history.history["loss"][-1])

@@ -17,9 +17,11 @@ the last runs twice (the forward sweep, then the recompute).
 A budget buys speed with memory. The default, "auto" (`DEFAULT_MEMORY_BUDGET`, 1 GiB), runs the
 whole call as one chunk when its activations fit in it, one forward and one backward as one
 tape over the sequence would, and otherwise keeps the least memory (G = 1): a long sequence
-costs what it cost without a budget. A budget in bytes runs G chunks as one (a chunk G times
-longer, G made as even as can be), so only the chunks before the last run twice, and with
-chunk_size="auto" takes the largest chunk that fits: fewer chunks, less loop overhead.
+costs what it cost without a budget (with chunk_size="auto", K ~ sqrt(T) either way, the
+whole call one run when it fits). A budget in bytes runs G chunks as one (a chunk G times
+longer, G made as even as can be), so only the runs before the last run twice, and with
+chunk_size="auto" takes the largest chunk that fits: fewer chunks, less loop overhead. G is
+decided with the call's real batch size (in the compiled call, where it may only be known).
 """
 
 import math
@@ -127,23 +129,19 @@ def plan(
             steps, size, levels, batch, state_floats, step_floats, itemsize, kept
         )
 
-    least = math.ceil(steps ** (1 / 2 if levels == 1 else 1 / 3))
-    if memory_budget == "auto" and not keeps_runs:
-        memory_budget = None  # the default budget only buys the exact one-level backward speed
     if chunk_size != "auto":
         size = min(chunk_size, steps)
-    elif memory_budget is None:
-        size = least
-    elif memory_budget == "auto":
-        size = steps if steps * step_floats * batch * itemsize <= DEFAULT_MEMORY_BUDGET else least
+    elif memory_budget in (None, "auto"):  # "auto": the kept chunks below make a call that fits one
+        size = math.ceil(steps ** (1 / 2 if levels == 1 else 1 / 3))
     else:
         size = _evened(steps, _largest_fitting(steps, levels, memory_budget, cost), cost)
     chunks = math.ceil(steps / size)
     kept = 1
     if keeps_runs and levels == 1:
-        kept = int(
-            kept_chunks(memory_budget, chunks, size, batch, state_floats, step_floats, itemsize)
-        )
+        with tf.init_scope():  # Python numbers in, a number out, inside a trace too
+            kept = int(
+                kept_chunks(memory_budget, chunks, size, batch, state_floats, step_floats, itemsize)
+            )
     group = group_size(chunks) if levels == 2 else None
     return ChunkPlan(steps, size, chunks, group, cost(size, kept), kept)
 

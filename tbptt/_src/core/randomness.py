@@ -1,7 +1,8 @@
 """Randomness drawn once per chunk and replayed identically in that chunk's recompute.
 
-The exact backward runs each chunk twice: in the forward sweep and again under a tape. What a
-chunk draws must be the same both times, or the gradient belongs to no forward pass. Two kinds
+With the least memory the exact backward runs each chunk twice: in the forward sweep and again
+under a tape (a budget's kept run, one longer chunk, runs once). What a chunk draws must be the
+same both times, or the gradient belongs to no forward pass. Two kinds
 of draws are replayed, and what cannot be is refused by name when the chain is built:
 
 - **Per chunk** (Dropout, GaussianNoise, `keras.random` with a `SeedGenerator` in the inputs

@@ -139,9 +139,10 @@ class _RecurrentParts(tf.Module):
     def chunk_plan(
         self, steps: int, batch_size: int = 1, features: int | None = None
     ) -> chunking.ChunkPlan:
-        """`ChunkPlan(steps, chunk_size, chunks, group, estimated_bytes)`: how T = `steps` time
-        steps of `batch_size` rows are cut, and the bytes estimated to stay alive; `group` is the
-        chunks per coarse segment with levels=2; `features` None takes the built chain's F.
+        """`ChunkPlan(steps, chunk_size, chunks, group, estimated_bytes, kept_chunks)`: how T =
+        `steps` time steps of `batch_size` rows are cut, and the bytes estimated to stay alive;
+        `group` is the chunks per coarse segment with levels=2; `kept_chunks` how many chunks
+        run as one (see `memory_budget`); `features` None takes the built chain's F.
 
         Examples:
             >>> import tbptt

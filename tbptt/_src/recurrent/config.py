@@ -22,9 +22,10 @@ class ChainConfig:
     """How a `RecurrentChain` cuts, differentiates and reports.
 
     Attributes:
-      chunk_size: time steps per chunk (the backward keeps one chunk's activations alive plus
-        one state per chunk), or "auto": about sqrt(T) per call (T^(1/3) with levels=2), or the
-        largest chunk within `memory_budget` (see `RecurrentChain.chunk_plan`).
+      chunk_size: time steps per chunk (with the least memory the backward keeps one chunk's
+        activations alive plus one state per chunk; see `memory_budget`), or "auto": about
+        sqrt(T) per call (T^(1/3) with levels=2), or with a budget in bytes the largest chunk
+        within it (see `RecurrentChain.chunk_plan`).
       mode: "exact" (full-BPTT gradient) or "truncated" (see `backprop_chunks`).
       backprop_chunks: with mode="truncated", how many chunks a loss term back-propagates
         through: 1 is Keras `stateful=True`, m is TBPTT(k1=chunk_size, k2=m*chunk_size).
@@ -45,9 +46,10 @@ class ChainConfig:
         and one backward, as one tape over the sequence; with chunk_size="auto" too), else
         chunk by chunk with the least memory (every chunk but the last runs twice, whatever
         T). Bytes: as many chunks as fit run as one (`ChunkPlan.kept_chunks` times longer), so
-        only the chunks before the last run twice; with chunk_size="auto" the largest chunk
-        that fits is taken (ValueError when none does). None: the least memory always.
-        Exact mode with levels=1 only, and not with check_numerics (which names the chunk).
+        only the runs before the last run twice; with chunk_size="auto" the largest chunk
+        that fits is taken in every mode (ValueError when none does). None: the least memory
+        always. Runs are kept in exact mode with levels=1 only, and not with check_numerics
+        (which names the chunk); elsewhere the chunks run as cut.
       check_numerics: test every chunk's carried state, loss, carried dLoss/dstate and weight
         gradients for NaN/Inf in `value_and_gradients`, and raise `tbptt.NonFiniteError`
         naming the chunk where one first appeared (inside a tf.function:

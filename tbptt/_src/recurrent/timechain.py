@@ -113,7 +113,7 @@ def gradients(config: ChainConfig, stack, tensors: dict, static: Static) -> Run:
 
 def _run_length(config: ChainConfig, stack, call: Call) -> tf.Tensor:
     """How many chunks the backward keeps as one (`chunking.kept_chunks`): the call then runs
-    in chunks that many times longer, and only the chunks before the last run twice. From
+    in chunks that many times longer, and only the runs before the last run twice. From
     this call's batch size and T, which may be known only inside the compiled function."""
     size = call.chunk_size
     return chunking.kept_chunks(

@@ -132,9 +132,10 @@ def forward_loop(
     are ``[P, B, U]`` arrays of each step's (h, z, r, hh, aux), and with flags the state it
     started from (zeros past `length`).
 
-    Each value a step reads or writes is an array of its own: XLA's CPU code for a step that
-    slices a value read at step t (a dynamic slice) is element by element, several times
-    slower than the step's matmul."""
+    Each value a step reads is an array of its own: XLA's CPU code for a step that slices a
+    value read at step t (a dynamic slice) is element by element, several times slower than
+    the step's matmul. A step's values are written as one row (`timeloop.written`): one
+    array per value costs XLA more to compile (about 0.2 s per shape) for no speed."""
     xs = timeloop.readable_parts(projected, 3)
     flags_at = timeloop.flag_steps(flags, kinds)
 
@@ -156,7 +157,7 @@ def forward_loop(
         return t + 1, h_next, timeloop.written(saved, t, row)
 
     count = 6 if flags else 5
-    start = (tf.constant(0), h0, timeloop.arrays(projected.dtype, projected, count))
+    start = (tf.constant(0), h0, timeloop.arrays(projected.dtype, projected))
     _, h_last, saved = tf.while_loop(lambda t, *_: t < length, body, start)
     return timeloop.stacked_parts(saved, count) + (h_last,)
 
@@ -229,7 +230,7 @@ def backward_loop(
         return i + 1, dh_prev, timeloop.written(d_steps, t, d_step)
 
     parts = 4 if reset_after else 3
-    d_steps = timeloop.arrays(d_outputs.dtype, d_outputs, parts)
+    d_steps = timeloop.arrays(d_outputs.dtype, d_outputs)
     _, d_h0, d_steps = tf.while_loop(lambda i, *_: i < length, back, (0, d_last, d_steps))
     d_projected, d_inner = step_parts(timeloop.stacked_parts(d_steps, parts), reset_after)
     d_kernel, d_bias = _weights_backward(

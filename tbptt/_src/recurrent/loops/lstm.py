@@ -47,8 +47,8 @@ def step_backward(dh, dc, c_prev, i, f, o, g, tanh_c, recurrent_kernel):
       c_prev, i, f, o, g, tanh_c: the step's input cell state and what `step` returned.
 
     Returns:
-      ``(dh_prev, dc_prev [B, U], d_x)``: d_x, the gates' four parts ``[B, U]`` (one write
-      each per step in a loop), is also the gradient of the recurrent matmul's output, so
+      ``(dh_prev, dc_prev [B, U], d_x)``: d_x, the gates' four parts ``[B, U]`` (written as
+      one row per step in a loop), is also the gradient of the recurrent matmul's output, so
       dW = sum_t h_{t-1}^T d_x_t.
     """
     dc = dc + dh * o * (1 - tanh_c * tanh_c)
@@ -66,8 +66,8 @@ def forward_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tup
     """`step` over the first `length` steps of ``projected [P, B, 4U]``, each `timeloop.flagged`
     by `flags`: ``(*saved, h_length, c_length)``, where saved are ``[P, B, U]`` arrays of each
     step's (h, c, i, f, o, g, tanh(c)), and with flags the states (h, c) it started from
-    (zeros past `length`); each value read or written an array of its own, as in
-    `gru.forward_loop`."""
+    (zeros past `length`); each value read from an array of its own and a step's values
+    written as one row, as in `gru.forward_loop`."""
     xs = timeloop.readable_parts(projected, 4)
     flags_at = timeloop.flag_steps(flags, kinds)
 
@@ -80,7 +80,7 @@ def forward_loop(projected, length, h0, c0, recurrent_kernel, *flags, kinds: tup
         return t + 1, h_next, c_next, timeloop.written(saved, t, row)
 
     count = 9 if flags else 7
-    arrays = timeloop.arrays(projected.dtype, projected, count)
+    arrays = timeloop.arrays(projected.dtype, projected)
     _, h_last, c_last, saved = tf.while_loop(
         lambda t, *_: t < length, body, (tf.constant(0), h0, c0, arrays)
     )
@@ -158,7 +158,7 @@ def backward_loop(
         )
         return k + 1, dh_prev, dc_prev, timeloop.written(d_projected, t, d_x)
 
-    start = (0, d_h_last, d_c_last, timeloop.arrays(d_outputs.dtype, d_outputs, 4))
+    start = (0, d_h_last, d_c_last, timeloop.arrays(d_outputs.dtype, d_outputs))
     _, d_h0, d_c0, d_projected = tf.while_loop(lambda k, *_: k < length, back, start)
     d_projected = d_projected.stack()  # the four gates' parts joined, as the kernel's columns
     return d_projected, d_h0, d_c0, timeloop.weight_product(h_previous, d_projected, kept_dtype)

@@ -217,10 +217,9 @@ def parts_of(x, count: int) -> list:
     return list(x) if isinstance(x, (list, tuple)) else tf.split(x, count, axis=-1)
 
 
-def arrays(dtype: tf.DType, like: tf.Tensor, count: int) -> tf.TensorArray:
-    """The array a loop writes `count` values ``[B, N]`` of a step into, joined: one array of
-    `like`'s leading length (one write a step; `stacked_parts` parts them after the loop)."""
-    del count  # the parts are joined along the last axis
+def arrays(dtype: tf.DType, like: tf.Tensor) -> tf.TensorArray:
+    """The array a loop writes a step's values ``[B, N]`` into, joined: one array of `like`'s
+    leading length (one write a step; `stacked_parts` parts them after the loop)."""
     return tf.TensorArray(dtype, size=length_of(like))
 
 
