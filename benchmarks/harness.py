@@ -17,14 +17,6 @@ def measure(step, repeats: int) -> dict:
     process's peak RSS (MB) and its growth over the measurement: the peak minus the resident
     memory just before the first call (inputs already made, so they do not count).
     """
-
-    def force(result):
-        for leaf in result if isinstance(result, (list, tuple)) else [result]:
-            if isinstance(leaf, (list, tuple)):
-                force(leaf)
-            elif hasattr(leaf, "numpy"):
-                leaf.numpy()
-
     base = _rss_gb(os.getpid()) * 2**20  # KB, now
     _reset_peak_rss()  # making the inputs may have raised the high-water mark above the step's
     start = time.perf_counter()
@@ -43,6 +35,31 @@ def measure(step, repeats: int) -> dict:
         "peak_mb": peak / 1024,
         "growth_mb": (peak - base) / 1024,
     }
+
+
+def force(result) -> None:
+    """Waits for every `.numpy()`-able leaf of `result` (nested lists and tuples)."""
+    for leaf in result if isinstance(result, (list, tuple)) else [result]:
+        if isinstance(leaf, (list, tuple)):
+            force(leaf)
+        elif hasattr(leaf, "numpy"):
+            leaf.numpy()
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of one [size, size] float32 matmul in TensorFlow, median of `repeats`: the
+    machine's peak the benchmarks' shares are of."""
+    import statistics
+
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal([size, size], [1, 2])
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        tf.matmul(a, a).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
 
 
 def _reset_peak_rss() -> None:

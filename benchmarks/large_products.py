@@ -37,25 +37,13 @@ import sys
 import time
 
 import numpy as np
-from harness import positive_int
+from harness import force, matmul_gflops, positive_int
 
 GROUPS = ("charlm", "charlm_emb", "large_gru", "large_lstm", "wordlm")
 CHAR = {"symbols": 97, "units": 256, "batch": 32, "window": 128, "chunk": 32, "windows": 8}
 LARGE = {"batch": 128, "features": 128, "units": 512, "labels": 3, "steps": 1000, "chunk": 100}
 WORD = {"vocabulary": 50_000, "width": 256, "units": 512, "batch": 32, "window": 128}
 GATES = {"gru": 3, "lstm": 4}
-
-
-def peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    import tensorflow as tf
-
-    a = tf.random.stateless_normal([size, size], [1, 2])
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        tf.matmul(a, a).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times[1:]) / 1e9
 
 
 def step_flops(batch, steps, inputs, units, outputs, gates, input_matmul=True) -> float:
@@ -235,14 +223,6 @@ def rows_of(group: str):
 # -- measuring -----------------------------------------------------------------------------------
 
 
-def force(result):
-    for leaf in result if isinstance(result, (list, tuple)) else [result]:
-        if isinstance(leaf, (list, tuple)):
-            force(leaf)
-        elif hasattr(leaf, "numpy"):
-            leaf.numpy()
-
-
 def timed(step) -> tuple:
     start = time.perf_counter()
     result = step()
@@ -264,27 +244,39 @@ def round_robin(steps: dict, repeats: int) -> dict:
             times[name].append(seconds)
             losses[name] = result
     return {
-        name: {"time": min(times[name]), "median": statistics.median(times[name])} for name in steps
+        name: {
+            "time": min(times[name]),
+            "median": statistics.median(times[name]),
+            "loss": _loss(losses[name]),
+        }
+        for name in steps
     }
+
+
+def _loss(result) -> float:
+    """The loss a step returned (a fit epoch's, or `value_and_gradients`' first output): the
+    rows of a group start from the same weights, so these agree."""
+    first = result[0] if isinstance(result, (list, tuple)) else result
+    return float(first.numpy() if hasattr(first, "numpy") else first)
 
 
 def table(group: str, results: dict, flops: float, unit: str, peak: float) -> str:
     lines = [
-        f"| group | method | {unit} (fastest) | median | x first row | GFLOP/s | % peak |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| group | method | {unit} (fastest) | median | x first row | GFLOP/s | % peak | loss |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = next(iter(results.values()))["time"]
     for name, r in results.items():
         rate = flops / r["time"] / 1e9
         lines.append(
             f"| {group} | {name} | {r['time']:.3f} | {r['median']:.3f} | {r['time'] / base:.2f} |"
-            f" {rate:.0f} | {100 * rate / peak:.0f}% |"
+            f" {rate:.0f} | {100 * rate / peak:.0f}% | {r['loss']:.5g} |"
         )
     return "\n".join(lines)
 
 
 def memory_row(group: str, name: str) -> dict:
-    """In a worker process: one row's step, repeated twice, and the process's peak RSS."""
+    """In a worker process: one row's step, run three times, and the process's peak RSS."""
     import resource
 
     steps, _, _ = rows_of(group)
@@ -327,7 +319,7 @@ def main() -> None:
                 peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
                 print(f"| {group} | {name} | {peak:.0f} |")
         return
-    peak = peak_gflops()
+    peak = matmul_gflops()
     print(f"peak: {peak:.0f} GFLOP/s (one 2048x2048 float32 matmul)\n")
     for group in args.groups:
         steps, flops, unit = rows_of(group)

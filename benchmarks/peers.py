@@ -38,7 +38,7 @@ import statistics
 import time
 
 import numpy as np
-from harness import positive_int, replace_in_readme, save  # noqa: E402 (benchmarks/ is the script folder)
+from harness import matmul_gflops, positive_int, replace_in_readme, save  # noqa: E402 (benchmarks/ is the script folder)
 
 SETUP = {"batch": 34, "features": 200, "units": (64, 32), "labels": 3, "chunk": 100}
 METHODS = (
@@ -247,19 +247,6 @@ def round_robin(steps: dict, x, y, repeats: int) -> dict:
             force(step(*inputs[name]))
             times[name].append(time.perf_counter() - start)
     return {name: {"time": statistics.median(times[name]), "loss": losses[name]} for name in steps}
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of one [size, size] float32 matmul in TensorFlow, median of `repeats`."""
-    import tensorflow as tf
-
-    a = tf.random.stateless_normal([size, size], [1, 2])
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        tf.matmul(a, a).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[1:]) / 1e9
 
 
 def step_flops(cell: str, steps: int, method: str) -> float:
