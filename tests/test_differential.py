@@ -78,6 +78,8 @@ class Composition:
     chunk_size: int = 4
     context: str = "default"  # default | jit | eager | mirrored
     via: str = "chain"  # chain: ChunkedModel(RecurrentChain(...)) | chunked: chunked(keras model)
+    # None: chunk by chunk; 1e12: every call one run, as the default budget runs a call that fits
+    memory_budget: float | None = None
 
     @property
     def classes(self) -> bool:
@@ -141,6 +143,7 @@ def compositions(draw):
         chunk_size=draw(st.sampled_from([steps, 3, 4, max(2, steps // 2)])),
         context=context,
         via=draw(st.sampled_from(["chain", "chunked"])),
+        memory_budget=draw(st.sampled_from([None, 1e12])),
     )
 
 
@@ -259,7 +262,11 @@ def _data(c: Composition, windows: int):
 def _ours(c: Composition, layers):
     inputs_layer, cells, head = layers
     chain = tbptt.RecurrentChain(
-        cells, head=head, inputs_layer=inputs_layer, chunk_size=c.chunk_size
+        cells,
+        head=head,
+        inputs_layer=inputs_layer,
+        chunk_size=c.chunk_size,
+        memory_budget=c.memory_budget,
     )
     return tbptt.keras.ChunkedModel(chain, stateful=c.stateful)
 
@@ -325,7 +332,11 @@ def _models(c: Composition):
         scope = mirrored().scope() if c.context == "mirrored" else _nothing()
         with scope:
             if c.via == "chunked":  # the same Keras model, converted
-                ours = tbptt.keras.chunked(_keras(c, _layers(c, 1)), chunk_size=c.chunk_size)
+                ours = tbptt.keras.chunked(
+                    _keras(c, _layers(c, 1)),
+                    chunk_size=c.chunk_size,
+                    memory_budget=c.memory_budget,
+                )
             else:
                 ours = _ours(c, _layers(c, 1))
             theirs = _keras(c, _layers(c, 1))
