@@ -82,7 +82,7 @@ def test_truncation_and_two_levels_keep_nothing():
 
 @pytest.mark.parametrize("kept", [2, 4, 6])
 @pytest.mark.parametrize("backend", ["eager", "graph"])
-@pytest.mark.parametrize("context", ["call", "tf.function", "jit"])
+@pytest.mark.parametrize("context", ["call", "tf.function", "jit", "persistent_tape"])
 @pytest.mark.default_cases("call-eager-4", "jit-eager-6")
 def test_kept_runs_give_the_one_tape_gradient(kept, backend, context):
     """Runs of 2 (6 = 2+2+2), of 3 (four fit: 3+3, as even as can be) and all 6
@@ -97,9 +97,13 @@ def test_kept_runs_give_the_one_tape_gradient(kept, backend, context):
         result = chain.value_and_gradients(x, y, l1_loss, state, final_state_grad=final_grad)
         return result.loss, result.grads, result.final_state, result.initial_state_grad
 
-    if context != "call":
+    if context in ("tf.function", "jit"):
         call = tf.function(call, jit_compile=context == "jit")
-    got = call()
+    if context == "persistent_tape":
+        with tf.GradientTape(persistent=True):  # a user's tape around the call
+            got = call()
+    else:
+        got = call()
     expected = full_bptt(chain, x, y, l1_loss, state, final_grad)
     for name, a, b in zip(["loss", "grads", "final_state", "state_grad"], got, expected):
         assert_all_close(a, b, F64, name)
