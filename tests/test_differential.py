@@ -32,8 +32,12 @@ import tbptt
 pytestmark = needs_keras3
 
 B, F, O, CLASSES, VOCABULARY = 4, 3, 2, 4, 9
-# Hypothesis examples: a few in the default suite, many with -m slow (more with the variable).
+# Hypothesis examples: a few in the default suite, many with -m slow (more with the variable),
+# drawn in SHARDS parametrized cases (each its own draws) that pytest-xdist runs side by side:
+# a process keeps memory for every model it compiled (about 80 MB a composition), so no one
+# worker should train them all.
 FEW, MANY = 2, int(os.environ.get("TBPTT_DIFFERENTIAL_EXAMPLES", "120"))
+SHARDS = 6
 
 
 @keras.saving.register_keras_serializable(package="tbptt_tests")
@@ -495,9 +499,11 @@ def test_drawn_compositions_train_as_keras_trains_them(composition):
 
 
 @pytest.mark.slow
-@settings(max_examples=MANY, **_SETTINGS)
-@given(compositions())
-def test_many_drawn_compositions_train_as_keras_trains_them(composition):
+@pytest.mark.parametrize("shard", range(SHARDS))  # each case draws its own compositions
+@pytest.mark.default_cases(every=True)  # all of them slow
+@settings(max_examples=max(1, MANY // SHARDS), **_SETTINGS)
+@given(composition=compositions())
+def test_many_drawn_compositions_train_as_keras_trains_them(shard, composition):
     check_composition(composition)
 
 

@@ -84,9 +84,11 @@ def test_random_configurations(config):
 
 
 @pytest.mark.slow
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(configs)
-def test_random_configurations_many(config):
+@pytest.mark.parametrize("shard", range(3))  # side by side under pytest-xdist
+@pytest.mark.default_cases(every=True)  # all of them slow
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config=configs)
+def test_random_configurations_many(shard, config):
     check(config)
 
 
