@@ -155,15 +155,12 @@ def test_forward_under_an_outer_tape(context, monkeypatch):
 
 @pytest.mark.parametrize("context", first("jit"))
 @pytest.mark.parametrize("mode", ["exact", "truncated", "levels2", "flags", "any_cell"])
-@pytest.mark.default_cases(  # every mode and every context, each at least once
+@pytest.mark.default_cases(  # every mode once; every context runs in test_stage_chain
     "exact-jit",
     "truncated-eager",
     "levels2-function",
     "flags-persistent_tape",
     "any_cell-nested_tape",
-    "exact-no_xla",
-    "flags-distribute",
-    "levels2-traced_then_taped",
 )
 def test_value_and_gradients(context, mode, monkeypatch):
     options = {
@@ -275,7 +272,7 @@ def test_a_first_call_under_a_tape_traces_with_the_device_and_raises_the_loss_s_
 
 
 @pytest.mark.parametrize("context", first("function"))
-@pytest.mark.default_cases("persistent_tape", "function")
+@pytest.mark.default_cases("persistent_tape")
 def test_stream_step(context, monkeypatch):
     chain = gru_lstm_chain(mode="truncated", backprop_chunks=3)
     x, y = data(3 * 2 * K)  # three windows of two chunks
@@ -421,7 +418,7 @@ def _compile(model, context):
 
 @needs_keras3
 @pytest.mark.parametrize("context", KERAS_CONTEXTS)
-@pytest.mark.default_cases("jit", "distribute")
+@pytest.mark.default_cases("jit")  # a strategy's contexts (about 10 s) run with -m slow
 def test_chunked_model_fit_evaluate_predict(context, monkeypatch):
     if context == "no_xla":
         monkeypatch.setenv("TBPTT_XLA", "0")

@@ -75,10 +75,19 @@ def _runnable() -> list:
 
 
 RUNNABLE = _runnable()
+# The guides whose blocks train Keras models (fit, saving, export, a sweep of K and m: 3-10 s
+# each) run with -m slow; the default suite runs the README's and the quicker pages' blocks.
+SLOW_PAGES = [
+    "docs/guides/after-training.md",
+    "docs/guides/choosing-k-and-m.md",
+    "docs/guides/keras.md",
+    "docs/guides/one-label.md",
+    "docs/guides/streaming.md",
+]
 
 
 @pytest.mark.parametrize("page", RUNNABLE)
-@pytest.mark.default_cases(*RUNNABLE)
+@pytest.mark.default_cases(*(page for page in RUNNABLE if page not in SLOW_PAGES))
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.default_budget  # as a reader runs them
 def test_every_python_block_of_a_page_runs(page, tmp_path, monkeypatch):
@@ -88,6 +97,10 @@ def test_every_python_block_of_a_page_runs(page, tmp_path, monkeypatch):
         exec(compile(code, f"{page}:{line}", "exec"), namespace)  # noqa: S102
     for written in WRITES.get(page, []):
         assert os.path.exists(written), f"{page} should have written {written}"
+
+
+def test_the_slow_pages_are_pages_with_blocks():
+    assert set(SLOW_PAGES) <= set(RUNNABLE), sorted(set(SLOW_PAGES) - set(RUNNABLE))
 
 
 def test_the_readme_is_a_front_door():

@@ -85,6 +85,7 @@ def test_float64_model_stays_float64_through_a_keras_file(tmp_path):
     _assert_same_next_step(model, loaded, x, y)
 
 
+@pytest.mark.slow
 def test_load_weights_into_a_fresh_model(tmp_path):
     model, x, y = _trained()
     path = str(tmp_path / "w.weights.h5")
