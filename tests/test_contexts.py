@@ -155,7 +155,7 @@ def test_forward_under_an_outer_tape(context, monkeypatch):
 
 @pytest.mark.parametrize("context", first("jit"))
 @pytest.mark.parametrize("mode", ["exact", "truncated", "levels2", "flags", "any_cell"])
-@pytest.mark.default_cases(  # every mode once; every context runs in test_stage_chain
+@pytest.mark.default_cases(  # every mode once; no_xla, distribute, traced_then_taped with -m slow
     "exact-jit",
     "truncated-eager",
     "levels2-function",
